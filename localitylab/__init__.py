@@ -1,0 +1,24 @@
+"""localitylab: how much locality did a vision model learn?
+
+Train and load Pixel Transformers (one token per pixel), ViTs and ConvNets, probe their
+locality, and write reports. The library never imports the CLI; heavy imports (torch,
+timm) happen on first use, so `localitylab --help` stays quick.
+
+    import localitylab
+    model = localitylab.load("runs/pit-n-digits/ckpt.pt")   # eval mode; model.run has its spec
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: importing the package must not import torch.
+    if name == "load":
+        from localitylab.train.checkpoint import load
+
+        return load
+    if name in ("train", "TrainConfig", "evaluate"):
+        import localitylab.train.loop as loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'localitylab' has no attribute {name!r}")

@@ -1,0 +1,24 @@
+"""Models: one registry (`pit-*`, `vit-*/P`, `resnet-*`, `timm:NAME`) and a uniform description."""
+
+from localitylab.models.describe import ModelInfo, describe_model
+from localitylab.models.registry import (
+    POS_EMBEDS,
+    ModelSpec,
+    build_model,
+    model_entries,
+    model_kind,
+    parse_model_name,
+    register_model,
+)
+
+__all__ = [
+    "POS_EMBEDS",
+    "ModelInfo",
+    "ModelSpec",
+    "build_model",
+    "describe_model",
+    "model_entries",
+    "model_kind",
+    "parse_model_name",
+    "register_model",
+]

@@ -1,0 +1,47 @@
+"""A uniform description of any model: parameters, tokens, patch size, position embedding.
+
+Probes and reports use this instead of poking at model internals, so they work the same on
+our PiTs and ViTs, ConvNets and arbitrary timm models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    params: int
+    trainable_params: int
+    is_transformer: bool
+    patch_size: int | None  # None for ConvNets
+    grid: tuple[int, int] | None  # token grid (rows, cols); None for ConvNets
+    num_prefix_tokens: int  # [cls], registers
+    pos_embed: str  # 'learn', 'sincos' (frozen), 'none', or 'n/a'
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        if self.grid is None:
+            return None
+        return self.grid[0] * self.grid[1] + self.num_prefix_tokens
+
+
+def describe_model(model: nn.Module) -> ModelInfo:
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not hasattr(model, "blocks"):
+        return ModelInfo(params, trainable, False, None, None, 0, "n/a")
+    patch = patch_embed.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    grid = tuple(int(g) for g in patch_embed.grid_size)
+    pos = getattr(model, "pos_embed", None)
+    if pos is None:
+        pos_kind = "none"
+    elif not pos.requires_grad:
+        pos_kind = "sincos"
+    else:
+        pos_kind = "learn"
+    return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)

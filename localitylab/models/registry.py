@@ -1,0 +1,135 @@
+"""One registry for every model localitylab can build.
+
+A registry entry is a function `(spec: ModelSpec) -> nn.Module`. Names are what users type:
+`pit-t`, `vit-s/4` (family `vit-s` with patch size 4), `resnet-18`, or `timm:NAME` for any
+timm model. The spec records everything needed to rebuild the same architecture from a
+checkpoint, so a checkpoint never stores code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from localitylab.errors import UserError
+
+POS_EMBEDS = ("learn", "sincos", "none")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is: the registry name and the shapes it was built for."""
+
+    name: str
+    img_size: int
+    in_chans: int
+    num_classes: int
+    pos_embed: str | None = None  # learn | sincos | none, for pit/vit; None elsewhere
+    model_kw: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def family(self) -> str:
+        return parse_model_name(self.name)[0]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # family name, e.g. 'pit-t' or 'vit-t' (the latter takes '/P')
+    builder: Callable[[ModelSpec], nn.Module]
+    kind: str  # 'pit' | 'vit' | 'convnet'
+    summary: str
+    takes_patch: bool = False
+    example_patch: int | None = None  # for listings: the patch size shown in the zoo
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None):
+    """Decorator: add a builder to the registry under `name`."""
+
+    def wrap(builder: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = ModelEntry(name, builder, kind, summary, takes_patch, example_patch)
+        return builder
+
+    return wrap
+
+
+def model_entries() -> list[ModelEntry]:
+    _ensure_families_loaded()
+    return list(_MODELS.values())
+
+
+def valid_names_hint() -> str:
+    _ensure_families_loaded()
+    names = [f"{e.name}/P" if e.takes_patch else e.name for e in _MODELS.values()]
+    return ", ".join(names) + ", timm:NAME"
+
+
+_PATCH = re.compile(r"^(?P<family>[a-z0-9-]+)/(?P<patch>\d+)$")
+
+
+def parse_model_name(name: str) -> tuple[str, int | None]:
+    """'vit-t/2' -> ('vit-t', 2); 'pit-t' -> ('pit-t', None); 'timm:x' -> ('timm:x', None)."""
+    _ensure_families_loaded()
+    if name.startswith("timm:"):
+        if len(name) == len("timm:"):
+            raise UserError("timm: needs a model name, e.g. timm:vit_small_patch16_224")
+        return name, None
+    match = _PATCH.match(name)
+    family, patch = (match["family"], int(match["patch"])) if match else (name, None)
+    entry = _MODELS.get(family)
+    if entry is None:
+        raise UserError(f"unknown model {name!r}; valid: {valid_names_hint()}")
+    if entry.takes_patch and patch is None:
+        raise UserError(f"model {name!r} needs a patch size, e.g. {family}/2")
+    if not entry.takes_patch and patch is not None:
+        raise UserError(f"model {family!r} takes no patch size; valid: {valid_names_hint()}")
+    if patch is not None and patch < 1:
+        raise UserError(f"patch size must be at least 1, got {patch}")
+    return family, patch
+
+
+def model_kind(name: str) -> str:
+    family, _ = parse_model_name(name)
+    if family.startswith("timm:"):
+        return "timm"
+    return _MODELS[family].kind
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build an untrained model for `spec`. Raises UserError for impossible specs."""
+    for label, value in (("image size", spec.img_size), ("channels", spec.in_chans), ("classes", spec.num_classes)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{label} must be a positive integer, got {value!r}")
+    family, _ = parse_model_name(spec.name)
+    if family.startswith("timm:"):
+        from localitylab.models.timm_adapter import build_timm_model
+
+        return build_timm_model(spec)
+    return _MODELS[family].builder(spec)
+
+
+_families_loaded = False
+
+
+def _ensure_families_loaded() -> None:
+    # The families register themselves on import; import them lazily to keep start-up fast.
+    global _families_loaded
+    if not _families_loaded:
+        _families_loaded = True
+        from localitylab.models import resnet, vit  # noqa: F401

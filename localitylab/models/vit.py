@@ -1,0 +1,104 @@
+"""Pixel Transformers (PiT) and ViTs, built through timm's VisionTransformer.
+
+A PiT is a ViT with patch size 1: every pixel is a token, with a [cls] token and a
+learned position embedding (Nguyen et al. 2024, arXiv 2406.09415). Building both through
+`timm.create_model('vit_...', patch_size=P, ...)` means every timm tool (feature
+extraction, attention extraction, optimizers) works on them unchanged.
+
+Not to be confused with timm's own `pit_*` models: those are Pooling-based Vision
+Transformers (Heo et al. 2021), a different architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from localitylab.errors import UserError
+from localitylab.models.pos_embed import sincos_2d
+from localitylab.models.registry import POS_EMBEDS, ModelSpec, parse_model_name, register_model
+
+# Widths from the PiT paper (t/s/b follow DeiT); n (nano) is ours, sized so an epoch on
+# digits takes a second or two on 2 CPU cores.
+WIDTHS = {
+    "n": dict(embed_dim=64, depth=4, num_heads=4),
+    "t": dict(embed_dim=192, depth=12, num_heads=3),
+    "s": dict(embed_dim=384, depth=12, num_heads=6),
+    "b": dict(embed_dim=768, depth=12, num_heads=12),
+}
+# Learned position embeddings start at the scale of the pixel embedding, not timm's 0.02.
+# timm leaves patch_embed.proj (a Conv2d) at PyTorch's default init, whose output has std
+# ~0.58 for unit-variance input whatever the patch size; a 0.02 table is then invisible to
+# attention and a PiT sits on a plateau for many epochs (digits, pit-n: 50% test accuracy
+# after 20 epochs at 0.02, 90% after 5 at 1.0). Set --model-kw pos_embed_std=0.02 for timm's.
+POS_EMBED_STD = 1.0
+
+# The timm entry point each width is built from (its dimensions are overridden anyway).
+_TIMM_BASE = {"n": "vit_tiny_patch16_224", "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224"}
+
+
+def build_vision_transformer(spec: ModelSpec, size: str, patch_size: int) -> nn.Module:
+    import timm
+
+    if spec.img_size % patch_size:
+        raise UserError(
+            f"image size {spec.img_size} is not divisible by patch size {patch_size}; "
+            f"valid patch sizes: {', '.join(str(p) for p in range(1, spec.img_size + 1) if spec.img_size % p == 0)}"
+        )
+    pos_embed = spec.pos_embed or "learn"
+    if pos_embed not in POS_EMBEDS:
+        raise UserError(f"unknown position embedding {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
+    kwargs = dict(WIDTHS[size])
+    kwargs.update(
+        patch_size=patch_size,
+        img_size=spec.img_size,
+        in_chans=spec.in_chans,
+        num_classes=spec.num_classes,
+        class_token=True,
+        global_pool="token",
+        pos_embed="none" if pos_embed == "none" else "learn",
+    )
+    extra = dict(spec.model_kw)
+    pos_embed_std = float(extra.pop("pos_embed_std", POS_EMBED_STD))
+    kwargs.update(extra)
+    try:
+        model = timm.create_model(_TIMM_BASE[size], pretrained=False, **kwargs)
+    except TypeError as err:  # an unknown --model-kw key
+        raise UserError(f"{spec.name}: {err}") from None
+    if pos_embed == "learn":
+        with torch.no_grad():
+            nn.init.trunc_normal_(model.pos_embed, std=pos_embed_std, a=-2 * pos_embed_std, b=2 * pos_embed_std)
+    elif pos_embed == "sincos":
+        freeze_sincos(model)
+    return model
+
+
+def freeze_sincos(model: nn.Module) -> None:
+    """Replace the learned table by the fixed 2-D sin-cos table and stop training it."""
+    grid_h, grid_w = model.patch_embed.grid_size
+    table = sincos_2d(model.embed_dim, grid_h, grid_w)
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    full = model.pos_embed.data.new_zeros(model.pos_embed.shape)
+    full[0, prefix:] = table  # prefix tokens get a zero row, as in MAE
+    model.pos_embed.data.copy_(full)
+    model.pos_embed.requires_grad_(False)
+
+
+def _register(size: str) -> None:
+    dims = WIDTHS[size]
+    desc = f"width {dims['embed_dim']}, {dims['depth']} blocks, {dims['num_heads']} heads"
+
+    @register_model(f"pit-{size}", kind="pit", summary=f"Pixel Transformer, one token per pixel; {desc}")
+    def _pit(spec: ModelSpec) -> nn.Module:
+        return build_vision_transformer(spec, size, 1)
+
+    @register_model(
+        f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2
+    )
+    def _vit(spec: ModelSpec) -> nn.Module:
+        _, patch = parse_model_name(spec.name)
+        return build_vision_transformer(spec, size, patch)
+
+
+for _size in WIDTHS:
+    _register(_size)
