@@ -1,0 +1,101 @@
+"""The training recipe: every setting of `localitylab train`, with its default and why.
+
+Default recipe (DeiT's, as used for ViTs trained from scratch, scaled to small data):
+AdamW, lr 1e-3 at batch 128, weight decay 0.05 (none on biases, norms, position
+embeddings and [cls]), 5 epochs of linear warm-up from 1e-6, cosine decay to 1e-5 per step,
+label smoothing 0.1, gradient clipping at norm 1.0, random crop with padding (1/8 of the
+side) and horizontal flips where the data set allows; mixup/cutmix and drop-path are off
+by default and available as options. The PiT paper (arXiv 2406.09415) trains its CIFAR
+models far longer (the 2,400-epoch recipe); its exact augmentation settings are not
+reproduced here: `studies/pit_vs_vit_cifar100.toml` documents what is known and what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localitylab.errors import UserError
+
+# Settings that define the run: a resumed run must agree on all of them.
+RECIPE_KEYS = (
+    "model", "dataset", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
+    "label_smoothing", "clip_grad", "mixup", "cutmix", "drop_path", "crop_padding", "pos_embed", "model_kw",
+    "seed", "permute_pixels", "img_size",
+)
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str
+    out: Path | None = None
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path: float = 0.0
+    crop_padding: int | None = None  # None: the data set's default
+    pos_embed: str = "learn"
+    model_kw: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # initial weights for timm: models
+    seed: int = 0
+    permute_pixels: int | None = None  # seed of a fixed pixel permutation, or None
+    data_dir: str | None = None
+    download: bool = False
+    img_size: int | None = None
+    device: str = "auto"
+    compile: str = "auto"  # torch.compile: auto = on CUDA
+    amp: str = "auto"  # bf16 autocast: auto = on CUDA
+    eval_batch_size: int = 512
+    resume: bool = False
+
+    def validate(self) -> "TrainConfig":
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise UserError("--warmup-epochs and --weight-decay must be >= 0, --label-smoothing in [0, 1)")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            raise UserError(f"--crop-padding must be >= 0, got {self.crop_padding}")
+        for name in ("compile", "amp"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise UserError(f"--{name} must be auto, on or off, got {getattr(self, name)!r}")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in RECIPE_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out) if self.out is not None else None
+        return data
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else Path("runs") / default_run_name(self)
+
+
+def default_run_name(config: TrainConfig) -> str:
+    """'vit-n/2' on 'digits' -> 'vit-n-p2-digits'; permuted runs get '-perm<seed>'."""
+    name = f"{config.model}-{config.dataset}".replace("/", "-p")
+    if config.permute_pixels is not None:
+        name += f"-perm{config.permute_pixels}"
+    return safe_name(name)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a user-supplied name: no separators, no '..'."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip(".-")
+    return cleaned or "run"

@@ -1,0 +1,29 @@
+"""Evaluate a checkpoint on its data set (or another with the same shapes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from localitylab.data.registry import DataOptions, load_dataset
+from localitylab.errors import UserError
+from localitylab.train.checkpoint import load
+from localitylab.train.loop import evaluate, resolve_device
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_dir: str | Path | None = None,
+                        img_size: int | None = None, split: str = "test", batch_size: int = 512,
+                        device: str = "auto") -> dict:
+    torch_device = resolve_device(device)
+    model = load(checkpoint, torch_device)
+    info = model.run.data
+    name = data or info.name
+    dataset = load_dataset(name, DataOptions(data_dir=Path(data_dir) if data_dir else None,
+                                             img_size=img_size or (info.img_size if name.startswith("folder:") else None)))
+    images, labels = dataset.split(split)
+    shape = (info.in_chans, info.img_size, info.img_size)
+    if tuple(images.shape[1:]) != shape:
+        raise UserError(f"{name} has images of shape {tuple(images.shape[1:])}; the model needs {shape}")
+    if int(labels.max()) >= info.num_classes:
+        raise UserError(f"{name} has {int(labels.max()) + 1} classes; the model has {info.num_classes}")
+    result = evaluate(model, info, images, labels, batch_size, amp=torch_device.type == "cuda")
+    return {"model": model.run.display_name, "data": name, "n_images": len(images), **result}

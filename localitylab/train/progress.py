@@ -1,0 +1,81 @@
+"""Progress reporting for training: silent by default, a rich progress bar for the CLI."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class Reporter:
+    """Receives training events; the base class ignores them all."""
+
+    def start(self, epochs: int, steps_per_epoch: int, first_epoch: int) -> None: ...
+
+    def step(self, epoch: int, step: int, loss: float | None) -> None: ...
+
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RichReporter(Reporter):
+    """One bar over all steps of the run, with loss, accuracy and images/s."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.task = None
+        self.last: dict[str, Any] = {}
+
+    def start(self, epochs: int, steps_per_epoch: int, first_epoch: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=epochs * steps_per_epoch, completed=(first_epoch - 1) * steps_per_epoch,
+            epoch=f"{first_epoch}/{epochs}", status="",
+        )
+        self.epochs = epochs
+
+    def step(self, epoch: int, step: int, loss: float | None) -> None:
+        status = self._status(loss)
+        self.progress.update(self.task, advance=1, epoch=f"{epoch}/{self.epochs}", status=status)
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        self.last = row
+        self.progress.update(self.task, status=self._status(None))
+
+    def _status(self, loss: float | None) -> str:
+        parts = []
+        if loss is not None:
+            parts.append(f"loss {loss:.3f}")
+        if self.last:
+            parts.append(f"test acc {self.last['test_acc']:.3f}")
+            parts.append(f"{self.last['images_per_s']:.0f} img/s")
+        return "  ".join(parts)
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class PlainReporter(Reporter):
+    """One line per epoch, for logs and non-terminals."""
+
+    def message(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        print(
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  test acc {row['test_acc']:.4f}  "
+            f"{row['images_per_s']:.0f} img/s",
+            file=sys.stderr,
+        )
