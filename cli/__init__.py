@@ -1,0 +1,1 @@
+"""The `localitylab` command: a thin Typer shell over the library."""

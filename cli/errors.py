@@ -1,0 +1,64 @@
+"""Turn user mistakes into one line on stderr and exit status 2.
+
+The library raises `UserError`; Click (or the copy Typer vendors) raises usage errors. Both
+become `localitylab: error: <what is wrong>`, with no traceback unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts, no-args-help) from plain Click and Typer's vendored Click."""
+    usage, exits, aborts, no_args = [], [], [], []
+    modules = []
+    for name in ("click", "typer._click"):
+        try:
+            modules.append(__import__(name, fromlist=["exceptions"]))
+        except ImportError:
+            pass
+    for module in modules:
+        exc = module.exceptions
+        usage.append(exc.ClickException)
+        for attr, bucket in (("Exit", exits), ("Abort", aborts), ("NoArgsIsHelpError", no_args)):
+            if hasattr(exc, attr):
+                bucket.append(getattr(exc, attr))
+    import typer.exceptions
+
+    for attr, bucket in (("Exit", exits), ("Abort", aborts)):
+        if hasattr(typer.exceptions, attr):
+            bucket.append(getattr(typer.exceptions, attr))
+    return tuple(usage), tuple(exits), tuple(aborts), tuple(no_args)
+
+
+def run_cli(command, argv: list[str]) -> int:
+    from localitylab.errors import UserError
+
+    usage_errors, exits, aborts, no_args = _exception_types()
+    debug = "--debug" in argv
+    try:
+        result = command.main(args=argv, prog_name="localitylab", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except no_args as shown:  # `localitylab` alone: the help, as a usage hint
+        print(shown.format_message(), file=sys.stderr)
+        return 2
+    except exits as done:
+        return getattr(done, "exit_code", 0)
+    except aborts + (KeyboardInterrupt,):
+        print("localitylab: interrupted", file=sys.stderr)
+        return 130
+    except usage_errors as err:
+        if debug:
+            raise
+        print(f"localitylab: error: {one_line(err.format_message())}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        if debug:
+            raise
+        print(f"localitylab: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())

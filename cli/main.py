@@ -1,0 +1,180 @@
+"""`localitylab`: train, evaluate and list models and data sets.
+
+Kept thin on purpose: each command parses its options, calls one library function and
+prints. Library imports happen inside the commands so `localitylab --help` never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.errors import run_cli
+from cli.options import parse_model_kw
+
+app = typer.Typer(
+    name="localitylab",
+    help="How much locality did a vision model learn? Train PiTs, ViTs and ConvNets, probe them, report.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    """localitylab: train, probe and report on how local vision models are."""
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME"),
+    dataset: str = typer.Argument(..., help="digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH"),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<dataset>)."),
+    epochs: int = typer.Option(100, help="Training epochs."),
+    batch_size: int = typer.Option(128, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    min_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, pos_embed, cls)."),
+    warmup_epochs: float = typer.Option(5.0, help="Linear warm-up length in epochs."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing."),
+    clip_grad: float = typer.Option(1.0, help="Gradient-norm clipping (0 = off)."),
+    mixup: float = typer.Option(0.0, help="Mixup alpha (timm; 0 = off)."),
+    cutmix: float = typer.Option(0.0, help="CutMix alpha (timm; 0 = off)."),
+    drop_path: float = typer.Option(0.0, help="Stochastic depth rate."),
+    crop_padding: Optional[int] = typer.Option(None, help="Random-crop padding in pixels (default: the data set's)."),
+    pos_embed: str = typer.Option("learn", help="Position embedding for pit/vit: learn, sincos (fixed) or none."),
+    model_kw: Optional[List[str]] = typer.Option(None, "--model-kw", help="key=value passed to the model (repeatable)."),
+    weights: Optional[Path] = typer.Option(None, help="Initial weights (safetensors or state dict) for timm: models."),
+    seed: int = typer.Option(0, help="Seed: CPU runs with the same seed are bit-identical."),
+    permute_pixels: Optional[int] = typer.Option(None, help="Train and test on pixels shuffled by this seed's permutation."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where data sets live (default ~/.cache/localitylab/data)."),
+    download: bool = typer.Option(False, help="Fetch an official archive if it is missing (checks its MD5)."),
+    img_size: Optional[int] = typer.Option(None, help="Image size for folder: and generated data sets."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    compile: str = typer.Option("auto", help="torch.compile: auto (on CUDA), on or off."),
+    amp: str = typer.Option("auto", help="bf16 autocast: auto (on CUDA), on or off."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, help="No progress bar; one line per epoch."),
+) -> None:
+    """Train MODEL on DATASET and write ckpt.pt, metrics.csv and run.json to the run folder.
+
+    Example: localitylab train vit-n/2 digits --epochs 30 --out runs/vit-digits
+    """
+    from localitylab.train import TrainConfig
+    from localitylab.train import train as run_training
+    config = TrainConfig(
+        model=model, dataset=dataset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        clip_grad=clip_grad or None, mixup=mixup, cutmix=cutmix, drop_path=drop_path, crop_padding=crop_padding,
+        pos_embed=pos_embed, model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None,
+        seed=seed, permute_pixels=permute_pixels, data_dir=str(data_dir) if data_dir else None,
+        download=download, img_size=img_size, device=device, compile=compile, amp=amp, resume=resume,
+    )
+    result = run_training(config, _reporter(quiet))
+    final = result.final
+    if final:
+        print(f"{result.checkpoint}: test accuracy {final['test_acc']:.4f} after {final['epoch']} epochs")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    checkpoint: Path = typer.Argument(..., help="A localitylab ckpt.pt"),
+    data: Optional[str] = typer.Option(None, help="Data set (default: the checkpoint's)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where data sets live."),
+    img_size: Optional[int] = typer.Option(None, help="Image size for folder: data sets."),
+    split: str = typer.Option("test", help="test or train."),
+    batch_size: int = typer.Option(512, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Accuracy and loss of a checkpoint on its data set (its pixel permutation applied).
+
+    Example: localitylab eval runs/vit-digits/ckpt.pt
+    """
+    from localitylab.train.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, data=data, data_dir=data_dir, img_size=img_size, split=split,
+                                 batch_size=batch_size, device=device)
+    print(f"{result['model']} on {result['data']} ({split}, {result['n_images']} images): "
+          f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}")
+
+
+@app.command()
+def models(
+    img_size: int = typer.Option(32, help="Image size to describe the models at."),
+    in_chans: int = typer.Option(3, help="Input channels."),
+    num_classes: int = typer.Option(100, help="Classes."),
+) -> None:
+    """The model zoo: parameters, tokens per image and patch size at a given image shape.
+
+    Example: localitylab models --img-size 8 --in-chans 1 --num-classes 10
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from localitylab.models.zoo import zoo_rows
+
+    table = Table(title=f"localitylab models at {img_size}x{img_size}x{in_chans}, {num_classes} classes")
+    for column in ("name", "kind", "params", "patch", "tokens/image", "description"):
+        table.add_column(column, justify="right" if column in ("params", "patch", "tokens/image") else "left")
+    for row in zoo_rows(img_size, in_chans, num_classes):
+        table.add_row(row["name"], row["kind"], f"{row['params'] / 1e6:.2f}M", row["patch"], row["tokens"], row["summary"])
+    Console().print(table)
+    print("Any timm model: timm:NAME (with --model-kw key=value and --weights FILE).")
+
+
+@app.command()
+def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets live.")) -> None:
+    """The data sets: what each is, whether it is here, and how to get it.
+
+    Example: localitylab datasets --data-dir ~/data
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from localitylab.data import DataOptions, dataset_entries
+
+    options = DataOptions(data_dir=data_dir)
+    table = Table(title="localitylab data sets")
+    for column in ("name", "what", "here?"):
+        table.add_column(column)
+    for entry in dataset_entries():
+        name = f"{entry.name}:PATH" if entry.prefix else f"{entry.name}-S" if entry.sized else entry.name
+        table.add_row(name, entry.summary, entry.availability(options))
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, help="No progress bar; one line per epoch."),
+) -> None:
+    """Train pit-n on digits and evaluate it; re-running resumes or skips what is done.
+
+    Example: localitylab demo --out runs/demo
+    """
+    from localitylab.demo import run_demo
+
+    result = run_demo(out, device=device, reporter=_reporter(quiet))
+    print(f"{result['model']}: test accuracy {result['accuracy']:.4f} on {result['n_images']} digits "
+          f"({result['checkpoint']})")
+
+
+def _reporter(quiet: bool):
+    from localitylab.train.progress import PlainReporter, RichReporter
+
+    return PlainReporter() if quiet or not sys.stderr.isatty() else RichReporter()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(typer.main.get_command(app), list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
