@@ -1,0 +1,1 @@
+"""Speed figures for localitylab: `python -m benchmarks` prints a table and writes JSON."""

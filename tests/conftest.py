@@ -1,0 +1,31 @@
+"""Shared fixtures: the three nano models trained once on digits, for every test that needs
+a trained checkpoint (accuracy, round trips, evaluation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localitylab.train import TrainConfig, train
+
+# The digits recipe the suite trains with (also `make demo`'s): short, and enough for >= 90%.
+DIGITS_RECIPE = dict(epochs=15, batch_size=32, warmup_epochs=1, device="cpu")
+NANO_MODELS = ("pit-n", "vit-n/2", "resnet-n")
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """{model name: TrainResult} for pit-n, vit-n/2 and resnet-n on digits."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for name in NANO_MODELS:
+        out = root / name.replace("/", "-p")
+        results[name] = train(TrainConfig(name, "digits", out=out, **DIGITS_RECIPE))
+    return results
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Results must not depend on how many threads a test happens to get.
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,88 @@
+"""The command line: quick start-up, commands end to end, one-line errors with status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd or ROOT,
+                          env=env, timeout=300)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from cli.main import main; rc = main(['--help']); assert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "eval" in result.stdout
+
+
+def test_every_command_help_has_an_example():
+    for command in ("train", "eval", "models", "datasets"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and "Example: localitylab" in result.stdout, command
+
+
+def test_train_then_eval_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "resnet-n", "digits", "--epochs", "2", "--warmup-epochs", "0", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    assert {"ckpt.pt", "metrics.csv", "run.json"} <= {p.name for p in out.iterdir()}
+    evaluated = run("eval", str(out / "ckpt.pt"))
+    assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout
+
+
+def test_models_and_datasets_list_the_registries():
+    models = run("models")
+    assert models.returncode == 0
+    for name in ("pit-t", "vit-t/P", "resnet-18", "pit-n"):
+        assert name in models.stdout
+    datasets = run("datasets")
+    assert datasets.returncode == 0 and "digits" in datasets.stdout and "cifar100" in datasets.stdout
+
+
+BAD_INPUTS = [
+    (["train", "pit-x", "digits"], "unknown model"),
+    (["train", "vit-n/3", "digits"], "not divisible"),
+    (["train", "pit-n", "imagenet"], "unknown data set"),
+    (["train", "pit-n", "digits", "--pos-embed", "rope"], "position embedding"),
+    (["train", "pit-n", "digits", "--epochs", "0"], "--epochs"),
+    (["train", "pit-n", "digits", "--model-kw", "depth"], "key=value"),
+    (["train", "pit-n", "digits", "--model-kw", "no_such_arg=1"], "no_such_arg"),
+    (["train", "pit-n", "digits", "--device", "tpu"], "unknown device"),
+    (["train", "pit-n", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-python.tar.gz"),
+    (["train", "pit-n", "folder:/nonexistent", "--img-size", "8"], "not a folder"),
+    (["train", "timm:no_such_model", "digits"], "unknown timm model"),
+    (["train", "pit-n", "digits", "--epochs", "many"], "epochs"),
+    (["eval", "/nonexistent/ckpt.pt"], "not found"),
+    (["eval", "README.md"], "not a readable checkpoint"),
+    (["frobnicate"], "No such command"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_status_2(tmp_path, args, message):
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if args[0] == "train" else []
+    result = run(*args, *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localitylab: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_debug_shows_the_traceback():
+    result = run("--debug", "train", "pit-x", "digits")
+    assert result.returncode != 0 and "Traceback" in result.stderr
