@@ -150,6 +150,95 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets
 
 
 @app.command()
+def probe(
+    name: str = typer.Argument(..., help="A probe name, 'all' (every probe), or 'list' (what each one measures)."),
+    source: Optional[str] = typer.Argument(None, help="A ckpt.pt, a run folder, a registry name (untrained) or timm:NAME."),
+    data: Optional[str] = typer.Option(None, help="Data set (default: the checkpoint's; digits for others)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where data sets live."),
+    img_size: Optional[int] = typer.Option(None, help="Image size for folder: data sets."),
+    images: int = typer.Option(128, help="How many test images (a seeded subset)."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Seed for the image subset and any randomness in the probe."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default <run folder>/probes)."),
+    model_kw: Optional[List[str]] = typer.Option(None, "--model-kw", help="key=value for registry/timm: models."),
+    weights: Optional[Path] = typer.Option(None, help="Weights for a timm: model (safetensors or state dict)."),
+    pos_embed: Optional[str] = typer.Option(None, help="Position embedding of an untrained pit/vit."),
+    query: Optional[str] = typer.Option(None, help="attention-maps: query pixels 'row,col' (';' between several)."),
+    per_head: bool = typer.Option(False, help="attention-maps: draw every head, not only their mean."),
+    opt: Optional[List[str]] = typer.Option(None, "--opt", help="Probe option key=value (repeatable)."),
+) -> None:
+    """Run a locality probe and write its table, figures and meta.json.
+
+    Example: localitylab probe attention-distance runs/pit-n-digits/ckpt.pt --images 64
+    """
+    if name == "list":
+        _print_probe_list()
+        return
+    if source is None:
+        from localitylab.errors import UserError
+
+        raise UserError(f"probe {name} needs a model: a ckpt.pt, a run folder, a registry name or timm:NAME")
+    from localitylab.probes import ProbeRequest, run_probes
+
+    options = parse_model_kw(opt)
+    if query is not None:
+        options["query"] = query
+    if per_head:
+        options["per_head"] = True
+    request = ProbeRequest(
+        source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, n_images=images,
+        batch_size=batch_size, device=device, seed=seed, out=out, model_kw=parse_model_kw(model_kw),
+        weights=str(weights) if weights else None, pos_embed=pos_embed, options=options,
+    )
+    for output in run_probes([name], request):
+        note = ""
+        if output.table["note"].ne("").all() and output.table["value"].isna().all():
+            note = f" (does not apply: {output.table['note'].iloc[0]})"
+        print(f"{output.probe}: {len(output.table)} rows -> {output.csv}{note}")
+        for figure in output.figures:
+            print(f"  figure: {figure}")
+
+
+def _print_probe_list() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from localitylab.probes import get_probe, probe_names
+
+    table = Table(title="localitylab probes")
+    for column in ("probe", "measures", "applies to"):
+        table.add_column(column)
+    for probe_name in probe_names():
+        entry = get_probe(probe_name)
+        table.add_row(probe_name, entry.summary, entry.applies_to)
+    Console().print(table)
+
+
+@app.command()
+def plot(
+    name: str = typer.Argument(..., help="The probe whose tables these are."),
+    tables: List[Path] = typer.Argument(..., help="One or more <probe>.csv tables; models are overlaid."),
+    out: Path = typer.Option(Path("."), help="Folder for the figures."),
+) -> None:
+    """Draw a probe's figures from one or more tables, models overlaid.
+
+    Example: localitylab plot attention-distance runs/a/probes/attention-distance.csv runs/b/probes/attention-distance.csv
+    """
+    from localitylab.probes import get_probe, read_table
+
+    probe_obj = get_probe(name)
+    frames = [read_table(path) for path in tables]
+    for frame, path in zip(frames, tables):
+        if not frame.empty and set(frame["probe"]) != {name}:
+            from localitylab.errors import UserError
+
+            raise UserError(f"{path} is a {', '.join(sorted(set(frame['probe'])))} table, not {name}")
+    for figure in probe_obj.plot(frames, out):
+        print(f"figure: {figure}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),

@@ -1,0 +1,176 @@
+"""Run probes on one model and write their outputs.
+
+For each probe: `<out>/<probe>.csv` (and `.parquet` where pyarrow is installed), its
+figures beside it, and an entry in `<out>/meta.json` recording the model spec, data, seed,
+versions, the command and the code's git commit. `<out>` is `<run folder>/probes/` for a
+checkpoint, or `--out DIR`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from localitylab.data.registry import DataOptions
+from localitylab.errors import UserError
+from localitylab.io import atomic_path, write_json
+from localitylab.probes.base import ProbeContext
+from localitylab.probes.registry import get_probe, probe_names
+from localitylab.probes.target import ProbeTarget, load_target, select_images
+
+
+@dataclass
+class ProbeRequest:
+    source: str
+    data: str | None = None
+    data_dir: str | None = None
+    img_size: int | None = None
+    n_images: int = 128
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    out: Path | None = None
+    model_kw: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    pos_embed: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeOutput:
+    probe: str
+    table: pd.DataFrame
+    csv: Path
+    figures: list[Path]
+    seconds: float
+
+
+def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
+    """Run the named probes ('all' for every registered one) on one model."""
+    if names == ["all"]:
+        names = probe_names()
+    probes = [get_probe(name) for name in names]
+    _check_options(probes, request.options)
+    if request.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None, img_size=request.img_size,
+                          seed=request.seed)
+    target, dataset = load_target(request.source, request.device, request.data, options, request.model_kw,
+                                  request.weights, request.pos_embed, request.seed)
+    images, labels = select_images(dataset, request.n_images, request.seed)
+    out_dir = Path(request.out) if request.out is not None else target.default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for probe in probes:
+        context = ProbeContext(images, labels, request.batch_size, request.seed,
+                               {k: v for k, v in request.options.items() if k in probe.option_names})
+        started = time.perf_counter()
+        table = probe.table(target, context)
+        csv_path = write_table(table, out_dir / f"{probe.name}.csv")
+        figures = probe.plot([table], out_dir)
+        if probe.not_applicable(target) is None:
+            figures += probe.artifacts(target, context, out_dir)
+        seconds = time.perf_counter() - started
+        record_meta(out_dir, probe.name, target, dataset.name, request, len(images), seconds)
+        outputs.append(ProbeOutput(probe.name, table, csv_path, figures, seconds))
+    return outputs
+
+
+def _check_options(probes, options: dict[str, Any]) -> None:
+    known = {name for probe in probes for name in probe.option_names}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise UserError(f"unknown probe option {unknown[0]!r} for {', '.join(p.name for p in probes)}; valid: {valid}")
+
+
+def write_table(table: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return path
+    with atomic_path(path.with_suffix(".parquet")) as tmp:
+        table.to_parquet(tmp, index=False)
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a probe table back with the schema's types."""
+    from localitylab.probes.base import COLUMNS
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"table not found: {path}")
+    try:
+        table = pd.read_csv(path, dtype={"model": str, "probe": str, "metric": str, "setting": str, "note": str},
+                            keep_default_na=False, na_values={"value": [""], "layer": [""], "head": [""], "n_images": [""]})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{path} is not a probe table: {err}") from None
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} is not a probe table: no column {missing[0]!r}")
+    for column in ("layer", "head", "n_images"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    table["value"] = pd.to_numeric(table["value"], errors="coerce").astype("float64")
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The git commit of the localitylab code that ran (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "localitylab"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
+
+
+def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,
+                n_images: int, seconds: float) -> Path:
+    from localitylab.train.checkpoint import versions
+
+    path = out_dir / "meta.json"
+    meta: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+    meta.update({
+        "model": target.display_name,
+        "model_spec": target.spec.to_dict(),
+        "source": target.source,
+        "model_info": {"params": target.info.params, "patch_size": target.info.patch_size,
+                       "tokens_per_image": target.info.tokens_per_image, "pos_embed": target.info.pos_embed},
+        "checkpoint": {k: v for k, v in target.checkpoint.items() if k != "versions"},
+    })
+    probes = meta.setdefault("probes", {})
+    probes[probe] = {
+        "data": data_name, "split": "test", "n_images": n_images, "seed": request.seed,
+        "batch_size": request.batch_size, "options": request.options, "device": str(target.device),
+        "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
+        "versions": versions(), **code_version(),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "permute_seed": target.data.permute_seed, "torch_threads": torch.get_num_threads(),
+    }
+    return write_json(path, meta)
+
+
+def _from_cli() -> bool:
+    return Path(sys.argv[0]).name in ("localitylab", "main.py") or sys.argv[0].endswith("cli/main.py")

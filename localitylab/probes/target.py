@@ -1,0 +1,120 @@
+"""What a probe looks at: a model with everything needed to feed it and to name it.
+
+A target comes from a localitylab checkpoint (or its run folder), from a registry name
+(`pit-n`, untrained: the baseline of "no learning"), or from `timm:NAME` with optional
+`--weights`. Image shapes and normalisation come from the checkpoint, or else from the
+data set the probe runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
+from localitylab.errors import UserError
+from localitylab.models.describe import ModelInfo, describe_model
+from localitylab.models.registry import ModelSpec, build_model, model_kind
+from localitylab.train.checkpoint import load
+from localitylab.train.config import safe_name
+from localitylab.train.loop import resolve_device
+
+
+@dataclass
+class ProbeTarget:
+    model: nn.Module  # eval mode, on `device`
+    spec: ModelSpec
+    data: DataInfo  # how images are prepared for this model
+    info: ModelInfo
+    display_name: str
+    source: str
+    device: torch.device
+    run_dir: Path | None = None  # the run folder of a checkpoint
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # config, metrics, epoch of a checkpoint
+
+    @property
+    def kind(self) -> str:
+        """'pit', 'vit', 'convnet' or 'timm'."""
+        return model_kind(self.spec.name)
+
+    def default_out_dir(self) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir / "probes"
+        return Path("probes") / safe_name(self.spec.name.replace("/", "-p").replace(":", "-"))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> what the model takes (permutation and normalisation applied)."""
+        return self.data.prepare(images.to(self.device))
+
+
+def is_checkpoint_source(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.suffix == ".pt" or path.is_dir() or path.is_file()
+
+
+def load_target(source: str, device: str = "auto", data: str | None = None, data_options: DataOptions | None = None,
+                model_kw: dict[str, Any] | None = None, weights: str | None = None,
+                pos_embed: str | None = None, seed: int = 0) -> tuple[ProbeTarget, ImageDataset]:
+    """Resolve a model source and the data set to probe it on."""
+    torch_device = resolve_device(device)
+    options = data_options or DataOptions()
+    if is_checkpoint_source(source):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = path / "ckpt.pt"
+        model = load(path, torch_device)
+        run = model.run
+        dataset_name = data or run.data.name
+        if dataset_name.startswith("folder:") and options.img_size is None:
+            options = DataOptions(options.data_dir, options.download, run.data.img_size, options.seed)
+        dataset = load_dataset(dataset_name, options)
+        _check_shapes(dataset, run.data)
+        target = ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name, str(path),
+                             torch_device, path.parent,
+                             {"config": run.config, "metrics": run.metrics, "epoch": run.epoch, "versions": run.versions})
+        if model_kw or weights:
+            raise UserError("--model-kw and --weights apply to registry and timm: models, not to checkpoints")
+        return target, dataset
+
+    # A registry name or timm:NAME, built here: shapes from the data set.
+    dataset = load_dataset(data or "digits", options)
+    kind = model_kind(source)  # raises a UserError for unknown names
+    kw = dict(model_kw or {})
+    info = dataset.info
+    if kind == "timm":
+        spec = ModelSpec(source, int(kw.pop("img_size", info.img_size)), int(kw.pop("in_chans", info.in_chans)),
+                         int(kw.pop("num_classes", info.num_classes)), None, kw)
+    else:
+        spec = ModelSpec(source, info.img_size, info.in_chans, info.num_classes,
+                         (pos_embed or "learn") if kind in ("pit", "vit") else None, kw)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if weights:
+        from localitylab.models.timm_adapter import load_weights
+
+        load_weights(model, weights)
+    model = model.to(torch_device).eval()
+    name = source + (" (untrained)" if not weights else f" ({Path(weights).name})")
+    target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device)
+    _check_shapes(dataset, DataInfo(info.name, spec.img_size, spec.in_chans, info.class_names, info.mean, info.std))
+    return target, dataset
+
+
+def _check_shapes(dataset: ImageDataset, expected: DataInfo) -> None:
+    got = tuple(dataset.test_images.shape[1:])
+    want = (expected.in_chans, expected.img_size, expected.img_size)
+    if got != want:
+        raise UserError(f"data set {dataset.name} has images of shape {got}; the model takes {want}")
+
+
+def select_images(dataset: ImageDataset, n_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of the test split (all of it when it is smaller)."""
+    if n_images < 1:
+        raise UserError(f"--images must be at least 1, got {n_images}")
+    images, labels = dataset.test_images, dataset.test_labels
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_images]
+    return images[order], labels[order]
