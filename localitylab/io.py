@@ -46,3 +46,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the localitylab code that is running (None outside a checkout)."""
+    import subprocess
+
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        root = Path(__file__).resolve().parents[1]
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "localitylab"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            _CODE_VERSION = {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
+        except (OSError, subprocess.SubprocessError):
+            _CODE_VERSION = {"git_commit": None, "git_dirty": None}
+    return _CODE_VERSION
+
+
+_CODE_VERSION: dict[str, Any] | None = None

@@ -45,3 +45,26 @@ def describe_model(model: nn.Module) -> ModelInfo:
     else:
         pos_kind = "learn"
     return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
+
+
+def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
+    """Forward FLOPs for one image, counted by torch.utils.flop_counter (a multiply-add is 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def model_summary(model: nn.Module, in_chans: int, img_size: int) -> dict:
+    """What reports show about a model, recorded at training time (reports never run models)."""
+    info = describe_model(model)
+    return {"params": info.params, "trainable_params": info.trainable_params, "patch_size": info.patch_size,
+            "tokens_per_image": info.tokens_per_image, "pos_embed": info.pos_embed,
+            "flops_per_image": count_flops(model, in_chans, img_size)}

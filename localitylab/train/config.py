@@ -83,6 +83,32 @@ class TrainConfig:
         data["out"] = str(self.out) if self.out is not None else None
         return data
 
+    def command(self) -> str:
+        """The `localitylab train` command line that reproduces this run (non-defaults only)."""
+        import shlex
+
+        defaults = TrainConfig(self.model, self.dataset)
+        parts = ["localitylab", "train", self.model, self.dataset, "--out", str(self.run_dir())]
+        for f in dataclasses.fields(self):
+            if f.name in ("model", "dataset", "out", "resume"):
+                continue
+            value, default = getattr(self, f.name), getattr(defaults, f.name)
+            if value == default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "model_kw":
+                for key, item in value.items():
+                    parts += ["--model-kw", f"{key}={item!r}"]
+            elif isinstance(value, bool):
+                parts.append(flag if value else "--no-" + flag[2:])
+            elif value is None:
+                if f.name == "clip_grad":
+                    parts += [flag, "0"]  # the CLI's way of saying "off"
+                continue
+            else:
+                parts += [flag, str(value)]
+        return " ".join(shlex.quote(p) for p in parts)
+
     def run_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path("runs") / default_run_name(self)
 

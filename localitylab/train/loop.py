@@ -27,9 +27,10 @@ from localitylab.data.batching import eval_batches, train_batches
 from localitylab.data.permutation import permute_pixels, random_permutation
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.errors import UserError
-from localitylab.io import write_json, write_text
+from localitylab.io import code_version, write_json, write_text
+from localitylab.models.describe import model_summary
 from localitylab.models.registry import ModelSpec, build_model, model_kind
-from localitylab.train.checkpoint import read_checkpoint, save_checkpoint
+from localitylab.train.checkpoint import read_checkpoint, save_checkpoint, versions
 from localitylab.train.config import RECIPE_KEYS, TrainConfig
 from localitylab.train.progress import Reporter
 
@@ -153,6 +154,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
 
         load_weights(model, config.weights)
     model.to(device)
+    summary = model_summary(model, spec.in_chans, spec.img_size)
     if device.type == "cuda" and model_kind(config.model) == "convnet":
         model.to(memory_format=torch.channels_last)
 
@@ -249,12 +251,14 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             save_checkpoint(ckpt_path, {
                 "model_spec": spec.to_dict(), "model_state": model.state_dict(), "data": info.to_dict(),
                 "config": config.to_dict(), "metrics": row, "history": history, "epoch": epoch, "step": step,
-                "optimizer_state": optimizer.state_dict(),
+                "optimizer_state": optimizer.state_dict(), "model_info": summary,
             })
             write_metrics(run_dir / "metrics.csv", history)
             write_json(run_dir / "run.json", {"model_spec": spec.to_dict(), "data": info.name,
-                                              "config": config.to_dict(), "metrics": row,
-                                              "permute_seed": info.permute_seed})
+                                              "config": config.to_dict(), "metrics": row, "model_info": summary,
+                                              "permute_seed": info.permute_seed, "epochs_done": epoch,
+                                              "command": config.command(),
+                                              "versions": versions(), **code_version()})
             reporter.epoch_end(row)
     finally:
         reporter.close()
