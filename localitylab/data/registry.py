@@ -178,6 +178,22 @@ def valid_dataset_hint() -> str:
 _SIZED = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<size>\d+)$")
 
 
+def check_dataset_name(name: str) -> None:
+    """Raise a UserError unless `name` is a data set the registry can load (nothing is loaded)."""
+    _ensure_loaded()
+    if ":" in name:
+        family = name.split(":", 1)[0]
+        if family in _DATASETS and _DATASETS[family].prefix:
+            return
+    elif name in _DATASETS and not _DATASETS[name].sized and not _DATASETS[name].prefix:
+        return
+    else:
+        match = _SIZED.match(name)
+        if match and match["family"] in _DATASETS and _DATASETS[match["family"]].sized:
+            return
+    raise UserError(f"unknown data set {name!r}; valid: {valid_dataset_hint()}")
+
+
 def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
     """Load a registry data set by the name users type: 'digits', 'cifar100', 'shapes-32', 'folder:PATH'."""
     _ensure_loaded()
@@ -208,4 +224,4 @@ def _ensure_loaded() -> None:
     global _families_loaded
     if not _families_loaded:
         _families_loaded = True
-        from localitylab.data import cifar, digits, folder  # noqa: F401
+        from localitylab.data import cifar, digits, folder, generated  # noqa: F401
