@@ -1,0 +1,181 @@
+"""attention-distance, streamed versus fully materialised: peak memory and time.
+
+Each case runs in a fresh Python process, so its peak resident memory (getrusage maxrss)
+is its own: `baseline_mb` is the peak after the model and image exist, `peak_mb` the peak
+after the probe ran, and `probe_mb` their difference, the memory the method needed.
+
+- streamed: `measure_attention_distance`, reducing blocks of query rows inside forward
+  pre-hooks (localitylab's way);
+- materialised: the usual way, timm's `AttentionExtract` holding every layer's full
+  softmax map (fused attention off), then the metrics from those maps.
+
+Untrained pit-n (4 blocks, 4 heads, width 64) on one random 3-channel image per case at
+32, 64, 128 (and, streamed only, 224) pixels: 1,025 / 4,097 / 16,385 / 50,177 tokens. The
+materialised method needs N^2 x heads x layers x 4 bytes for the maps alone (17 GB at 128
+pixels, 161 GB at 224), so a case whose maps would not fit in 60% of the available memory
+is skipped and says so.
+
+    .venv/bin/python -m benchmarks.attention_distance [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (32, 64, 128)
+STREAMED_ONLY_SIZES = (224,)
+MODEL = "pit-n"
+LAYERS, HEADS = 4, 4  # pit-n
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def materialised_map_bytes(img_size: int) -> int:
+    tokens = img_size * img_size + 1
+    return tokens * tokens * HEADS * LAYERS * 4
+
+
+def _target(img_size: int):
+    import torch
+
+    from localitylab.data.registry import DataInfo
+    from localitylab.models.describe import describe_model
+    from localitylab.models.registry import ModelSpec, build_model
+    from localitylab.probes.target import ProbeTarget
+
+    torch.manual_seed(0)
+    spec = ModelSpec(MODEL, img_size, 3, 10, "learn")
+    model = build_model(spec).eval()
+    data = DataInfo("random", img_size, 3, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
+    target = ProbeTarget(model, spec, data, describe_model(model), f"{MODEL} (untrained)", MODEL, torch.device("cpu"))
+    images = torch.randint(0, 256, (1, 3, img_size, img_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return target, images
+
+
+def _materialised_distances(target, images) -> list[float]:
+    """Mean distance per (layer, head) from every layer's full attention map, kept at once."""
+    import torch
+    from timm.utils import AttentionExtract
+
+    from localitylab.probes.attention_distance import TokenGeometry, attention_modules
+
+    for module in attention_modules(target.model):
+        module.fused_attn = False
+    geometry = TokenGeometry.of(target)
+    prefix = geometry.num_prefix_tokens
+    with torch.no_grad():
+        maps = AttentionExtract(target.model, method="hook")(target.prepare(images))
+        centres = geometry.centres()
+        distance = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
+        result = []
+        for attn in maps.values():
+            grid = attn[:, :, prefix:, prefix:]
+            grid = grid / grid.sum(dim=-1, keepdim=True)
+            result += (grid * distance).sum(dim=-1).mean(dim=(0, 2)).tolist()
+    return result
+
+
+def run_case(mode: str, img_size: int) -> dict:
+    """One measurement, in this process (call it in a fresh one)."""
+    import torch
+
+    from localitylab.probes.attention_distance import measure_attention_distance
+
+    target, images = _target(img_size)
+    target.model(target.prepare(images))  # warm up allocator and kernels before the baseline
+    baseline = _peak_mb()
+    started = time.perf_counter()
+    if mode == "streamed":
+        rows = measure_attention_distance(target, images, batch_size=1)
+        distances = [r.value for r in rows if r.metric == "mean_distance_px"]
+    else:
+        distances = _materialised_distances(target, images)
+    seconds = time.perf_counter() - started
+    peak = _peak_mb()
+    return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
+            "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak, "probe_mb": peak - baseline,
+            "threads": torch.get_num_threads(), "mean_distance_px": distances, "note": ""}
+
+
+def _in_subprocess(mode: str, img_size: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.attention_distance", "--case", mode, str(img_size)],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} at {img_size}px failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _skipped(mode: str, img_size: int, why: str) -> dict:
+    return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
+            "seconds": None, "baseline_mb": None, "peak_mb": None, "probe_mb": None, "threads": None,
+            "mean_distance_px": None, "note": why}
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Every case, each in its own process; quick: 32 and 64 pixels only."""
+    sizes = SIZES[:2] if quick else SIZES
+    rows = []
+    for img_size in sizes + (() if quick else STREAMED_ONLY_SIZES):
+        streamed = _in_subprocess("streamed", img_size)
+        rows.append(streamed)
+        need = materialised_map_bytes(img_size)
+        if img_size in STREAMED_ONLY_SIZES or need > 0.6 * _available_bytes():
+            rows.append(_skipped("materialised", img_size,
+                                 f"skipped: the maps alone need {need / 2**30:.1f} GiB "
+                                 f"({img_size * img_size + 1}^2 x {HEADS} heads x {LAYERS} layers x 4 B); "
+                                 f"{_available_bytes() / 2**30:.1f} GiB available"))
+            continue
+        materialised = _in_subprocess("materialised", img_size)
+        difference = max(abs(a - b) for a, b in zip(streamed["mean_distance_px"], materialised["mean_distance_px"]))
+        materialised["note"] = f"max |difference| from streamed {difference:.1e} px"
+        rows.append(materialised)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    print(f"{'model':<6} {'pixels':>6} {'tokens':>7} {'method':<13} {'seconds':>8} {'peak MB':>8} "
+          f"{'probe MB':>9}  note")
+    for row in rows:
+        print(f"{row['model']:<6} {row['img_size']:>6} {row['tokens']:>7} {row['method']:<13} "
+              f"{fmt(row['seconds'], '8.2f')} {fmt(row['peak_mb'], '8.0f')} {fmt(row['probe_mb'], '9.0f')}  "
+              f"{row['note']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_distance", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="32 and 64 pixels only")
+    parser.add_argument("--case", nargs=2, metavar=("METHOD", "PIXELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(args.case[1]))))
+        return 0
+    print_table(run(quick=args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

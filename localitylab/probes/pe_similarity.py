@@ -1,0 +1,218 @@
+"""pe-similarity: does the learned position embedding encode the 2-D grid? (PROBES.md)
+
+Reads only the table P (one row per non-prefix token; timm puts the prefix rows first
+unless `no_embed_class`), never images, so every row has n_images = 0.
+
+- `pe_distance_spearman`: Spearman correlation of the cosine similarity S[i, j] with
+  -|c_i - c_j| over pairs i < j (a fixed-seed sample of MAX_PAIRS pairs when there are
+  more), so a table whose similarity falls with distance scores near 1.
+- `pe_topology_r2`: a 2-D metric MDS (SMACOF, started from classical MDS) of the cosine
+  dissimilarity 1 - S, aligned to the true token centres by Procrustes; 1 - disparity.
+  Metric MDS rather than Isomap or a spectral embedding because it needs no neighbour
+  graph: random or half-trained tables give disconnected k-NN graphs, where those methods
+  warn and return arbitrary layouts. Starting from classical MDS makes it deterministic.
+  On sin-cos tables it scores 0.98-0.99 (8x8 and 32x32 grids), against 0.90-0.97 for
+  classical MDS alone. At most MAX_TOPOLOGY_ROWS rows (a fixed-seed subset) keep its
+  O(rows^2) cost to about a second.
+- `pe_linear_r2`: R^2 of (row, column) predicted from P by ridge regression (RidgeCV over
+  a log grid of penalties), out of fold over 5 shuffled folds: how linearly readable the
+  position is.
+
+Figure (`artifacts`, needs the model): the ViT paper's grid of maps S[i, :] over the token
+grid for up to 8 x 8 reference tokens i; `plot` draws the three scores per model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from localitylab.probes.attention_distance import TokenGeometry
+from localitylab.probes.base import Probe, ProbeContext, Row
+from localitylab.probes.registry import register_probe
+from localitylab.probes.target import ProbeTarget
+
+MAX_PAIRS = 200_000
+MAX_TOPOLOGY_ROWS = 400
+FOLDS = 5
+REFERENCES_PER_SIDE = 8
+METRICS = ("pe_distance_spearman", "pe_topology_r2", "pe_linear_r2")
+
+
+def position_table(model: torch.nn.Module, geometry: TokenGeometry) -> torch.Tensor | None:
+    """The (T, C) rows of the absolute position embedding for the grid tokens, or None."""
+    pos_embed = getattr(model, "pos_embed", None)
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 3:
+        return None
+    table = pos_embed.detach()[0]
+    prefix = 0 if getattr(model, "no_embed_class", False) else geometry.num_prefix_tokens
+    if table.shape[0] != prefix + geometry.num_grid_tokens:
+        return None
+    return table[prefix:].float().cpu()
+
+
+def _unit_rows(table: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(table.double(), dim=1)
+
+
+def distance_spearman(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[float, str]:
+    """Spearman of S[i, j] against -distance over pairs i < j (sampled past MAX_PAIRS)."""
+    from scipy.stats import spearmanr
+
+    count = table.shape[0]
+    n_pairs = count * (count - 1) // 2
+    if n_pairs <= MAX_PAIRS:
+        first, second = torch.triu_indices(count, count, offset=1)
+        note = ""
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        first = torch.randint(count, (MAX_PAIRS,), generator=generator)
+        shift = torch.randint(1, count, (MAX_PAIRS,), generator=generator)
+        second = (first + shift) % count  # uniform over the other tokens
+        note = f"{MAX_PAIRS:,} of {n_pairs:,} pairs, sampled with seed {seed}"
+    unit = _unit_rows(table)
+    similarity = (unit[first] * unit[second]).sum(dim=1)
+    centres = geometry.centres(dtype=torch.float64)
+    distance = (centres[first] - centres[second]).norm(dim=1)
+    if n_pairs < 2:
+        return float("nan"), "fewer than two pairs of tokens"
+    rho = spearmanr(similarity.numpy(), -distance.numpy()).statistic
+    return float(rho), note
+
+
+def topology_r2(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[float, str]:
+    """1 - Procrustes disparity between a 2-D MDS of 1 - cosine and the true centres."""
+    from scipy.spatial import procrustes
+    from sklearn.manifold import MDS
+
+    count = table.shape[0]
+    if count < 3:
+        return float("nan"), "fewer than three tokens"
+    rows = torch.arange(count)
+    note = ""
+    if count > MAX_TOPOLOGY_ROWS:
+        rows = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:MAX_TOPOLOGY_ROWS].sort().values
+        note = f"MDS of {MAX_TOPOLOGY_ROWS} of {count} rows, sampled with seed {seed}"
+    unit = _unit_rows(table[rows])
+    dissimilarity = (1.0 - unit @ unit.T).clamp_min(0.0).numpy()
+    np.fill_diagonal(dissimilarity, 0.0)
+    dissimilarity = (dissimilarity + dissimilarity.T) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's notices about changing defaults
+        embedding = MDS(n_components=2, metric="precomputed", init="classical_mds", n_init=1,
+                        random_state=seed).fit_transform(dissimilarity)
+    centres = geometry.centres(dtype=torch.float64)[rows].numpy()
+    if not np.isfinite(embedding).all() or np.ptp(embedding, axis=0).max() == 0:
+        return 0.0, "MDS collapsed to a point: the rows are identical"
+    _, _, disparity = procrustes(centres, embedding)
+    return float(1.0 - disparity), note
+
+
+def linear_r2(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[float, str]:
+    """Out-of-fold R^2 of ridge regression from P to the token's (row, column)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    count = table.shape[0]
+    folds = min(FOLDS, count)
+    if folds < 2 or min(geometry.grid) < 1 or count < 4:
+        return float("nan"), "too few tokens for cross-validation"
+    rows, cols = np.meshgrid(np.arange(geometry.grid[0]), np.arange(geometry.grid[1]), indexing="ij")
+    coords = np.stack([rows.ravel(), cols.ravel()], axis=1).astype(np.float64)
+    varying = coords.std(axis=0) > 0  # a 1-wide grid has a constant coordinate: R^2 undefined there
+    ridge = RidgeCV(alphas=np.logspace(-4, 4, 17))
+    predicted = cross_val_predict(ridge, table.double().numpy(), coords[:, varying],
+                                  cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(r2_score(coords[:, varying], predicted)), ""
+
+
+def similarity_reason(target: ProbeTarget) -> str | None:
+    if target.info.grid is None or target.info.patch_size is None:
+        return "no position embedding: the model has no token grid (a ConvNet), so pe-similarity does not apply"
+    pos_embed = getattr(target.model, "pos_embed", None)
+    if not isinstance(pos_embed, torch.Tensor):
+        return "no absolute position embedding (pos_embed none), so pe-similarity does not apply"
+    if position_table(target.model, TokenGeometry.of(target)) is None:
+        return (f"pos_embed of shape {tuple(pos_embed.shape)} does not hold one row per token of the "
+                f"{target.info.grid[0]}x{target.info.grid[1]} grid")
+    return None
+
+
+@register_probe
+class PeSimilarity(Probe):
+    name = "pe-similarity"
+    summary = "How well the position embedding encodes the grid: rank correlation, 2-D topology, linear read-out"
+    applies_to = "models with an absolute position embedding (pit-*, vit-*/P, timm ViT/DeiT)"
+
+    def not_applicable(self, target: ProbeTarget) -> str | None:
+        return similarity_reason(target)
+
+    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+        geometry = TokenGeometry.of(target)
+        table = position_table(target.model, geometry)
+        rows = []
+        for metric, score in (("pe_distance_spearman", distance_spearman), ("pe_topology_r2", topology_r2),
+                              ("pe_linear_r2", linear_r2)):
+            value, note = score(table, geometry, context.seed)
+            rows.append(Row(metric, value, note=note, n_images=0))
+        return rows
+
+    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
+        """The ViT paper's cosine-similarity maps for a grid of reference tokens."""
+        import matplotlib.pyplot as plt
+
+        from localitylab.plotting import apply_style, save_figure
+
+        geometry = TokenGeometry.of(target)
+        unit = _unit_rows(position_table(target.model, geometry))
+        grid_h, grid_w = geometry.grid
+        ref_rows = np.unique(np.linspace(0, grid_h - 1, min(REFERENCES_PER_SIDE, grid_h)).round().astype(int))
+        ref_cols = np.unique(np.linspace(0, grid_w - 1, min(REFERENCES_PER_SIDE, grid_w)).round().astype(int))
+        apply_style()
+        fig, axes = plt.subplots(len(ref_rows), len(ref_cols), figsize=(1.1 * len(ref_cols) + 1.2, 1.1 * len(ref_rows)),
+                                 squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
+        image = None
+        for a, row in enumerate(ref_rows):
+            for b, col in enumerate(ref_cols):
+                similarity = (unit @ unit[row * grid_w + col]).reshape(grid_h, grid_w).numpy()
+                ax = axes[a][b]
+                image = ax.imshow(similarity, vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if a == len(ref_rows) - 1:
+                    ax.set_xlabel(str(col), fontsize="x-small")
+                if b == 0:
+                    ax.set_ylabel(str(row), fontsize="x-small")
+        fig.supxlabel("reference token column", fontsize="small")
+        fig.supylabel("reference token row", fontsize="small")
+        fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+        fig.suptitle(f"{target.display_name}: position embedding similarity", fontsize="medium")
+        return [save_figure(fig, Path(out_dir) / "pe-similarity.png")]
+
+    def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
+        """The three scores side by side, one bar per model."""
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+
+        from localitylab.plotting import apply_style, model_colours, save_figure
+
+        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        if frame.empty:
+            return []
+        frame = frame[frame["metric"].isin(METRICS) & frame["value"].notna()]
+        if frame.empty:
+            return []
+        apply_style()
+        fig, ax = plt.subplots(figsize=(2 + 1.6 * len(METRICS), 3.8))
+        sns.barplot(data=frame, x="metric", y="value", hue="model", order=list(METRICS),
+                    palette=model_colours(frame["model"]), ax=ax)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set(xlabel="", ylabel="score (1 = the grid, 0 = none)", title="Position embedding vs the 2-D grid",
+               ylim=(min(-0.1, float(frame["value"].min()) - 0.05), 1.05))
+        ax.legend(fontsize="small")
+        return [save_figure(fig, Path(out_dir) / "pe-similarity-metrics.png")]

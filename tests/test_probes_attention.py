@@ -1,0 +1,357 @@
+"""attention-distance, pe-similarity and attention-maps: analytic cases, agreement with
+fully materialised attention, invariances, and the command line."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from localitylab.errors import UserError
+from localitylab.models.pos_embed import sincos_2d
+from localitylab.probes import ProbeContext, get_probe, load_target
+from localitylab.probes.attention_distance import (AttentionDistanceAccumulator, TokenGeometry, attention_block_sums,
+                                                   attention_modules, measure_attention_distance, streamed_attention)
+from localitylab.probes.attention_maps import parse_queries
+from localitylab.probes.pe_similarity import distance_spearman, linear_r2, topology_r2
+from localitylab.probes.target import select_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brute_force_centres(grid: tuple[int, int], patch: int) -> list[tuple[float, float]]:
+    return [((i + 0.5) * patch, (j + 0.5) * patch) for i in range(grid[0]) for j in range(grid[1])]
+
+
+def as_frame(rows) -> pd.DataFrame:
+    return pd.DataFrame([{"metric": r.metric, "layer": r.layer, "head": r.head, "value": r.value} for r in rows])
+
+
+def feed(geometry: TokenGeometry, probs_for_rows, heads: int, block: int) -> pd.DataFrame:
+    """Run the accumulator over all grid queries in blocks, with probabilities from a function."""
+    accumulate = AttentionDistanceAccumulator(geometry, 1, "cpu")
+    rows = torch.arange(geometry.num_prefix_tokens, geometry.num_tokens)
+    for start in range(0, len(rows), block):
+        block_rows = rows[start:start + block]
+        accumulate(0, block_rows, probs_for_rows(block_rows, heads))
+    return as_frame(accumulate.rows(n_images=2)).set_index(["metric", "head"])["value"]
+
+
+# --- analytic cases ---------------------------------------------------------------------------
+GEOMETRY = TokenGeometry(grid=(3, 5), patch_size=2, num_prefix_tokens=1)
+
+
+def test_uniform_distance_matches_brute_force_on_a_small_grid():
+    centres = brute_force_centres(GEOMETRY.grid, GEOMETRY.patch_size)
+    brute = sum(math.dist(a, b) for a, b in itertools.product(centres, centres)) / len(centres) ** 2
+    assert GEOMETRY.uniform_distance_px() == pytest.approx(brute, rel=1e-12)
+
+
+def test_identity_attention_has_distance_zero_and_ratio_zero():
+    def identity(rows, heads):
+        probs = torch.zeros(2, heads, len(rows), GEOMETRY.num_tokens)
+        probs[:, :, torch.arange(len(rows)), rows] = 1.0
+        return probs
+
+    values = feed(GEOMETRY, identity, heads=2, block=4)
+    for head in (0, 1):
+        assert values[("mean_distance_px", head)] == 0.0
+        assert values[("locality_ratio", head)] == 0.0
+        assert values[("prefix_share", head)] == 0.0
+        assert values[("entropy_norm", head)] == 0.0
+
+
+def test_uniform_attention_has_the_uniform_distance_and_ratio_one():
+    centres = brute_force_centres(GEOMETRY.grid, GEOMETRY.patch_size)
+    brute = sum(math.dist(a, b) for a, b in itertools.product(centres, centres)) / len(centres) ** 2
+    prefix_mass = 0.3
+
+    def uniform(rows, heads):
+        probs = torch.full((2, heads, len(rows), GEOMETRY.num_tokens), (1 - prefix_mass) / GEOMETRY.num_grid_tokens,
+                           dtype=torch.float64)
+        probs[..., 0] = prefix_mass
+        return probs
+
+    values = feed(GEOMETRY, uniform, heads=3, block=7)
+    for head in range(3):
+        assert values[("mean_distance_px", head)] == pytest.approx(brute, rel=1e-9)
+        assert values[("uniform_distance_px", head)] == pytest.approx(brute, rel=1e-12)
+        assert values[("locality_ratio", head)] == pytest.approx(1.0, rel=1e-9)
+        assert values[("mean_distance_frac", head)] == pytest.approx(brute / 10, rel=1e-9)  # image side 3x5 * 2
+        assert values[("prefix_share", head)] == pytest.approx(prefix_mass, rel=1e-9)
+        assert values[("entropy_norm", head)] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_block_sums_renormalise_over_pixel_keys():
+    # Half the mass on the prefix, the rest on one key at distance 5 px (3-4-5 triangle).
+    geometry = TokenGeometry(grid=(4, 4), patch_size=1, num_prefix_tokens=1)
+    centres = geometry.centres(dtype=torch.float64)
+    probs = torch.zeros(1, 1, 1, geometry.num_tokens, dtype=torch.float64)
+    probs[..., 0] = 0.5
+    probs[..., 1 + 3 * 4 + 3] = 0.5  # token (3, 3); the query is token (0, 0)
+    sums = attention_block_sums(probs, centres[:1], centres, 1)
+    assert float(sums["distance"][0]) == pytest.approx(math.hypot(3, 3))
+    assert float(sums["prefix"][0]) == pytest.approx(0.5)
+
+
+# --- the real models --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_images(trained_runs):
+    target, dataset = load_target(str(trained_runs["pit-n"].checkpoint), device="cpu")
+    images, labels = select_images(dataset, 6, seed=1)
+    return images, labels
+
+
+def materialised_metrics(target, images: torch.Tensor) -> pd.Series:
+    """The PROBES.md definitions computed directly from every layer's full attention maps."""
+    from timm.utils import AttentionExtract
+
+    modules = attention_modules(target.model)
+    saved = [m.fused_attn for m in modules]
+    for module in modules:
+        module.fused_attn = False  # the softmax then exists as a tensor that hooks can see
+    try:
+        with torch.no_grad():
+            maps = list(AttentionExtract(target.model, method="hook")(target.prepare(images)).values())
+    finally:
+        for module, fused in zip(modules, saved):
+            module.fused_attn = fused
+    target.model.eval()
+    info = target.info
+    prefix = info.num_prefix_tokens
+    centres = np.array(brute_force_centres(info.grid, info.patch_size))
+    distance = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)
+    records = {}
+    for layer, attn in enumerate(maps):
+        attn = attn.double().numpy()[:, :, prefix:, :]  # (B, heads, grid queries, keys)
+        grid = attn[..., prefix:] / attn[..., prefix:].sum(-1, keepdims=True)
+        for head in range(attn.shape[1]):
+            records[("mean_distance_px", layer, head)] = (grid[:, head] * distance).sum(-1).mean()
+            records[("prefix_share", layer, head)] = attn[:, head, :, :prefix].sum(-1).mean()
+            logs = np.log(np.where(grid[:, head] > 0, grid[:, head], 1.0))
+            records[("entropy_norm", layer, head)] = (-(grid[:, head] * logs).sum(-1) / np.log(len(centres))).mean()
+    return pd.Series(records)
+
+
+def streamed_metrics(target, images: torch.Tensor, batch_size: int = 64, query_block: int | None = None) -> pd.Series:
+    frame = as_frame(measure_attention_distance(target, images, batch_size, query_block))
+    return frame.set_index(["metric", "layer", "head"])["value"]
+
+
+def timm_target(**model_kw):
+    kw = {"patch_size": 2, "depth": 3, **model_kw}
+    target, _ = load_target("timm:vit_tiny_patch16_224", device="cpu", model_kw=kw)
+    return target
+
+
+@pytest.fixture(scope="module")
+def targets(trained_runs):
+    pit, _ = load_target(str(trained_runs["pit-n"].checkpoint), device="cpu")
+    vit, _ = load_target(str(trained_runs["vit-n/2"].checkpoint), device="cpu")
+    # A timm ViT with qk-norm and registers, their rows outside pos_embed: every branch of the geometry.
+    registers = timm_target(qk_norm=True, reg_tokens=2, no_embed_class=True)
+    return {"pit-n": pit, "vit-n/2": vit, "timm:vit_tiny": timm_target(), "timm:vit_tiny+qknorm+reg": registers}
+
+
+@pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny", "timm:vit_tiny+qknorm+reg"])
+def test_streamed_equals_materialised_attention(targets, digits_images, name):
+    target = targets[name]
+    images = digits_images[0]
+    streamed = streamed_metrics(target, images, query_block=5)
+    direct = materialised_metrics(target, images)
+    assert len(direct) == 3 * sum(1 for _ in attention_modules(target.model)) * attention_modules(target.model)[0].num_heads
+    for key, value in direct.items():
+        assert streamed[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
+def test_probing_leaves_logits_and_modules_unchanged(targets, digits_images, name):
+    target = targets[name]
+    x = target.prepare(digits_images[0])
+    modules = attention_modules(target.model)
+    with torch.no_grad():
+        before = target.model(x)
+        calls = []
+        with streamed_attention(modules, lambda layer, rows, probs: calls.append(layer), target.info.num_prefix_tokens):
+            during = target.model(x)
+        after = target.model(x)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert sorted(set(calls)) == list(range(len(modules)))
+    with pytest.raises(RuntimeError, match="boom"):
+        with streamed_attention(modules, lambda *a: None, target.info.num_prefix_tokens):
+            raise RuntimeError("boom")
+    assert all(not m._forward_pre_hooks for m in modules)  # restored on error too
+
+
+@pytest.mark.parametrize("name", ["pit-n", "vit-n/2"])
+def test_results_do_not_depend_on_batch_or_query_block(targets, digits_images, name):
+    target = targets[name]
+    images = digits_images[0]
+    reference = streamed_metrics(target, images, batch_size=64)
+    for batch_size, block in ((1, None), (4, 1), (3, 7), (6, 1000)):
+        other = streamed_metrics(target, images, batch_size=batch_size, query_block=block)
+        np.testing.assert_allclose(other.values, reference.loc[other.index].values, rtol=1e-5, atol=1e-6)
+
+
+def test_query_block_option_is_checked(targets, digits_images):
+    probe = get_probe("attention-distance")
+    context = ProbeContext(*digits_images, options={"query_block": 0})
+    with pytest.raises(UserError, match="query_block"):
+        probe.table(targets["pit-n"], context)
+
+
+# --- pe-similarity ----------------------------------------------------------------------------
+def pe_scores(target) -> dict[str, float]:
+    images = torch.zeros(1, target.spec.in_chans, target.spec.img_size, target.spec.img_size, dtype=torch.uint8)
+    table = get_probe("pe-similarity").table(target, ProbeContext(images, torch.zeros(1, dtype=torch.long)))
+    return dict(zip(table["metric"], table["value"]))
+
+
+@pytest.mark.parametrize("name", ["pit-n", "vit-n/2"])
+def test_sincos_embeddings_encode_the_grid(name):
+    target, _ = load_target(name, device="cpu", pos_embed="sincos")
+    scores = pe_scores(target)
+    assert scores["pe_distance_spearman"] > 0.8
+    assert scores["pe_topology_r2"] > 0.95
+    assert scores["pe_linear_r2"] > 0.95
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_random_embeddings_encode_nothing(std):
+    target, _ = load_target("pit-n", device="cpu", model_kw={"pos_embed_std": std}, seed=3)
+    scores = pe_scores(target)
+    assert abs(scores["pe_distance_spearman"]) < 0.1
+    assert scores["pe_topology_r2"] < 0.15
+    assert scores["pe_linear_r2"] < 0.2
+
+
+def test_pe_scores_on_a_large_grid_sample_pairs_and_rows():
+    geometry = TokenGeometry(grid=(32, 32), patch_size=1, num_prefix_tokens=1)
+    sincos = sincos_2d(64, 32, 32)
+    rho, note = distance_spearman(sincos, geometry, seed=0)
+    # The 200k-pair sample estimates the all-pairs value (523,776 pairs, computed here).
+    unit = torch.nn.functional.normalize(sincos.double(), dim=1)
+    first, second = torch.triu_indices(1024, 1024, offset=1)
+    centres = geometry.centres(dtype=torch.float64)
+    exact = spearmanr((unit[first] * unit[second]).sum(1), -(centres[first] - centres[second]).norm(dim=1)).statistic
+    assert rho == pytest.approx(exact, abs=0.01) and "sampled" in note
+    assert rho > 0.6  # lower than on small grids: sin-cos similarity is not monotone in distance far away
+    r2, note = topology_r2(sincos, geometry, seed=0)
+    assert r2 > 0.95 and "sampled" in note
+    random_rho, _ = distance_spearman(torch.randn(1024, 64, generator=torch.Generator().manual_seed(0)), geometry, 0)
+    assert abs(random_rho) < 0.05
+
+
+def test_pe_rows_skip_the_prefix_unless_no_embed_class():
+    for no_embed_class in (False, True):
+        target = timm_target(reg_tokens=2, no_embed_class=no_embed_class)
+        rows = target.model.pos_embed.shape[1]
+        assert rows == 16 + (0 if no_embed_class else 3)
+        with torch.no_grad():  # plant a sin-cos table in the grid rows, noise in the prefix rows
+            target.model.pos_embed[0, rows - 16:] = sincos_2d(192, 4, 4)
+            target.model.pos_embed[0, :rows - 16] = torch.randn(rows - 16, 192) * 10
+        assert pe_scores(target)["pe_linear_r2"] > 0.95
+    assert linear_r2(sincos_2d(64, 4, 4), TokenGeometry((4, 4), 2, 1), 0)[0] > 0.95
+
+
+# --- not applicable ---------------------------------------------------------------------------
+@pytest.mark.parametrize("probe_name", ["attention-distance", "pe-similarity", "attention-maps"])
+def test_convnet_gets_a_does_not_apply_row(trained_runs, probe_name):
+    target, dataset = load_target(str(trained_runs["resnet-n"].checkpoint), device="cpu")
+    images, labels = select_images(dataset, 2)
+    table = get_probe(probe_name).table(target, ProbeContext(images, labels))
+    assert len(table) == 1 and pd.isna(table["value"].iloc[0]) and "does not apply" in table["note"].iloc[0]
+
+
+def test_no_position_embedding_gets_a_does_not_apply_row():
+    target, dataset = load_target("pit-n", device="cpu", pos_embed="none")
+    images, labels = select_images(dataset, 2)
+    table = get_probe("pe-similarity").table(target, ProbeContext(images, labels))
+    assert len(table) == 1 and "pos_embed none" in table["note"].iloc[0]
+    # attention still applies without a position embedding
+    assert get_probe("attention-distance").not_applicable(target) is None
+
+
+# --- attention-maps ---------------------------------------------------------------------------
+def test_query_parsing():
+    geometry = TokenGeometry(grid=(4, 4), patch_size=2, num_prefix_tokens=1)
+    assert parse_queries(None, geometry) == [(4, 4)]
+    assert parse_queries(" 1,2 ; 7,0", geometry) == [(1, 2), (7, 0)]
+    assert parse_queries((3, 5), geometry) == [(3, 5)]
+    assert geometry.token_of_pixel(7, 0) == 1 + 3 * 4 + 0
+    for bad in ("8,0", "0,-1", "1", "a,b", "1,2,3", "1,2;", ""):
+        with pytest.raises(UserError, match="row,col"):
+            parse_queries(bad, geometry)
+
+
+def test_attention_maps_agree_with_attention_distance(targets, digits_images):
+    # A single query's attended distance, averaged over every pixel as the query, is the
+    # mean attention distance: the two probes share one extraction path.
+    target = targets["vit-n/2"]
+    images, labels = digits_images
+    every_pixel_of_row_0 = ";".join(f"0,{c}" for c in range(8))
+    table = get_probe("attention-maps").table(target, ProbeContext(images, labels, options={"query": every_pixel_of_row_0}))
+    per_query = table[(table["metric"] == "query_distance_px") & table["head"].notna()]
+    mean_over_queries = per_query.groupby(["layer", "head"])["value"].mean()
+    # Pixels (0, 2c) and (0, 2c+1) share a token, so this is the mean over tokens of row 0.
+    geometry = TokenGeometry.of(target)
+    rows = torch.arange(1, 1 + geometry.grid[1])
+    accumulate = AttentionDistanceAccumulator(geometry, len(attention_modules(target.model)), "cpu")
+    with torch.no_grad(), streamed_attention(attention_modules(target.model), accumulate, 1, query_tokens=rows):
+        target.model(target.prepare(images))
+    direct = as_frame(accumulate.rows(len(images))).set_index(["metric", "layer", "head"])["value"]
+    for (layer, head), value in mean_over_queries.items():
+        assert value == pytest.approx(direct[("mean_distance_px", layer, head)], rel=1e-5)
+    mass = table[(table["metric"] == "neighbourhood_mass") & table["head"].notna()]["value"]
+    assert ((mass > 0) & (mass <= 1 + 1e-6)).all()
+
+
+# --- the command line -------------------------------------------------------------------------
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def test_cli_attention_distance_on_a_convnet_says_it_does_not_apply(trained_runs, tmp_path):
+    result = cli("probe", "attention-distance", str(trained_runs["resnet-n"].checkpoint), "--images", "2",
+                 "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "does not apply" in result.stdout
+    assert (tmp_path / "attention-distance.csv").is_file()
+
+
+def test_cli_attention_maps_writes_table_meta_and_figure(trained_runs, tmp_path):
+    out = tmp_path / "maps"
+    result = cli("probe", "attention-maps", str(trained_runs["pit-n"].checkpoint), "--query", "4,4", "--images", "4",
+                 "--per-head", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {"attention-maps.csv", "meta.json", "attention-maps-q4-4.png", "attention-maps-q4-4-heads.png"} <= names
+    bad = cli("probe", "attention-maps", str(trained_runs["pit-n"].checkpoint), "--query", "4,99", "--out",
+              str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localitylab: error:") and "row,col" in lines[0], bad.stderr
+
+
+def test_plot_overlays_several_tables(targets, digits_images, tmp_path):
+    from localitylab.probes.runner import read_table, write_table
+
+    paths = []
+    for name in ("pit-n", "vit-n/2"):
+        table = get_probe("attention-distance").table(targets[name], ProbeContext(*digits_images))
+        paths.append(write_table(table, tmp_path / name.replace("/", "-") / "attention-distance.csv"))
+    figures = get_probe("attention-distance").plot([read_table(p) for p in paths], tmp_path)
+    assert [f.name for f in figures] == ["attention-distance.png"] and figures[0].stat().st_size > 0
+    result = cli("plot", "attention-distance", *map(str, paths), "--out", str(tmp_path / "cli"))
+    assert result.returncode == 0 and (tmp_path / "cli" / "attention-distance.png").is_file(), result.stderr
