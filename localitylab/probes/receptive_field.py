@@ -1,0 +1,319 @@
+"""Effective receptive field per layer (Luo et al. 2016; Raghu et al. 2021), and class
+attributions (captum) as a second view.
+
+ERF of layer l: take the feature location of layer l's output that holds the image's centre
+pixel (H//2, W//2); differentiate the sum over channels of its features with respect to the
+model's input pixels; take |gradient|, sum over input channels, average over images and
+normalise to sum 1. One forward per batch of images and one backward per layer: the images
+of a batch are independent in eval mode, so the gradient of the batch sum holds every
+image's own gradient.
+
+Layers are the blocks of a transformer and the stages of a ConvNet, both through timm's
+`forward_intermediates` (NCHW maps, prefix tokens dropped; a ConvNet's stem is left out so
+`layer` counts stages), or the children of an `nn.Sequential`. Everything else is the same
+code path.
+
+Radii: `erf_rXX_px` is the radius of the smallest disc around the centre of that feature
+location (((i + 0.5) * H / h, (j + 0.5) * W / w) in pixels, as in PROBES.md) that holds XX%
+of the mass, pixels counted at their centres. `uniform_rXX_px` is the same for a uniform
+map: pure geometry. Attribution maps (Saliency; IntegratedGradients from a zero baseline,
+i.e. the mean image, with `internal_batch_size` bounding memory) are measured per image
+around the map's own mass centroid, since an object need not sit at the image centre:
+`attribution_r50_px` is the mean over images; `uniform_r50_px` with setting `attribution`
+is a uniform map's radius around the image centre, for scale.
+
+When a model carries a training pixel permutation, maps live on the grid the model sees
+(after that permutation), where its tokens and feature maps are laid out.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from localitylab.errors import UserError
+from localitylab.probes.base import Probe, ProbeContext, Row
+from localitylab.probes.permutation import overlay_tables
+from localitylab.probes.registry import register_probe
+from localitylab.probes.target import ProbeTarget
+
+DEFAULT_IG_STEPS = 16
+FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+# --- feature maps per layer --------------------------------------------------------------
+
+def _is_stage(module_name: str) -> bool:
+    """A block or stage of timm's feature_info, as opposed to a stem."""
+    head = module_name.split(".")[0]
+    return head in ("blocks", "stages", "layers", "levels") or (head.startswith("layer") and head[5:].isdigit())
+
+
+def layer_feature_maps(model: nn.Module) -> FeatureFn:
+    """A function x -> [NCHW output of every block / stage], the model's own forward."""
+    if isinstance(model, nn.Sequential):
+        def sequential(x: torch.Tensor) -> list[torch.Tensor]:
+            outputs = []
+            for child in model:
+                x = child(x)
+                outputs.append(x)
+            return outputs
+
+        return sequential
+    if hasattr(model, "forward_intermediates"):
+        names = [info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict)]
+        indices = [i for i, name in enumerate(names) if _is_stage(name)] or None
+
+        def intermediates(x: torch.Tensor) -> list[torch.Tensor]:
+            return list(model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW"))
+
+        return intermediates
+    raise UserError(f"{type(model).__name__} has no forward_intermediates and is not an nn.Sequential; "
+                    "the receptive-field probe needs per-layer feature maps (valid: timm models, nn.Sequential)")
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+def centre_location(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int, tuple[float, float]]:
+    """(row, col) of the feature location holding the image's centre pixel, and its centre in pixels."""
+    row = (height // 2) * grid_h // height
+    col = (width // 2) * grid_w // width
+    return row, col, ((row + 0.5) * height / grid_h, (col + 0.5) * width / grid_w)
+
+
+def mass_radius(mass: torch.Tensor, centre: tuple[float, float], fraction: float) -> float:
+    """Radius of the smallest disc around `centre` (pixel units) holding `fraction` of the
+    map's mass; pixel (r, c) sits at (r + 0.5, c + 0.5). NaN for an all-zero map."""
+    height, width = mass.shape[-2:]
+    rows = torch.arange(height, dtype=torch.float64)[:, None] + 0.5
+    cols = torch.arange(width, dtype=torch.float64)[None, :] + 0.5
+    distance = torch.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).flatten()
+    weights = mass.detach().double().cpu().flatten()
+    total = float(weights.sum())
+    if not total > 0:
+        return math.nan
+    order = torch.argsort(distance, stable=True)
+    cumulative = torch.cumsum(weights[order], 0) / total
+    # Tolerance: a uniform map's cumulative mass hits 0.5 exactly, up to float rounding.
+    index = int(torch.searchsorted(cumulative, torch.tensor([fraction - 1e-9], dtype=torch.float64)))
+    return float(distance[order][min(index, len(order) - 1)])
+
+
+def centroid(mass: torch.Tensor) -> tuple[float, float]:
+    height, width = mass.shape[-2:]
+    weights = mass.double() / mass.double().sum().clamp_min(1e-300)
+    rows = torch.arange(height, dtype=torch.float64) + 0.5
+    cols = torch.arange(width, dtype=torch.float64) + 0.5
+    return float((weights.sum(1) * rows).sum()), float((weights.sum(0) * cols).sum())
+
+
+# --- the effective receptive field ------------------------------------------------------------
+
+def effective_receptive_fields(features: FeatureFn, inputs: torch.Tensor,
+                               batch_size: int) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """(L, H, W) ERF maps, each summing to 1 (zeros where the gradient vanished), and the
+    centre in pixels of the feature location each layer was read at."""
+    height, width = inputs.shape[-2:]
+    totals: torch.Tensor | None = None
+    centres: list[tuple[float, float]] = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            maps = features(batch)
+            if totals is None:
+                totals = torch.zeros(len(maps), height, width, dtype=torch.float64)
+                centres = []
+            for index, feature_map in enumerate(maps):
+                if feature_map.ndim != 4:
+                    raise ValueError(f"layer {index} gave a {feature_map.ndim}-D output; NCHW maps are needed")
+                row, col, centre = centre_location(height, width, feature_map.shape[-2], feature_map.shape[-1])
+                if start == 0:
+                    centres.append(centre)
+                # The batch sum: each image's gradient lands in its own slice of batch.grad.
+                selected = feature_map[:, :, row, col].sum()
+                (gradient,) = torch.autograd.grad(selected, batch, retain_graph=index < len(maps) - 1)
+                totals[index] += gradient.abs().sum(1).sum(0).double().cpu()
+    assert totals is not None
+    sums = totals.sum(dim=(1, 2), keepdim=True)
+    return torch.where(sums > 0, totals / sums.clamp_min(1e-300), torch.zeros_like(totals)), centres
+
+
+def attribution_maps(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, method: str, batch_size: int,
+                     ig_steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
+    """(N, H, W) |attribution| summed over channels, for each image's true class (captum)."""
+    from captum.attr import IntegratedGradients, Saliency
+
+    pieces = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size].detach().clone().requires_grad_(True)
+        target = labels[start:start + batch_size].to(inputs.device)
+        with torch.enable_grad():
+            if method == "saliency":
+                attribution = Saliency(model).attribute(batch, target=target, abs=True)
+            elif method == "integrated-gradients":
+                # internal_batch_size: at most one batch of interpolated images in memory at a time.
+                attribution = IntegratedGradients(model).attribute(
+                    batch, baselines=torch.zeros_like(batch), target=target, n_steps=ig_steps,
+                    internal_batch_size=batch_size)
+            else:
+                raise ValueError(f"unknown attribution method {method!r}")
+        pieces.append(attribution.detach().abs().sum(1).double().cpu())
+    return torch.cat(pieces)
+
+
+# --- the probe --------------------------------------------------------------------------------
+
+@register_probe
+class ReceptiveFieldProbe(Probe):
+    name = "receptive-field"
+    summary = ("Effective receptive field per block/stage (gradient of the centre feature w.r.t. input pixels): "
+               "r50/r90 radii vs a uniform map; captum attribution radii")
+    applies_to = "every model with per-layer feature maps (timm forward_intermediates)"
+    option_names = ("ig_steps",)
+
+    def __init__(self) -> None:
+        # measure() and artifacts() see the same context; the maps are kept between the two
+        # so the heat maps do not cost a second round of gradients.
+        self._cached: tuple[weakref.ref, weakref.ref, torch.Tensor, list] | None = None
+
+    def not_applicable(self, target: ProbeTarget) -> str | None:
+        if isinstance(target.model, nn.Sequential) or hasattr(target.model, "forward_intermediates"):
+            return None
+        return f"{type(target.model).__name__} has no forward_intermediates: no per-layer feature maps"
+
+    def erf(self, target: ProbeTarget, context: ProbeContext) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+        if self._cached is not None:
+            context_ref, model_ref, maps, centres = self._cached
+            if context_ref() is context and model_ref() is target.model:
+                return maps, centres
+        inputs = target.prepare(context.images)
+        maps, centres = effective_receptive_fields(layer_feature_maps(target.model), inputs, context.batch_size)
+        self._cached = (weakref.ref(context), weakref.ref(target.model), maps, centres)
+        return maps, centres
+
+    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+        ig_steps = context.option("ig_steps", DEFAULT_IG_STEPS)
+        if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1:
+            raise UserError(f"--opt ig_steps must be a whole number >= 1, got {ig_steps!r}")
+        maps, centres = self.erf(target, context)
+        height, width = maps.shape[-2:]
+        side = max(height, width)
+        note = "on the model's permuted input grid" if target.data.permutation is not None else ""
+        uniform = torch.ones(height, width)
+        rows: list[Row] = []
+        for layer, (erf, centre) in enumerate(zip(maps, centres)):
+            layer_note = note if erf.sum() > 0 else "the gradient vanished at this layer"
+            for percent in (50, 90):
+                radius = mass_radius(erf, centre, percent / 100)
+                reference = mass_radius(uniform, centre, percent / 100)
+                rows += [
+                    Row(f"erf_r{percent}_px", radius, layer=layer, note=layer_note),
+                    Row(f"erf_r{percent}_frac", radius / side, layer=layer, note=layer_note),
+                    Row(f"uniform_r{percent}_px", reference, layer=layer),
+                    Row(f"uniform_r{percent}_frac", reference / side, layer=layer),
+                ]
+        inputs = target.prepare(context.images)
+        for method in ("saliency", "integrated-gradients"):
+            attributions = attribution_maps(target.model, inputs, context.labels, method, context.batch_size,
+                                            ig_steps)
+            radii = [mass_radius(m, centroid(m), 0.5) for m in attributions if m.sum() > 0]
+            value = sum(radii) / len(radii) if radii else None
+            method_note = f"around each map's centroid, for the true class; {note}".rstrip("; ")
+            if method == "integrated-gradients":
+                method_note += f"; {ig_steps} steps, zero (mean-image) baseline"
+            rows += [Row("attribution_r50_px", value, setting=method, note=method_note, n_images=len(radii)),
+                     Row("attribution_r50_frac", None if value is None else value / side, setting=method,
+                         note=method_note, n_images=len(radii))]
+        image_centre = (height / 2, width / 2)
+        rows.append(Row("uniform_r50_px", mass_radius(uniform, image_centre, 0.5), setting="attribution",
+                        note="uniform map around the image centre"))
+        return rows
+
+    def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
+        frame = overlay_tables(tables)
+        if frame.empty or not frame["metric"].eq("erf_r50_px").any():
+            return []
+        return [plot_radius_by_depth(frame, Path(out_dir) / "receptive-field.png")]
+
+    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
+        maps, centres = self.erf(target, context)
+        self._cached = None  # the run is over for this model: free the maps
+        return [plot_erf_maps(maps, centres, target.display_name, Path(out_dir) / "receptive-field-maps.png")]
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def plot_radius_by_depth(frame: pd.DataFrame, path: Path) -> Path:
+    """ERF r50 and r90 against depth, models overlaid; dashed: a uniform map's radius."""
+    import matplotlib.pyplot as plt
+
+    from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+
+    apply_style()
+    frame = frame[frame["value"].notna() & frame["layer"].notna()]
+    models = sorted(frame["model"].unique())
+    colours, markers = model_colours(models), model_markers(models)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, percent in zip(axes, (50, 90)):
+        for model in models:
+            rows = frame[frame["model"] == model]
+            erf = rows[rows["metric"] == f"erf_r{percent}_px"].sort_values("layer")
+            uniform = rows[rows["metric"] == f"uniform_r{percent}_px"].sort_values("layer")
+            ax.plot(erf["layer"].astype(int), erf["value"], marker=markers[model], color=colours[model], label=model)
+            ax.plot(uniform["layer"].astype(int), uniform["value"], "--", color=colours[model], alpha=0.5,
+                    linewidth=1)
+        ax.set(xlabel="layer (block / stage)", title=f"ERF radius holding {percent}% of the mass")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("radius (px); dashed: uniform map")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_erf_maps(maps: torch.Tensor, centres: list[tuple[float, float]], model_name: str, path: Path) -> Path:
+    """One heat map per layer, with the r50 (solid) and r90 (dashed) discs."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Circle
+
+    from localitylab.plotting import apply_style, save_figure
+
+    apply_style()
+    count = len(maps)
+    columns = min(count, 6)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows + 0.4), squeeze=False)
+    height, width = maps.shape[-2:]
+    cmap = plt.get_cmap("magma").with_extremes(bad="black")
+    for index, ax in enumerate(axes.flat):
+        if index >= count:
+            ax.axis("off")
+            continue
+        erf, centre = maps[index], centres[index]
+        peak = float(erf.max())
+        # Log scale: the centre pixel's own path (the residual stream) would hide the rest;
+        # exact zeros (outside a ConvNet's window) stay black.
+        norm = LogNorm(vmin=peak * 1e-3, vmax=peak) if peak > 0 else None
+        ax.imshow(np.ma.masked_less_equal(erf.numpy(), 0), cmap=cmap, norm=norm, extent=(0, width, height, 0),
+                  interpolation="nearest")
+        for fraction, style in ((0.5, "-"), (0.9, "--")):
+            radius = mass_radius(erf, centre, fraction)
+            if math.isfinite(radius):
+                ax.add_patch(Circle((centre[1], centre[0]), radius, fill=False, color="cyan", linestyle=style))
+        ax.plot(centre[1], centre[0], "+", color="cyan")
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_title(f"layer {index}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    fig.suptitle(f"{model_name}: effective receptive field, log scale (circles: r50, r90 dashed)")
+    fig.tight_layout()
+    return save_figure(fig, path)
