@@ -43,4 +43,6 @@ def _ensure_loaded() -> None:
 
 
 # One line per probe file.
-PROBE_MODULES: list[str] = []
+# The order is the order of `probe all` and of report sections: attention first, then the
+# position embedding, then the probes that put ConvNets on the same scale.
+PROBE_MODULES: list[str] = ["attention_distance", "attention_maps", "pe_similarity", "receptive_field", "permutation"]

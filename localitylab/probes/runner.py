@@ -8,9 +8,7 @@ checkpoint, or `--out DIR`.
 
 from __future__ import annotations
 
-import functools
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ import torch
 
 from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
-from localitylab.io import atomic_path, write_json
+from localitylab.io import atomic_path, code_version, write_json
 from localitylab.probes.base import ProbeContext
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.target import ProbeTarget, load_target, select_images
@@ -78,11 +76,11 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
         table = probe.table(target, context)
         csv_path = write_table(table, out_dir / f"{probe.name}.csv")
         figures = probe.plot([table], out_dir)
-        if probe.not_applicable(target) is None:
-            figures += probe.artifacts(target, context, out_dir)
+        artifacts = probe.artifacts(target, context, out_dir) if probe.not_applicable(target) is None else []
         seconds = time.perf_counter() - started
-        record_meta(out_dir, probe.name, target, dataset.name, request, len(images), seconds)
-        outputs.append(ProbeOutput(probe.name, table, csv_path, figures, seconds))
+        record_meta(out_dir, probe.name, target, dataset.name, request, len(images), seconds,
+                    [p.name for p in artifacts])
+        outputs.append(ProbeOutput(probe.name, table, csv_path, figures + artifacts, seconds))
     return outputs
 
 
@@ -127,22 +125,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return table
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict[str, Any]:
-    """The git commit of the localitylab code that ran (None outside a git checkout)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "localitylab"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
-
-
 def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,
-                n_images: int, seconds: float) -> Path:
+                n_images: int, seconds: float, artifacts: list[str] | None = None) -> Path:
     from localitylab.train.checkpoint import versions
 
     path = out_dir / "meta.json"
@@ -162,12 +146,14 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
     })
     probes = meta.setdefault("probes", {})
     probes[probe] = {
-        "data": data_name, "split": "test", "n_images": n_images, "seed": request.seed,
+        "data": data_name, "split": "test", "n_images": n_images, "images_requested": request.n_images,
+        "seed": request.seed,
         "batch_size": request.batch_size, "options": request.options, "device": str(target.device),
         "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
         "versions": versions(), **code_version(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "permute_seed": target.data.permute_seed, "torch_threads": torch.get_num_threads(),
+        "artifacts": artifacts or [],  # per-model figures (they need the model, so reports cannot redraw them)
     }
     return write_json(path, meta)
 
