@@ -1,0 +1,189 @@
+"""Render a report: one self-contained HTML file and a PDF from the same template.
+
+Figures are drawn from the tables on disk (each probe's own `plot`, models overlaid, one
+colour per model throughout) and inlined as base64 PNGs, so the HTML makes no request at
+view time. The PDF is WeasyPrint over the same HTML with print CSS.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from localitylab.errors import UserError
+from localitylab.io import atomic_path, write_text
+from localitylab.report.collect import RunRecord, collect_runs
+from localitylab.report.summary import COLUMNS, reading, summary_row
+
+FORMATS = ("html", "pdf")
+
+
+@dataclass
+class Figure:
+    title: str
+    data_uri: str
+    caption: str = ""
+
+
+@dataclass
+class ProbeSection:
+    name: str
+    summary: str
+    figures: list[Figure] = field(default_factory=list)
+    model_figures: list[tuple[str, Figure]] = field(default_factory=list)
+    tables: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (model, rows)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (model, command)
+
+
+def fmt(value: Any, kind: str = "float") -> str:
+    """How a number is shown; the exact value travels in the cell's data-value attribute."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "flops":
+        return f"{value:.3g}"
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def image_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def probe_command(probe: str, record: RunRecord) -> str:
+    source = record.path / "ckpt.pt" if record.trained else record.path
+    return f"localitylab probe {probe} {source}"
+
+
+def _table_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    rows = []
+    for record in table.to_dict("records"):
+        rows.append({k: (None if (v is pd.NA or (isinstance(v, float) and math.isnan(v))) else v) for k, v in record.items()})
+    return rows
+
+
+def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSection]:
+    from localitylab.plotting import apply_style
+    from localitylab.probes.registry import get_probe, probe_names
+
+    apply_style()
+    names = probe_names() + sorted({p for r in records for p in r.tables if p not in probe_names()})
+    sections = []
+    for name in names:
+        try:
+            probe = get_probe(name)
+            summary = probe.summary
+        except UserError:
+            probe, summary = None, "(a probe this version of localitylab does not know)"
+        section = ProbeSection(name, summary)
+        tables = [r.tables[name] for r in records if name in r.tables]
+        if probe is not None and tables:
+            out = figure_dir / name
+            out.mkdir(parents=True, exist_ok=True)
+            for path in probe.plot(tables, out):
+                section.figures.append(Figure(path.stem.replace("-", " "), image_uri(path)))
+        for record in records:
+            if name in record.tables:
+                section.tables.append((record.name, _table_rows(record.tables[name])))
+                for path in record.artifacts.get(name, []):
+                    if path.suffix == ".png":
+                        section.model_figures.append((record.name, Figure(path.stem.replace("-", " "), image_uri(path))))
+            else:
+                section.missing.append((record.name, probe_command(name, record)))
+        sections.append(section)
+    return sections
+
+
+def _training_figure(records: list[RunRecord], figure_dir: Path) -> Figure | None:
+    from localitylab.plotting import apply_style, model_colours, save_figure
+
+    histories = [(r.name, r.history) for r in records if r.history is not None and not r.history.empty]
+    if not histories:
+        return None
+    import matplotlib.pyplot as plt
+
+    apply_style()
+    colours = model_colours([r.name for r in records])
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, history in histories:
+        loss_ax.plot(history["epoch"], history["train_loss"], color=colours[name], label=name)
+        acc_ax.plot(history["epoch"], history["test_acc"], color=colours[name], label=name)
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    acc_ax.legend(fontsize=8, loc="lower right")
+    path = save_figure(fig, figure_dir / "training-curves.png")
+    return Figure("training curves", image_uri(path), "From each run's metrics.csv.")
+
+
+def build_context(records: list[RunRecord], title: str, figure_dir: Path,
+                  expectations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    from localitylab import __version__
+
+    rows = {r.name: summary_row(r, records) for r in records}
+    summary = []
+    for record in records:
+        cells = []
+        for column in COLUMNS:
+            value = rows[record.name][column.key]
+            missing_cmd = None
+            if value is None and column.probe is not None and column.probe not in record.tables:
+                missing_cmd = probe_command(column.probe, record)
+            cells.append({"key": column.key, "text": fmt(value, column.kind), "value": value, "missing": missing_cmd})
+        summary.append({"model": record.name, "cells": cells})
+    sections = _probe_sections(records, figure_dir)
+    missing = [(s.name, model, cmd) for s in sections for model, cmd in s.missing]
+    return {
+        "title": title,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "columns": COLUMNS,
+        "summary": summary,
+        "reading": reading(rows),
+        "sections": sections,
+        "records": records,
+        "training_figure": _training_figure(records, figure_dir),
+        "missing": missing,
+        "expectations": expectations or [],
+        "fmt": fmt,
+    }
+
+
+def render_html(context: dict[str, Any]) -> str:
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("localitylab.report", "templates"),
+                      autoescape=select_autoescape(["html", "j2"], default=True), trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2").render(**context)
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "How much locality did each model learn?",
+                 formats: tuple[str, ...] = FORMATS, expectations: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Write report.html and/or report.pdf into `out`; returns the paths written."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown report format {unknown[0] if unknown else ''!r}; valid: html, pdf")
+    records = collect_runs(list(run_dirs))
+    out = Path(out)
+    written: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        html = render_html(build_context(records, title, Path(tmp), expectations))
+    if "html" in formats:
+        written["html"] = write_text(out / "report.html", html)
+    if "pdf" in formats:
+        from weasyprint import HTML
+
+        with atomic_path(out / "report.pdf") as tmp_pdf:
+            HTML(string=html, base_url=str(out)).write_pdf(tmp_pdf)
+        written["pdf"] = out / "report.pdf"
+    return written

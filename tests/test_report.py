@@ -1,0 +1,208 @@
+"""Reports: every section and model, numbers equal to the tables, self-contained HTML,
+escaped names, a PDF with numbered pages, and missing probes shown as missing."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from localitylab.probes import ProbeRequest, probe_names, read_table, run_probes
+from localitylab.report import build_report
+from localitylab.report.collect import collect_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ReportParser(HTMLParser):
+    """Collects section ids, summary cells (model, key) -> data-value, and visible text."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.cells, self.models, self.text = [], {}, [], []
+        self._model = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section" and "id" in attrs:
+            self.sections.append(attrs["id"])
+        if tag == "tr" and "data-model" in attrs:
+            self._model = attrs["data-model"]
+            self.models.append(self._model)
+        if tag == "td" and "data-key" in attrs and self._model is not None:
+            self.cells[(self._model, attrs["data-key"])] = attrs.get("data-value", "missing" if "missing" in attrs.get("class", "") else None)
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._model = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def probed_runs(trained_runs, tmp_path_factory):
+    """Copies of the three trained nano runs with every probe run on 32 test images."""
+    root = tmp_path_factory.mktemp("probed")
+    folders = []
+    for name, result in trained_runs.items():
+        folder = root / result.run_dir.name
+        shutil.copytree(result.run_dir, folder, ignore=shutil.ignore_patterns("probes"))
+        run_probes(["all"], ProbeRequest(source=str(folder / "ckpt.pt"), n_images=32, batch_size=32, device="cpu"))
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def report(probed_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    paths = build_report(probed_runs, out, title="Nano models on digits")
+    parser = ReportParser()
+    parser.feed(paths["html"].read_text())
+    return paths, parser
+
+
+def test_report_has_every_section_and_every_model(report, probed_runs):
+    paths, parser = report
+    expected_sections = {"summary", "models", "reproducibility"} | {f"probe-{p}" for p in probe_names()}
+    assert expected_sections <= set(parser.sections)
+    names = [collect_run(f).name for f in probed_runs]
+    assert parser.models == names
+    text = " ".join(parser.text)
+    for name in names:
+        assert text.count(name) >= 3  # summary, probe tables, models, reproducibility
+
+
+def _table(folder: Path, probe: str) -> pd.DataFrame:
+    return read_table(folder / "probes" / f"{probe}.csv")
+
+
+def test_summary_numbers_equal_the_tables(report, probed_runs):
+    _, parser = report
+    for folder in probed_runs:
+        name = collect_run(folder).name
+        import json
+
+        run = json.loads((folder / "run.json").read_text())
+        assert float(parser.cells[(name, "accuracy")]) == run["metrics"]["test_acc"]
+        assert int(parser.cells[(name, "params")]) == run["model_info"]["params"]
+        perm = _table(folder, "permutation")
+        drop = perm[(perm.metric == "accuracy_drop") & (perm.setting == "global")]["value"].iloc[0]
+        assert float(parser.cells[(name, "global_drop")]) == pytest.approx(drop, abs=1e-12)
+        erf = _table(folder, "receptive-field")
+        r50 = erf[erf.metric == "erf_r50_frac"]
+        assert float(parser.cells[(name, "erf_r50")]) == pytest.approx(r50[r50.layer == r50.layer.max()]["value"].iloc[0])
+        attention = _table(folder, "attention-distance")
+        ratios = attention[(attention.metric == "locality_ratio") & attention.value.notna()]
+        if ratios.empty:  # a ConvNet: the probe says it does not apply, the summary shows no number
+            assert parser.cells[(name, "ratio_first")] is None
+        else:
+            first = ratios[ratios.layer == ratios.layer.min()]["value"].mean()
+            assert float(parser.cells[(name, "ratio_first")]) == pytest.approx(first, rel=1e-12)
+        pe = _table(folder, "pe-similarity")
+        spearman = pe[(pe.metric == "pe_distance_spearman") & pe.value.notna()]
+        if not spearman.empty:
+            assert float(parser.cells[(name, "pe_spearman")]) == pytest.approx(spearman["value"].iloc[0])
+
+
+def test_pdf_has_the_same_numbers_and_numbered_pages(report, probed_runs):
+    from pypdf import PdfReader
+
+    paths, parser = report
+    reader = PdfReader(paths["pdf"])
+    pages = [page.extract_text() for page in reader.pages]
+    assert 3 <= len(pages) <= 60
+    for i, text in enumerate(pages, start=1):
+        assert f"page {i} of {len(pages)}" in text
+    text = " ".join(pages)
+    for folder in probed_runs:
+        record = collect_run(folder)
+        assert record.name in text
+        assert f"{100 * record.accuracy:.1f}%" in text
+
+
+def test_pdf_renders_to_png(report, tmp_path):
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm (Debian poppler-utils) is not installed; CI installs it")
+    paths, _ = report
+    subprocess.run(["pdftoppm", "-png", "-r", "40", "-f", "1", "-l", "2", str(paths["pdf"]), str(tmp_path / "page")],
+                   check=True, timeout=120)
+    pngs = sorted(tmp_path.glob("page*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 2000 for p in pngs)
+
+
+def test_html_is_self_contained(report):
+    paths, _ = report
+    page = paths["html"].read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page, re.I)
+    assert not re.search(r"url\(\s*['\"]?(https?:|//)", page, re.I)
+    assert "<link" not in page and "@import" not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") >= len(probe_names())
+
+
+def test_user_supplied_names_are_escaped(trained_runs, tmp_path):
+    hostile = "<img src=x onerror=alert(1)>"
+    folder = tmp_path / hostile
+    shutil.copytree(trained_runs["resnet-n"].run_dir, folder, ignore=shutil.ignore_patterns("probes"))
+    title = "<script>alert(1)</script>"
+    paths = build_report([folder], tmp_path / "out", title=title, formats=("html",))
+    page = paths["html"].read_text()
+    assert title not in page and hostile not in page
+    assert html.escape(title) in page and html.escape(hostile, quote=False) in page
+
+
+def test_a_missing_probe_is_shown_as_missing_with_its_command(probed_runs, tmp_path):
+    folder = tmp_path / "partial"
+    shutil.copytree(probed_runs[0], folder)
+    (folder / "probes" / "receptive-field.csv").unlink()
+    paths = build_report([folder], tmp_path / "out", formats=("html",))
+    parser = ReportParser()
+    parser.feed(paths["html"].read_text())
+    name = collect_run(folder).name
+    assert parser.cells[(name, "erf_r50")] == "missing"
+    assert f"localitylab probe receptive-field {folder / 'ckpt.pt'}" in html.unescape(paths["html"].read_text())
+    assert "missing" in parser.sections
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def console_messages(page: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1280,2400", "--virtual-time-budget=3000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    return [line for line in result.stderr.splitlines() if "CONSOLE" in line], shot
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'); CI installs it")
+def test_html_opens_in_chromium_without_console_errors(report, tmp_path):
+    # First prove the harness sees console errors at all, then look at the report.
+    canary = tmp_path / "canary.html"
+    canary.write_text("<html><body><script>console.error('canary-error')</script></body></html>")
+    seen, _ = console_messages(canary, tmp_path / "a")
+    assert any("canary-error" in line for line in seen), "the harness cannot see console messages"
+    paths, _ = report
+    messages, shot = console_messages(paths["html"], tmp_path / "b")
+    assert messages == []
+    assert shot.stat().st_size > 10000
+
+
+def test_report_cli_bad_input_is_one_line(tmp_path):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "cli.main", "report", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
