@@ -239,20 +239,73 @@ def plot(
 
 
 @app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="Run folders (with run.json) or probe folders (with meta.json)."),
+    out: Path = typer.Option(Path("reports/report"), help="Folder for report.html and report.pdf."),
+    title: str = typer.Option("How much locality did each model learn?", help="The report's title."),
+    format: List[str] = typer.Option(["html", "pdf"], "--format", help="html and/or pdf (repeatable)."),
+) -> None:
+    """Write one HTML page and one PDF comparing the runs; reads tables only, runs no model.
+
+    Example: localitylab report runs/pit-digits runs/vit-digits runs/resnet-digits --out reports/digits
+    """
+    from localitylab.report import build_report
+
+    for kind, path in build_report(runs, out, title=title, formats=tuple(format)).items():
+        print(f"{kind}: {path}")
+
+
+study_app = typer.Typer(help="Run and inspect studies: experiment files that train, probe and report.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("run")
+def study_run(
+    file: Path = typer.Argument(..., help="A study file (TOML), e.g. studies/demo.toml."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/<study name>[-<scale>])."),
+    scale: Optional[str] = typer.Option(None, help="Run the study's smaller variant [scale.NAME]."),
+    jobs: int = typer.Option(1, help="Pieces to run at once (processes; CPU threads are divided)."),
+    resume: bool = typer.Option(False, help="Continue a study in an existing --out, skipping what is done."),
+    report_dir: Optional[Path] = typer.Option(None, help="Where the report goes (default <out>/report)."),
+) -> None:
+    """Train, probe and report everything a study file asks for; re-runs skip finished pieces.
+
+    Example: localitylab study run studies/patch_size_scaling.toml --scale laptop --out runs/patch-scaling
+    """
+    from localitylab.studies.cli_support import run_study_command
+
+    raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir))
+
+
+@study_app.command("show")
+def study_show(
+    file: Path = typer.Argument(..., help="A study file (TOML)."),
+    scale: Optional[str] = typer.Option(None, help="Show the study's smaller variant [scale.NAME]."),
+) -> None:
+    """What a study would run, with FLOPs per run and an estimate of the time on this device.
+
+    Example: localitylab study show studies/pit_vs_vit_cifar100.toml
+    """
+    from localitylab.studies.cli_support import show_study
+
+    show_study(file, scale)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    quiet: bool = typer.Option(False, help="No progress bar; one line per epoch."),
+    report_dir: Path = typer.Option(Path("reports/demo"), help="Where the demo's report goes."),
+    jobs: int = typer.Option(2, help="Pieces to run at once."),
 ) -> None:
-    """Train pit-n on digits and evaluate it; re-running resumes or skips what is done.
+    """The demo study: pit-n, vit-n/2 and resnet-n on digits, clean and pixel-permuted,
+    every probe, one report. Re-running skips what is done.
 
-    Example: localitylab demo --out runs/demo
+    Example: localitylab demo --out runs/demo --report-dir reports/demo
     """
-    from localitylab.demo import run_demo
+    from localitylab.studies.cli_support import bundled_study, run_study_command
 
-    result = run_demo(out, device=device, reporter=_reporter(quiet))
-    print(f"{result['model']}: test accuracy {result['accuracy']:.4f} on {result['n_images']} digits "
-          f"({result['checkpoint']})")
+    raise typer.Exit(run_study_command(bundled_study("demo"), out, None, jobs, True, report_dir))
 
 
 def _reporter(quiet: bool):

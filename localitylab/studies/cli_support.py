@@ -1,0 +1,67 @@
+"""What the `study` and `demo` commands print; the CLI stays a thin shell."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from localitylab.errors import UserError
+from localitylab.studies.runner import describe_plan, run_study
+from localitylab.studies.spec import load_study
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+
+
+def bundled_study(name: str) -> Path:
+    """A study file shipped with localitylab: ./studies/NAME.toml if present, else the package's copy."""
+    local = Path("studies") / f"{name}.toml"
+    return local if local.is_file() else BUNDLED / f"{name}.toml"
+
+
+def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int, resume: bool,
+                      report_dir: Path | None) -> int:
+    study = load_study(file, scale)
+    out = Path(out) if out is not None else Path("runs") / (study.name + (f"-{scale}" if scale else ""))
+    if (out / "study.json").is_file() and not resume:
+        raise UserError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_study(study, out, jobs=jobs, log=log, report_dir=report_dir)
+    for kind, path in result.report.items():
+        print(f"{kind}: {path}")
+    if result.failed:
+        print(f"{len(result.failed)} piece(s) failed: {', '.join(result.failed)}; re-run with --resume to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def show_study(file: Path, scale: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    study = load_study(file, scale)
+    plan = describe_plan(study)
+    console = Console()
+    console.print(f"[bold]{plan['title']}[/bold]  ({study.path}, data set {plan['dataset']}"
+                  + (f", scale {plan['scale']}" if plan["scale"] else "") + ")")
+    if study.description:
+        console.print(study.description)
+    table = Table()
+    for column in ("run", "model", "seed", "permuted", "epochs", "GFLOPs/image", "train PFLOPs", "done"):
+        table.add_column(column)
+    for row in plan["runs"]:
+        table.add_row(row["run"], row["model"], str(row["seed"]), "-" if row["permute_pixels"] is None else str(row["permute_pixels"]),
+                      str(row["epochs"]), f"{row['gflops_per_image']:.3g}", f"{row['train_pflops']:.3g}", "yes" if row["done"] else "")
+    console.print(table)
+    probes = ", ".join(plan["probes"])
+    console.print(f"probes: {probes} on {plan['probe_images']} test images per run; then one report")
+    hours = plan["estimated_hours"]
+    console.print(f"training: {plan['total_train_pflops']:.3g} PFLOPs; about {hours:.3g} h on this {plan['device']} "
+                  f"(measured matmul {plan['device_matmul_gflops']:.0f} GFLOP/s, assuming 30% of it is reached)")
+    if plan["gpu_hours"]:
+        console.print(f"documented full-scale cost: about {plan['gpu_hours']} GPU-hours")
+    if plan["scales"]:
+        console.print(f"smaller variants: {', '.join('--scale ' + s for s in plan['scales'])}")

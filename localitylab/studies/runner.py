@@ -1,0 +1,346 @@
+"""Run a study: train every model (and seed, and permuted variant), probe every run, report.
+
+Each piece runs once. A finished piece is skipped on a re-run; an interrupted training
+resumes from its last checkpoint (bit-identical on CPU), an interrupted probe is run again.
+Pieces run one after another, or several at once with `jobs` > 1 (separate processes, the
+CPU threads divided between them). A piece that fails is reported, the others go on, and a
+re-run does only what is not done.
+
+Layout of the output folder:
+    <out>/runs/<label>[-s<seed>][-perm<seed>]/   ckpt.pt, metrics.csv, run.json, probes/
+    <out>/report/report.html, report.pdf
+    <out>/study.json                            the plan and the state of each piece
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from localitylab.errors import UserError
+from localitylab.io import write_json
+from localitylab.studies.spec import ModelEntry, Study
+
+
+@dataclass
+class TrainPiece:
+    entry: ModelEntry
+    seed: int
+    permute: int | None
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"train {self.run_dir.name}"
+
+
+@dataclass
+class ProbePiece:
+    run_dir: Path
+    probes: list[str]
+    images: int
+    batch_size: int
+    seed: int
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"probe {self.run_dir.name}"
+
+
+@dataclass
+class Plan:
+    study: Study
+    out: Path
+    train: list[TrainPiece]
+    probe: list[ProbePiece]
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out / "report"
+
+
+@dataclass
+class StudyResult:
+    plan: Plan
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def make_plan(study: Study, out: str | Path) -> Plan:
+    out = Path(out)
+    many_seeds = len(study.seeds) > 1
+    train, probe = [], []
+    variants = [None] + ([study.permute_pixels] if study.permute_pixels is not None else [])
+    for entry in study.models:
+        for seed in study.seeds:
+            for permute in variants:
+                folder = entry.label + (f"-s{seed}" if many_seeds else "") + (f"-perm{permute}" if permute is not None else "")
+                piece = TrainPiece(entry, seed, permute, out / "runs" / folder)
+                train.append(piece)
+                probe.append(ProbePiece(piece.run_dir, study.probes, study.probe_images, study.probe_batch_size,
+                                        0, study.probe_options))
+    return Plan(study, out, train, probe)
+
+
+# --- is a piece done? ----------------------------------------------------------------------
+def train_done(piece: TrainPiece, study: Study) -> bool:
+    import json
+
+    run_json = piece.run_dir / "run.json"
+    if not run_json.is_file() or not (piece.run_dir / "ckpt.pt").is_file():
+        return False
+    try:
+        run = json.loads(run_json.read_text())
+    except json.JSONDecodeError:
+        return False
+    wanted = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
+    return run.get("epochs_done") == wanted.epochs and run.get("config", {}).get("epochs") == wanted.epochs
+
+
+def probe_done(piece: ProbePiece) -> bool:
+    import json
+
+    from localitylab.probes.registry import probe_names
+
+    meta_path = piece.run_dir / "probes" / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text()).get("probes", {})
+    except json.JSONDecodeError:
+        return False
+    names = probe_names() if piece.probes == ["all"] else piece.probes
+    for name in names:
+        entry = meta.get(name)
+        if entry is None or not (piece.run_dir / "probes" / f"{name}.csv").is_file():
+            return False
+        same = (entry.get("images_requested"), entry.get("seed"), entry.get("options"))
+        if same != (piece.images, piece.seed, piece.options):
+            return False
+    return True
+
+
+# --- running a piece (in this process or a worker) ---------------------------------------
+def _run_train(study: Study, piece: TrainPiece, threads: int | None) -> str:
+    import torch
+
+    from localitylab.train.loop import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
+    result = train(config)
+    return f"{piece.run_dir.name}: test accuracy {result.final.get('test_acc', float('nan')):.4f}"
+
+
+def _run_probe(piece: ProbePiece, threads: int | None) -> str:
+    import torch
+
+    from localitylab.probes.runner import ProbeRequest, run_probes
+
+    if threads:
+        torch.set_num_threads(threads)
+    request = ProbeRequest(source=str(piece.run_dir / "ckpt.pt"), n_images=piece.images, batch_size=piece.batch_size,
+                           seed=piece.seed, device="auto", options=dict(piece.options))
+    outputs = run_probes(list(piece.probes), request)
+    return f"{piece.run_dir.name}: {', '.join(o.probe for o in outputs)}"
+
+
+def _call(function: Callable[..., str], *args: Any) -> tuple[bool, str]:
+    """Run a piece; never let its failure escape (the study goes on)."""
+    try:
+        return True, function(*args)
+    except UserError as err:
+        return False, str(err)
+    except Exception as err:  # a dead piece is reported, not fatal to the study
+        return False, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}"
+
+
+def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str], None] = print,
+              formats: tuple[str, ...] = ("html", "pdf"), report_dir: str | Path | None = None) -> StudyResult:
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    plan = make_plan(study, out)
+    result = StudyResult(plan)
+    started = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def stage(pieces, is_done, function, make_args):
+        todo = []
+        for piece in pieces:
+            if is_done(piece):
+                result.skipped.append(piece.name)
+                log(f"skip   {piece.name} (done)")
+            else:
+                todo.append(piece)
+        if jobs == 1 or len(todo) <= 1:
+            for piece in todo:
+                log(f"start  {piece.name}")
+                ok, message = _call(function, *make_args(piece))
+                _record(piece, ok, message)
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {}
+                for piece in todo:
+                    log(f"start  {piece.name}")
+                    futures[pool.submit(_call, function, *make_args(piece))] = piece
+                for future in as_completed(futures):
+                    ok, message = future.result()
+                    _record(futures[future], ok, message)
+
+    def _record(piece, ok: bool, message: str) -> None:
+        if ok:
+            result.done.append(piece.name)
+            log(f"done   {piece.name}: {message}")
+        else:
+            result.failed[piece.name] = message
+            log(f"FAILED {piece.name}: {message.splitlines()[0]}")
+        _write_state(plan, result)
+
+    _write_state(plan, result)
+    stage(plan.train, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads))
+    trained = [p for p in plan.probe if (p.run_dir / "ckpt.pt").is_file() and f"train {p.run_dir.name}" not in result.failed]
+    stage(trained, probe_done, _run_probe, lambda p: (p, threads))
+
+    from localitylab.report.render import build_report
+
+    runs = [p.run_dir for p in plan.train if (p.run_dir / "run.json").is_file()]
+    if runs:
+        result.report = build_report(runs, Path(report_dir) if report_dir else plan.report_dir, title=study.title, formats=formats,
+                                     expectations=expectations(study, plan))
+        log(f"report {', '.join(str(p) for p in result.report.values())}")
+    _write_state(plan, result)
+    log(f"study {study.name}: {len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed "
+        f"in {time.perf_counter() - started:.0f} s")
+    return result
+
+
+def _write_state(plan: Plan, result: StudyResult) -> None:
+    write_json(plan.out / "study.json", {
+        "study": str(plan.study.path), "name": plan.study.name, "scale": plan.study.scale,
+        "pieces": [p.name for p in plan.train + plan.probe],
+        "done": result.done, "skipped": result.skipped, "failed": result.failed,
+    })
+
+
+def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
+    """The study's published numbers beside ours (mean over seeds of the clean runs)."""
+    import json
+
+    rows = []
+    for expected in study.expect:
+        wanted = expected["model"]
+        accuracies = []
+        for piece in plan.train:
+            if piece.permute is not None:
+                continue
+            if wanted not in (piece.entry.label, piece.entry.model) and not _maps_to(study, wanted, piece.entry):
+                continue
+            run_json = piece.run_dir / "run.json"
+            if run_json.is_file():
+                accuracies.append(json.loads(run_json.read_text())["metrics"]["test_acc"])
+        ours = statistics.mean(accuracies) if accuracies else None
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else None
+        rows.append({
+            "setting": expected.get("setting", "") + (f" (ours at scale '{study.scale}': {study.dataset})" if study.scale else ""),
+            "model": wanted, "metric": expected.get("metric", "accuracy"),
+            "published": expected["published"], "ours": ours, "spread": spread, "n_seeds": len(accuracies),
+            "source": expected.get("source", "published"),
+        })
+    return rows
+
+
+def _maps_to(study: Study, wanted: str, entry: ModelEntry) -> bool:
+    # Under a scale, 'pit-t' in [[expect]] refers to the model that replaced it (e.g. pit-n).
+    import tomllib
+
+    if study.scale is None:
+        return False
+    data = tomllib.loads(study.path.read_text())
+    mapping = data.get("scale", {}).get(study.scale, {}).get("models", {})
+    return mapping.get(wanted) == entry.model
+
+
+# --- study show ------------------------------------------------------------------------------
+def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any]:
+    """The plan with FLOPs per run and an estimate of the time on this device."""
+    import torch
+
+    from localitylab.models.describe import count_flops
+    from localitylab.models.registry import build_model
+    from localitylab.train.loop import model_spec_for
+    from localitylab.data.registry import DataInfo
+
+    plan = make_plan(study, out)
+    throughput = measured_matmul_flops()
+    rows, total = [], 0.0
+    for piece in plan.train:
+        config = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
+        shapes = dataset_shapes(config.dataset)
+        info = DataInfo(config.dataset, shapes["img_size"], shapes["in_chans"], ["c"] * shapes["num_classes"], [0.0], [1.0])
+        spec = model_spec_for(config, info)
+        with torch.device("meta"):
+            model = build_model(spec)
+            flops = count_flops(model, spec.in_chans, spec.img_size)
+        # Training costs about 3x the forward pass (forward + backward for inputs and weights).
+        train_flops = 3 * flops * shapes["train_images"] * config.epochs
+        total += train_flops
+        rows.append({"run": piece.run_dir.name, "model": piece.entry.model, "dataset": config.dataset, "seed": piece.seed,
+                     "permute_pixels": piece.permute, "epochs": config.epochs, "gflops_per_image": flops / 1e9,
+                     "train_pflops": train_flops / 1e15, "done": train_done(piece, study)})
+    return {"study": study.name, "title": study.title, "dataset": study.dataset, "scale": study.scale,
+            "scales": study.scales, "gpu_hours": study.gpu_hours, "runs": rows, "probes": study.probes,
+            "probe_images": study.probe_images, "total_train_pflops": total / 1e15,
+            "device_matmul_gflops": throughput["gflops"], "device": throughput["device"],
+            "estimated_hours": total / (throughput["gflops"] * 1e9 * ASSUMED_UTILISATION) / 3600}
+
+
+# Training reaches a fraction of the device's measured matmul throughput; 0.3 is what
+# pit-n reached on this 2-core CPU (about 90 GFLOP/s of training work against a
+# single-matmul peak near 300), and a reasonable planning figure for a tuned GPU loop.
+ASSUMED_UTILISATION = 0.3
+
+
+def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return {"device": device, "gflops": 2 * size**3 / best / 1e9}
+
+
+def dataset_shapes(name: str) -> dict[str, int]:
+    """Shapes and sizes of a data set without loading it where they are known."""
+    known = {"cifar10": (32, 3, 10, 50000), "cifar100": (32, 3, 100, 50000)}
+    if name in known:
+        img, chans, classes, n = known[name]
+        return {"img_size": img, "in_chans": chans, "num_classes": classes, "train_images": n}
+    from localitylab.data.registry import load_dataset
+
+    data = load_dataset(name)
+    return {"img_size": data.info.img_size, "in_chans": data.info.in_chans, "num_classes": data.info.num_classes,
+            "train_images": len(data.train_images)}

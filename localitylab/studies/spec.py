@@ -1,0 +1,244 @@
+"""Study files: one TOML file that says what to train, probe and report, and what the
+published numbers are. Validated on load; a mistake names the key and its line.
+
+    [study]    name, title, description, dataset, seeds, permute_pixels, gpu_hours, notes
+    [recipe]   any `localitylab train` setting (epochs, batch_size, lr, ...)
+    [[models]] model (registry name), label, and per-model recipe overrides
+    [probes]   run (probe names or ["all"]), images, batch_size, options = {...}
+    [report]   title
+    [[expect]] model, metric, published, setting, source: shown as "published" beside "ours"
+    [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}: a smaller
+               variant (e.g. CIFAR -> digits) selected with --scale NAME
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localitylab.errors import UserError
+from localitylab.train.config import TrainConfig, safe_name
+
+STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
+PROBE_KEYS = {"run", "images", "batch_size", "options"}
+EXPECT_KEYS = {"model", "metric", "published", "setting", "source"}
+SCALE_KEYS = {"dataset", "models", "recipe", "probes", "description"}
+# Settings of `localitylab train` that a study may set; run placement and devices are the runner's.
+RECIPE_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "dataset", "out", "resume", "device"}
+MODEL_KEYS = {"model", "label", "dataset"} | RECIPE_KEYS
+
+
+@dataclass
+class ModelEntry:
+    model: str
+    label: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None  # overrides the study's (e.g. a fixed-sequence-length variant)
+
+
+@dataclass
+class Study:
+    path: Path
+    name: str
+    title: str
+    description: str
+    dataset: str
+    seeds: list[int]
+    permute_pixels: int | None
+    recipe: dict[str, Any]
+    models: list[ModelEntry]
+    probes: list[str]
+    probe_images: int
+    probe_batch_size: int
+    probe_options: dict[str, Any]
+    expect: list[dict[str, Any]]
+    gpu_hours: float | None = None
+    notes: str = ""
+    scale: str | None = None
+    scales: list[str] = field(default_factory=list)
+    scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
+
+    def train_config(self, entry: ModelEntry, seed: int, permute: int | None, out: Path) -> TrainConfig:
+        settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed, "permute_pixels": permute}
+        return TrainConfig(model=entry.model, dataset=self.dataset_of(entry), out=out, resume=True, **settings)
+
+    def dataset_of(self, entry: ModelEntry) -> str:
+        return entry.dataset or self.dataset
+
+
+class _Locator:
+    """Finds the line of a key in the TOML text, for error messages."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.lines = path, text.splitlines()
+
+    def line(self, key: str, table: str | None = None) -> int | None:
+        in_table = table is None
+        for number, line in enumerate(self.lines, start=1):
+            stripped = line.strip()
+            if stripped.startswith("["):
+                header = stripped.strip("[]").strip()
+                in_table = table is None or header == table or header.startswith(table + ".")
+                if table is not None and header == table:
+                    continue
+            if in_table and re.match(rf"^\s*(\"?){re.escape(key)}\1\s*=", line):
+                return number
+            if in_table and re.search(rf"[{{,]\s*(\"?){re.escape(key)}\1\s*=", line):
+                return number
+        return None
+
+    def error(self, message: str, key: str | None = None, table: str | None = None) -> UserError:
+        number = self.line(key, table) if key else None
+        where = f"{self.path}" + (f" line {number}" if number else "")
+        return UserError(f"{where}: {message}")
+
+
+def _check_keys(found: dict[str, Any], allowed: set[str], where: str, locator: _Locator, table: str | None) -> None:
+    for key in found:
+        if key not in allowed:
+            raise locator.error(f"unknown key {key!r} in {where}; valid: {', '.join(sorted(allowed))}", key, table)
+
+
+def load_study(path: str | Path, scale: str | None = None) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    locator = _Locator(path, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None
+
+    _check_keys(data, {"study", "recipe", "models", "probes", "report", "expect", "scale"}, "the file", locator, None)
+    study = data.get("study")
+    if not isinstance(study, dict):
+        raise locator.error("needs a [study] table with at least name and dataset")
+    _check_keys(study, STUDY_KEYS, "[study]", locator, "study")
+    for required in ("name", "dataset"):
+        if required not in study:
+            raise locator.error(f"[study] needs {required!r}")
+    recipe = dict(data.get("recipe", {}))
+    _check_keys(recipe, RECIPE_KEYS, "[recipe]", locator, "recipe")
+    models_raw = data.get("models", [])
+    if not isinstance(models_raw, list) or not models_raw:
+        raise locator.error("needs at least one [[models]] entry with a 'model' key")
+    scales = data.get("scale", {})
+    if not isinstance(scales, dict):
+        raise locator.error("'scale' must be a table of [scale.NAME] tables", "scale")
+    for scale_name, scale_table in scales.items():
+        _check_keys(scale_table, SCALE_KEYS, f"[scale.{scale_name}]", locator, f"scale.{scale_name}")
+
+    dataset = study["dataset"]
+    model_map: dict[str, str] = {}
+    scale_recipe: dict[str, Any] = {}
+    probes_raw = dict(data.get("probes", {}))
+    _check_keys(probes_raw, PROBE_KEYS, "[probes]", locator, "probes")
+    if scale is not None:
+        if scale not in scales:
+            valid = ", ".join(scales) or "none in this file"
+            raise UserError(f"{path}: unknown scale {scale!r}; valid: {valid}")
+        chosen = scales[scale]
+        dataset = chosen.get("dataset", dataset)
+        model_map = dict(chosen.get("models", {}))  # "" leaves a model out at this scale
+        scale_recipe = dict(chosen.get("recipe", {}))
+        _check_keys(chosen.get("recipe", {}), RECIPE_KEYS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
+        _check_keys(chosen.get("probes", {}), PROBE_KEYS, f"[scale.{scale}] probes", locator, f"scale.{scale}")
+        probes_raw.update(chosen.get("probes", {}))
+
+    models = []
+    labels: set[str] = set()
+    for index, raw in enumerate(models_raw):
+        if not isinstance(raw, dict) or "model" not in raw:
+            raise locator.error(f"[[models]] entry {index + 1} needs a 'model' key")
+        _check_keys(raw, MODEL_KEYS, f"[[models]] entry {index + 1}", locator, "models")
+        name = model_map.get(raw["model"], raw["model"])
+        if name == "":
+            continue
+        label = safe_name(str(raw.get("label", name)).replace("/", "-p"))
+        if scale is not None and raw.get("label") is None and name != raw["model"]:
+            label = safe_name(name.replace("/", "-p"))
+        if label in labels:
+            raise locator.error(f"two models share the label {label!r}; give each a distinct 'label'", "label", "models")
+        labels.add(label)
+        recipe_part = {k: v for k, v in raw.items() if k not in ("model", "label", "dataset")}
+        models.append(ModelEntry(name, label, recipe_part, raw.get("dataset")))
+
+    expect = data.get("expect", [])
+    for index, entry in enumerate(expect):
+        _check_keys(entry, EXPECT_KEYS, f"[[expect]] entry {index + 1}", locator, "expect")
+        for required in ("model", "published"):
+            if required not in entry:
+                raise locator.error(f"[[expect]] entry {index + 1} needs {required!r}")
+
+    seeds = study.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
+    probes = probes_raw.get("run", ["all"])
+    if isinstance(probes, str):
+        probes = [probes]
+
+    result = Study(
+        path=path, name=safe_name(str(study["name"])), title=str(data.get("report", {}).get("title", study.get("title", study["name"]))),
+        description=str(study.get("description", "")), dataset=dataset, seeds=seeds,
+        permute_pixels=study.get("permute_pixels"), recipe=recipe, models=models, probes=list(probes),
+        probe_images=int(probes_raw.get("images", 128)), probe_batch_size=int(probes_raw.get("batch_size", 64)),
+        probe_options=dict(probes_raw.get("options", {})), expect=[dict(e) for e in expect],
+        gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")), scale=scale, scales=list(scales),
+        scale_recipe=scale_recipe,
+    )
+    _validate_values(result, locator)
+    return result
+
+
+def _validate_values(study: Study, locator: _Locator) -> None:
+    """Check names and settings without loading data or building models."""
+    from localitylab.data.registry import check_dataset_name
+    from localitylab.models.registry import parse_model_name
+    from localitylab.probes.registry import probe_names
+
+    # Types first: a string where a number belongs would otherwise fail deeper down.
+    for key, value in {**study.recipe, **study.scale_recipe}.items():
+        default = getattr(TrainConfig("x", "y"), key)
+        if default is not None and value is not None and not _same_kind(default, value):
+            raise locator.error(f"{key} = {value!r} has the wrong type; expected {type(default).__name__}", key, "recipe")
+    for entry in study.models:
+        for key, value in entry.recipe.items():
+            default = getattr(TrainConfig("x", "y"), key)
+            if default is not None and value is not None and not _same_kind(default, value):
+                raise locator.error(f"{key} = {value!r} has the wrong type; expected {type(default).__name__}", key, "models")
+    for dataset in {study.dataset, *(e.dataset for e in study.models if e.dataset)}:
+        try:
+            check_dataset_name(dataset)
+        except UserError as err:
+            raise locator.error(str(err), "dataset") from None
+    for entry in study.models:
+        try:
+            parse_model_name(entry.model)
+            study.train_config(entry, study.seeds[0], study.permute_pixels, Path("unused")).validate()
+        except UserError as err:
+            raise locator.error(f"model {entry.model!r}: {err}", "model", "models") from None
+        except TypeError as err:
+            raise locator.error(f"model {entry.model!r}: {err}") from None
+    for name in study.probes:
+        if name != "all" and name not in probe_names():
+            raise locator.error(f"unknown probe {name!r}; valid: {', '.join(probe_names())}, all", "run", "probes")
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def with_overrides(study: Study, **changes: Any) -> Study:
+    return dataclasses.replace(copy.deepcopy(study), **changes)

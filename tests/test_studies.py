@@ -1,0 +1,153 @@
+"""Studies: shipped files validate and run end to end at their small scale; a killed study
+re-run ends with the same tables without redoing finished pieces; bad files name the key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from localitylab.errors import UserError
+from localitylab.studies import load_study, make_plan, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_FILES = sorted((ROOT / "studies").glob("*.toml"))
+# The suite's budget: one epoch, a few images, HTML only. The shipped files keep their settings.
+SHRINK = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
+
+
+def small_variants():
+    for path in STUDY_FILES:
+        study = load_study(path)
+        yield path, study.scales[0] if study.scales else None
+
+
+def test_every_shipped_study_validates_at_every_scale():
+    assert {p.name for p in STUDY_FILES} >= {"demo.toml", "pit_vs_vit_cifar100.toml", "patch_size_scaling.toml",
+                                            "pe_ablation.toml", "permutation_gap.toml", "locality_need.toml"}
+    for path in STUDY_FILES:
+        study = load_study(path)
+        for scale in study.scales:
+            small = load_study(path, scale)
+            assert all(m.model.endswith(("-n", "-n/2", "-n/4", "-n/8")) for m in small.models), (path, scale)
+        if study.dataset.startswith("cifar"):
+            assert study.scales and study.gpu_hours, f"{path.name}: a CIFAR study needs a scale and its GPU-hours"
+            assert study.expect, f"{path.name}: a CIFAR study states the published numbers"
+
+
+@pytest.mark.parametrize("path, scale", list(small_variants()), ids=lambda v: getattr(v, "name", str(v)))
+def test_small_variant_runs_end_to_end(tmp_path, path, scale):
+    study = load_study(path, scale)
+    study.scale_recipe = {**study.scale_recipe, **SHRINK}
+    study.probe_images = 8
+    # the shrunk suite runs one probe per run; the demo, which `make demo` runs in full, runs them all
+    if path.name != "demo.toml":
+        study.probes = study.probes[:1] if study.probes != ["all"] else ["permutation"]
+    result = run_study(study, tmp_path, log=lambda line: None, formats=("html",))
+    assert not result.failed, result.failed
+    plan = make_plan(study, tmp_path)
+    for piece in plan.probe:
+        tables = list((piece.run_dir / "probes").glob("*.csv"))
+        assert tables, piece.run_dir
+    page = result.report["html"].read_text()
+    for piece in plan.train:
+        assert piece.run_dir.name in page
+    if study.expect:
+        assert "Published versus ours" in page
+
+
+TINY = """
+[study]
+name = "tiny"
+dataset = "digits"
+permute_pixels = 3
+
+[recipe]
+epochs = 2
+batch_size = 128
+warmup_epochs = 0
+
+[[models]]
+model = "resnet-n"
+
+[[models]]
+model = "vit-n/2"
+
+[probes]
+run = ["permutation"]
+images = 16
+"""
+
+
+def _run(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), **kwargs)
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {f"{p.parent.parent.name}/{p.name}": pd.read_csv(p) for p in sorted(out.glob("runs/*/probes/*.csv"))}
+
+
+def test_killed_study_resumes_to_the_same_tables_without_redoing_pieces(tmp_path):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    whole = tmp_path / "whole"
+    done = _run(["study", "run", str(spec), "--out", str(whole)])
+    assert done.wait(timeout=400) == 0, done.stderr.read()
+
+    cut = tmp_path / "cut"
+    runner = _run(["study", "run", str(spec), "--out", str(cut)])
+    first = cut / "runs" / "resnet-n" / "run.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (first.is_file() and '"epochs_done": 2' in first.read_text()):
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    assert first.is_file()
+    finished_mtime = (cut / "runs" / "resnet-n" / "ckpt.pt").stat().st_mtime_ns
+
+    again = _run(["study", "run", str(spec), "--out", str(cut), "--resume"])
+    assert again.wait(timeout=400) == 0
+    log = again.stderr.read()
+    assert "skip   train resnet-n (done)" in log
+    assert (cut / "runs" / "resnet-n" / "ckpt.pt").stat().st_mtime_ns == finished_mtime
+    a, b = _tables(whole), _tables(cut)
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key])
+    assert (cut / "report" / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (TINY.replace("epochs = 2", "epoch = 2"), "line 8: unknown key 'epoch' in [recipe]"),
+        (TINY.replace('model = "vit-n/2"', 'model = "vit-x/2"'), "unknown model"),
+        (TINY.replace('dataset = "digits"', 'dataset = "imagenet"'), "line 4: unknown data set"),
+        (TINY.replace('run = ["permutation"]', 'run = ["nope"]'), "unknown probe 'nope'"),
+        (TINY.replace("epochs = 2", 'epochs = "two"'), "epochs = 'two' has the wrong type"),
+        (TINY.replace("[study]", "[studdy]"), "unknown key 'studdy'"),
+        ("[study\nname=1", "not valid TOML"),
+    ],
+)
+def test_bad_study_files_name_the_key(tmp_path, text, message):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    with pytest.raises(UserError, match=__import__("re").escape(message)):
+        load_study(spec)
+    result = subprocess.run([sys.executable, "-m", "cli.main", "study", "show", str(spec)], cwd=ROOT, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_study_show_prints_the_plan_with_flops(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cli.main", "study", "show", str(ROOT / "studies" / "pit_vs_vit_cifar100.toml")],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "pit-t" in result.stdout and "GFLOPs" in result.stdout and "GPU-hours" in result.stdout
