@@ -115,7 +115,7 @@ def test_killed_study_resumes_to_the_same_tables_without_redoing_pieces(tmp_path
     again = _run(["study", "run", str(spec), "--out", str(cut), "--resume"])
     assert again.wait(timeout=400) == 0
     log = again.stderr.read()
-    assert "skip   train resnet-n (done)" in log
+    assert "skip   train resnet-n (done)" in log and "[1/8" in log
     assert (cut / "runs" / "resnet-n" / "ckpt.pt").stat().st_mtime_ns == finished_mtime
     a, b = _tables(whole), _tables(cut)
     assert sorted(a) == sorted(b) and len(a) == 4
@@ -151,3 +151,17 @@ def test_study_show_prints_the_plan_with_flops(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "pit-t" in result.stdout and "GFLOPs" in result.stdout and "GPU-hours" in result.stdout
+
+
+def test_a_failed_piece_is_reported_and_the_rest_goes_on(tmp_path):
+    spec = tmp_path / "broken.toml"
+    spec.write_text(TINY.replace('model = "vit-n/2"', 'model = "vit-n/2"\nmodel_kw = { no_such_arg = 1 }')
+                    .replace("permute_pixels = 3\n", ""))
+    study = load_study(spec)
+    first = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))
+    assert set(first.failed) == {"train vit-n-p2"} and "no_such_arg" in first.failed["train vit-n-p2"]
+    assert "train resnet-n" in first.done and "probe resnet-n" in first.done
+    assert (tmp_path / "out" / "report" / "report.html").is_file()  # the report covers what did finish
+    again = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))
+    assert "train resnet-n" in again.skipped and "probe resnet-n" in again.skipped
+    assert set(again.failed) == {"train vit-n-p2"}  # only the failed piece was tried again

@@ -180,12 +180,12 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
         for piece in pieces:
             if is_done(piece):
                 result.skipped.append(piece.name)
-                log(f"skip   {piece.name} (done)")
+                log(f"{progress()} skip   {piece.name} (done)")
             else:
                 todo.append(piece)
         if jobs == 1 or len(todo) <= 1:
             for piece in todo:
-                log(f"start  {piece.name}")
+                log(f"{progress()} start  {piece.name}")
                 ok, message = _call(function, *make_args(piece))
                 _record(piece, ok, message)
         else:
@@ -194,19 +194,26 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
             with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {}
                 for piece in todo:
-                    log(f"start  {piece.name}")
+                    log(f"{progress()} start  {piece.name}")
                     futures[pool.submit(_call, function, *make_args(piece))] = piece
                 for future in as_completed(futures):
                     ok, message = future.result()
                     _record(futures[future], ok, message)
 
+    total = len(plan.train) + len(plan.probe)
+
+    def progress() -> str:
+        # The whole study's progress: pieces finished (done, skipped or failed) of all pieces.
+        finished = len(result.done) + len(result.skipped) + len(result.failed)
+        return f"[{finished}/{total} {time.perf_counter() - started:.0f}s]"
+
     def _record(piece, ok: bool, message: str) -> None:
         if ok:
             result.done.append(piece.name)
-            log(f"done   {piece.name}: {message}")
+            log(f"{progress()} done   {piece.name}: {message}")
         else:
             result.failed[piece.name] = message
-            log(f"FAILED {piece.name}: {message.splitlines()[0]}")
+            log(f"{progress()} FAILED {piece.name}: {message.splitlines()[0]}")
         _write_state(plan, result)
 
     _write_state(plan, result)
