@@ -18,3 +18,6 @@ def test_benchmark_quick_mode_prints_and_writes_json(tmp_path):
     assert [row["model"] for row in figures] == ["pit-n", "vit-n/2", "resnet-n"]
     assert all(row["images_per_s"] > 0 for row in figures)
     assert "images/s" in result.stdout
+    comparison = json.loads(out.read_text())["ours_vs_usual"]
+    assert [row["model"] for row in comparison] == ["pit-n", "vit-n/2", "resnet-n"]
+    assert all(row["ratio"] == row["ours_images_per_s"] / row["usual_images_per_s"] for row in comparison)
