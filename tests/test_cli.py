@@ -71,16 +71,28 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_and_status_2(tmp_path, args, message):
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, message):
+    # In-process through the same entry point the console script calls (main returns the
+    # exit status); test_bad_input_exit_status_of_the_real_process checks a real process.
+    from cli.main import main
+
     out = tmp_path / "out"
     extra = ["--out", str(out)] if args[0] == "train" else []
-    result = run(*args, *extra)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("localitylab: error:"), result.stderr
+    status = main([*args, *extra])
+    captured = capsys.readouterr()
+    assert status == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localitylab: error:"), captured.err
     assert message in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in captured.err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_bad_input_exit_status_of_the_real_process(tmp_path):
+    result = run("train", "pit-x", "digits", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        result.stderr.strip()] and "unknown model" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_debug_shows_the_traceback():
