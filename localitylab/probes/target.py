@@ -80,17 +80,14 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
             raise UserError("--model-kw and --weights apply to registry and timm: models, not to checkpoints")
         return target, dataset
 
-    # A registry name or timm:NAME, built here: shapes from the data set.
+    # A registry name or timm:NAME, built here: shapes from the data set, as training does.
+    from localitylab.train.config import TrainConfig
+    from localitylab.train.loop import model_spec_for
+
     dataset = load_dataset(data or "digits", options)
-    kind = model_kind(source)  # raises a UserError for unknown names
-    kw = dict(model_kw or {})
     info = dataset.info
-    if kind == "timm":
-        spec = ModelSpec(source, int(kw.pop("img_size", info.img_size)), int(kw.pop("in_chans", info.in_chans)),
-                         int(kw.pop("num_classes", info.num_classes)), None, kw)
-    else:
-        spec = ModelSpec(source, info.img_size, info.in_chans, info.num_classes,
-                         (pos_embed or "learn") if kind in ("pit", "vit") else None, kw)
+    spec = model_spec_for(TrainConfig(source, info.name, pos_embed=pos_embed or "learn", model_kw=dict(model_kw or {})),
+                          info)
     torch.manual_seed(seed)
     model = build_model(spec)
     if weights:

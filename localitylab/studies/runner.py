@@ -271,13 +271,7 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
 
 def _maps_to(study: Study, wanted: str, entry: ModelEntry) -> bool:
     # Under a scale, 'pit-t' in [[expect]] refers to the model that replaced it (e.g. pit-n).
-    import tomllib
-
-    if study.scale is None:
-        return False
-    data = tomllib.loads(study.path.read_text())
-    mapping = data.get("scale", {}).get(study.scale, {}).get("models", {})
-    return mapping.get(wanted) == entry.model
+    return study.model_map.get(wanted) == entry.model
 
 
 # --- study show ------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class Study:
     scale: str | None = None
     scales: list[str] = field(default_factory=list)
     scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
+    model_map: dict[str, str] = field(default_factory=dict)  # a scale's substitutions, e.g. pit-t -> pit-n
 
     def train_config(self, entry: ModelEntry, seed: int, permute: int | None, out: Path) -> TrainConfig:
         settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed, "permute_pixels": permute}
@@ -190,7 +191,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         probe_images=int(probes_raw.get("images", 128)), probe_batch_size=int(probes_raw.get("batch_size", 64)),
         probe_options=dict(probes_raw.get("options", {})), expect=[dict(e) for e in expect],
         gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")), scale=scale, scales=list(scales),
-        scale_recipe=scale_recipe,
+        scale_recipe=scale_recipe, model_map=model_map,
     )
     _validate_values(result, locator)
     return result
