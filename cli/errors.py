@@ -33,7 +33,7 @@ def _exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, 
 
 
 def run_cli(command, argv: list[str]) -> int:
-    from localitylab.errors import UserError
+    from localitylab.errors import RunStopped, UserError
 
     usage_errors, exits, aborts, no_args = _exception_types()
     debug = "--debug" in argv
@@ -45,6 +45,9 @@ def run_cli(command, argv: list[str]) -> int:
         return 2
     except exits as done:
         return getattr(done, "exit_code", 0)
+    except RunStopped as stopped:  # a training run asked to stop: checkpoint written, not an error
+        print(f"localitylab: {one_line(str(stopped))}", file=sys.stderr)
+        return stopped.exit_code
     except aborts + (KeyboardInterrupt,):
         print("localitylab: interrupted", file=sys.stderr)
         return 130

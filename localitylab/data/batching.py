@@ -34,26 +34,51 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
+def batch_generator(device: torch.device | str, *seed_parts: int) -> torch.Generator:
+    """A generator seeded from (epoch seed, batch index, ...): any batch of any epoch can be
+    redrawn on its own, which is what lets a run resume mid-epoch bit-identically."""
+    seed = 0
+    for part in seed_parts:
+        seed = (seed * 1_000_003 + int(part) + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def train_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
-    generator: torch.Generator,
+    seed: int,
     crop_padding: int = 0,
     hflip: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented uint8 batches; the last partial batch is dropped
-    so every step has the same shape (what torch.compile and mixup want)."""
-    order = torch.randperm(len(images), generator=generator, device=generator.device).to(images.device)
+    """One epoch of shuffled, augmented uint8 batches, from batch `start` on.
+
+    The order comes from `seed`; batch i's crops and flips from (seed, i). The last partial
+    batch is dropped so every step has the same shape (what torch.compile and mixup want).
+    """
+    device = images.device
+    order = torch.randperm(len(images), generator=batch_generator(device, seed), device=device)
     usable = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
-    for start in range(0, usable, batch_size):
-        idx = order[start:start + batch_size]
+    for index, first in enumerate(range(0, usable, batch_size)):
+        if index < start:
+            continue
+        idx = order[first:first + batch_size]
+        generator = batch_generator(device, seed, index)
         batch = random_crop(images[idx], crop_padding, generator)
         if hflip:
             batch = random_hflip(batch, generator)
         yield batch, labels[idx]
 
 
+def batches_per_epoch(n_images: int, batch_size: int) -> int:
+    return max(1, n_images // batch_size)
+
+
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    if batch_size < 1:
+        from localitylab.errors import UserError
+
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     for start in range(0, len(images), batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]

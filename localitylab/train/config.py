@@ -24,8 +24,10 @@ from localitylab.errors import UserError
 RECIPE_KEYS = (
     "model", "dataset", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
     "label_smoothing", "clip_grad", "mixup", "cutmix", "drop_path", "crop_padding", "pos_embed", "model_kw",
-    "seed", "permute_pixels", "img_size",
+    "seed", "permute_pixels", "img_size", "task", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads",
+    "norm_pix_loss", "init_from", "linear_probe",
 )
+TASKS = ("classify", "mae")
 
 
 @dataclass
@@ -58,6 +60,15 @@ class TrainConfig:
     amp: str = "auto"  # bf16 autocast: auto = on CUDA
     eval_batch_size: int = 512
     resume: bool = False
+    # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training).
+    task: str = "classify"
+    mask_ratio: float = 0.75
+    decoder_dim: int | None = None  # None: the MAE module's default for this encoder
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    norm_pix_loss: bool | None = None  # None: on when a token holds more than one value
+    init_from: str | None = None  # a localitylab checkpoint whose matching weights start this run
+    linear_probe: bool = False  # train only the classifier head on frozen features
 
     def validate(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
@@ -70,10 +81,24 @@ class TrainConfig:
             raise UserError("--warmup-epochs and --weight-decay must be >= 0, --label-smoothing in [0, 1)")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise UserError(f"--crop-padding must be >= 0, got {self.crop_padding}")
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+        if not 0 < self.mask_ratio < 1:
+            raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}")
+        if self.linear_probe and not self.init_from:
+            raise UserError("--linear-probe trains a head on frozen features: give the features with --init-from")
+        if self.task == "mae" and (self.linear_probe or self.mixup or self.cutmix):
+            raise UserError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
         for name in ("compile", "amp"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise UserError(f"--{name} must be auto, on or off, got {getattr(self, name)!r}")
         return self
+
+    def mae_options(self) -> dict[str, Any]:
+        """The MAE module's keyword arguments; unset ones take the module's defaults."""
+        options = {"mask_ratio": self.mask_ratio, "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
+                   "decoder_heads": self.decoder_heads, "norm_pix_loss": self.norm_pix_loss}
+        return {k: v for k, v in options.items() if v is not None}
 
     def recipe(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in RECIPE_KEYS}
@@ -88,9 +113,10 @@ class TrainConfig:
         import shlex
 
         defaults = TrainConfig(self.model, self.dataset)
-        parts = ["localitylab", "train", self.model, self.dataset, "--out", str(self.run_dir())]
+        verb = ["pretrain", "mae"] if self.task == "mae" else ["train"]
+        parts = ["localitylab", *verb, self.model, self.dataset, "--out", str(self.run_dir())]
         for f in dataclasses.fields(self):
-            if f.name in ("model", "dataset", "out", "resume"):
+            if f.name in ("model", "dataset", "out", "resume", "task"):
                 continue
             value, default = getattr(self, f.name), getattr(defaults, f.name)
             if value == default:
@@ -116,6 +142,8 @@ class TrainConfig:
 def default_run_name(config: TrainConfig) -> str:
     """'vit-n/2' on 'digits' -> 'vit-n-p2-digits'; permuted runs get '-perm<seed>'."""
     name = f"{config.model}-{config.dataset}".replace("/", "-p")
+    if config.task == "mae":
+        name = "mae-" + name
     if config.permute_pixels is not None:
         name += f"-perm{config.permute_pixels}"
     return safe_name(name)

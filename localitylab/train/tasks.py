@@ -1,0 +1,145 @@
+"""What a training run optimises. The loop is the same for every task; a task says which
+module trains, what its loss is, how it is evaluated and what it adds to the checkpoint.
+
+- `Classification`: cross-entropy (label smoothing, mixup/cutmix), accuracy.
+- `MaskedAutoencoding`: MAE pre-training of a PiT or ViT encoder; the loss is the
+  reconstruction error on the masked tokens. The checkpoint's `model_state` is the encoder
+  alone, so every probe, `--init-from` and `localitylab.load()` read it as an ordinary model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from localitylab.data.batching import batch_generator, eval_batches
+from localitylab.data.registry import DataInfo
+from localitylab.train.config import TrainConfig
+
+Sums = dict[str, torch.Tensor]  # loss_sum, correct, count: summed over images (and ranks)
+
+
+class Task:
+    name = ""
+    reports_accuracy = True
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """The module the optimiser trains (the model itself, or a wrapper around it)."""
+        return model
+
+    def loss(self, forward: Callable, inputs: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss, number of correct predictions or None) for one batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, info: DataInfo, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, amp: bool) -> Sums:
+        raise NotImplementedError
+
+    def checkpoint_extras(self, module: nn.Module) -> dict[str, Any]:
+        return {"task": self.name}
+
+    def restore(self, module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Load what `checkpoint_extras` saved (the model state itself is loaded by the loop)."""
+
+
+class Classification(Task):
+    name = "classify"
+
+    def __init__(self, config: TrainConfig, info: DataInfo) -> None:
+        self.mixup = None
+        if config.mixup > 0 or config.cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                               label_smoothing=config.label_smoothing, num_classes=info.num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def loss(self, forward, inputs, labels, generator):
+        targets = labels
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, labels)  # soft targets, smoothing included
+        logits = forward(inputs)
+        if self.mixup is not None:
+            loss = torch.sum(-targets * logits.float().log_softmax(-1), dim=-1).mean()
+        else:
+            loss = self.criterion(logits.float(), targets)
+        return loss, (logits.detach().argmax(-1) == labels).sum()
+
+    @torch.no_grad()
+    def evaluate(self, module, info, images, labels, batch_size, amp):
+        return classification_sums(module, info, images, labels, batch_size, amp)
+
+
+@torch.no_grad()
+def classification_sums(model: nn.Module, info: DataInfo, images: torch.Tensor, labels: torch.Tensor,
+                        batch_size: int = 512, amp: bool = False, transform=None) -> Sums:
+    """Summed test loss and correct predictions. `transform(uint8 batch) -> uint8 batch` is
+    applied before the model's own preparation (the permutation probe uses it)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for batch, target in eval_batches(images, labels, batch_size):
+        batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if transform is not None:
+            batch = transform(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(info.prepare(batch))
+        loss_sum += nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+        correct += (logits.argmax(-1) == target).sum()
+    model.train(was_training)
+    count = torch.tensor(len(images), device=device, dtype=torch.long)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+class MaskedAutoencoding(Task):
+    name = "mae"
+    reports_accuracy = False
+
+    def __init__(self, config: TrainConfig, info: DataInfo) -> None:
+        self.options = config.mae_options()
+        self.seed = config.seed
+
+    def module(self, model: nn.Module) -> nn.Module:
+        from localitylab.models.mae import MaskedAutoencoder
+
+        # The classifier gets no gradient from reconstruction: freeze it, so that neither the
+        # optimiser nor DDP waits for a gradient that never comes.
+        model.get_classifier().requires_grad_(False)
+        return MaskedAutoencoder(model, **self.options)
+
+    def loss(self, forward, inputs, labels, generator):
+        return forward(inputs, generator).loss, None
+
+    @torch.no_grad()
+    def evaluate(self, module, info, images, labels, batch_size, amp):
+        """Masked-token reconstruction loss over the test split, with the same masks every epoch."""
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.eval()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for index, (batch, _) in enumerate(eval_batches(images, labels, batch_size)):
+            generator = batch_generator(device, self.seed, -1, index)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                output = module(info.prepare(batch.to(device)), generator)
+            loss_sum += output.loss.double() * len(batch)
+        module.train(was_training)
+        count = torch.tensor(len(images), device=device, dtype=torch.long)
+        return {"loss_sum": loss_sum, "correct": torch.zeros((), device=device, dtype=torch.long), "count": count}
+
+    def checkpoint_extras(self, module):
+        decoder = {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}
+        return {"task": self.name, "mae_options": module.options(), "mae_state": decoder}
+
+    def restore(self, module, checkpoint):
+        missing, unexpected = module.load_state_dict(checkpoint["mae_state"], strict=False)
+        assert not unexpected and all(k.startswith("encoder.") for k in missing), (missing, unexpected)
+
+
+def make_task(config: TrainConfig, info: DataInfo) -> Task:
+    return MaskedAutoencoding(config, info) if config.task == "mae" else Classification(config, info)

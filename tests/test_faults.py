@@ -1,0 +1,199 @@
+"""Faults during training: a run killed at any moment, stopped by a signal, out of disk, or
+diverging loses nothing; resumed, it ends bit-identical to a run that was never disturbed.
+
+Runs that are killed are real processes (tests/fault_runner.py), one thread each, so the
+reference and the resumed runs sum in the same order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from localitylab.errors import UserError
+from localitylab.train import TrainConfig, read_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "tests" / "fault_runner.py"
+
+
+def start(out: Path, *flags: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(RUNNER), str(out), *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> bool:
+    """Wait until `condition()` holds; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return condition()
+        time.sleep(0.01)
+    raise TimeoutError("the training process made no progress")
+
+
+def epochs_done(out: Path) -> int:
+    try:
+        return int(read_checkpoint(out / "ckpt.pt")["epoch"])
+    except Exception:
+        return 0
+
+
+def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(process.pid, sig)
+    process.wait(timeout=60)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    first, second = read_checkpoint(a / "ckpt.pt"), read_checkpoint(b / "ckpt.pt")
+    assert first["epoch"] == second["epoch"] and first["step"] == second["step"]
+    assert first["model_state"].keys() == second["model_state"].keys()
+    for key, value in first["model_state"].items():
+        assert torch.equal(value, second["model_state"][key]), key
+    for row_a, row_b in zip(first["history"], second["history"], strict=True):
+        for column in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            assert row_a[column] == row_b[column], (row_a["epoch"], column)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    code, _, stderr = finish(start(out))
+    assert code == 0, stderr
+    return out
+
+
+def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(reference, tmp_path):
+    out = tmp_path / "run"
+    chooser = random.Random(20261121)
+    survived = []
+
+    # 1. Killed at a random moment after the first checkpoint.
+    process = start(out)
+    wait_for(lambda: epochs_done(out) >= 1, process)
+    time.sleep(chooser.uniform(0.0, 1.0))
+    kill_group(process)
+    survived.append(f"random point, after epoch {epochs_done(out)}")
+
+    # 2. Killed while writing a checkpoint: half the bytes are in the temporary file.
+    done_before = epochs_done(out)
+    process = start(out, "--resume", "--torn-write-at", "1")
+    assert wait_for(lambda: out.with_suffix(".torn").exists(), process)
+    kill_group(process)
+    assert epochs_done(out) == done_before  # ckpt.pt is still the previous, whole checkpoint
+    assert list(out.glob(".ckpt.pt.*.tmp")), "the torn temporary file should be left behind"
+    survived.append(f"mid-write of epoch {done_before + 1}")
+
+    # 3. Killed at a random moment of a resumed run.
+    process = start(out, "--resume")
+    wait_for(lambda: process.stdout.readline().strip() == "started", process)
+    time.sleep(chooser.uniform(1.0, 5.0))
+    kill_group(process)
+    survived.append(f"random point, after epoch {epochs_done(out)}")
+
+    code, _, stderr = finish(start(out, "--resume"))
+    assert code == 0, stderr
+    assert not list(out.glob(".*.tmp")), "stale temporaries are cleaned on resume"
+    assert_same_run(reference, out)
+    print("kill points survived:", "; ".join(survived))
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_bit_identical(reference, tmp_path, sig, status):
+    out = tmp_path / "run"
+    process = start(out)
+    wait_for(lambda: epochs_done(out) >= 1, process)
+    time.sleep(0.3)  # somewhere in the middle of an epoch
+    os.killpg(process.pid, sig)
+    code, _, stderr = finish(process)
+    assert code == status, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
+    assert f"stopped by {signal.Signals(sig).name}" in last and "--resume" in last
+    stopped = read_checkpoint(out / "ckpt.pt")
+    assert stopped["partial"] is not None and stopped["partial"]["batch"] >= 1  # mid-epoch
+    code, _, stderr = finish(start(out, "--resume"))
+    assert code == 0, stderr
+    assert_same_run(reference, out)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import localitylab.train.checkpoint as checkpoint
+
+    real_save, calls = checkpoint.torch.save, []
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"\0" * 100)  # some bytes made it before the disk filled
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint .* is intact"):
+        train(TrainConfig("vit-n/2", "digits", out=out, epochs=3, batch_size=128, warmup_epochs=0))
+    monkeypatch.undo()
+    assert read_checkpoint(out / "ckpt.pt")["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.csv", "run.json"]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    import localitylab.train.loop as loop
+    from localitylab.train.tasks import Classification
+
+    poisoned_step = 15  # in epoch 2: 11 steps per epoch at batch 128
+    calls = []
+
+    class Poisoned(Classification):
+        def loss(self, forward, inputs, labels, generator):
+            calls.append(1)
+            loss, correct = super().loss(forward, inputs, labels, generator)
+            return (loss * float("nan") if len(calls) == poisoned_step else loss), correct
+
+    monkeypatch.setattr(loop, "make_task", lambda config, info: Poisoned(config, info))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=f"not finite at step {poisoned_step} \\(epoch 2\\).*last good checkpoint"):
+        train(TrainConfig("vit-n/2", "digits", out=out, epochs=3, batch_size=128, warmup_epochs=0))
+    kept = read_checkpoint(out / "ckpt.pt")
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model_state"].values())
+
+
+def test_two_gloo_processes_equal_one_and_resume_under_ddp(reference, tmp_path):
+    """DDP on 2 CPU processes, killed after its first checkpoint and resumed on 2 processes,
+    follows the single-process run with the same global batch."""
+    out = tmp_path / "ddp"
+    process = start(out, "--nproc", "2")
+    wait_for(lambda: epochs_done(out) >= 2, process, timeout=240)
+    kill_group(process)
+    code, _, stderr = finish(start(out, "--resume", "--nproc", "2"))
+    assert code == 0, stderr
+    single, ddp = read_checkpoint(reference / "ckpt.pt"), read_checkpoint(out / "ckpt.pt")
+    assert ddp["model_state"].keys() == single["model_state"].keys()  # no DDP "module." prefix
+    worst = max(float((ddp["model_state"][k].float() - v.float()).abs().max()) for k, v in single["model_state"].items())
+    losses = [(a["train_loss"], b["train_loss"]) for a, b in zip(single["history"], ddp["history"], strict=True)]
+    print(f"DDP (2 gloo processes) vs one process: max weight difference {worst:.2e}, "
+          f"max train-loss difference {max(abs(a - b) for a, b in losses):.2e}")
+    # Summation order differs (two shards, then an all-reduce), so equal to float tolerance,
+    # not bit for bit; the small differences grow a little over 264 steps.
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in losses)
+    assert worst < 1e-2
+    assert abs(single["history"][-1]["test_acc"] - ddp["history"][-1]["test_acc"]) <= 1 / 360 + 1e-9
