@@ -118,7 +118,7 @@ def pretrain_mae(
     decoder_depth: Optional[int] = typer.Option(None, help="Decoder blocks."),
     decoder_heads: Optional[int] = typer.Option(None, help="Decoder attention heads."),
     norm_pix_loss: Optional[bool] = typer.Option(None, "--norm-pix-loss/--no-norm-pix-loss",
-                                                 help="Per-token normalised targets (default: on unless a token is one value)."),
+                                                 help="Per-token normalised targets (default: on for ViT patches, off for one-pixel PiT tokens)."),
     epochs: int = typer.Option(100, help="Pre-training epochs."),
     batch_size: int = BATCH_SIZE_OPTION,
     lr: float = LR_OPTION,

@@ -44,5 +44,7 @@ def _ensure_loaded() -> None:
 
 # One line per probe file.
 # The order is the order of `probe all` and of report sections: attention first, then the
-# position embedding, then the probes that put ConvNets on the same scale.
-PROBE_MODULES: list[str] = ["attention_distance", "attention_maps", "pe_similarity", "receptive_field", "permutation"]
+# position embedding, then the probes that put ConvNets on the same scale, then the ones
+# for particular checkpoints (mae-reconstruction: MAE pre-training only).
+PROBE_MODULES: list[str] = ["attention_distance", "attention_maps", "pe_similarity", "receptive_field", "permutation",
+                             "mae_reconstruction"]

@@ -35,6 +35,9 @@ class ProbeTarget:
     device: torch.device
     run_dir: Path | None = None  # the run folder of a checkpoint
     checkpoint: dict[str, Any] = field(default_factory=dict)  # config, metrics, epoch of a checkpoint
+    # Checkpoint entries beyond the classifier that some probes need (EXTRA_KEYS, e.g. an MAE
+    # checkpoint's 'mae_options' and 'mae_state' for mae-reconstruction); empty otherwise.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -75,7 +78,9 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
         _check_shapes(dataset, run.data)
         target = ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name, str(path),
                              torch_device, path.parent,
-                             {"config": run.config, "metrics": run.metrics, "epoch": run.epoch, "versions": run.versions})
+                             {"config": run.config, "metrics": run.metrics, "epoch": run.epoch,
+                              "versions": run.versions},
+                             checkpoint_extras(path))
         if model_kw or weights:
             raise UserError("--model-kw and --weights apply to registry and timm: models, not to checkpoints")
         return target, dataset
@@ -99,6 +104,33 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
     target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device)
     _check_shapes(dataset, DataInfo(info.name, spec.img_size, spec.in_chans, info.class_names, info.mean, info.std))
     return target, dataset
+
+
+# Checkpoint keys copied into ProbeTarget.extras when present.
+EXTRA_KEYS = ("mae_options", "mae_state")
+
+
+def checkpoint_extras(path: Path) -> dict[str, Any]:
+    """The EXTRA_KEYS entries of a checkpoint that `load` has already validated.
+
+    Memory-mapped, so the model weights and optimizer state are not read a second time;
+    the (small) entries kept are copied off the mapping.
+    """
+    from localitylab.train.checkpoint import safe_torch_load
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError):  # a legacy (non-zip) file cannot be mapped
+        data = safe_torch_load(path)
+
+    def detach(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: detach(v) for k, v in value.items()}
+        return value
+
+    return {key: detach(data[key]) for key in EXTRA_KEYS if key in data}
 
 
 def _check_shapes(dataset: ImageDataset, expected: DataInfo) -> None:

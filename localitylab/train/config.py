@@ -66,7 +66,7 @@ class TrainConfig:
     decoder_dim: int | None = None  # None: the MAE module's default for this encoder
     decoder_depth: int | None = None
     decoder_heads: int | None = None
-    norm_pix_loss: bool | None = None  # None: on when a token holds more than one value
+    norm_pix_loss: bool | None = None  # None: on for ViT patches, off for a PiT's one-pixel tokens
     init_from: str | None = None  # a localitylab checkpoint whose matching weights start this run
     linear_probe: bool = False  # train only the classifier head on frozen features
 

@@ -15,6 +15,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_di
                         device: str = "auto") -> dict:
     torch_device = resolve_device(device)
     model = load(checkpoint, torch_device)
+    if model.run.config.get("task") == "mae":
+        raise UserError(
+            f"{checkpoint} is an MAE pre-training run: its classifier head was never trained. Fine-tune it first: "
+            f"localitylab train {model.run.spec.name} {model.run.data.name} --init-from {checkpoint}"
+        )
     info = model.run.data
     name = data or info.name
     dataset = load_dataset(name, DataOptions(data_dir=Path(data_dir) if data_dir else None,

@@ -56,8 +56,7 @@ class RichReporter(Reporter):
         if loss is not None:
             parts.append(f"loss {loss:.3f}")
         if self.last:
-            parts.append(f"test acc {self.last['test_acc']:.3f}")
-            parts.append(f"{self.last['images_per_s']:.0f} img/s")
+            parts += [test_measure(self.last, 3), f"{self.last['images_per_s']:.0f} img/s"]
         return "  ".join(parts)
 
     def message(self, text: str) -> None:
@@ -75,7 +74,14 @@ class PlainReporter(Reporter):
 
     def epoch_end(self, row: dict[str, Any]) -> None:
         print(
-            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  test acc {row['test_acc']:.4f}  "
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}  {test_measure(row, 4)}  "
             f"{row['images_per_s']:.0f} img/s",
             file=sys.stderr,
         )
+
+
+def test_measure(row: dict[str, Any], digits: int) -> str:
+    """Test accuracy for a classifier; test loss for a task without one (MAE)."""
+    if row.get("test_acc") is None:
+        return f"test loss {row['test_loss']:.{digits}f}"
+    return f"test acc {row['test_acc']:.{digits}f}"

@@ -133,12 +133,10 @@ class MaskedAutoencoding(Task):
         return {"loss_sum": loss_sum, "correct": torch.zeros((), device=device, dtype=torch.long), "count": count}
 
     def checkpoint_extras(self, module):
-        decoder = {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}
-        return {"task": self.name, "mae_options": module.options(), "mae_state": decoder}
+        return {"task": self.name, "mae_options": module.options(), "mae_state": module.decoder_state_dict()}
 
     def restore(self, module, checkpoint):
-        missing, unexpected = module.load_state_dict(checkpoint["mae_state"], strict=False)
-        assert not unexpected and all(k.startswith("encoder.") for k in missing), (missing, unexpected)
+        module.load_decoder_state_dict(checkpoint["mae_state"])
 
 
 def make_task(config: TrainConfig, info: DataInfo) -> Task:

@@ -1,0 +1,69 @@
+"""MAE pre-training through the one training loop, then fine-tuning and probing from it:
+what `localitylab pretrain mae` and `train --init-from` promise, end to end on digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localitylab.models.mae import mae_from_checkpoint
+from localitylab.probes import ProbeRequest, run_probes
+from localitylab.train import TrainConfig, read_checkpoint, train
+from localitylab.train.tasks import MaskedAutoencoding
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mae") / "mae-pit-n"
+    return train(TrainConfig("pit-n", "digits", out=out, task="mae", epochs=6, batch_size=32, warmup_epochs=1,
+                             label_smoothing=0.0, clip_grad=None, device="cpu"))
+
+
+def untrained_test_loss(config: TrainConfig) -> float:
+    from localitylab.models.registry import build_model
+    from localitylab.train.loop import model_spec_for, prepare_data
+
+    dataset = prepare_data(config)
+    torch.manual_seed(config.seed)
+    task = MaskedAutoencoding(config, dataset.info)
+    module = task.module(build_model(model_spec_for(config, dataset.info)))
+    sums = task.evaluate(module, dataset.info, dataset.test_images, dataset.test_labels, 512, False)
+    return float(sums["loss_sum"]) / int(sums["count"])
+
+
+def test_reconstruction_loss_falls_well_below_its_start(mae_run):
+    config = TrainConfig(**{**read_checkpoint(mae_run.checkpoint)["config"], "out": None})
+    start = untrained_test_loss(config)
+    losses = [row["test_loss"] for row in mae_run.history]
+    print(f"MAE pit-n digits: test masked MSE {start:.3f} untrained -> {losses[-1]:.3f} after {len(losses)} epochs")
+    assert losses[-1] < 0.6 * start
+    assert all(row["test_acc"] is None for row in mae_run.history)  # no classifier to score
+
+
+def test_the_checkpoint_is_an_encoder_every_tool_reads(mae_run):
+    from localitylab.train import load
+
+    data = read_checkpoint(mae_run.checkpoint)
+    assert data["task"] == "mae" and data["mae_options"]["mask_ratio"] == 0.75
+    encoder = load(mae_run.checkpoint)  # the registry model, strict state-dict load
+    assert set(encoder.state_dict()) == set(data["model_state"])
+    mae = mae_from_checkpoint(data)  # and the decoder comes back with it
+    assert all(torch.equal(v, data["mae_state"][k]) for k, v in mae.decoder_state_dict().items())
+
+
+def test_fine_tuning_from_mae_reaches_a_sane_accuracy(mae_run, tmp_path):
+    result = train(TrainConfig("pit-n", "digits", out=tmp_path / "ft", epochs=8, batch_size=32, warmup_epochs=1,
+                               init_from=str(mae_run.checkpoint), device="cpu"))
+    print(f"pit-n fine-tuned from MAE: test accuracy {result.final['test_acc']:.3f}")
+    assert result.final["test_acc"] > 0.8
+
+
+def test_probes_read_the_mae_encoder(mae_run, tmp_path):
+    request = ProbeRequest(source=str(mae_run.checkpoint), n_images=16, batch_size=16, device="cpu", out=tmp_path)
+    outputs = {o.probe: o for o in run_probes(["attention-distance", "mae-reconstruction"], request)}
+    distances = outputs["attention-distance"].table
+    assert distances["value"].notna().all() and len(distances) > 0
+    recon = outputs["mae-reconstruction"].table
+    relative = recon[(recon["metric"] == "relative_mse") & (recon["setting"] == "ratio-0.75")]["value"]
+    assert len(relative) == 1 and 0 < float(relative.iloc[0]) < 1  # better than predicting the mean colour
+    assert any(path.name == "mae-reconstruction.png" for path in outputs["mae-reconstruction"].figures)
