@@ -15,6 +15,10 @@ materialised method needs N^2 x heads x layers x 4 bytes for the maps alone (17 
 pixels, 161 GB at 224), so a case whose maps would not fit in 60% of the available memory
 is skipped and says so.
 
+Time is the median of several runs after an uncounted warm-up run where a run is cheap
+(<= 64 pixels: 1 + 3), two runs at 128 pixels and one at 224 (each takes minutes on a
+CPU); the model's forward is always run once before the baseline. --quick: 32 pixels only.
+
     .venv/bin/python -m benchmarks.attention_distance [--quick]
 """
 
@@ -94,8 +98,11 @@ def _materialised_distances(target, images) -> list[float]:
     return result
 
 
-def run_case(mode: str, img_size: int) -> dict:
-    """One measurement, in this process (call it in a fresh one)."""
+def run_case(mode: str, img_size: int, warmup: int = 0, repeats: int = 1) -> dict:
+    """One measurement, in this process (call it in a fresh one): `warmup` uncounted runs of
+    the method, then the median time of `repeats`; the peak is the largest of them all."""
+    import statistics
+
     import torch
 
     from localitylab.probes.attention_distance import measure_attention_distance
@@ -103,22 +110,41 @@ def run_case(mode: str, img_size: int) -> dict:
     target, images = _target(img_size)
     target.model(target.prepare(images))  # warm up allocator and kernels before the baseline
     baseline = _peak_mb()
-    started = time.perf_counter()
-    if mode == "streamed":
-        rows = measure_attention_distance(target, images, batch_size=1)
-        distances = [r.value for r in rows if r.metric == "mean_distance_px"]
-    else:
-        distances = _materialised_distances(target, images)
-    seconds = time.perf_counter() - started
+
+    def once() -> list[float]:
+        if mode == "streamed":
+            rows = measure_attention_distance(target, images, batch_size=1)
+            return [r.value for r in rows if r.metric == "mean_distance_px"]
+        return _materialised_distances(target, images)
+
+    for _ in range(warmup):
+        once()
+    seconds = []
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        distances = once()
+        seconds.append(time.perf_counter() - started)
     peak = _peak_mb()
     return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
-            "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak, "probe_mb": peak - baseline,
+            "seconds": statistics.median(seconds), "seconds_runs": seconds, "runs": len(seconds),
+            "warmup_runs": warmup, "baseline_mb": baseline, "peak_mb": peak, "probe_mb": peak - baseline,
             "threads": torch.get_num_threads(), "mean_distance_px": distances, "note": ""}
+
+
+def runs_for(img_size: int) -> tuple[int, int]:
+    """(warm-up, timed) runs: several where a run is cheap, fewer where one takes minutes."""
+    if img_size <= 64:
+        return 1, 3
+    if img_size <= 128:
+        return 0, 2
+    return 0, 1
 
 
 def _in_subprocess(mode: str, img_size: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.attention_distance", "--case", mode, str(img_size)],
+    warmup, repeats = runs_for(img_size)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.attention_distance", "--case", mode, str(img_size),
+                             "--runs", str(warmup), str(repeats)],
                             capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} at {img_size}px failed: {result.stderr.strip()[-2000:]}")
@@ -127,13 +153,14 @@ def _in_subprocess(mode: str, img_size: int) -> dict:
 
 def _skipped(mode: str, img_size: int, why: str) -> dict:
     return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
-            "seconds": None, "baseline_mb": None, "peak_mb": None, "probe_mb": None, "threads": None,
+            "seconds": None, "seconds_runs": [], "runs": 0, "warmup_runs": 0, "baseline_mb": None, "peak_mb": None,
+            "probe_mb": None, "threads": None,
             "mean_distance_px": None, "note": why}
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Every case, each in its own process; quick: 32 and 64 pixels only."""
-    sizes = SIZES[:2] if quick else SIZES
+    """Every case, each in its own process; quick: 32 pixels only."""
+    sizes = SIZES[:1] if quick else SIZES
     rows = []
     for img_size in sizes + (() if quick else STREAMED_ONLY_SIZES):
         streamed = _in_subprocess("streamed", img_size)
@@ -156,10 +183,10 @@ def print_table(rows: list[dict]) -> None:
     def fmt(value, spec):
         return format(value, spec) if value is not None else "-"
 
-    print(f"{'model':<6} {'pixels':>6} {'tokens':>7} {'method':<13} {'seconds':>8} {'peak MB':>8} "
+    print(f"{'model':<6} {'pixels':>6} {'tokens':>7} {'method':<13} {'runs':>4} {'seconds':>8} {'peak MB':>8} "
           f"{'probe MB':>9}  note")
     for row in rows:
-        print(f"{row['model']:<6} {row['img_size']:>6} {row['tokens']:>7} {row['method']:<13} "
+        print(f"{row['model']:<6} {row['img_size']:>6} {row['tokens']:>7} {row['method']:<13} {row['runs']:>4} "
               f"{fmt(row['seconds'], '8.2f')} {fmt(row['peak_mb'], '8.0f')} {fmt(row['probe_mb'], '9.0f')}  "
               f"{row['note']}")
 
@@ -167,11 +194,13 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_distance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32 and 64 pixels only")
+    parser.add_argument("--quick", action="store_true", help="32 pixels only")
     parser.add_argument("--case", nargs=2, metavar=("METHOD", "PIXELS"), help=argparse.SUPPRESS)
+    parser.add_argument("--runs", nargs=2, type=int, default=(0, 1), metavar=("WARMUP", "TIMED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]))))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), *args.runs)))
         return 0
     print_table(run(quick=args.quick))
     return 0

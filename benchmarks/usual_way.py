@@ -1,29 +1,26 @@
-"""Training throughput: localitylab's loop against "the usual way", measured in one run.
+"""Training "the usual way", for the ours/usual ratio of `train_throughput.py`.
 
-The usual way is what most training scripts do: the same timm model, a torch DataLoader
-whose CPU workers apply torchvision transforms image by image (the same random crop and
-flip as ours, then scaling and normalisation), autocast where it helps (CUDA), and a plain
-AdamW loop. Ours keeps the uint8 data set on the device and augments whole batches there.
-Both run the same number of steps at the same batch size; the first epoch is warm-up and
-the figure is the median images/s of the later ones.
+The usual way is what most training scripts do: the same model (same registry builder and
+initialisation), a torch DataLoader whose CPU workers apply torchvision v2 transforms image
+by image (the same random crop with padding and horizontal flip as ours where the data set
+has them, then scaling and normalisation), bf16 autocast on CUDA, cross-entropy with the
+same label smoothing, gradient clipping and a plain torch AdamW. Ours keeps the uint8 data
+set on the device and augments whole batches there.
+
+Both run the same number of epochs over the same data at the same batch size; each epoch is
+timed from the first batch request to the last optimiser step, the first epoch is warm-up
+(worker start-up, allocator) and the figure is the median images/s of the later ones.
+
+    .venv/bin/python -m benchmarks.usual_way [--quick]   # ours and the usual way, nano + CIFAR shape
 """
 
 from __future__ import annotations
 
-import statistics
-import tempfile
+import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-from localitylab.data.registry import load_dataset
-from localitylab.models.registry import build_model
-from localitylab.train import TrainConfig, train
-from localitylab.train.loop import model_spec_for, resolve_device
-
-MODELS = ("pit-n", "vit-n/2", "resnet-n")
 
 
 class _TransformedImages(torch.utils.data.Dataset):
@@ -38,6 +35,7 @@ class _TransformedImages(torch.utils.data.Dataset):
 
 
 def usual_transform(info):
+    """torchvision's per-image pipeline with the same augmentation as the data set's recipe."""
     from torchvision.transforms import v2
 
     steps = []
@@ -49,8 +47,22 @@ def usual_transform(info):
     return v2.Compose(steps)
 
 
-def usual_way(model: str, dataset: str = "digits", batch_size: int = 128, epochs: int = 4, workers: int = 2,
-              device: str = "auto") -> float:
+def default_workers() -> int:
+    """What a training script would set: one worker per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def usual_way(model: str, dataset: str = "digits", batch_size: int = 128, epochs: int = 4,
+              workers: int | None = None, device: str = "auto") -> list[float]:
+    """images/s of each epoch after the first."""
+    from benchmarks.common import register_bench_datasets
+    from localitylab.data.registry import load_dataset
+    from localitylab.models.registry import build_model
+    from localitylab.train import TrainConfig
+    from localitylab.train.loop import model_spec_for, resolve_device
+
+    register_bench_datasets()
+    workers = default_workers() if workers is None else workers
     torch_device = resolve_device(device)
     data = load_dataset(dataset)
     config = TrainConfig(model, dataset, batch_size=batch_size)
@@ -63,45 +75,41 @@ def usual_way(model: str, dataset: str = "digits", batch_size: int = 128, epochs
     )
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    net.train()
     rates = []
-    for epoch in range(epochs):
-        seen, started = 0, time.perf_counter()
-        for images, labels in loader:
-            images, labels = images.to(torch_device, non_blocking=True), labels.to(torch_device, non_blocking=True)
-            with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
-                loss = criterion(net(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad)
-            optimizer.step()
-            seen += len(labels)
-        if torch_device.type == "cuda":
-            torch.cuda.synchronize()
-        if epoch > 0:
-            rates.append(seen / (time.perf_counter() - started))
-    return statistics.median(rates)
-
-
-def ours(model: str, dataset: str = "digits", batch_size: int = 128, epochs: int = 4, device: str = "auto") -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(TrainConfig(model, dataset, out=Path(tmp), epochs=epochs, batch_size=batch_size,
-                                   warmup_epochs=0, device=device))
-    return statistics.median(row["images_per_s"] for row in result.history[1:])
+    try:
+        for epoch in range(epochs):
+            seen, started = 0, time.perf_counter()
+            for images, labels in loader:
+                images, labels = images.to(torch_device, non_blocking=True), labels.to(torch_device, non_blocking=True)
+                with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
+                    loss = criterion(net(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad)
+                optimizer.step()
+                seen += len(labels)
+            if torch_device.type == "cuda":
+                torch.cuda.synchronize()
+            if epoch > 0:
+                rates.append(seen / (time.perf_counter() - started))
+    finally:
+        del loader  # shuts persistent workers down before the next measurement
+    return rates
 
 
 def run(quick: bool = False) -> list[dict]:
-    epochs = 2 if quick else 4
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
-    for model in MODELS:
-        mine = ours(model, epochs=epochs, device=device)
-        usual = usual_way(model, epochs=epochs, device=device)
-        rows.append({"model": model, "data": "digits", "device": device, "batch_size": 128,
-                     "ours_images_per_s": mine, "usual_images_per_s": usual, "ratio": mine / usual})
-    return rows
+    """Ours and the usual way, each model measured back to back (see train_throughput)."""
+    from benchmarks import train_throughput
+
+    return train_throughput.comparison(train_throughput.run(quick))
 
 
 if __name__ == "__main__":
-    for row in run():
-        print(f"{row['model']:<9} ours {row['ours_images_per_s']:>8.0f} img/s   usual {row['usual_images_per_s']:>8.0f} img/s   "
-              f"ratio {row['ratio']:.2f}")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.usual_way")
+    parser.add_argument("--quick", action="store_true")
+    for row in run(parser.parse_args().quick):
+        print(f"{row['model']:<9} {row['data']:<15} ours {row['ours_images_per_s']:>8.1f} img/s   "
+              f"usual {row['usual_images_per_s']:>8.1f} img/s   ratio {row['ratio']:.2f}")

@@ -1,23 +1,179 @@
-"""The benchmark command runs end to end (quick mode) and writes its figures."""
+"""The benchmark command: quick mode end to end, and the pieces its figures rest on."""
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_quick_mode_prints_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(out.read_text())["train_throughput"]
-    assert [row["model"] for row in figures] == ["pit-n", "vit-n/2", "resnet-n"]
-    assert all(row["images_per_s"] > 0 for row in figures)
-    assert "images/s" in result.stdout
-    comparison = json.loads(out.read_text())["ours_vs_usual"]
-    assert [row["model"] for row in comparison] == ["pit-n", "vit-n/2", "resnet-n"]
-    assert all(row["ratio"] == row["ours_images_per_s"] / row["usual_images_per_s"] for row in comparison)
+def vit_train_flops(patch: int, side: int = 8, chans: int = 1, dim: int = 64, depth: int = 4, classes: int = 10) -> int:
+    """Training FLOPs per image of a timm ViT (cls token, MLP ratio 4), counted by hand the way
+    torch.utils.flop_counter counts: 2 per multiply-add; backward twice each matmul, except the
+    patch embedding's input gradient (the image needs none); fused attention's backward
+    recomputes Q K^T, so attention costs 5 matmuls backward against 2 forward."""
+    grid = (side // patch) ** 2
+    tokens = grid + 1
+    embed = 2 * grid * chans * patch * patch * dim
+    linear = depth * 2 * tokens * dim * dim * (3 + 1 + 4 + 4)  # qkv, proj, fc1, fc2
+    attention = depth * 2 * (2 * tokens * tokens * dim)  # Q K^T and A V, all heads
+    head = 2 * dim * classes
+    forward = embed + linear + attention + head
+    return 3 * forward - embed + attention // 2
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    # --quick runs on one thread: on a shared 2-core machine two OpenMP threads spin against
+    # other processes and a step can take 10x longer.
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_mode_writes_every_section_and_prints_tables(quick):
+    figures, stdout = quick
+    for key in ("environment", "device_peak", "train_throughput", "ours_vs_usual", "cost_growth",
+                "attention_distance", "probe_throughput"):
+        assert figures[key], key
+    env = figures["environment"]
+    assert env["device"] in ("cpu", "cuda") and env["torch_threads"] == 1 and env["date"]
+    assert figures["quick"] is True and figures["command"].startswith("python -m benchmarks --quick")
+    for heading in ("images/s", "MFU", "ours/usual", "peak MB", "probe", env["date"]):
+        assert heading in stdout
+
+
+def test_training_figures_are_medians_with_a_consistent_mfu_and_ratio(quick):
+    figures, _ = quick
+    rows = figures["train_throughput"]
+    assert [r["model"] for r in rows] == ["pit-n", "vit-n/2", "resnet-n", "resnet-18"]
+    peak = figures["device_peak"]
+    assert positive(peak["flops"]) and peak["flops"] == max(peak["before"], peak["after"])
+    for row in rows:
+        assert row["runs"] >= 2 and row["warmup_runs"] >= 1
+        assert row["images_per_s"] == statistics.median(row["images_per_s_runs"])
+        assert len(row["images_per_s_runs"]) == row["runs"] == len(row["usual_images_per_s_runs"])
+        assert row["usual_images_per_s"] == statistics.median(row["usual_images_per_s_runs"])
+        assert all(positive(v) for v in row["images_per_s_runs"] + row["usual_images_per_s_runs"])
+        assert row["peak_flops"] == peak["flops"]
+        assert row["mfu"] == pytest.approx(row["images_per_s"] * row["flops_per_image"] / peak["flops"], rel=1e-12)
+        assert 0 < row["mfu"] <= 1 and 0 < row["usual_mfu"] <= 1
+        assert row["ratio"] == row["images_per_s"] / row["usual_images_per_s"]
+    comparison = figures["ours_vs_usual"]
+    assert [c["model"] for c in comparison] == [r["model"] for r in rows]
+    for row, pair in zip(rows, comparison):
+        assert pair["ours_images_per_s"] == row["images_per_s"]
+        assert pair["usual_images_per_s"] == row["usual_images_per_s"]
+        assert pair["ratio"] == pair["ours_images_per_s"] / pair["usual_images_per_s"]
+
+
+def test_flops_per_image_equal_an_independent_count(quick):
+    from localitylab.models.describe import count_flops
+    from localitylab.models.registry import ModelSpec, build_model
+
+    flops = {r["model"]: r["flops_per_image"] for r in quick[0]["train_throughput"]}
+    assert flops["pit-n"] == vit_train_flops(patch=1) == 91_839_744
+    assert flops["vit-n/2"] == vit_train_flops(patch=2) == 21_110_016
+    # A ConvNet: backward is twice the forward, less the stem's input gradient (3x3, 1 -> 16, 8x8).
+    resnet = build_model(ModelSpec("resnet-n", 8, 1, 10))
+    assert flops["resnet-n"] == 3 * count_flops(resnet, 1, 8) - 2 * 64 * 9 * 1 * 16
+    resnet18 = build_model(ModelSpec("resnet-18", 32, 3, 100))
+    assert flops["resnet-18"] == 3 * count_flops(resnet18, 3, 32) - 2 * 32 * 32 * 9 * 3 * 64
+
+
+def test_cost_growth_attention_and_probe_sections(quick):
+    figures, _ = quick
+    growth = figures["cost_growth"]
+    assert [(r["img_size"], r["tokens"]) for r in growth] == [(16, 257), (32, 1025)]
+    for row in growth:
+        assert positive(row["step_s"]) and positive(row["peak_mb"]) and row["runs"] >= 2
+        assert row["step_s"] == statistics.median(row["step_s_runs"])
+    assert growth[1]["peak_mb"] > growth[0]["peak_mb"] and growth[1]["flops_per_image"] > growth[0]["flops_per_image"]
+
+    attention = figures["attention_distance"]
+    assert {(r["img_size"], r["method"]) for r in attention} == {(32, "streamed"), (32, "materialised")}
+    for row in attention:
+        assert positive(row["seconds"]) and row["runs"] >= 2 and row["peak_mb"] >= row["baseline_mb"] > 0
+    streamed, materialised = (next(r for r in attention if r["method"] == m) for m in ("streamed", "materialised"))
+    assert max(abs(a - b) for a, b in zip(streamed["mean_distance_px"], materialised["mean_distance_px"])) < 1e-3
+
+    from localitylab.probes.registry import probe_names
+
+    probes = figures["probe_throughput"]
+    assert [r["probe"] for r in probes] == probe_names()
+    timed = [r for r in probes if r["seconds"] is not None]
+    assert {"attention-distance", "permutation", "receptive-field"} <= {r["probe"] for r in timed}
+    for row in probes:
+        if row["seconds"] is None:  # a probe that does not apply to pit-n says why, with no figure
+            assert row["note"] and row["images_per_s"] is None and row["runs"] == 0
+        else:
+            assert positive(row["images_per_s"]) and positive(row["seconds"]) and row["runs"] >= 1
+            assert row["images_per_s"] == row["images"] / statistics.median(row["seconds_runs"])
+
+
+def test_only_runs_the_named_section(tmp_path, monkeypatch):
+    from benchmarks.__main__ import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # main sets it for its children; restored after the test
+    out = tmp_path / "only.json"
+    assert main(["--quick", "--only", "cost-growth", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["sections"] == ["cost-growth"] and figures["cost_growth"]
+    assert "train_throughput" not in figures and "probe_throughput" not in figures
+
+
+def test_peak_tensor_memory_counts_what_is_alive_at_once():
+    from benchmarks.common import PeakTensorMemory
+
+    before = torch.zeros(10_000)  # allocated before: not counted
+    with PeakTensorMemory("cpu") as memory:
+        a = torch.zeros(1000)  # 4,000 B
+        b = torch.zeros(2000)  # 8,000 B: 12,000 alive
+        view = b[:10]  # a view allocates nothing
+        del a
+        c = before + 1  # 40,000 B: 48,000 alive
+        c += 1  # in place: nothing new
+        del c
+        d = torch.zeros(3000)  # 12,000 B: 20,000 alive
+    assert memory.peak_bytes == 48_000
+    assert view.numel() == 10 and d.numel() == 3000
+
+
+def test_peak_tensor_memory_sees_autograd_saved_tensors_and_gradients():
+    from benchmarks.common import PeakTensorMemory
+
+    weight = torch.randn(256, 256, requires_grad=True)
+    inputs = torch.randn(64, 256)
+    with PeakTensorMemory("cpu") as memory:
+        torch.tanh(inputs @ weight).sum().backward()
+    # During backward: the weight's gradient (256 KiB) and the gradient of tanh's input (64 KiB).
+    assert 256 * 1024 + 64 * 1024 <= memory.peak_bytes <= 256 * 1024 + 3 * 64 * 1024 + 64
+
+
+def test_bench_data_sets_have_the_shapes_they_stand_in_for():
+    from benchmarks.common import cifar_shaped, digits_subset, register_bench_datasets
+    from localitylab.data.registry import load_dataset
+
+    register_bench_datasets()
+    register_bench_datasets()  # idempotent
+    cifar = load_dataset(cifar_shaped(8, 4))
+    assert cifar.train_images.shape == (8, 3, 32, 32) and cifar.test_images.shape == (4, 3, 32, 32)
+    assert cifar.train_images.dtype == torch.uint8 and cifar.info.num_classes == 100
+    assert cifar.info.hflip and cifar.info.crop_padding == 4
+    digits, subset = load_dataset("digits"), load_dataset(digits_subset(128, 16))
+    assert torch.equal(subset.train_images, digits.train_images[:128]) and len(subset.test_images) == 16
+    assert subset.info.mean == digits.info.mean and subset.info.crop_padding == digits.info.crop_padding
