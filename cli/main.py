@@ -284,7 +284,7 @@ def probe(
         raise UserError(f"probe {name} needs a model: a ckpt.pt, a run folder, a registry name or timm:NAME")
     from localitylab.probes import ProbeRequest, run_probes
 
-    options = parse_model_kw(opt)
+    options = parse_model_kw(opt, "--opt")
     if query is not None:
         options["query"] = query
     if per_head:

@@ -6,8 +6,10 @@ import ast
 from typing import Any
 
 
-def parse_model_kw(items: list[str] | None) -> dict[str, Any]:
-    """['depth=6', 'qk_norm=True', 'act_layer=gelu'] -> {'depth': 6, 'qk_norm': True, 'act_layer': 'gelu'}."""
+def parse_model_kw(items: list[str] | None, flag: str = "--model-kw") -> dict[str, Any]:
+    """['depth=6', 'qk_norm=True', 'act_layer=gelu'] -> {'depth': 6, 'qk_norm': True, 'act_layer': 'gelu'}.
+
+    `flag` names the option in error messages (`--opt` uses the same syntax)."""
     from localitylab.errors import UserError
 
     result: dict[str, Any] = {}
@@ -15,7 +17,7 @@ def parse_model_kw(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise UserError(f"--model-kw expects key=value, got {item!r}")
+            raise UserError(f"{flag} expects key=value, got {item!r}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

@@ -14,11 +14,38 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def check_folder(folder: str | os.PathLike) -> Path:
+    """Raise UserError if `folder` could not be a folder to write into: it, or the nearest
+    part of it that exists, is a file. Creates nothing (a failed command leaves no folder)."""
+    from localitylab.errors import UserError
+
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is a file" if part == folder else f"lies under {part}, which is a file"
+                raise UserError(f"cannot write into {folder}: it {what}, not a folder")
+            break
+    return folder
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """mkdir -p, with a one-line UserError where a file is in the way or permission is refused."""
+    from localitylab.errors import UserError
+
+    folder = check_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder {folder}: {err.strerror or err}") from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -198,6 +198,9 @@ def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
     """Load a registry data set by the name users type: 'digits', 'cifar100', 'shapes-32', 'folder:PATH'."""
     _ensure_loaded()
     options = options or DataOptions()
+    if options.img_size is not None and (isinstance(options.img_size, bool) or not isinstance(options.img_size, int)
+                                         or not 1 <= options.img_size <= MAX_IMG_SIZE):
+        raise UserError(f"--img-size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {options.img_size!r}")
     if ":" in name:
         family, arg = name.split(":", 1)
         entry = _DATASETS.get(family)
@@ -206,14 +209,30 @@ def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
         return entry.loader(arg, options)
     entry = _DATASETS.get(name)
     if entry is not None and not entry.sized and not entry.prefix:
-        return entry.loader(options)
+        return _fixed_size(entry.loader(options), options)
     match = _SIZED.match(name)
     if match and match["family"] in _DATASETS and _DATASETS[match["family"]].sized:
         size = int(match["size"])
         if not 4 <= size <= 512:
             raise UserError(f"{name}: size must be between 4 and 512 pixels, got {size}")
+        if options.img_size is not None and options.img_size != size:
+            raise UserError(f"{name} images are {size}x{size}; --img-size {options.img_size} disagrees "
+                            f"(use {match['family']}-{options.img_size} for another size)")
         return _DATASETS[match["family"]].loader(size, options)
     raise UserError(f"unknown data set {name!r}; valid: {valid_dataset_hint()}")
+
+
+# --img-size beyond this is a typo, not a data set that fits in memory.
+MAX_IMG_SIZE = 4096
+
+
+def _fixed_size(dataset: ImageDataset, options: DataOptions) -> ImageDataset:
+    """A data set with one image size ignores nothing silently: a different --img-size is an error."""
+    if options.img_size is not None and options.img_size != dataset.info.img_size:
+        size = dataset.info.img_size
+        raise UserError(f"{dataset.name} images are {size}x{size}; --img-size applies to folder: data sets only "
+                        f"(got {options.img_size})")
+    return dataset
 
 
 _families_loaded = False

@@ -111,6 +111,11 @@ def model_kind(name: str) -> str:
     return _MODELS[family].kind
 
 
+# Shapes a registry model takes from its data set (and its name), never from --model-kw: a
+# model built for other shapes than its data would fail only in the middle of training.
+SHAPE_KEYS = ("img_size", "in_chans", "num_classes", "patch_size")
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build an untrained model for `spec`. Raises UserError for impossible specs."""
     for label, value in (("image size", spec.img_size), ("channels", spec.in_chans), ("classes", spec.num_classes)):
@@ -121,6 +126,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from localitylab.models.timm_adapter import build_timm_model
 
         return build_timm_model(spec)
+    fixed = [key for key in SHAPE_KEYS if key in spec.model_kw]
+    if fixed:
+        raise UserError(f"{spec.name}: --model-kw {fixed[0]} cannot be set; image size, channels and classes come "
+                        f"from the data set and the patch size from the name (e.g. vit-n/4)")
     return _MODELS[family].builder(spec)
 
 

@@ -59,12 +59,18 @@ def build_vision_transformer(spec: ModelSpec, size: str, patch_size: int) -> nn.
         pos_embed="none" if pos_embed == "none" else "learn",
     )
     extra = dict(spec.model_kw)
-    pos_embed_std = float(extra.pop("pos_embed_std", POS_EMBED_STD))
+    raw_std = extra.pop("pos_embed_std", POS_EMBED_STD)
+    try:
+        pos_embed_std = float(raw_std)
+    except (TypeError, ValueError):
+        raise UserError(f"{spec.name}: pos_embed_std must be a number, got {raw_std!r}") from None
     kwargs.update(extra)
     try:
         model = timm.create_model(_TIMM_BASE[size], pretrained=False, **kwargs)
     except TypeError as err:  # an unknown --model-kw key
         raise UserError(f"{spec.name}: {err}") from None
+    except (ValueError, RuntimeError, AssertionError) as err:  # a --model-kw value timm cannot build (depth=-1)
+        raise UserError(f"{spec.name} cannot be built with {extra}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if pos_embed == "learn":
         with torch.no_grad():
             nn.init.trunc_normal_(model.pos_embed, std=pos_embed_std, a=-2 * pos_embed_std, b=2 * pos_embed_std)

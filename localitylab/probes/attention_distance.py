@@ -299,6 +299,9 @@ class AttentionDistance(Probe):
     def not_applicable(self, target: ProbeTarget) -> str | None:
         return no_attention_reason(target)
 
+    def check_options(self, options: dict) -> None:
+        parse_query_block(options.get("query_block"))
+
     def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
         block = parse_query_block(context.option("query_block", None))
         return measure_attention_distance(target, context.images, context.batch_size, block)

@@ -155,6 +155,19 @@ class AttentionMaps(Probe):
     def not_applicable(self, target: ProbeTarget) -> str | None:
         return no_attention_reason(target)
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        parse_flag(options.get("per_head", False), "per_head")
+        if "query" in options:  # the form here; whether the pixels lie inside the image, in check()
+            try:
+                parse_queries(options["query"], TokenGeometry((1 << 30, 1 << 30), 1, 0))
+            except UserError:
+                raise UserError(f"query must be 'row,col' pixel coordinates (';' between several), "
+                                f"got {options['query']!r}") from None
+
+    def check(self, target: ProbeTarget, context: ProbeContext) -> None:
+        self.check_options(context.options)
+        parse_queries(context.option("query", None), TokenGeometry.of(target))
+
     def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
         geometry = TokenGeometry.of(target)
         queries = parse_queries(context.option("query", None), geometry)

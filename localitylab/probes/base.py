@@ -60,6 +60,15 @@ class Probe:
         """Why this probe does not apply to `target`, or None if it does."""
         return None
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise UserError for an option value this probe cannot use; needs no model, so
+        studies check their files with it and the runner checks before anything is written."""
+
+    def check(self, target: ProbeTarget, context: ProbeContext) -> None:
+        """Raise UserError for an option that does not fit `target` (e.g. a query pixel outside
+        its image). Called for every probe of a run before any output is written."""
+        self.check_options(context.options)
+
     def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
         raise NotImplementedError
 

@@ -303,10 +303,15 @@ class PermutationProbe(Probe):
     applies_to = "every model (accuracies mean most for a trained classifier)"
     option_names = ("window_sizes", "tile_grids", "swap_fractions", "swap_distances")
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        shuffle_settings(8, 8, options)  # the values' checks do not depend on the image size
+
     def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
         height, width = context.images.shape[-2:]
         settings = shuffle_settings(height, width, context.options)
         caveat = "" if target.checkpoint else "untrained model: accuracies are near chance"
+        if "mae_options" in target.extras:
+            caveat = "MAE encoder: its classifier head is untrained, so accuracies are near chance"
         clean = self.accuracy(target, context, None)
         rows = [Row("accuracy", clean, setting="clean", note=caveat)]
         for setting in settings:

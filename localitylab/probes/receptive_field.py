@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -197,10 +197,14 @@ class ReceptiveFieldProbe(Probe):
         self._cached = (weakref.ref(context), weakref.ref(target.model), maps, centres)
         return maps, centres
 
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
-        ig_steps = context.option("ig_steps", DEFAULT_IG_STEPS)
+    def check_options(self, options: dict[str, Any]) -> None:
+        ig_steps = options.get("ig_steps", DEFAULT_IG_STEPS)
         if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1:
             raise UserError(f"--opt ig_steps must be a whole number >= 1, got {ig_steps!r}")
+
+    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+        self.check_options(context.options)
+        ig_steps = context.option("ig_steps", DEFAULT_IG_STEPS)
         maps, centres = self.erf(target, context)
         height, width = maps.shape[-2:]
         side = max(height, width)

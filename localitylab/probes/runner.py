@@ -21,7 +21,7 @@ import torch
 
 from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
-from localitylab.io import atomic_path, code_version, write_json
+from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
 from localitylab.probes.base import ProbeContext
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.target import ProbeTarget, load_target, select_images
@@ -58,7 +58,9 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     if names == ["all"]:
         names = probe_names()
     probes = [get_probe(name) for name in names]
-    _check_options(probes, request.options)
+    check_probe_options(probes, request.options)
+    if request.out is not None:
+        check_folder(request.out)
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
     options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None, img_size=request.img_size,
@@ -66,12 +68,15 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     target, dataset = load_target(request.source, request.device, request.data, options, request.model_kw,
                                   request.weights, request.pos_embed, request.seed)
     images, labels = select_images(dataset, request.n_images, request.seed)
-    out_dir = Path(request.out) if request.out is not None else target.default_out_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    contexts = [ProbeContext(images, labels, request.batch_size, request.seed,
+                             {k: v for k, v in request.options.items() if k in probe.option_names})
+                for probe in probes]
+    for probe, context in zip(probes, contexts):  # every option is checked before anything is written
+        if probe.not_applicable(target) is None:
+            probe.check(target, context)
+    out_dir = make_folder(Path(request.out) if request.out is not None else target.default_out_dir())
     outputs = []
-    for probe in probes:
-        context = ProbeContext(images, labels, request.batch_size, request.seed,
-                               {k: v for k, v in request.options.items() if k in probe.option_names})
+    for probe, context in zip(probes, contexts):
         started = time.perf_counter()
         table = probe.table(target, context)
         csv_path = write_table(table, out_dir / f"{probe.name}.csv")
@@ -84,12 +89,18 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     return outputs
 
 
-def _check_options(probes, options: dict[str, Any]) -> None:
+def check_probe_options(probes, options: dict[str, Any]) -> None:
+    """Unknown option names and option values the probes cannot use are UserErrors (no model needed)."""
     known = {name for probe in probes for name in probe.option_names}
     unknown = sorted(set(options) - known)
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
         raise UserError(f"unknown probe option {unknown[0]!r} for {', '.join(p.name for p in probes)}; valid: {valid}")
+    for probe in probes:
+        probe.check_options({k: v for k, v in options.items() if k in probe.option_names})
+
+
+_check_options = check_probe_options  # the older name
 
 
 def write_table(table: pd.DataFrame, path: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from localitylab.errors import UserError
-from localitylab.io import atomic_path, write_text
+from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
 from localitylab.report.summary import COLUMNS, reading, summary_row
 
@@ -173,8 +173,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "How 
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UserError(f"unknown report format {unknown[0] if unknown else ''!r}; valid: html, pdf")
+    out = check_folder(out)
     records = collect_runs(list(run_dirs))
-    out = Path(out)
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
         html = render_html(build_context(records, title, Path(tmp), expectations))

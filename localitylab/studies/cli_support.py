@@ -8,6 +8,7 @@ from pathlib import Path
 from localitylab.errors import UserError
 from localitylab.studies.runner import describe_plan, run_study
 from localitylab.studies.spec import load_study
+from localitylab.train.config import safe_name
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
@@ -21,7 +22,8 @@ def bundled_study(name: str) -> Path:
 def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int, resume: bool,
                       report_dir: Path | None) -> int:
     study = load_study(file, scale)
-    out = Path(out) if out is not None else Path("runs") / (study.name + (f"-{scale}" if scale else ""))
+    # The default folder is built from names in the file (and --scale): sanitised, so it stays under runs/.
+    out = Path(out) if out is not None else Path("runs") / safe_name(study.name + (f"-{scale}" if scale else ""))
     if (out / "study.json").is_file() and not resume:
         raise UserError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
 

@@ -3,7 +3,9 @@ published numbers are. Validated on load; a mistake names the key and its line.
 
     [study]    name, title, description, dataset, seeds, permute_pixels, gpu_hours, notes
     [recipe]   any `localitylab train` setting (epochs, batch_size, lr, ...)
-    [[models]] model (registry name), label, and per-model recipe overrides
+    [[models]] model (registry name), label, and per-model recipe overrides; task = "mae"
+               pre-trains, and init_from = "<label of an earlier model>" starts from its
+               checkpoint (same seed), so a study can pre-train and then fine-tune
     [probes]   run (probe names or ["all"]), images, batch_size, options = {...}
     [report]   title
     [[expect]] model, metric, published, setting, source: shown as "published" beside "ours"
@@ -64,9 +66,18 @@ class Study:
     scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
     model_map: dict[str, str] = field(default_factory=dict)  # a scale's substitutions, e.g. pit-t -> pit-n
 
-    def train_config(self, entry: ModelEntry, seed: int, permute: int | None, out: Path) -> TrainConfig:
+    def train_config(self, entry: ModelEntry, seed: int, permute: int | None, out: Path,
+                     init_from: Path | None = None) -> TrainConfig:
+        """`init_from`: the checkpoint of the run that entry.init_from names (the runner knows
+        where that run lives); the label itself never reaches TrainConfig."""
         settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed, "permute_pixels": permute}
+        settings["init_from"] = str(init_from) if init_from is not None else None
         return TrainConfig(model=entry.model, dataset=self.dataset_of(entry), out=out, resume=True, **settings)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """{label: label of the run it starts from} for the models with init_from."""
+        return {e.label: e.recipe["init_from"] for e in self.models if e.recipe.get("init_from")}
 
     def dataset_of(self, entry: ModelEntry) -> str:
         return entry.dataset or self.dataset
@@ -109,7 +120,12 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a study file (not UTF-8 text); expected TOML") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the study file: {err.strerror or err}") from None
     locator = _Locator(path, text)
     try:
         data = tomllib.loads(text)
@@ -124,16 +140,33 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     for required in ("name", "dataset"):
         if required not in study:
             raise locator.error(f"[study] needs {required!r}")
+    _check_study_values(study, locator)
+    for table in ("recipe", "probes", "report"):
+        if not isinstance(data.get(table, {}), dict):
+            raise locator.error(f"'{table}' must be a [{table}] table, got {data[table]!r}", table)
     recipe = dict(data.get("recipe", {}))
     _check_keys(recipe, RECIPE_KEYS, "[recipe]", locator, "recipe")
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not models_raw:
         raise locator.error("needs at least one [[models]] entry with a 'model' key")
+    expect_raw = data.get("expect", [])
+    if not isinstance(expect_raw, list) or not all(isinstance(e, dict) for e in expect_raw):
+        raise locator.error("'expect' must be a list of [[expect]] tables", "expect")
     scales = data.get("scale", {})
     if not isinstance(scales, dict):
         raise locator.error("'scale' must be a table of [scale.NAME] tables", "scale")
     for scale_name, scale_table in scales.items():
+        if not isinstance(scale_table, dict):
+            raise locator.error(f"'scale.{scale_name}' must be a [scale.{scale_name}] table, got {scale_table!r}", "scale")
         _check_keys(scale_table, SCALE_KEYS, f"[scale.{scale_name}]", locator, f"scale.{scale_name}")
+        for table in ("models", "recipe", "probes"):
+            if not isinstance(scale_table.get(table, {}), dict):
+                raise locator.error(f"[scale.{scale_name}] {table} must be a table, got {scale_table[table]!r}", table,
+                                    f"scale.{scale_name}")
+        for full, small in scale_table.get("models", {}).items():
+            if not isinstance(small, str):
+                raise locator.error(f"[scale.{scale_name}] models: {full} must map to a model name (\"\" to leave it "
+                                    f"out), got {small!r}", full, f"scale.{scale_name}")
 
     dataset = study["dataset"]
     model_map: dict[str, str] = {}
@@ -158,6 +191,10 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         if not isinstance(raw, dict) or "model" not in raw:
             raise locator.error(f"[[models]] entry {index + 1} needs a 'model' key")
         _check_keys(raw, MODEL_KEYS, f"[[models]] entry {index + 1}", locator, "models")
+        for key in ("model", "dataset"):
+            if key in raw and not isinstance(raw[key], str):
+                raise locator.error(f"[[models]] entry {index + 1}: {key} must be a string, got {raw[key]!r}", key,
+                                    "models")
         name = model_map.get(raw["model"], raw["model"])
         if name == "":
             continue
@@ -168,9 +205,14 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
             raise locator.error(f"two models share the label {label!r}; give each a distinct 'label'", "label", "models")
         labels.add(label)
         recipe_part = {k: v for k, v in raw.items() if k not in ("model", "label", "dataset")}
+        source = recipe_part.get("init_from")
+        if source is not None and source not in labels - {label}:
+            raise locator.error(
+                f"[[models]] entry {index + 1}: init_from must be the label of an earlier model in this study "
+                f"(one of: {', '.join(sorted(labels - {label})) or 'none'}), got {source!r}", "init_from", "models")
         models.append(ModelEntry(name, label, recipe_part, raw.get("dataset")))
 
-    expect = data.get("expect", [])
+    expect = expect_raw
     for index, entry in enumerate(expect):
         _check_keys(entry, EXPECT_KEYS, f"[[expect]] entry {index + 1}", locator, "expect")
         for required in ("model", "published"):
@@ -183,6 +225,15 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     probes = probes_raw.get("run", ["all"])
     if isinstance(probes, str):
         probes = [probes]
+    if not isinstance(probes, list) or not probes or not all(isinstance(p, str) for p in probes):
+        raise locator.error(f"[probes] run must be a probe name or a list of them, got {probes!r}", "run", "probes")
+    for key in ("images", "batch_size"):
+        value = probes_raw.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise locator.error(f"[probes] {key} must be a whole number >= 1, got {value!r}", key, "probes")
+    if not isinstance(probes_raw.get("options", {}), dict):
+        raise locator.error(f"[probes] options must be a table (options = {{ key = value }}), "
+                            f"got {probes_raw['options']!r}", "options", "probes")
 
     result = Study(
         path=path, name=safe_name(str(study["name"])), title=str(data.get("report", {}).get("title", study.get("title", study["name"]))),
@@ -221,7 +272,8 @@ def _validate_values(study: Study, locator: _Locator) -> None:
     for entry in study.models:
         try:
             parse_model_name(entry.model)
-            study.train_config(entry, study.seeds[0], study.permute_pixels, Path("unused")).validate()
+            source = Path("unused") / "ckpt.pt" if entry.recipe.get("init_from") else None
+            study.train_config(entry, study.seeds[0], study.permute_pixels, Path("unused"), source).validate()
         except UserError as err:
             raise locator.error(f"model {entry.model!r}: {err}", "model", "models") from None
         except TypeError as err:
@@ -229,6 +281,27 @@ def _validate_values(study: Study, locator: _Locator) -> None:
     for name in study.probes:
         if name != "all" and name not in probe_names():
             raise locator.error(f"unknown probe {name!r}; valid: {', '.join(probe_names())}, all", "run", "probes")
+    from localitylab.probes.registry import get_probe
+    from localitylab.probes.runner import check_probe_options
+
+    chosen = probe_names() if "all" in study.probes else study.probes
+    try:
+        check_probe_options([get_probe(name) for name in chosen], study.probe_options)
+    except UserError as err:
+        raise locator.error(f"[probes] options: {err}", "options", "probes") from None
+
+
+def _check_study_values(study: dict[str, Any], locator: _Locator) -> None:
+    """Types of the [study] table: names become folders and seeds become paths, so check them here."""
+    for key in ("name", "dataset", "title", "description", "notes"):
+        if key in study and not isinstance(study[key], str):
+            raise locator.error(f"[study] {key} must be a string, got {study[key]!r}", key, "study")
+    permute = study.get("permute_pixels")
+    if permute is not None and (isinstance(permute, bool) or not isinstance(permute, int)):
+        raise locator.error(f"[study] permute_pixels must be an integer seed, got {permute!r}", "permute_pixels", "study")
+    hours = study.get("gpu_hours")
+    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours < 0):
+        raise locator.error(f"[study] gpu_hours must be a number >= 0, got {hours!r}", "gpu_hours", "study")
 
 
 def _same_kind(default: Any, value: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +47,14 @@ def safe_torch_load(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only names the global it refused ("GLOBAL posix.system"); anything else
-        # is a file that is simply not a torch checkpoint.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        # weights_only names the global it refused ("GLOBAL posix.system", or for protocol 4
+        # pickles "STACK_GLOBAL" with the name beside it); anything else is a file that is
+        # simply not a torch checkpoint.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"STACK_GLOBAL.*?([\w]+\.[\w.]+)", str(err))
         if refused:
             raise UserError(
                 f"{path} was refused: loading it would call {refused.group(1)}, and a checkpoint holds only "

@@ -13,6 +13,7 @@ reproduced here: `studies/pit_vs_vit_cifar100.toml` documents what is known and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,18 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise UserError("--warmup-epochs and --weight-decay must be >= 0, --label-smoothing in [0, 1)")
+        # Written as "not (valid)" so that NaN, which fails every comparison, is refused too.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        at_least_zero = {"min_lr": self.min_lr, "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                         "mixup": self.mixup, "cutmix": self.cutmix, "clip_grad": self.clip_grad or 0.0}
+        for name, value in at_least_zero.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop-path is a probability of dropping a block: in [0, 1), got {self.drop_path}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise UserError(f"--crop-padding must be >= 0, got {self.crop_padding}")
         if self.task not in TASKS:

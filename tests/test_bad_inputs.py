@@ -1,0 +1,553 @@
+"""The catalogue of bad inputs: every one ends in one line on stderr, exit status 2, no
+traceback, and nothing half-written (no new file or folder anywhere the command could
+write, no temporary file left).
+
+Each case runs in-process through `cli.main.main` (the console script's entry point) in a
+fresh working folder, so default output folders (runs/, probes/) would show up there too.
+`tests/test_cli.py` checks one case in a real process.
+
+docs/bad-inputs.md is this catalogue as a table, with the message a user sees; regenerate
+it after changing a case with
+
+    .venv/bin/python tests/test_bad_inputs.py
+
+(test_doc_lists_every_case fails until it is in sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script to regenerate the doc
+    sys.path.insert(0, str(ROOT))
+
+from tests.cli_helpers import assert_one_line_error, run_cli, tree  # noqa: E402
+
+DOC = ROOT / "docs" / "bad-inputs.md"
+
+
+# --- inputs the cases share ----------------------------------------------------------------------
+
+def make_fixtures(fx: Path) -> None:
+    """The files the cases read: checkpoints good and bad, image folders good and bad, tables."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from localitylab.data import load_dataset
+    from localitylab.models.registry import ModelSpec, build_model
+    from localitylab.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet-n", 8, 1, 10)
+    payload = {"model_spec": spec.to_dict(), "model_state": build_model(spec).state_dict(),
+               "data": load_dataset("digits").info.to_dict(), "config": {}, "epoch": 0}
+    checkpoint = save_checkpoint(fx / "run" / "ckpt.pt", payload)
+    # The weights of a resnet-n under the name of a pit-n.
+    save_checkpoint(fx / "other-model.pt", {**payload, "model_spec": {**spec.to_dict(), "name": "pit-n",
+                                                                      "pos_embed": "learn"}})
+    torch.save({"weights": torch.zeros(3)}, fx / "foreign.pt")
+    (fx / "truncated.pt").write_bytes(checkpoint.read_bytes()[:3000])
+    marker = fx / "code-ran"  # the malicious files would create it; the snapshot would show it
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "localitylab.checkpoint", "model_spec": Payload()}, fx / "malicious.pt")
+    (fx / "malicious.pkl").write_bytes(pickle.dumps({"model_spec": Payload()}, protocol=4))
+    (fx / "notes.txt").write_text("not a checkpoint\n")
+    (fx / "a-file").write_text("a file where a folder should be\n")
+    (fx / "binary.toml").write_bytes(b"\xff\xfe\x00\x01 not text")
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            for folder in (fx / "images" / split / name, fx / "mismatch" / split / (name if split == "train" else "cow")):
+                folder.mkdir(parents=True, exist_ok=True)
+                for k in range(2):
+                    Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+            text_only = fx / "text-only" / split / name
+            text_only.mkdir(parents=True, exist_ok=True)
+            (text_only / "readme.txt").write_text("no images here")
+            corrupt = fx / "corrupt" / split / name
+            corrupt.mkdir(parents=True, exist_ok=True)
+            (corrupt / "0.png").write_bytes(b"not a png")
+        (fx / "no-classes" / split).mkdir(parents=True, exist_ok=True)
+
+    (fx / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
+    (fx / "permutation.csv").write_text(
+        "model,probe,metric,layer,head,setting,value,n_images,note\n"
+        "resnet-n,permutation,accuracy,,,clean,0.5,8,\n")
+
+
+# A study that passes validation; the study cases break one thing in it.
+STUDY = """\
+[study]
+name = "tiny"
+dataset = "digits"
+
+[recipe]
+epochs = 1
+batch_size = 64
+warmup_epochs = 0
+
+[[models]]
+model = "resnet-n"
+
+[probes]
+run = ["permutation"]
+images = 8
+"""
+
+
+# --- the catalogue -------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    id: str
+    what: str  # the bad input, in words
+    args: list[str]  # {fx}: the shared inputs above, {tmp}: this case's folder, {out}: its output folder
+    message: str  # a piece of the one-line error
+    setup: Callable[[Path], None] | None = None  # writes this case's own inputs into {tmp}
+    before_data: bool = False  # must be refused before any data set is loaded
+    xfail: str | None = None  # why it fails today, and the fix it needs
+
+    def argv(self, fx: Path, tmp: Path) -> list[str]:
+        return [a.format(fx=fx, tmp=tmp, out=tmp / "out") for a in self.args]
+
+    @property
+    def command(self) -> str:
+        """The command as the doc shows it: paths relative to the inputs described there."""
+        shown = [a.replace("{fx}/", "").replace("{tmp}/", "").replace("{out}", "out") for a in self.args]
+        return " ".join(["localitylab", *(f"'{a}'" if re.search(r"[\s;]", a) else a for a in shown)])
+
+
+def study_case(id: str, what: str, change: Callable[[str], str], message: str, *extra: str, **kw) -> Case:
+    def setup(tmp: Path) -> None:
+        (tmp / "study.toml").write_text(change(STUDY))
+
+    return Case(id, what, ["study", "run", "{tmp}/study.toml", "--out", "{out}", *extra], message, setup=setup, **kw)
+
+
+def _existing_study(tmp: Path) -> None:
+    (tmp / "study.toml").write_text(STUDY)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "study.json").write_text("{}\n")
+
+
+def _bad_run_json(tmp: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "run.json").write_text("{not json")
+
+
+def _empty_folder(tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+
+
+TRAIN_BASE = ["train", "pit-n", "digits", "--out", "{out}"]
+TRAIN = [*TRAIN_BASE, "--epochs", "1"]  # one epoch, should a case ever get as far as training
+
+CASES = [
+    # names
+    Case("unknown-model", "a model name not in the registry", ["train", "pit-x", "digits", "--out", "{out}"],
+         "unknown model 'pit-x'; valid:"),
+    Case("unknown-timm-model", "a timm: name timm does not have", ["train", "timm:no_such_model", "digits", "--out", "{out}"],
+         "unknown timm model"),
+    Case("unknown-dataset", "a data set name not in the registry", ["train", "pit-n", "imagenet", "--out", "{out}"],
+         "unknown data set 'imagenet'; valid:"),
+    Case("unknown-dataset-prefix", "a PREFIX:PATH data set with an unknown prefix",
+         ["train", "pit-n", "web:http://x", "--out", "{out}"], "unknown data set 'web:http://x'"),
+    Case("unknown-probe", "a probe name not in the registry", ["probe", "nope", "{fx}/run/ckpt.pt", "--out", "{out}"],
+         "unknown probe 'nope'; valid:"),
+    Case("unknown-command", "a command that does not exist", ["frobnicate"], "No such command"),
+    Case("unknown-pos-embed", "a position embedding that does not exist", [*TRAIN, "--pos-embed", "rope"],
+         "unknown position embedding 'rope'"),
+    Case("unknown-device", "a device that does not exist", [*TRAIN, "--device", "tpu"], "unknown device 'tpu'",
+         before_data=True),
+    Case("unknown-compile-mode", "--compile other than auto/on/off", [*TRAIN, "--compile", "maybe"],
+         "--compile must be auto, on or off", before_data=True),
+    # shapes
+    Case("patch-not-dividing", "a patch size that does not divide the image size",
+         ["train", "vit-n/3", "digits", "--out", "{out}"], "not divisible by patch size 3"),
+    Case("patch-larger-than-image", "a patch larger than the image", ["train", "vit-n/16", "digits", "--out", "{out}"],
+         "image size 8 is not divisible by patch size 16"),
+    Case("patch-zero", "patch size 0", ["train", "vit-n/0", "digits", "--out", "{out}"], "patch size must be at least 1"),
+    Case("img-size-zero", "--img-size 0 for a folder data set",
+         ["train", "resnet-n", "folder:{fx}/images", "--img-size", "0", "--out", "{out}"], "--img-size must be"),
+    Case("img-size-for-fixed-size-data", "--img-size for a data set with one image size (it used to be ignored)",
+         ["train", "resnet-n", "digits", "--img-size", "32", "--out", "{out}"], "--img-size applies to folder:"),
+    Case("img-size-disagrees-with-name", "--img-size other than the S of shapes-S",
+         ["train", "resnet-n", "shapes-16", "--img-size", "32", "--out", "{out}"], "shapes-16 images are 16x16"),
+    Case("generated-size-too-small", "shapes-S with S below 4", ["train", "pit-n", "shapes-3", "--out", "{out}"],
+         "size must be between 4 and 512"),
+    Case("model-kw-shape", "--model-kw setting a shape the data set decides",
+         ["train", "vit-n/2", "digits", "--model-kw", "img_size=16", "--out", "{out}"], "img_size cannot be set"),
+    # types and values
+    Case("epochs-not-a-number", "--epochs many", [*TRAIN_BASE, "--epochs", "many"], "Invalid value for '--epochs'"),
+    Case("epochs-fraction", "--epochs 1.5", [*TRAIN_BASE, "--epochs", "1.5"], "Invalid value for '--epochs'"),
+    Case("epochs-zero", "--epochs 0", [*TRAIN_BASE, "--epochs", "0"], "--epochs must be at least 1", before_data=True),
+    Case("batch-size-zero", "--batch-size 0", [*TRAIN, "--batch-size", "0"], "--batch-size must be at least 1",
+         before_data=True),
+    Case("lr-negative", "a negative learning rate", [*TRAIN, "--lr", "-1"], "--lr must be a positive number", before_data=True),
+    Case("lr-nan", "--lr nan", [*TRAIN, "--lr", "nan"], "--lr", before_data=True),
+    Case("min-lr-negative", "a negative --min-lr", [*TRAIN, "--min-lr", "-1"], "--min-lr", before_data=True),
+    Case("weight-decay-nan", "--weight-decay nan", [*TRAIN, "--weight-decay", "nan"], "--weight-decay",
+         before_data=True),
+    Case("label-smoothing-one", "--label-smoothing 1", [*TRAIN, "--label-smoothing", "1"], "--label-smoothing must be in [0, 1)",
+         before_data=True),
+    Case("drop-path-above-one", "--drop-path 2", [*TRAIN, "--drop-path", "2"], "--drop-path", before_data=True),
+    Case("mixup-negative", "--mixup -1", [*TRAIN, "--mixup", "-1"], "--mixup", before_data=True),
+    Case("clip-grad-negative", "--clip-grad -1", [*TRAIN, "--clip-grad", "-1"], "--clip-grad", before_data=True),
+    Case("model-kw-no-equals", "--model-kw without '='", [*TRAIN, "--model-kw", "depth"], "--model-kw expects key=value"),
+    Case("model-kw-unknown-key", "--model-kw with a key the model does not take",
+         [*TRAIN, "--model-kw", "no_such_arg=1"], "no_such_arg"),
+    Case("model-kw-bad-value", "--model-kw with a value the model cannot be built with",
+         [*TRAIN, "--model-kw", "depth=-1"], "pit-n cannot be built with {'depth': -1}"),
+    Case("opt-no-equals", "--opt without '='", ["probe", "attention-maps", "vit-n/2", "--opt", "per_head", "--out", "{out}"],
+         "--opt expects key=value"),
+    # missing files
+    Case("cifar-archive-missing", "CIFAR not downloaded, --data-dir without it",
+         ["train", "pit-n", "cifar10", "--data-dir", "{tmp}/nonexistent", "--out", "{out}"], "cifar-10-python.tar.gz"),
+    Case("folder-missing", "folder:PATH that does not exist",
+         ["train", "pit-n", "folder:{tmp}/nonexistent", "--img-size", "8", "--out", "{out}"], "is not a folder"),
+    Case("weights-missing", "--weights FILE that does not exist",
+         [*TRAIN, "--weights", "{tmp}/nope.safetensors"], "weights file not found"),
+    Case("checkpoint-missing", "eval of a checkpoint that does not exist", ["eval", "{tmp}/nonexistent/ckpt.pt"],
+         "checkpoint not found"),
+    Case("probe-checkpoint-missing", "probe of a checkpoint that does not exist",
+         ["probe", "attention-distance", "{tmp}/nothing.pt", "--out", "{out}"], "checkpoint not found"),
+    Case("study-missing", "a study file that does not exist", ["study", "run", "{tmp}/missing.toml", "--out", "{out}"],
+         "study file not found"),
+    Case("plot-table-missing", "plot of a table that does not exist",
+         ["plot", "attention-distance", "{tmp}/missing.csv", "--out", "{out}"], "table not found"),
+    Case("report-missing-folder", "report on a folder that does not exist",
+         ["report", "{tmp}/missing", "--out", "{out}"], "not a run folder (no run.json) nor a probe folder"),
+    Case("report-empty-folder", "report on an empty folder", ["report", "{tmp}/empty", "--out", "{out}"],
+         "not a run folder (no run.json) nor a probe folder", setup=_empty_folder),
+    # empty and broken data sets
+    Case("folder-no-classes", "a folder data set whose train/ and val/ hold no class folders",
+         ["train", "resnet-n", "folder:{fx}/no-classes", "--img-size", "8", "--out", "{out}"], "has no class folders"),
+    Case("folder-only-non-images", "a folder data set whose class folders hold only non-image files",
+         ["train", "resnet-n", "folder:{fx}/text-only", "--img-size", "8", "--out", "{out}"], "Found no valid file"),
+    Case("folder-corrupt-image", "a .png that is not an image",
+         ["train", "resnet-n", "folder:{fx}/corrupt", "--img-size", "8", "--out", "{out}"], "is not a readable image"),
+    Case("folder-class-mismatch", "train/ and val/ with different classes",
+         ["train", "resnet-n", "folder:{fx}/mismatch", "--img-size", "8", "--out", "{out}"], "different class folders"),
+    Case("folder-needs-img-size", "a folder data set without --img-size",
+         ["train", "resnet-n", "folder:{fx}/images", "--out", "{out}"], "needs --img-size"),
+    # checkpoints
+    Case("checkpoint-not-torch", "a text file as a checkpoint", ["eval", "{fx}/notes.txt"], "not a readable checkpoint"),
+    Case("checkpoint-truncated", "a checkpoint cut short", ["eval", "{fx}/truncated.pt"], "not a readable checkpoint"),
+    Case("checkpoint-foreign", "a torch file that is not a localitylab checkpoint", ["eval", "{fx}/foreign.pt"],
+         "not a localitylab checkpoint"),
+    Case("checkpoint-other-model", "a checkpoint whose weights belong to another model", ["eval", "{fx}/other-model.pt"],
+         "weights do not fit pit-n"),
+    Case("checkpoint-malicious", "a checkpoint whose unpickling would run a shell command", ["eval", "{fx}/malicious.pt"],
+         "refused: loading it would call posix.system"),
+    Case("checkpoint-malicious-raw-pickle", "a bare pickle (protocol 4) that would run a shell command",
+         ["eval", "{fx}/malicious.pkl"], "malicious.pkl"),
+    Case("probe-checkpoint-truncated", "probe of a checkpoint cut short",
+         ["probe", "attention-distance", "{fx}/truncated.pt", "--out", "{out}"], "not a readable checkpoint"),
+    # eval options
+    Case("eval-unknown-split", "--split other than train/test", ["eval", "{fx}/run/ckpt.pt", "--split", "val"],
+         "unknown split 'val'; valid: train, test"),
+    Case("eval-batch-size-zero", "eval --batch-size 0", ["eval", "{fx}/run/ckpt.pt", "--batch-size", "0"],
+         "--batch-size must be at least 1"),
+    Case("eval-data-wrong-shape", "eval on a data set of another image shape",
+         ["eval", "{fx}/run/ckpt.pt", "--data", "shapes-8"], "the model needs (1, 8, 8)"),
+    # probe options
+    Case("probe-no-model", "a probe without a model", ["probe", "attention-distance"], "needs a model"),
+    Case("probe-unknown-option", "--opt with a name no chosen probe reads",
+         ["probe", "attention-distance", "vit-n/2", "--opt", "nope=1", "--out", "{out}"],
+         "unknown probe option 'nope' for attention-distance; valid: query_block"),
+    Case("probe-query-block-zero", "--opt query_block=0",
+         ["probe", "attention-distance", "vit-n/2", "--opt", "query_block=0", "--out", "{out}"],
+         "query_block must be a positive integer"),
+    Case("probe-query-outside-image", "an attention-maps query pixel outside the image",
+         ["probe", "attention-maps", "vit-n/2", "--query", "99,99", "--out", "{out}"], "0 <= row < 8"),
+    Case("probe-per-head-not-a-flag", "--opt per_head=maybe",
+         ["probe", "attention-maps", "vit-n/2", "--opt", "per_head=maybe", "--out", "{out}"],
+         "per_head must be true or false"),
+    Case("probe-all-bad-option-value", "probe all with a bad value for the last probe's option (nothing is written "
+         "for the first probes either)", ["probe", "all", "vit-n/2", "--opt", "ig_steps=0", "--out", "{out}"],
+         "ig_steps must be a whole number >= 1"),
+    Case("probe-window-size-one", "--opt window_sizes=1",
+         ["probe", "permutation", "vit-n/2", "--opt", "window_sizes=1", "--out", "{out}"],
+         "window_sizes and tile_grids must be >= 2"),
+    Case("probe-swap-distance-below-one", "--opt swap_distances=0.5",
+         ["probe", "permutation", "vit-n/2", "--opt", "swap_distances=0.5", "--out", "{out}"],
+         "reaches no other pixel"),
+    Case("probe-images-zero", "--images 0", ["probe", "attention-distance", "vit-n/2", "--images", "0", "--out", "{out}"],
+         "--images must be at least 1"),
+    Case("probe-model-kw-on-checkpoint", "--model-kw for a checkpoint",
+         ["probe", "attention-distance", "{fx}/run/ckpt.pt", "--model-kw", "depth=2", "--out", "{out}"],
+         "apply to registry and timm: models, not to checkpoints"),
+    Case("probe-data-wrong-shape", "probe a checkpoint on data of another shape",
+         ["probe", "attention-distance", "{fx}/run/ckpt.pt", "--data", "shapes-16", "--out", "{out}"],
+         "has images of shape (3, 16, 16); the model takes (1, 8, 8)"),
+    # outputs
+    Case("probe-out-is-a-file", "probe --out naming a file", ["probe", "attention-distance", "vit-n/2", "--out", "{fx}/a-file"],
+         "is a file, not a folder"),
+    Case("report-out-is-a-file", "report --out naming a file", ["report", "{tmp}/empty", "--out", "{fx}/a-file"],
+         "is a file, not a folder", setup=_empty_folder),
+    Case("train-out-is-a-file", "train --out naming a file", ["train", "pit-n", "digits", "--epochs", "1", "--out", "{fx}/a-file"], "a-file", before_data=True),
+    Case("report-unknown-format", "report --format docx", ["report", "{tmp}/empty", "--out", "{out}", "--format", "docx"],
+         "unknown report format 'docx'"),
+    Case("report-corrupt-run-json", "a run folder whose run.json is not JSON", ["report", "{tmp}/run", "--out", "{out}"],
+         "run.json is not readable JSON", setup=_bad_run_json),
+    Case("plot-not-a-probe-table", "plot of a CSV that is not a probe table",
+         ["plot", "attention-distance", "{fx}/metrics.csv", "--out", "{out}"], "is not a probe table: no column 'model'"),
+    Case("plot-other-probe-table", "plot of another probe's table",
+         ["plot", "attention-distance", "{fx}/permutation.csv", "--out", "{out}"],
+         "is a permutation table, not attention-distance"),
+    # studies
+    Case("study-not-text", "a binary file as a study", ["study", "run", "{fx}/binary.toml", "--out", "{out}"],
+         "not a study file (not UTF-8 text)"),
+    study_case("study-missing-name", "a study without [study] name (the line removed)", lambda s: s.replace('name = "tiny"\n', ""),
+               "[study] needs 'name'"),
+    study_case("study-unknown-key", "a misspelt key in [[models]] (`lr_max = 0.1`)",
+               lambda s: s.replace('model = "resnet-n"', 'model = "resnet-n"\nlr_max = 0.1'),
+               "line 12: unknown key 'lr_max' in [[models]] entry 1"),
+    study_case("study-seeds-wrong-type", "seeds as a string (`seeds = \"0\"`)", lambda s: s.replace('dataset = "digits"', 'dataset = "digits"\nseeds = "0"'),
+               "'seeds' must be a non-empty list of integers"),
+    study_case("study-permute-pixels-path", "permute_pixels that is a path, not a seed (`permute_pixels = \"/../../../escaped\"`: it became part of a run folder's path)",
+               lambda s: s.replace('dataset = "digits"', 'dataset = "digits"\npermute_pixels = "/../../../escaped"'),
+               "permute_pixels must be an integer seed"),
+    study_case("study-model-not-a-string", "a model that is a number (`model = 5`)", lambda s: s.replace('model = "resnet-n"', "model = 5"),
+               "[[models]] entry 1: model must be a string"),
+    study_case("study-recipe-bad-value", "a recipe value out of range (`lr = -1.0`)", lambda s: s.replace("epochs = 1", "epochs = 1\nlr = -1.0"),
+               "--lr must be a positive number"),
+    study_case("study-recipe-out", "a recipe that tries to place the runs (`out = \"/tmp/elsewhere\"`)",
+               lambda s: s.replace("epochs = 1", 'epochs = 1\nout = "/tmp/elsewhere"'), "unknown key 'out' in [recipe]"),
+    study_case("study-probe-images-not-a-number", "[probes] images as a string (`images = \"many\"`)",
+               lambda s: s.replace("images = 8", 'images = "many"'), "[probes] images must be a whole number >= 1"),
+    study_case("study-probe-run-not-a-list", "[probes] run as a number (`run = 5`)", lambda s: s.replace('run = ["permutation"]', "run = 5"),
+               "[probes] run must be a probe name or a list of them"),
+    study_case("study-probe-unknown-option", "[probes] options with a name no probe reads (`options = { nope = 1 }`)",
+               lambda s: s.replace("images = 8", "images = 8\noptions = { nope = 1 }"), "unknown probe option 'nope'"),
+    study_case("study-probe-bad-option-value", "[probes] options with a bad value (`options = { window_sizes = 1 }`)",
+               lambda s: s.replace("images = 8", "images = 8\noptions = { window_sizes = 1 }"),
+               "window_sizes and tile_grids must be >= 2"),
+    study_case("study-scale-not-a-table", "scale.NAME that is not a table (`[scale]` with `small = 3`)", lambda s: s + "\n[scale]\nsmall = 3\n",
+               "'scale.small' must be a [scale.small] table"),
+    study_case("study-unknown-scale", "--scale that the file does not define", lambda s: s, "unknown scale 'huge'",
+               "--scale", "huge"),
+    study_case("study-jobs-zero", "--jobs 0", lambda s: s, "--jobs must be at least 1", "--jobs", "0"),
+    Case("study-out-holds-a-study", "study run into a folder that holds a study, without --resume",
+         ["study", "run", "{tmp}/study.toml", "--out", "{out}"], "already holds a study; pass --resume",
+         setup=_existing_study),
+]
+
+
+def _params():
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+        yield pytest.param(case, id=case.id, marks=marks)
+
+
+class ReachedDataLoading(BaseException):
+    """Raised by every data set loader in a `before_data` case (BaseException: nothing catches it)."""
+
+
+@contextlib.contextmanager
+def data_loading_forbidden(enabled: bool = True):
+    from localitylab.data import registry
+
+    registry._ensure_loaded()
+    saved = dict(registry._DATASETS)
+
+    def refuse(*args, **kwargs):
+        raise ReachedDataLoading("a bad setting reached data loading; it should be refused before")
+
+    try:
+        if enabled:
+            for name, entry in saved.items():
+                registry._DATASETS[name] = dataclasses.replace(entry, loader=refuse)
+        yield
+    finally:
+        registry._DATASETS.clear()
+        registry._DATASETS.update(saved)
+
+
+def run_case(case: Case, fx: Path, tmp: Path):
+    """Run one case in `tmp` (the working folder); returns (result, files before, files after)."""
+    if case.setup:
+        case.setup(tmp)
+    before = tree(fx, tmp)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        with data_loading_forbidden(case.before_data):
+            result = run_cli(case.argv(fx, tmp))
+    finally:
+        os.chdir(cwd)
+    return result, before, tree(fx, tmp)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-input-files")
+    make_fixtures(root)
+    return root
+
+
+@pytest.mark.parametrize("case", list(_params()))
+def test_bad_input_is_one_line_status_2_and_writes_nothing(case: Case, fx: Path, tmp_path: Path):
+    result, before, after = run_case(case, fx, tmp_path)
+    assert_one_line_error(result, case.message)
+    assert after == before, f"written: {sorted(after - before)}; removed: {sorted(before - after)}"
+    assert not [p for p in after if p.endswith(".tmp")]
+
+
+def test_catalogue_is_large_and_its_ids_unique():
+    ids = [case.id for case in CASES]
+    assert len(ids) >= 30 and len(set(ids)) == len(ids)
+
+
+# --- names that become folders stay inside their folder -------------------------------------------
+# An explicit --out (train, probe, report, study) is the user's own path and is used as given;
+# these check the folders localitylab derives from names: run, study, label, scale and probe names.
+
+ESCAPING_LABELS = ["../../x", "/etc/passwd", "..", "a/../../b", "~root", "C:\\evil"]
+
+
+def test_study_names_and_labels_cannot_leave_the_output_folder(tmp_path):
+    import json
+
+    from localitylab.studies import load_study, make_plan
+
+    text = STUDY.replace('name = "tiny"', 'name = "../../up"\nseeds = [0, 1]\npermute_pixels = 3')
+    text = text.replace('[[models]]\nmodel = "resnet-n"\n', "".join(
+        f'[[models]]\nmodel = "resnet-n"\nlabel = {json.dumps(label)}\n' for label in ESCAPING_LABELS))
+    (tmp_path / "study.toml").write_text(text)
+    study = load_study(tmp_path / "study.toml")
+    assert study.name == "up"
+    out = tmp_path / "out"
+    plan = make_plan(study, out)
+    assert len(plan.train) == len(ESCAPING_LABELS) * 2 * 2
+    for piece in plan.train:
+        assert piece.run_dir.parent == out / "runs" and piece.run_dir.name not in (".", "..")
+        assert piece.run_dir.resolve().is_relative_to((out / "runs").resolve())
+
+
+def test_default_study_folder_stays_under_runs_whatever_the_scale_is_called(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from localitylab.studies import cli_support
+
+    escaping = "../../../escape"
+    (tmp_path / "study.toml").write_text(STUDY.replace('name = "tiny"', 'name = "../up"')
+                                         + f'\n[scale."{escaping}"]\ndataset = "digits"\n')
+    used = []
+    monkeypatch.setattr(cli_support, "run_study",
+                        lambda study, out, **kw: used.append(Path(out)) or SimpleNamespace(report={}, failed={}))
+    monkeypatch.chdir(tmp_path)
+    assert cli_support.run_study_command(tmp_path / "study.toml", None, escaping, 1, False, None) == 0
+    (out,) = used
+    assert out.parent == Path("runs") and out.name not in (".", "..") and out.name.startswith("up-")
+
+
+@pytest.mark.parametrize("name", ["timm:../../x", "timm:/etc/x", "timm:..", "vit-n/2"])
+def test_probe_default_folder_stays_under_probes(name):
+    from localitylab.models.registry import ModelSpec
+    from localitylab.probes.target import ProbeTarget
+
+    target = ProbeTarget(model=None, spec=ModelSpec(name, 8, 1, 10), data=None, info=None, display_name=name,
+                         source=name, device="cpu")
+    out = target.default_out_dir()
+    assert out.parent == Path("probes") and out.name not in (".", "..")
+
+
+# --- the doc ------------------------------------------------------------------------------------
+
+DOC_HEAD = """\
+# Bad inputs and what localitylab says
+
+Every mistake below ends with **one line on stderr**, exit status **2**, no traceback (pass
+`--debug` to see one), and **nothing written**: no new file or folder, no temporary file.
+This table is the catalogue in `tests/test_bad_inputs.py`, which checks all of that for each
+row; regenerate it with `.venv/bin/python tests/test_bad_inputs.py` after changing a case.
+
+Paths in the commands: `run/ckpt.pt` is a localitylab checkpoint of `resnet-n` on digits;
+`images/` is a good folder data set (`images/train/<class>/*.png`, `images/val/...`);
+`no-classes/`, `text-only/`, `corrupt/` and `mismatch/` are broken ones (no class folders,
+only `.txt` files, a `.png` that is not an image, different classes in train and val);
+`other-model.pt` holds resnet-n weights under the name pit-n; `foreign.pt` is a plain
+`torch.save` of a dict; `malicious.pt` / `malicious.pkl` would run a shell command if
+unpickled (nothing runs); `a-file` is a file; `study.toml` is a small valid study with the
+one change the row describes; `out` is the output folder.
+
+Rows marked *pending* are not handled yet: the last column says what happens today and the
+fix it needs; the case is an expected failure (`xfail`) in the tests until the fix lands.
+
+| id | bad input | command | what the user sees |
+| --- | --- | --- | --- |
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def doc_row(case: Case, seen: str) -> str:
+    return f"| {case.id} | {_cell(case.what)} | `{_cell(case.command)}` | {_cell(seen)} |"
+
+
+def observed_message(case: Case, fx: Path, tmp: Path, result) -> str:
+    """The error line as a user sees it, with this run's temporary paths taken out."""
+    line = result.err_lines[0] if result.err_lines else ""
+    for path, shown in ((tmp / "out", "out"), (tmp, ""), (fx, "")):
+        line = line.replace(f"{path}/", f"{shown}/" if shown else "").replace(str(path), shown or ".")
+    return f"`{line}`"
+
+
+def write_doc() -> None:
+    """Run every case and write docs/bad-inputs.md with the messages seen."""
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        fx = Path(scratch) / "fx"
+        fx.mkdir()
+        make_fixtures(fx)
+        for case in CASES:
+            if case.xfail:  # what happens today is in the reason (some would train for minutes)
+                rows.append(doc_row(case, f"*pending*: {case.xfail}"))
+                continue
+            tmp = Path(scratch) / case.id
+            tmp.mkdir()
+            result, _, _ = run_case(case, fx, tmp)
+            rows.append(doc_row(case, observed_message(case, fx, tmp, result)))
+            shutil.rmtree(tmp)
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(DOC_HEAD + "\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_doc_lists_every_case():
+    text = DOC.read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "`" in line}
+    assert sorted(rows) == sorted(c.id for c in CASES), "docs/bad-inputs.md is out of date: run tests/test_bad_inputs.py"
+    for case in CASES:
+        row = rows[case.id]
+        assert f"| `{_cell(case.command)}` |" in row, f"{case.id}: the command changed; regenerate the doc"
+        if case.xfail:
+            assert "*pending*" in row, f"{case.id}: the doc should mark it pending"
+        else:
+            assert _cell(case.message) in row and "*pending*" not in row, f"{case.id}: the message changed"
+
+
+if __name__ == "__main__":
+    write_doc()
+    print(f"wrote {DOC}")
