@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-RECIPE = ["vit-n/2", "digits", "--epochs", "6", "--batch-size", "32", "--warmup-epochs", "1", "--seed", "3",
+RECIPE = ["vit-n/2", "digits", "--epochs", "4", "--batch-size", "32", "--warmup-epochs", "1", "--seed", "3",
           "--quiet"]
 
 

@@ -104,7 +104,7 @@ def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(ref
     # 3. Killed at a random moment of a resumed run.
     process = start(out, "--resume")
     wait_for(lambda: process.stdout.readline().strip() == "started", process)
-    time.sleep(chooser.uniform(1.0, 5.0))
+    time.sleep(chooser.uniform(1.0, 3.0))
     kill_group(process)
     survived.append(f"random point, after epoch {epochs_done(out)}")
 
@@ -182,7 +182,7 @@ def test_two_gloo_processes_equal_one_and_resume_under_ddp(reference, tmp_path):
     follows the single-process run with the same global batch."""
     out = tmp_path / "ddp"
     process = start(out, "--nproc", "2")
-    wait_for(lambda: epochs_done(out) >= 2, process, timeout=240)
+    wait_for(lambda: epochs_done(out) >= 1, process, timeout=240)
     kill_group(process)
     code, _, stderr = finish(start(out, "--resume", "--nproc", "2"))
     assert code == 0, stderr
@@ -193,7 +193,7 @@ def test_two_gloo_processes_equal_one_and_resume_under_ddp(reference, tmp_path):
     print(f"DDP (2 gloo processes) vs one process: max weight difference {worst:.2e}, "
           f"max train-loss difference {max(abs(a - b) for a, b in losses):.2e}")
     # Summation order differs (two shards, then an all-reduce), so equal to float tolerance,
-    # not bit for bit; the small differences grow a little over 264 steps.
+    # not bit for bit; the small differences grow a little over 176 steps.
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in losses)
     assert worst < 1e-2
     assert abs(single["history"][-1]["test_acc"] - ddp["history"][-1]["test_acc"]) <= 1 / 360 + 1e-9

@@ -134,6 +134,8 @@ def test_killed_study_resumes_to_the_same_tables_without_redoing_pieces(tmp_path
         (TINY.replace("epochs = 2", 'epochs = "two"'), "epochs = 'two' has the wrong type"),
         (TINY.replace("[study]", "[studdy]"), "unknown key 'studdy'"),
         ("[study\nname=1", "not valid TOML"),
+        (TINY.replace('model = "vit-n/2"', 'model = "vit-n/2"\ninit_from = "pit-n"'),
+         "init_from must be the label of an earlier model in this study (one of: resnet-n), got 'pit-n'"),
     ],
 )
 def test_bad_study_files_name_the_key(tmp_path, text, message):
@@ -165,3 +167,17 @@ def test_a_failed_piece_is_reported_and_the_rest_goes_on(tmp_path):
     again = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))
     assert "train resnet-n" in again.skipped and "probe resnet-n" in again.skipped
     assert set(again.failed) == {"train vit-n-p2"}  # only the failed piece was tried again
+
+
+def test_a_fine_tune_waits_for_its_pre_training_and_fails_with_it(tmp_path):
+    spec = tmp_path / "mae.toml"
+    spec.write_text(TINY.replace("permute_pixels = 3\n", "").replace('model = "resnet-n"', 'model = "vit-n/2"\nlabel = "pre"\ntask = "mae"')
+                    .replace('model = "vit-n/2"\n\n', 'model = "vit-n/2"\nlabel = "ft"\ninit_from = "pre"\n\n'))
+    study = load_study(spec)
+    plan = make_plan(study, tmp_path / "out")
+    fine_tune = next(p for p in plan.train if p.entry.label == "ft")
+    assert fine_tune.config(study).init_from == str(tmp_path / "out" / "runs" / "pre" / "ckpt.pt")
+    study.models[0].recipe["mask_ratio"] = 1.5  # the pre-training piece fails...
+    result = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))
+    assert set(result.failed) == {"train pre", "train ft"}  # ...and the fine-tune is not tried
+    assert "its starting point pre failed" in result.failed["train ft"]

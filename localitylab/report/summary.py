@@ -82,7 +82,8 @@ def summary_row(record: RunRecord, records: list[RunRecord]) -> dict[str, Any]:
         "pe_spearman": _value(pe, "pe_distance_spearman"),
         "pe_topology": _value(pe, "pe_topology_r2"),
         "erf_r50": _value(erf, "erf_r50_frac", _last_layer),
-        "global_drop": _value(perm, "accuracy_drop", setting="global"),
+        # An MAE encoder's head was never trained: there is no accuracy to lose.
+        "global_drop": None if record.config.get("task") == "mae" else _value(perm, "accuracy_drop", setting="global"),
         "perm_gap": permutation_gap(record, records),
     }
 

@@ -35,6 +35,14 @@ class TrainPiece:
     seed: int
     permute: int | None
     run_dir: Path
+    source: "TrainPiece | None" = None  # the run whose checkpoint this one starts from
+
+    @property
+    def init_from(self) -> Path | None:
+        return self.source.run_dir / "ckpt.pt" if self.source is not None else None
+
+    def config(self, study: Study):
+        return study.train_config(self.entry, self.seed, self.permute, self.run_dir, self.init_from)
 
     @property
     def name(self) -> str:
@@ -81,11 +89,14 @@ def make_plan(study: Study, out: str | Path) -> Plan:
     many_seeds = len(study.seeds) > 1
     train, probe = [], []
     variants = [None] + ([study.permute_pixels] if study.permute_pixels is not None else [])
+    by_key: dict[tuple, TrainPiece] = {}
     for entry in study.models:
         for seed in study.seeds:
             for permute in variants:
                 folder = entry.label + (f"-s{seed}" if many_seeds else "") + (f"-perm{permute}" if permute is not None else "")
-                piece = TrainPiece(entry, seed, permute, out / "runs" / folder)
+                source = by_key[(study.sources[entry.label], seed, permute)] if entry.label in study.sources else None
+                piece = TrainPiece(entry, seed, permute, out / "runs" / folder, source)
+                by_key[(entry.label, seed, permute)] = piece
                 train.append(piece)
                 probe.append(ProbePiece(piece.run_dir, study.probes, study.probe_images, study.probe_batch_size,
                                         0, study.probe_options))
@@ -103,7 +114,7 @@ def train_done(piece: TrainPiece, study: Study) -> bool:
         run = json.loads(run_json.read_text())
     except json.JSONDecodeError:
         return False
-    wanted = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
+    wanted = piece.config(study)
     return run.get("epochs_done") == wanted.epochs and run.get("config", {}).get("epochs") == wanted.epochs
 
 
@@ -138,9 +149,10 @@ def _run_train(study: Study, piece: TrainPiece, threads: int | None) -> str:
 
     if threads:
         torch.set_num_threads(threads)
-    config = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
-    result = train(config)
-    return f"{piece.run_dir.name}: test accuracy {result.final.get('test_acc', float('nan')):.4f}"
+    final = train(piece.config(study)).final
+    if final.get("test_acc") is None:  # pre-training: no classifier to score
+        return f"{piece.run_dir.name}: test loss {final.get('test_loss', float('nan')):.4f}"
+    return f"{piece.run_dir.name}: test accuracy {final['test_acc']:.4f}"
 
 
 def _run_probe(piece: ProbePiece, threads: int | None) -> str:
@@ -217,7 +229,15 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
         _write_state(plan, result)
 
     _write_state(plan, result)
-    stage(plan.train, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads))
+    # Runs that start from another run's checkpoint wait for it: one wave per generation.
+    waiting = list(plan.train)
+    while waiting:
+        ready = [p for p in waiting if p.source is None or p.source not in waiting]
+        waiting = [p for p in waiting if p not in ready]
+        for piece in [p for p in ready if p.source is not None and p.source.name in result.failed]:
+            ready.remove(piece)
+            _record(piece, False, f"its starting point {piece.source.run_dir.name} failed")
+        stage(ready, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads))
     trained = [p for p in plan.probe if (p.run_dir / "ckpt.pt").is_file() and f"train {p.run_dir.name}" not in result.failed]
     stage(trained, probe_done, _run_probe, lambda p: (p, threads))
 
@@ -288,7 +308,7 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
     throughput = measured_matmul_flops()
     rows, total = [], 0.0
     for piece in plan.train:
-        config = study.train_config(piece.entry, piece.seed, piece.permute, piece.run_dir)
+        config = piece.config(study)
         shapes = dataset_shapes(config.dataset)
         info = DataInfo(config.dataset, shapes["img_size"], shapes["in_chans"], ["c"] * shapes["num_classes"], [0.0], [1.0])
         spec = model_spec_for(config, info)
