@@ -116,3 +116,19 @@ def test_names_parse():
     assert parse_model_name("vit-t/2") == ("vit-t", 2)
     assert parse_model_name("pit-s") == ("pit-s", None)
     assert parse_model_name("timm:deit_tiny_patch16_224") == ("timm:deit_tiny_patch16_224", None)
+
+
+@pytest.mark.parametrize("name, patch", [("pit-n", 1), ("vit-n/4", 4)])
+def test_forward_flops_equal_a_count_by_hand_attention_included(name, patch):
+    """count_flops sees attention on every torch version and device: the fused CPU kernel
+    has no FLOP formula in some versions, which would silently drop Q K^T and A V."""
+    from localitylab.models.describe import count_flops
+
+    side, chans, dim, depth, classes = 16, 3, 64, 4, 10
+    grid = (side // patch) ** 2
+    tokens = grid + 1
+    embed = 2 * grid * chans * patch * patch * dim
+    linear = depth * 2 * tokens * dim * dim * (3 + 1 + 4 + 4)  # qkv, proj, fc1, fc2
+    attention = depth * 2 * (2 * tokens * tokens * dim)  # Q K^T and A V over all heads
+    model = build(name, img=side, chans=chans, classes=classes)
+    assert count_flops(model, chans, side) == embed + linear + attention + 2 * dim * classes

@@ -47,19 +47,46 @@ def describe_model(model: nn.Module) -> ModelInfo:
     return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
 
 
+class FlopCount:
+    """Count the FLOPs of the code inside: `with FlopCount() as count: ...; count.total`.
+
+    torch.utils.flop_counter (a multiply-add is 2) with attention run through SDPA's math
+    backend: its Q K^T and A V are plain batched matmuls, which every torch version counts
+    on every device. (The fused CPU kernel has no FLOP formula in some versions and would
+    count as zero; flash attention's backward would add its recomputation.) So the count is
+    the model's own FLOPs: backward twice the forward, as MFU is usually defined.
+    """
+
+    def __enter__(self) -> "FlopCount":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._math = sdpa_kernel(SDPBackend.MATH)
+        self._counter = FlopCounterMode(display=False)
+        self._math.__enter__()
+        self._counter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._counter.__exit__(*exc)
+        self._math.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return int(self._counter.get_total_flops())
+
+
 def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
-    """Forward FLOPs for one image, counted by torch.utils.flop_counter (a multiply-add is 2)."""
+    """Forward FLOPs for one image (matmuls, convolutions, attention; a multiply-add is 2)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), FlopCount() as count:
         model(torch.zeros(1, in_chans, img_size, img_size, device=device))
     model.train(was_training)
-    return int(counter.get_total_flops())
+    return count.total
 
 
 def model_summary(model: nn.Module, in_chans: int, img_size: int) -> dict:
