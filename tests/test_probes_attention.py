@@ -37,12 +37,13 @@ def as_frame(rows) -> pd.DataFrame:
 
 
 def feed(geometry: TokenGeometry, probs_for_rows, heads: int, block: int) -> pd.DataFrame:
-    """Run the accumulator over all grid queries in blocks, with probabilities from a function."""
+    """Run the accumulator over all grid queries in blocks, with probabilities from a function
+    (given to it as logits, as the hooks do: log 0 = -inf is a masked key)."""
     accumulate = AttentionDistanceAccumulator(geometry, 1, "cpu")
     rows = torch.arange(geometry.num_prefix_tokens, geometry.num_tokens)
     for start in range(0, len(rows), block):
         block_rows = rows[start:start + block]
-        accumulate(0, block_rows, probs_for_rows(block_rows, heads))
+        accumulate(0, block_rows, probs_for_rows(block_rows, heads).log())
     return as_frame(accumulate.rows(n_images=2)).set_index(["metric", "head"])["value"]
 
 
@@ -306,7 +307,8 @@ def test_attention_maps_agree_with_attention_distance(targets, digits_images):
     geometry = TokenGeometry.of(target)
     rows = torch.arange(1, 1 + geometry.grid[1])
     accumulate = AttentionDistanceAccumulator(geometry, len(attention_modules(target.model)), "cpu")
-    with torch.no_grad(), streamed_attention(attention_modules(target.model), accumulate, 1, query_tokens=rows):
+    with torch.no_grad(), streamed_attention(attention_modules(target.model), accumulate, 1, query_tokens=rows,
+                                             scores=True):
         target.model(target.prepare(images))
     direct = as_frame(accumulate.rows(len(images))).set_index(["metric", "layer", "head"])["value"]
     for (layer, head), value in mean_over_queries.items():

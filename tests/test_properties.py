@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from localitylab.data.permutation import invert_permutation, permute_pixels, random_permutation
-from localitylab.probes.attention_distance import TokenGeometry, attention_block_sums, measure_attention_distance
+from localitylab.probes.attention_distance import (TokenGeometry, attention_block_sums, attention_block_sums_from_scores,
+                                                   measure_attention_distance)
 from localitylab.probes.permutation import (global_permutation, local_window_permutation, mean_displacement,
                                             patch_shuffle_permutation, permutation_for_setting, shuffle_settings,
                                             swap_permutation)
@@ -162,6 +163,26 @@ def test_attention_distance_metrics_lie_in_their_ranges(block):
         assert bool(((ratio >= 0) & (ratio <= diameter / uniform + 1e-9)).all())
         # The side fraction of PROBES.md: mean_distance_frac = px / max(H, W) is at most sqrt(2).
         assert bool((means["distance"] / geometry.image_side <= math.sqrt(2) + 1e-9).all())
+
+
+@FAST
+@given(attention_blocks(), st.floats(0.0, 0.5), seeds)
+def test_sums_from_logits_equal_the_sums_from_the_softmax(block, masked_fraction, seed):
+    """The streamed path reduces logits (no softmax, no log per key); the definition reduces
+    the softmax. Masked keys (-inf logits) included, as long as each row keeps a grid key."""
+    geometry, probs, rows = block
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(seed)
+    masked = torch.rand(logits.shape, generator=generator, dtype=torch.float64) < masked_fraction
+    masked[..., geometry.num_prefix_tokens] = False  # one grid key always allowed
+    logits = logits.masked_fill(masked, float("-inf"))
+    centres = geometry.centres(dtype=torch.float64)
+    distances = torch.cdist(centres[rows], centres)
+    from_logits = attention_block_sums_from_scores(logits, distances, geometry.num_prefix_tokens)
+    reference = attention_block_sums(logits.softmax(dim=-1), centres[rows], centres, geometry.num_prefix_tokens)
+    assert float(from_logits["count"]) == float(reference["count"])
+    for key in ("distance", "prefix", "entropy"):
+        assert torch.allclose(from_logits[key], reference[key], rtol=1e-9, atol=1e-9, equal_nan=True), key
 
 
 @FAST

@@ -37,9 +37,13 @@ from localitylab.probes.base import Probe, ProbeContext, Row
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
 
-# The default query block holds at most this many attention probabilities (batch x heads x
-# rows x keys): 64 MiB in fp32, a few such temporaries per block. Memory grows with N x block.
-BLOCK_ELEMENTS = 2**24
+# The default query block holds at most this many attention logits (batch x heads x rows x
+# keys), a few such temporaries per block; memory grows with N x block. On a CPU 4 MiB blocks
+# stay in cache: 2.5-3.5x faster than 64 MiB ones (benchmarks/RESULTS.md). A GPU streams
+# large blocks at full bandwidth and pays per kernel launch, so it keeps 64 MiB ones.
+BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
+# The distances from every grid token to every other are kept whole up to this many.
+DISTANCE_TABLE_ELEMENTS = 2**24
 
 METRICS = ("mean_distance_px", "mean_distance_frac", "uniform_distance_px", "locality_ratio", "prefix_share",
            "entropy_norm")
@@ -127,9 +131,10 @@ def queries_and_keys(module: Attention, x: torch.Tensor) -> tuple[torch.Tensor, 
     return q * module.scale, k
 
 
-def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   is_causal: bool = False) -> torch.Tensor:
-    """Softmax attention (B, heads, len(rows), N) of the query tokens `rows` over all keys."""
+def attention_scores(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False) -> torch.Tensor:
+    """Attention logits (B, heads, len(rows), N) of the query tokens `rows` over all keys,
+    masked as the module masks them (-inf where a key is not allowed)."""
     scores = q[:, :, rows] @ k.transpose(-2, -1)
     tokens = k.shape[-2]
     if is_causal:  # as timm's resolve_self_attn_mask, for these rows only
@@ -141,24 +146,36 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, attn_ma
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    return scores.softmax(dim=-1)
+    return scores
 
 
-def default_query_block(batch: int, heads: int, tokens: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, batch * heads * tokens))
+def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False) -> torch.Tensor:
+    """Softmax attention (B, heads, len(rows), N) of the query tokens `rows` over all keys."""
+    return attention_scores(q, k, rows, attn_mask, is_causal).softmax(dim=-1)
 
 
-# consume(layer, rows, probs): rows are token indices (prefix included), probs (B, heads, len(rows), N).
+def default_query_block(batch: int, heads: int, tokens: int, device: torch.device | str = "cpu") -> int:
+    elements = BLOCK_ELEMENTS.get(torch.device(device).type, BLOCK_ELEMENTS["cuda"])
+    return max(1, elements // max(1, batch * heads * tokens))
+
+
+# consume(layer, rows, attention): rows are token indices (prefix included); attention is
+# (B, heads, len(rows), N): the softmax, or with scores=True the masked logits before it.
 Consumer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @contextlib.contextmanager
 def streamed_attention(modules: list[Attention], consume: Consumer, num_prefix_tokens: int,
-                       query_tokens: torch.Tensor | None = None, query_block: int | None = None) -> Iterator[None]:
+                       query_tokens: torch.Tensor | None = None, query_block: int | None = None,
+                       scores: bool = False) -> Iterator[None]:
     """While active, every forward of `modules[l]` also calls `consume(l, rows, probs)` for
     blocks of query rows: all non-prefix tokens, or `query_tokens`. The hooks are removed on
     exit, error or not; the modules' own computation (and so the model's output) is untouched.
+    With `scores=True` the consumer gets the logits instead and never pays for a softmax it
+    does not need.
     """
+    rows_of = attention_scores if scores else attention_rows
 
     def make_hook(layer: int):
         def hook(module: Attention, args: tuple, kwargs: dict) -> None:
@@ -169,10 +186,10 @@ def streamed_attention(modules: list[Attention], consume: Consumer, num_prefix_t
             batch, heads, tokens, _ = q.shape
             rows = (torch.arange(num_prefix_tokens, tokens, device=x.device) if query_tokens is None
                     else query_tokens.to(x.device))
-            block = query_block or default_query_block(batch, heads, tokens)
+            block = query_block or default_query_block(batch, heads, tokens, x.device)
             for start in range(0, len(rows), block):
                 block_rows = rows[start:start + block]
-                consume(layer, block_rows, attention_rows(q, k, block_rows, attn_mask, is_causal))
+                consume(layer, block_rows, rows_of(q, k, block_rows, attn_mask, is_causal))
             return None
 
         return hook
@@ -227,18 +244,72 @@ def attention_block_sums(probs: torch.Tensor, query_centres: torch.Tensor, key_c
     }
 
 
+def attention_block_sums_from_scores(scores: torch.Tensor, distances: torch.Tensor,
+                                     num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+    """`attention_block_sums` from the logits, without forming the softmax: the same sums,
+    in fewer passes over the (B, heads, b, N) block and no logarithm per key.
+
+    scores: (B, heads, b, P + T) masked logits; distances: (b, T) pixel distances from each
+    query to every grid key. With w = exp(s - max_grid s) over the grid keys and Z = sum w,
+    A' = w / Z, so the distance is sum(w d) / Z, and since log A' = (s - max) - log Z the
+    entropy is log Z - sum(w (s - max)) / Z. The prefix share is exp(logsumexp over prefix
+    keys - logsumexp over all keys).
+    """
+    batch, heads, block, _ = scores.shape
+    grid = scores[..., num_prefix_tokens:]
+    grid_max = grid.amax(dim=-1, keepdim=True)
+    shifted = grid - grid_max
+    weights = shifted.exp()
+    total = weights.sum(dim=-1)
+    attended = (weights * distances).sum(dim=-1) / total
+    shifted.nan_to_num_(neginf=0.0)  # masked keys: weight 0 times logit -inf would be NaN
+    entropy = total.log() - (weights * shifted).sum(dim=-1) / total
+    num_keys = distances.shape[-1]
+    entropy = entropy / math.log(num_keys) if num_keys > 1 else torch.full_like(entropy, float("nan"))
+    if num_prefix_tokens:
+        grid_lse = grid_max.squeeze(-1) + total.log()
+        prefix_lse = scores[..., :num_prefix_tokens].logsumexp(dim=-1)
+        prefix_share = (prefix_lse - torch.logaddexp(prefix_lse, grid_lse)).exp()
+    else:
+        prefix_share = torch.zeros_like(total)
+    return {
+        "distance": attended.double().sum(dim=(0, 2)),
+        "prefix": prefix_share.double().sum(dim=(0, 2)),
+        "entropy": entropy.double().sum(dim=(0, 2)),
+        "count": torch.tensor(float(batch * block), dtype=torch.float64),
+    }
+
+
 class AttentionDistanceAccumulator:
-    """Running per-layer, per-head sums fed by `streamed_attention`."""
+    """Running per-layer, per-head sums fed by `streamed_attention(..., scores=True)`."""
 
     def __init__(self, geometry: TokenGeometry, num_layers: int, device: torch.device | str):
         self.geometry = geometry
-        self.centres = geometry.centres(device)
+        self.device = device
         self.sums: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+        # Every layer and batch asks for the same rows' distances: keep the whole table
+        # (per dtype) when it is small, up to 4,096 grid tokens; else compute each block's.
+        self.keep_table = geometry.num_grid_tokens**2 <= DISTANCE_TABLE_ELEMENTS
+        self.tables: dict[torch.dtype, torch.Tensor] = {}
 
-    def __call__(self, layer: int, rows: torch.Tensor, probs: torch.Tensor) -> None:
-        check_token_count(probs, self.geometry)
-        block = attention_block_sums(probs, self.centres[rows - self.geometry.num_prefix_tokens], self.centres,
-                                     self.geometry.num_prefix_tokens)
+    def distances(self, grid_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token.
+        Exact coordinate differences (multiples of half a patch), then one rounding in the
+        square root, where |a|^2 + |b|^2 - 2ab would lose small distances."""
+        if dtype in self.tables:
+            return self.tables[dtype][grid_rows]
+        centres = self.geometry.centres(self.device, dtype)
+        if self.keep_table:
+            self.tables[dtype] = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
+            return self.tables[dtype][grid_rows]
+        return torch.cdist(centres[grid_rows], centres, compute_mode="donot_use_mm_for_euclid_dist")
+
+    def __call__(self, layer: int, rows: torch.Tensor, scores: torch.Tensor) -> None:
+        check_token_count(scores, self.geometry)
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()  # bf16 / fp16 logits: reduce in fp32
+        distances = self.distances(rows - self.geometry.num_prefix_tokens, scores.dtype)
+        block = attention_block_sums_from_scores(scores, distances, self.geometry.num_prefix_tokens)
         current = self.sums[layer]
         self.sums[layer] = block if current is None else {k: current[k] + v.to(current[k]) for k, v in block.items()}
 
@@ -283,7 +354,8 @@ def measure_attention_distance(target: ProbeTarget, images: torch.Tensor, batch_
     geometry = TokenGeometry.of(target)
     modules = attention_modules(target.model)
     accumulate = AttentionDistanceAccumulator(geometry, len(modules), target.device)
-    with streamed_attention(modules, accumulate, geometry.num_prefix_tokens, query_block=query_block):
+    with streamed_attention(modules, accumulate, geometry.num_prefix_tokens, query_block=query_block,
+                            scores=True):
         for batch in prepared_batches(target, images, batch_size):
             target.model(batch)
     return accumulate.rows(len(images))
