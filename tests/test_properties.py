@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from localitylab.data.permutation import invert_permutation, permute_pixels, random_permutation
-from localitylab.probes.attention_distance import (TokenGeometry, attention_block_sums, attention_block_sums_from_scores,
-                                                   measure_attention_distance)
+from localitylab.probes.attention_distance import (TokenGeometry, attention_block_sums,
+                                                   attention_block_sums_from_scores, measure_attention_distance)
 from localitylab.probes.permutation import (global_permutation, local_window_permutation, mean_displacement,
                                             patch_shuffle_permutation, permutation_for_setting, shuffle_settings,
                                             swap_permutation)

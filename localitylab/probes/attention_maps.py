@@ -31,9 +31,8 @@ import pandas as pd
 import torch
 
 from localitylab.errors import UserError
-from localitylab.probes.attention_distance import (TokenGeometry, attention_block_sums, attention_modules,
-                                                   check_token_count, no_attention_reason, prepared_batches,
-                                                   streamed_attention)
+from localitylab.probes.attention_distance import (TokenGeometry, attention_modules, check_token_count,
+                                                   no_attention_reason, prepared_batches, streamed_attention)
 from localitylab.probes.base import Probe, ProbeContext, Row
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
@@ -108,6 +107,8 @@ def collect_query_attention(target: ProbeTarget, images: torch.Tensor, queries: 
     # The 3x3 token window around each slot's token (Chebyshev distance <= 1 token).
     steps = (centres[None, :, :] - slot_centres[:, None, :]).abs().amax(dim=-1) / geometry.patch_size
     window = (steps <= 1.0 + 1e-6).to(centres.dtype)  # (slots, T)
+    # Exact coordinate differences, as attention-distance measures them.
+    slot_distances = torch.cdist(slot_centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
     heads = [m.num_heads for m in modules]
     sums = {key: torch.zeros(len(modules), max(heads), len(slot_tokens), dtype=torch.float64)
             for key in ("distance", "neighbourhood", "prefix")}
@@ -116,16 +117,15 @@ def collect_query_attention(target: ProbeTarget, images: torch.Tensor, queries: 
 
     def consume(layer: int, rows: torch.Tensor, probs: torch.Tensor) -> None:
         check_token_count(probs, geometry)
-        slots = [slot_of[token] for token in rows.tolist()]
+        slots = [slot_of[token] for token in rows.tolist()]  # distinct: each slot once per block
         n_heads = heads[layer]
-        for i, slot in enumerate(slots):
-            block = attention_block_sums(probs[:, :, i:i + 1], slot_centres[slot:slot + 1], centres,
-                                         geometry.num_prefix_tokens)
-            sums["distance"][layer, :n_heads, slot] += block["distance"].cpu()
-            sums["prefix"][layer, :n_heads, slot] += block["prefix"].cpu()
+        prefix = probs[..., :geometry.num_prefix_tokens].sum(dim=-1)  # (B, heads, rows)
         grid = probs[..., geometry.num_prefix_tokens:]
         grid = grid / grid.sum(dim=-1, keepdim=True)  # A', (B, heads, rows, T)
-        sums["neighbourhood"][layer, :n_heads, slots] += (grid * window[slots]).sum(dim=-1).double().sum(0).cpu()
+        for key, weights in (("distance", slot_distances), ("neighbourhood", window)):
+            per_row = (grid * weights[slots].to(grid)).sum(dim=-1)  # (B, heads, rows)
+            sums[key][layer, :n_heads, slots] += per_row.double().sum(0).cpu()
+        sums["prefix"][layer, :n_heads, slots] += prefix.double().sum(0).cpu()
         wanted = keep_maps - seen["images"]
         if wanted > 0:
             kept[layer][seen["images"]:seen["images"] + len(grid[:wanted]), :, slots] = grid[:wanted].float().cpu()
