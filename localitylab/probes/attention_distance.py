@@ -224,6 +224,10 @@ def attention_block_sums(probs: torch.Tensor, query_centres: torch.Tensor, key_c
     probs: (B, heads, b, P + T) softmax rows; query_centres (b, 2) and key_centres (T, 2) in
     pixels. Returns float64 (heads,) sums of the distance d, the prefix share and the
     normalised entropy, and 'count' = B * b; dividing by it gives the means.
+
+    This is PROBES.md's definition written out from the softmax, for any attention a caller
+    has; the probe itself streams `attention_block_sums_from_scores`, which is checked
+    against this one.
     """
     batch, heads, block, _ = probs.shape
     prefix_share = probs[..., :num_prefix_tokens].sum(dim=-1)
