@@ -1,8 +1,8 @@
 """attention-distance, streamed versus fully materialised: peak memory and time.
 
-Each case runs in a fresh Python process, so its peak resident memory (getrusage maxrss)
-is its own: `baseline_mb` is the peak after the model and image exist, `peak_mb` the peak
-after the probe ran, and `probe_mb` their difference, the memory the method needed.
+Each case runs in a fresh Python process, so its peak resident memory (VmHWM) is its own:
+`baseline_mb` is the peak after the model and image exist, `peak_mb` the peak after the
+probe ran, and `probe_mb` their difference, the memory the method needed.
 
 - streamed: `measure_attention_distance`, reducing blocks of query rows inside forward
   pre-hooks (localitylab's way);
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,14 @@ LAYERS, HEADS = 4, 4  # pit-n
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """Peak resident memory of this program (VmHWM). Not getrusage's ru_maxrss: Linux hands a
+    child its parent's peak at fork and keeps it across exec, so a case started by a large
+    benchmark process would report the parent's memory as its own."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def _available_bytes() -> int:

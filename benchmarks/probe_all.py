@@ -2,8 +2,9 @@
 
 Trains pit-n on digits with the suite's recipe (unless --checkpoint is given), then runs
 `python -m cli.main probe all CKPT` in a subprocess and prints its wall time and peak
-resident memory, read from that one child's rusage (os.wait4), so neither this process
-nor the training counts.
+resident memory, read from that one child's rusage (os.wait4). Linux starts a child's
+ru_maxrss at its parent's size at fork, so the training runs in a subprocess too and this
+process never imports torch before the measurement: what it hands on is a bare Python.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_pit(out: Path, epochs: int) -> Path:
-    from localitylab.train import TrainConfig, train
-
-    result = train(TrainConfig("pit-n", "digits", out=out, epochs=epochs, batch_size=32, warmup_epochs=1,
-                               device="cpu"))
-    return result.checkpoint
+    command = [sys.executable, "-m", "cli.main", "train", "pit-n", "digits", "--out", str(out), "--epochs", str(epochs),
+               "--batch-size", "32", "--warmup-epochs", "1", "--device", "cpu"]
+    subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True, capture_output=True)
+    return out / "ckpt.pt"
 
 
 def measure_probe_all(checkpoint: Path, out: Path, images: int, device: str) -> dict:

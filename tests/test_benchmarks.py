@@ -71,7 +71,11 @@ def test_training_figures_are_medians_with_a_consistent_mfu_and_ratio(quick):
         assert all(positive(v) for v in row["images_per_s_runs"] + row["usual_images_per_s_runs"])
         assert row["peak_flops"] == peak["flops"]
         assert row["mfu"] == pytest.approx(row["images_per_s"] * row["flops_per_image"] / peak["flops"], rel=1e-12)
-        assert 0 < row["mfu"] <= 1 and 0 < row["usual_mfu"] <= 1
+        assert 0 < row["mfu"] and 0 < row["usual_mfu"]
+        if row["model"].startswith(("pit", "vit")):  # matmuls alone: not above the matmul peak
+            assert row["mfu"] <= 1 and row["usual_mfu"] <= 1
+        # (A ConvNet can: oneDNN computes convolutions with fewer multiplications than the
+        # direct convolution's FLOPs that MFU counts; resnet-18 reached 1.2 here.)
         assert row["ratio"] == row["images_per_s"] / row["usual_images_per_s"]
     comparison = figures["ours_vs_usual"]
     assert [c["model"] for c in comparison] == [r["model"] for r in rows]
