@@ -39,7 +39,7 @@ from localitylab.probes.target import ProbeTarget
 
 # The default query block holds at most this many attention logits (batch x heads x rows x
 # keys), a few such temporaries per block; memory grows with N x block. On a CPU 4 MiB blocks
-# stay in cache: 2.5-3.5x faster than 64 MiB ones (benchmarks/RESULTS.md). A GPU streams
+# stay in cache: 2.5-3.4x faster than 64 MiB ones (benchmarks/RESULTS.md). A GPU streams
 # large blocks at full bandwidth and pays per kernel launch, so it keeps 64 MiB ones.
 BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
 # The distances from every grid token to every other are kept whole up to this many.
