@@ -203,6 +203,18 @@ def test_results_do_not_depend_on_batch_or_query_block(targets, digits_images, n
         np.testing.assert_allclose(other.values, reference.loc[other.index].values, rtol=1e-5, atol=1e-6)
 
 
+def test_large_grids_compute_distances_per_block_to_the_same_result(targets, digits_images, monkeypatch):
+    """Above 4,096 grid tokens the distance table is not kept; each block's are computed."""
+    import localitylab.probes.attention_distance as attention_distance
+
+    target = targets["pit-n"]
+    images = digits_images[0]
+    reference = streamed_metrics(target, images, batch_size=4, query_block=5)
+    monkeypatch.setattr(attention_distance, "DISTANCE_TABLE_ELEMENTS", 0)
+    per_block = streamed_metrics(target, images, batch_size=4, query_block=5)
+    np.testing.assert_array_equal(per_block.values, reference.loc[per_block.index].values)
+
+
 def test_query_block_option_is_checked(targets, digits_images):
     probe = get_probe("attention-distance")
     context = ProbeContext(*digits_images, options={"query_block": 0})

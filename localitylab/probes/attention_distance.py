@@ -292,20 +292,22 @@ class AttentionDistanceAccumulator:
         self.device = device
         self.sums: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         # Every layer and batch asks for the same rows' distances: keep the whole table
-        # (per dtype) when it is small, up to 4,096 grid tokens; else compute each block's.
+        # (per dtype) when it is small, up to 4,096 grid tokens; else the centres, and
+        # compute each block's distances as it comes.
         self.keep_table = geometry.num_grid_tokens**2 <= DISTANCE_TABLE_ELEMENTS
-        self.tables: dict[torch.dtype, torch.Tensor] = {}
+        self.cache: dict[torch.dtype, torch.Tensor] = {}
 
     def distances(self, grid_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token.
         Exact coordinate differences (multiples of half a patch), then one rounding in the
         square root, where |a|^2 + |b|^2 - 2ab would lose small distances."""
-        if dtype in self.tables:
-            return self.tables[dtype][grid_rows]
-        centres = self.geometry.centres(self.device, dtype)
+        if dtype not in self.cache:
+            centres = self.geometry.centres(self.device, dtype)
+            self.cache[dtype] = (torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
+                                 if self.keep_table else centres)
         if self.keep_table:
-            self.tables[dtype] = torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
-            return self.tables[dtype][grid_rows]
+            return self.cache[dtype][grid_rows]
+        centres = self.cache[dtype]
         return torch.cdist(centres[grid_rows], centres, compute_mode="donot_use_mm_for_euclid_dist")
 
     def __call__(self, layer: int, rows: torch.Tensor, scores: torch.Tensor) -> None:
