@@ -121,17 +121,17 @@ def matmul_peak(device: torch.device | str, quick: bool = False) -> dict:
 def train_step_flops(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> int:
     """FLOPs of one training step's forward and backward (torch.utils.flop_counter: matmuls,
     convolutions and attention, a multiply-add counts 2; attention's backward without a
-    fused kernel's recomputation: see FlopCount), parameters left untouched."""
-    from localitylab.models.describe import FlopCount
+    fused kernel's recomputation: see flop_counter), parameters left untouched."""
+    from localitylab.models.describe import flop_counter
 
     was_training = model.training
     model.train()
-    with FlopCount() as count:
+    with flop_counter() as counter:
         loss = nn.functional.cross_entropy(model(batch), labels)
         loss.backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return count.total
+    return int(counter.get_total_flops())
 
 
 def train_flops_per_image(model_name: str, info, device: torch.device | str = "cpu", pos_embed: str = "learn") -> int:

@@ -6,9 +6,14 @@ our PiTs and ViTs, ConvNets and arbitrary timm models.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -47,33 +52,19 @@ def describe_model(model: nn.Module) -> ModelInfo:
     return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
 
 
-class FlopCount:
-    """Count the FLOPs of the code inside: `with FlopCount() as count: ...; count.total`.
-
-    torch.utils.flop_counter (a multiply-add is 2) with attention run through SDPA's math
+@contextlib.contextmanager
+def flop_counter() -> Iterator["FlopCounterMode"]:
+    """torch.utils.flop_counter (a multiply-add is 2) with attention run through SDPA's math
     backend: its Q K^T and A V are plain batched matmuls, which every torch version counts
     on every device. (The fused CPU kernel has no FLOP formula in some versions and would
     count as zero; flash attention's backward would add its recomputation.) So the count is
     the model's own FLOPs: backward twice the forward, as MFU is usually defined.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def __enter__(self) -> "FlopCount":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self._math = sdpa_kernel(SDPBackend.MATH)
-        self._counter = FlopCounterMode(display=False)
-        self._math.__enter__()
-        self._counter.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._counter.__exit__(*exc)
-        self._math.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return int(self._counter.get_total_flops())
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        yield counter
 
 
 def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
@@ -83,10 +74,10 @@ def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCount() as count:
+    with torch.no_grad(), flop_counter() as counter:
         model(torch.zeros(1, in_chans, img_size, img_size, device=device))
     model.train(was_training)
-    return count.total
+    return int(counter.get_total_flops())
 
 
 def model_summary(model: nn.Module, in_chans: int, img_size: int) -> dict:

@@ -103,6 +103,13 @@ class TokenGeometry:
         return self.num_prefix_tokens + (row // self.patch_size) * self.grid[1] + col // self.patch_size
 
 
+def pixel_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(len(a), len(b)) Euclidean distances between pixel centres, from exact coordinate
+    differences (multiples of half a patch) and one rounding in the square root, where
+    |a|^2 + |b|^2 - 2ab would lose small distances in fp32."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 # --- extraction -------------------------------------------------------------------------------
 def attention_modules(model: nn.Module) -> list[Attention]:
     """timm `Attention` modules in block order, the ones whose forward this probe can mirror.
@@ -233,9 +240,7 @@ def attention_block_sums(probs: torch.Tensor, query_centres: torch.Tensor, key_c
     prefix_share = probs[..., :num_prefix_tokens].sum(dim=-1)
     grid_probs = probs[..., num_prefix_tokens:]
     renormalised = grid_probs / grid_probs.sum(dim=-1, keepdim=True)
-    # Exact differences, not the |a|^2 + |b|^2 - 2ab shortcut, which loses small distances in fp32.
-    distances = torch.cdist(query_centres.double(), key_centres.double(),
-                            compute_mode="donot_use_mm_for_euclid_dist").to(probs)  # (b, T)
+    distances = pixel_distances(query_centres.double(), key_centres.double()).to(probs)  # (b, T)
     attended = (renormalised * distances).sum(dim=-1)
     num_keys = key_centres.shape[0]
     entropy = -torch.special.xlogy(renormalised, renormalised).sum(dim=-1)
@@ -298,17 +303,14 @@ class AttentionDistanceAccumulator:
         self.cache: dict[torch.dtype, torch.Tensor] = {}
 
     def distances(self, grid_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token.
-        Exact coordinate differences (multiples of half a patch), then one rounding in the
-        square root, where |a|^2 + |b|^2 - 2ab would lose small distances."""
+        """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token."""
         if dtype not in self.cache:
             centres = self.geometry.centres(self.device, dtype)
-            self.cache[dtype] = (torch.cdist(centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
-                                 if self.keep_table else centres)
+            self.cache[dtype] = pixel_distances(centres, centres) if self.keep_table else centres
         if self.keep_table:
             return self.cache[dtype][grid_rows]
         centres = self.cache[dtype]
-        return torch.cdist(centres[grid_rows], centres, compute_mode="donot_use_mm_for_euclid_dist")
+        return pixel_distances(centres[grid_rows], centres)
 
     def __call__(self, layer: int, rows: torch.Tensor, scores: torch.Tensor) -> None:
         check_token_count(scores, self.geometry)

@@ -32,7 +32,8 @@ import torch
 
 from localitylab.errors import UserError
 from localitylab.probes.attention_distance import (TokenGeometry, attention_modules, check_token_count,
-                                                   no_attention_reason, prepared_batches, streamed_attention)
+                                                   no_attention_reason, pixel_distances, prepared_batches,
+                                                   streamed_attention)
 from localitylab.probes.base import Probe, ProbeContext, Row
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
@@ -107,8 +108,7 @@ def collect_query_attention(target: ProbeTarget, images: torch.Tensor, queries: 
     # The 3x3 token window around each slot's token (Chebyshev distance <= 1 token).
     steps = (centres[None, :, :] - slot_centres[:, None, :]).abs().amax(dim=-1) / geometry.patch_size
     window = (steps <= 1.0 + 1e-6).to(centres.dtype)  # (slots, T)
-    # Exact coordinate differences, as attention-distance measures them.
-    slot_distances = torch.cdist(slot_centres, centres, compute_mode="donot_use_mm_for_euclid_dist")
+    slot_distances = pixel_distances(slot_centres, centres)
     heads = [m.num_heads for m in modules]
     sums = {key: torch.zeros(len(modules), max(heads), len(slot_tokens), dtype=torch.float64)
             for key in ("distance", "neighbourhood", "prefix")}
