@@ -270,7 +270,7 @@ def test_permutation_probe_does_not_depend_on_batch_size(batch_size):
 @FAST
 @given(st.text(max_size=40))
 def test_safe_name_is_always_one_folder(name):
-    from localitylab.train.config import safe_name
+    from localitylab.io import safe_name
 
     cleaned = safe_name(name)
     assert cleaned and cleaned not in (".", "..")

@@ -43,7 +43,7 @@ from localitylab.errors import UserError
 from localitylab.probes.base import Probe, ProbeContext, Row
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
-from localitylab.train.loop import evaluate
+from localitylab.train.evaluation import evaluate
 
 DEFAULT_WINDOW_SIZES = (2, 4, 8)
 DEFAULT_TILE_GRIDS = (2, 4)
