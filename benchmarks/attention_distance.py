@@ -4,7 +4,7 @@ Each case runs in a fresh Python process, so its peak resident memory (VmHWM) is
 `baseline_mb` is the peak after the model and image exist, `peak_mb` the peak after the
 probe ran, and `probe_mb` their difference, the memory the method needed.
 
-- streamed: `measure_attention_distance`, reducing blocks of query rows inside forward
+- streamed: the attention-distance probe, reducing blocks of query rows inside forward
   pre-hooks (localitylab's way);
 - materialised: the usual way, timm's `AttentionExtract` holding every layer's full
   softmax map (fused attention off), then the metrics from those maps.
@@ -86,11 +86,11 @@ def _materialised_distances(target, images) -> list[float]:
     import torch
     from timm.utils import AttentionExtract
 
-    from localitylab.probes.attention_distance import TokenGeometry, attention_modules
+    from localitylab.attention import attention_layers
 
-    for module in attention_modules(target.model):
-        module.fused_attn = False
-    geometry = TokenGeometry.of(target)
+    for layer in attention_layers(target.model):
+        layer.module.fused_attn = False
+    geometry = target.geometry
     prefix = geometry.num_prefix_tokens
     with torch.no_grad():
         maps = AttentionExtract(target.model, method="hook")(target.prepare(images))
@@ -111,7 +111,7 @@ def run_case(mode: str, img_size: int, warmup: int = 0, repeats: int = 1) -> dic
 
     import torch
 
-    from localitylab.probes.attention_distance import measure_attention_distance
+    from localitylab.probes.registry import get_probe
 
     target, images = _target(img_size)
     target.model(target.prepare(images))  # warm up allocator and kernels before the baseline
@@ -119,8 +119,8 @@ def run_case(mode: str, img_size: int, warmup: int = 0, repeats: int = 1) -> dic
 
     def once() -> list[float]:
         if mode == "streamed":
-            rows = measure_attention_distance(target, images, batch_size=1)
-            return [r.value for r in rows if r.metric == "mean_distance_px"]
+            table = get_probe("attention-distance").run(target, images, torch.zeros(1, dtype=torch.long), batch_size=1).table
+            return table.loc[table["metric"] == "mean_distance_px", "value"].tolist()
         return _materialised_distances(target, images)
 
     for _ in range(warmup):

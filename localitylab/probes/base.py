@@ -1,107 +1,270 @@
-"""The small base every probe shares, in the spirit of pytorch-grad-cam: the base holds the
-loading, the schema and the writing; each probe is a short subclass that overrides
-`measure` (and `plot`, for its figures)."""
+"""The base every probe shares, in the spirit of pytorch-grad-cam's `BaseCAM`: the base owns
+the pipeline, a probe says what it measures per image.
+
+The base owns: the options (one typed parse, `Probe.Options`), the images and their
+batching and preparation (`ProbeInputs.batches`), collecting what was measured as values
+per image (`Measurements`), turning those into the tidy table (PROBES.md, Output schema),
+and handing the same result to the table and to the figures, so no probe runs the model
+twice. A probe subclass sets its name, its `Options`, its `summary_columns` (what the
+report's summary reads from its table), and overrides `measure` (and `figures` / `plot`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.probes.target import ProbeTarget
+from localitylab.errors import UserError
+from localitylab.settings import Settings, parse_settings
+
+if TYPE_CHECKING:
+    from localitylab.probes.target import ProbeTarget
 
 # The tidy schema of PROBES.md: one measurement per row.
 COLUMNS = ("model", "probe", "metric", "layer", "head", "setting", "value", "n_images", "note")
 
 
+class NoOptions(Settings):
+    """A probe that takes no options."""
+
+
+# --- what a probe measured ------------------------------------------------------------------
 @dataclass
-class Row:
+class Measurement:
+    """One row of the table: a value per image (the row's value is their mean), or one value."""
+
     metric: str
-    value: float | None
-    layer: int | None = None
-    head: int | None = None
-    setting: str | None = None
-    note: str = ""
-    n_images: int | None = None  # defaults to the probe's image count
+    layer: int | None
+    head: int | None
+    setting: str | None
+    note: str
+    per_image: np.ndarray | None = None  # float64 (n,); NaN = no value for that image
+    single: float | None = None  # a value that is not a mean over images
+    n_images: int | None = None  # for a single value: how many images it rests on
+
+    @property
+    def values(self) -> np.ndarray:
+        """The per-image values that exist (NaN dropped)."""
+        assert self.per_image is not None
+        return self.per_image[~np.isnan(self.per_image)]
+
+    @property
+    def value(self) -> float | None:
+        if self.per_image is None:
+            return None if self.single is None or math.isnan(self.single) else float(self.single)
+        values = self.values
+        return float(values.mean()) if len(values) else None
+
+    @property
+    def count(self) -> int | None:
+        return len(self.values) if self.per_image is not None else self.n_images
+
+
+class Measurements:
+    """Rows in the order a probe adds them: `per_image` for a mean over images, `single`
+    for anything else (a property of the weights, a geometry-only reference)."""
+
+    def __init__(self) -> None:
+        self.rows: list[Measurement] = []
+
+    def per_image(self, metric: str, values: torch.Tensor | np.ndarray | list, layer: int | None = None,
+                  head: int | None = None, setting: str | None = None, note: str = "") -> None:
+        array = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        self.rows.append(Measurement(metric, layer, head, setting, note, per_image=array.astype(np.float64).ravel()))
+
+    def single(self, metric: str, value: float | None, layer: int | None = None, head: int | None = None,
+               setting: str | None = None, note: str = "", n_images: int | None = None) -> None:
+        self.rows.append(Measurement(metric, layer, head, setting, note, single=None if value is None else float(value),
+                                     n_images=n_images))
+
+    def to_frame(self, model: str, probe: str) -> pd.DataFrame:
+        records = [{
+            "model": model, "probe": probe, "metric": row.metric, "layer": row.layer, "head": row.head,
+            "setting": row.setting or "", "value": row.value, "n_images": row.count, "note": row.note or "",
+        } for row in self.rows]
+        return typed_frame(pd.DataFrame.from_records(records, columns=list(COLUMNS)))
+
+
+def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The schema's types: nullable integers for layer, head, n_images; float64 values."""
+    for column in ("layer", "head", "n_images"):
+        frame[column] = frame[column].astype("Int64")
+    frame["value"] = frame["value"].astype("float64")
+    return frame
+
+
+# --- what a probe is given ------------------------------------------------------------------
+@dataclass
+class Batch:
+    start: int  # index of the first image of the batch among the probe's images
+    images: torch.Tensor  # uint8, on the target's device
+    labels: torch.Tensor
+    inputs: torch.Tensor  # prepared: what the model takes
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 @dataclass
-class ProbeContext:
-    """What a probe is given besides the model: the images and the options."""
+class ProbeInputs:
+    """The model and the images a probe runs on, with its parsed options."""
 
+    target: "ProbeTarget"
     images: torch.Tensor  # uint8 (N, C, H, W), a seeded subset of the test split
     labels: torch.Tensor
+    options: Settings
     batch_size: int = 64
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
         return len(self.images)
 
-    def option(self, key: str, default: Any) -> Any:
-        return self.options.get(key, default)
+    def batches(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                count: int | None = None) -> Iterator[Batch]:
+        """The first `count` images (all by default) in batches, prepared for the model;
+        `transform(uint8 batch) -> uint8 batch` is applied before the preparation."""
+        device = self.target.device
+        end = self.n_images if count is None else min(count, self.n_images)
+        for start in range(0, end, self.batch_size):
+            stop = min(start + self.batch_size, end)
+            images = self.images[start:stop].to(device)
+            if transform is not None:
+                images = transform(images)
+            yield Batch(start, images, self.labels[start:stop].to(device), self.target.prepare(images))
 
 
+@dataclass
+class ProbeResult:
+    """One probe's result on one model: its table and what its figures are drawn from."""
+
+    probe: str
+    table: pd.DataFrame
+    applies: bool
+    drawing: Any = None  # whatever `figures` needs (maps, tables of weights); None when it does not apply
+
+
+# --- what a report reads from a probe's table ----------------------------------------------
+@dataclass(frozen=True)
+class SummaryColumn:
+    """A column of the report's summary that comes from one probe's table.
+
+    The value is the rows of `metric` (and `setting`), at the first or last `layer` when
+    given, averaged (over heads). `better` says which direction means "more local";
+    `sentence`, when set, is how the report names the model that ranks first.
+    """
+
+    key: str
+    label: str
+    help: str
+    metric: str
+    layer: str | None = None  # 'first' | 'last' | None
+    setting: str | None = None
+    better: str = ""  # 'low' | 'high' | ''
+    kind: str = "float"
+    sentence: str = ""
+    skip_tasks: tuple[str, ...] = ()  # runs of these tasks show no value (an MAE encoder's untrained head)
+    probe: str = ""  # filled in by the probe that declares it
+
+    def read(self, table: pd.DataFrame | None) -> float | None:
+        if table is None:
+            return None
+        rows = table[(table["metric"] == self.metric) & table["value"].notna()]
+        if self.setting is not None:
+            rows = rows[rows["setting"] == self.setting]
+        if rows.empty:
+            return None
+        if self.layer is not None:
+            layer = rows["layer"].min() if self.layer == "first" else rows["layer"].max()
+            rows = rows[rows["layer"] == layer]
+            return float(rows["value"].mean())
+        return float(rows["value"].iloc[0])
+
+
+# --- the probe ------------------------------------------------------------------------------
 class Probe:
-    """Subclasses set `name`, `summary`, `applies_to` and override `measure`."""
+    """Subclasses set `name`, `summary`, `applies_to`, `Options`, `summary_columns` and
+    override `measure`; `figures` draws per-model figures from what `measure` returned,
+    `plot` draws figures that overlay several models' tables."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     applies_to: ClassVar[str] = "every model"
-    # Option names this probe reads from ProbeContext.options (checked, so a typo is an error).
-    option_names: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[Settings]] = NoOptions
+    summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
 
-    def not_applicable(self, target: ProbeTarget) -> str | None:
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.Options.model_fields)
+
+    def parse_options(self, options: Mapping[str, Any] | Settings | None = None) -> Settings:
+        """The typed options; raises UserError naming the first bad one (no model needed)."""
+        if isinstance(options, self.Options):
+            return options
+        return parse_settings(self.Options, dict(options or {}), "--opt")
+
+    def not_applicable(self, target: "ProbeTarget") -> str | None:
         """Why this probe does not apply to `target`, or None if it does."""
         return None
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Raise UserError for an option value this probe cannot use; needs no model, so
-        studies check their files with it and the runner checks before anything is written."""
-
-    def check(self, target: ProbeTarget, context: ProbeContext) -> None:
+    def check(self, target: "ProbeTarget", options: Settings) -> None:
         """Raise UserError for an option that does not fit `target` (e.g. a query pixel outside
         its image). Called for every probe of a run before any output is written."""
-        self.check_options(context.options)
 
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> Any:
+        """Add this probe's rows to `out`; return what `figures` draws (or None)."""
         raise NotImplementedError
+
+    def figures(self, target: "ProbeTarget", drawing: Any, out_dir: Path) -> list[Path]:
+        """Per-model figures, from what `measure` returned."""
+        return []
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """Figures from one or more of this probe's tables (several models overlaid)."""
         return []
 
-    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
-        """Figures that need the model itself (e.g. attention maps over images)."""
-        return []
-
-    # --- shared -----------------------------------------------------------------------------
-    def table(self, target: ProbeTarget, context: ProbeContext) -> pd.DataFrame:
+    # --- the pipeline ---------------------------------------------------------------------
+    def run(self, target: "ProbeTarget", images: torch.Tensor, labels: torch.Tensor,
+            options: Mapping[str, Any] | Settings | None = None, batch_size: int = 64, seed: int = 0) -> ProbeResult:
+        """Measure `target` on uint8 `images`: the table, and what the figures are drawn from."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        parsed = self.parse_options(options)
+        out = Measurements()
         reason = self.not_applicable(target)
-        rows = [Row("applies", None, note=reason)] if reason else self.measure(target, context)
-        return to_frame(rows, target.display_name, self.name, context.n_images)
+        drawing = None
+        if reason:
+            out.single("applies", None, note=reason, n_images=len(images))
+        else:
+            self.check(target, parsed)
+            drawing = self.measure(ProbeInputs(target, images, labels, parsed, batch_size, seed), out)
+        return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing)
 
 
-def to_frame(rows: list[Row], model: str, probe: str, n_images: int) -> pd.DataFrame:
-    records = []
-    for row in rows:
-        value = row.value
-        if value is not None:
-            value = float(value)
-            if math.isnan(value):
-                value = None
-        records.append({
-            "model": model, "probe": probe, "metric": row.metric,
-            "layer": row.layer, "head": row.head, "setting": row.setting or "",
-            "value": value, "n_images": row.n_images if row.n_images is not None else n_images, "note": row.note or "",
-        })
-    frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
-    for column in ("layer", "head", "n_images"):
-        frame[column] = frame[column].astype("Int64")  # integers with empty cells
-    frame["value"] = frame["value"].astype("float64")
-    return frame
+def overlay(tables: list[pd.DataFrame], keep: Callable[[pd.DataFrame], pd.Series] | None = None) -> pd.DataFrame | None:
+    """Several models' tables as one frame for a figure, the rows `keep` selects with a value;
+    None when nothing is left to draw. A model name met in more than one table gets a ' #k'
+    suffix there, so two runs of one model stay two lines."""
+    seen: dict[str, int] = {}
+    frames = []
+    for table in tables:
+        renames = {}
+        for model in table["model"].unique():
+            count = seen.get(model, 0)
+            seen[model] = count + 1
+            if count:
+                renames[model] = f"{model} #{count + 1}"
+        frames.append(table.replace({"model": renames}) if renames else table)
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    frame = frame[frame["value"].notna()]
+    if keep is not None:
+        frame = frame[keep(frame)]
+    return None if frame.empty else frame

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from localitylab.errors import UserError
 from localitylab.models.describe import ModelInfo, describe_model
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
+
+if TYPE_CHECKING:
+    from localitylab.attention import TokenGeometry
 from localitylab.device import resolve_device
 from localitylab.io import safe_name
 
@@ -38,6 +41,13 @@ class ProbeTarget:
     # Checkpoint entries beyond the classifier that some probes need (EXTRA_KEYS, e.g. an MAE
     # checkpoint's 'mae_options' and 'mae_state' for mae-reconstruction); empty otherwise.
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> "TokenGeometry":
+        """Where the model's tokens sit on the input image (transformers with a token grid)."""
+        from localitylab.attention import TokenGeometry
+
+        return TokenGeometry(tuple(self.info.grid), int(self.info.patch_size), int(self.info.num_prefix_tokens))
 
     @property
     def kind(self) -> str:

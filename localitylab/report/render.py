@@ -20,7 +20,7 @@ import pandas as pd
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
-from localitylab.report.summary import COLUMNS, reading, summary_row
+from localitylab.report.summary import columns, reading, summary_row
 
 FORMATS = ("html", "pdf")
 
@@ -132,9 +132,10 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
 
     rows = {r.name: summary_row(r, records) for r in records}
     summary = []
+    shown = columns()
     for record in records:
         cells = []
-        for column in COLUMNS:
+        for column in shown:
             value = rows[record.name][column.key]
             missing_cmd = None
             if value is None and column.probe is not None and column.probe not in record.tables:
@@ -147,7 +148,7 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "title": title,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
-        "columns": COLUMNS,
+        "columns": shown,
         "summary": summary,
         "reading": reading(rows),
         "sections": sections,

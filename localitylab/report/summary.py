@@ -6,11 +6,10 @@ is None and the report shows it as missing, with the command that would produce 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
-import pandas as pd
-
+from localitylab.probes.base import SummaryColumn
 from localitylab.report.collect import RunRecord
 
 
@@ -24,68 +23,44 @@ class Column:
     kind: str = "float"  # float | int | pct | flops
 
 
-COLUMNS = (
+# From training (run.json): before the probes' columns.
+TRAINING_COLUMNS = (
     Column("accuracy", "test acc", "final test accuracy (metrics.csv)", None, kind="pct"),
     Column("params", "params", "parameters", None, kind="int"),
     Column("tokens", "tokens / image", "tokens per image, prefix tokens included", None, kind="int"),
     Column("flops", "GFLOPs / image", "forward FLOPs per image (torch.utils.flop_counter)", None, kind="flops"),
-    Column("ratio_first", "locality ratio, first block", "mean over heads of mean attention distance / uniform distance, block 0 (below 1 = local)", "attention-distance", "low"),
-    Column("ratio_last", "locality ratio, last block", "the same for the last block", "attention-distance", "low"),
-    Column("pe_spearman", "PE Spearman", "Spearman correlation of position-embedding cosine similarity with -distance", "pe-similarity", "high"),
-    Column("pe_topology", "PE topology R²", "1 - Procrustes disparity of a 2-D embedding of the position embedding", "pe-similarity", "high"),
-    Column("erf_r50", "ERF r50 (frac)", "radius holding 50% of the effective receptive field of the last layer, / image side", "receptive-field", "low"),
-    Column("global_drop", "acc drop, global shuffle", "test accuracy lost under one fixed global pixel permutation", "permutation", "high"),
+)
+# From two runs together: after them.
+PAIR_COLUMNS = (
     Column("perm_gap", "train-time perm. gap", "clean-trained accuracy - accuracy of the same recipe trained on permuted pixels", None),
 )
 
 
-def _value(table: pd.DataFrame | None, metric: str, reduce: Callable[[pd.DataFrame], Any] | None = None,
-           **where: Any) -> float | None:
-    if table is None:
-        return None
-    rows = table[table["metric"] == metric]
-    for column, wanted in where.items():
-        rows = rows[rows[column] == wanted]
-    rows = rows[rows["value"].notna()]
-    if rows.empty:
-        return None
-    if reduce is not None:
-        return reduce(rows)
-    return float(rows["value"].iloc[0])
+def probe_columns() -> list[SummaryColumn]:
+    """Every registered probe's summary columns, in registry order, each knowing its probe."""
+    from localitylab.probes.registry import get_probe, probe_names
+
+    return [replace(column, probe=name) for name in probe_names() for column in get_probe(name).summary_columns]
 
 
-def _layer_mean(which: str) -> Callable[[pd.DataFrame], float]:
-    def reduce(rows: pd.DataFrame) -> float:
-        layer = rows["layer"].min() if which == "first" else rows["layer"].max()
-        return float(rows[rows["layer"] == layer]["value"].mean())
-
-    return reduce
-
-
-def _last_layer(rows: pd.DataFrame) -> float:
-    return float(rows[rows["layer"] == rows["layer"].max()]["value"].iloc[0])
+def columns() -> list[Column]:
+    probe_part = [Column(c.key, c.label, c.help, c.probe, c.better, c.kind) for c in probe_columns()]
+    return [*TRAINING_COLUMNS, *probe_part, *PAIR_COLUMNS]
 
 
 def summary_row(record: RunRecord, records: list[RunRecord]) -> dict[str, Any]:
-    attention = record.tables.get("attention-distance")
-    pe = record.tables.get("pe-similarity")
-    erf = record.tables.get("receptive-field")
-    perm = record.tables.get("permutation")
     flops = record.model_info.get("flops_per_image")
-    return {
+    row: dict[str, Any] = {
         "accuracy": record.accuracy,
         "params": record.model_info.get("params"),
         "tokens": record.model_info.get("tokens_per_image"),
         "flops": flops / 1e9 if flops else None,
-        "ratio_first": _value(attention, "locality_ratio", _layer_mean("first")),
-        "ratio_last": _value(attention, "locality_ratio", _layer_mean("last")),
-        "pe_spearman": _value(pe, "pe_distance_spearman"),
-        "pe_topology": _value(pe, "pe_topology_r2"),
-        "erf_r50": _value(erf, "erf_r50_frac", _last_layer),
-        # An MAE encoder's head was never trained: there is no accuracy to lose.
-        "global_drop": None if record.config.get("task") == "mae" else _value(perm, "accuracy_drop", setting="global"),
-        "perm_gap": permutation_gap(record, records),
     }
+    for column in probe_columns():
+        skipped = record.config.get("task") in column.skip_tasks
+        row[column.key] = None if skipped else column.read(record.tables.get(column.probe))
+    row["perm_gap"] = permutation_gap(record, records)
+    return row
 
 
 def recipe_key(record: RunRecord) -> tuple:
@@ -106,18 +81,15 @@ def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None
 
 
 def reading(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """A few plain sentences ranking the models by each locality measure."""
+    """A few plain sentences ranking the models by each locality measure that has one."""
     sentences = []
-    checks = [
-        ("ratio_first", "attends most locally in its first block (lowest locality ratio)", min),
-        ("pe_spearman", "has the position embedding most ordered by distance (PE Spearman)", max),
-        ("erf_r50", "has the tightest effective receptive field in its last layer (ERF r50)", min),
-        ("global_drop", "depends most on pixel order (largest drop under a global shuffle)", max),
-    ]
-    for key, text, pick in checks:
-        values = {name: row[key] for name, row in rows.items() if row.get(key) is not None}
+    for column in probe_columns():
+        if not column.sentence:
+            continue
+        pick = min if column.better == "low" else max
+        values = {name: row[column.key] for name, row in rows.items() if row.get(column.key) is not None}
         if len(values) >= 2:
             best = pick(values, key=values.get)
             other = ", ".join(f"{n} {v:.3g}" for n, v in sorted(values.items(), key=lambda kv: kv[1]) if n != best)
-            sentences.append(f"{best} {text}: {values[best]:.3g} (others: {other}).")
+            sentences.append(f"{best} {column.sentence}: {values[best]:.3g} (others: {other}).")
     return sentences
