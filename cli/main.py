@@ -160,29 +160,23 @@ def pretrain_mae(
 
 def _run_training(config, nproc: int, quiet: bool) -> None:
     """Train in this process, or start `nproc` ranks through torchrun and let them train."""
-    import shlex
-
-    from localitylab.train import train as run_training
-    from localitylab.train import distributed
+    from localitylab.errors import UserError
+    from localitylab.train import distributed, train
+    from localitylab.train.progress import final_message, make_reporter
+    from localitylab.train.worker import write_job
 
     if nproc < 1:
-        from localitylab.errors import UserError
-
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.is_worker():
         config.validate()
         distributed.check_batch_divides(config.batch_size, nproc)
-        arguments = shlex.split(config.command())[1:] + ["--resume"] * config.resume + ["--quiet"] * quiet
-        distributed.launch(arguments, nproc)
+        job = write_job(config, quiet)
+        distributed.launch(job, nproc)  # on failure the job file stays, for the re-run it names
+        job.unlink(missing_ok=True)
         return
-    final = run_training(config, _reporter(quiet)).final
-    if not final:
-        return
-    if final.get("test_acc") is not None:
-        measure = f"test accuracy {final['test_acc']:.4f}"
-    else:
-        measure = f"test reconstruction loss {final['test_loss']:.4f}"
-    distributed.print_main(f"{config.run_dir() / 'ckpt.pt'}: {measure} after {final['epoch']} epochs")
+    final = train(config, make_reporter(quiet)).final
+    if final:
+        distributed.print_main(final_message(config.run_dir() / "ckpt.pt", final))
 
 
 @app.command("eval")
@@ -376,7 +370,7 @@ def study_run(
 
     Example: localitylab study run studies/patch_size_scaling.toml --scale laptop --out runs/patch-scaling
     """
-    from localitylab.studies.cli_support import run_study_command
+    from cli.study import run_study_command
 
     raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir))
 
@@ -390,7 +384,7 @@ def study_show(
 
     Example: localitylab study show studies/pit_vs_vit_cifar100.toml
     """
-    from localitylab.studies.cli_support import show_study
+    from cli.study import show_study
 
     show_study(file, scale)
 
@@ -406,15 +400,10 @@ def demo(
 
     Example: localitylab demo --out runs/demo --report-dir reports/demo
     """
-    from localitylab.studies.cli_support import bundled_study, run_study_command
+    from cli.study import run_study_command
+    from localitylab.studies import bundled_study
 
     raise typer.Exit(run_study_command(bundled_study("demo"), out, None, jobs, True, report_dir))
-
-
-def _reporter(quiet: bool):
-    from localitylab.train.progress import PlainReporter, RichReporter
-
-    return PlainReporter() if quiet or not sys.stderr.isatty() else RichReporter()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ timm) happen on first use, so `localitylab --help` stays quick.
     model = localitylab.load("runs/pit-n-digits/ckpt.pt")   # eval mode; model.run has its spec
 """
 
-__version__ = "0.1.0"
+from localitylab.version import __version__  # noqa: F401
 
 
 def __getattr__(name):

@@ -447,16 +447,17 @@ def test_study_names_and_labels_cannot_leave_the_output_folder(tmp_path):
 def test_default_study_folder_stays_under_runs_whatever_the_scale_is_called(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from localitylab.studies import cli_support
+    import localitylab.studies
+    from cli.study import run_study_command
 
     escaping = "../../../escape"
     (tmp_path / "study.toml").write_text(STUDY.replace('name = "tiny"', 'name = "../up"')
                                          + f'\n[scale."{escaping}"]\ndataset = "digits"\n')
     used = []
-    monkeypatch.setattr(cli_support, "run_study",
+    monkeypatch.setattr(localitylab.studies, "run_study",
                         lambda study, out, **kw: used.append(Path(out)) or SimpleNamespace(report={}, failed={}))
     monkeypatch.chdir(tmp_path)
-    assert cli_support.run_study_command(tmp_path / "study.toml", None, escaping, 1, False, None) == 0
+    assert run_study_command(tmp_path / "study.toml", None, escaping, 1, False, None) == 0
     (out,) = used
     assert out.parent == Path("runs") and out.name not in (".", "..") and out.name.startswith("up-")
 

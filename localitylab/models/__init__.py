@@ -12,6 +12,10 @@ from localitylab.models.registry import (
     spec_for_data,
 )
 
+# The families register themselves when imported; every import of localitylab.models.*
+# runs this file first, so the registry is full before anything looks a name up.
+from localitylab.models import resnet, vit  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "POS_EMBEDS",
     "ModelInfo",

@@ -8,40 +8,17 @@ checkpoint, so a checkpoint never stores code.
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
 
 from localitylab.errors import UserError
+from localitylab.models.spec import POS_EMBEDS, ModelSpec, split_model_name
+from localitylab.models.timm_adapter import build_timm_model
 
-POS_EMBEDS = ("learn", "sincos", "none")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model is: the registry name and the shapes it was built for."""
-
-    name: str
-    img_size: int
-    in_chans: int
-    num_classes: int
-    pos_embed: str | None = None  # learn | sincos | none, for pit/vit; None elsewhere
-    model_kw: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @property
-    def family(self) -> str:
-        return parse_model_name(self.name)[0]
+__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "model_entries", "model_kind", "parse_model_name",
+           "register_model", "spec_for_data", "valid_names_hint"]
 
 
 @dataclass(frozen=True)
@@ -70,28 +47,21 @@ def register_model(name: str, kind: str, summary: str, takes_patch: bool = False
 
 
 def model_entries() -> list[ModelEntry]:
-    _ensure_families_loaded()
     return list(_MODELS.values())
 
 
 def valid_names_hint() -> str:
-    _ensure_families_loaded()
     names = [f"{e.name}/P" if e.takes_patch else e.name for e in _MODELS.values()]
     return ", ".join(names) + ", timm:NAME"
 
 
-_PATCH = re.compile(r"^(?P<family>[a-z0-9-]+)/(?P<patch>\d+)$")
-
-
 def parse_model_name(name: str) -> tuple[str, int | None]:
     """'vit-t/2' -> ('vit-t', 2); 'pit-t' -> ('pit-t', None); 'timm:x' -> ('timm:x', None)."""
-    _ensure_families_loaded()
     if name.startswith("timm:"):
         if len(name) == len("timm:"):
             raise UserError("timm: needs a model name, e.g. timm:vit_small_patch16_224")
         return name, None
-    match = _PATCH.match(name)
-    family, patch = (match["family"], int(match["patch"])) if match else (name, None)
+    family, patch = split_model_name(name)
     entry = _MODELS.get(family)
     if entry is None:
         raise UserError(f"unknown model {name!r}; valid: {valid_names_hint()}")
@@ -143,8 +113,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
             raise UserError(f"{label} must be a positive integer, got {value!r}")
     family, _ = parse_model_name(spec.name)
     if family.startswith("timm:"):
-        from localitylab.models.timm_adapter import build_timm_model
-
         return build_timm_model(spec)
     fixed = [key for key in SHAPE_KEYS if key in spec.model_kw]
     if fixed:
@@ -152,13 +120,3 @@ def build_model(spec: ModelSpec) -> nn.Module:
                         f"from the data set and the patch size from the name (e.g. vit-n/4)")
     return _MODELS[family].builder(spec)
 
-
-_families_loaded = False
-
-
-def _ensure_families_loaded() -> None:
-    # The families register themselves on import; import them lazily to keep start-up fast.
-    global _families_loaded
-    if not _families_loaded:
-        _families_loaded = True
-        from localitylab.models import resnet, vit  # noqa: F401

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from localitylab.errors import UserError
-from localitylab.models.registry import ModelSpec, register_model
+from localitylab.models.registry import register_model
+from localitylab.models.spec import ModelSpec
 
 CONFIGS = {
     "n": dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128)),

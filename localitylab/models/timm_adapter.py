@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from localitylab.errors import UserError
-from localitylab.models.registry import ModelSpec
+from localitylab.models.spec import ModelSpec
 
 
 def build_timm_model(spec: ModelSpec) -> nn.Module:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from localitylab.errors import UserError
 from localitylab.models.pos_embed import sincos_2d
-from localitylab.models.registry import POS_EMBEDS, ModelSpec, parse_model_name, register_model
+from localitylab.models.registry import register_model
+from localitylab.models.spec import POS_EMBEDS, ModelSpec
 
 # Widths from the PiT paper (t/s/b follow DeiT); n (nano) is ours, sized so an epoch on
 # digits takes a second or two on 2 CPU cores.
@@ -102,8 +103,7 @@ def _register(size: str) -> None:
         f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2
     )
     def _vit(spec: ModelSpec) -> nn.Module:
-        _, patch = parse_model_name(spec.name)
-        return build_vision_transformer(spec, size, patch)
+        return build_vision_transformer(spec, size, spec.patch)
 
 
 for _size in WIDTHS:

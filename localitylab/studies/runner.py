@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from localitylab.errors import UserError
-from localitylab.io import write_json
+from localitylab.io import safe_name, write_json
 from localitylab.studies.spec import ModelEntry, Study
 
 
@@ -176,6 +176,16 @@ def _call(function: Callable[..., str], *args: Any) -> tuple[bool, str]:
         return False, str(err)
     except Exception as err:  # a dead piece is reported, not fatal to the study
         return False, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}"
+
+
+def study_folder(study: Study, out: str | Path | None, resume: bool) -> Path:
+    """Where a study's runs go: `out`, or runs/<name>[-<scale>]. The default is built from
+    names in the file (and --scale), sanitised so that it stays under runs/. A folder that
+    already holds a study is continued only with `resume`."""
+    folder = Path(out) if out is not None else Path("runs") / safe_name(study.name + (f"-{study.scale}" if study.scale else ""))
+    if (folder / "study.json").is_file() and not resume:
+        raise UserError(f"{folder} already holds a study; pass --resume to continue it, or choose another --out")
+    return folder
 
 
 def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str], None] = print,

@@ -27,6 +27,8 @@ from localitylab.errors import UserError
 from localitylab.io import safe_name
 from localitylab.train.config import TrainConfig
 
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+
 STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
 PROBE_KEYS = {"run", "images", "batch_size", "options"}
 EXPECT_KEYS = {"model", "metric", "published", "setting", "source"}
@@ -82,6 +84,12 @@ class Study:
 
     def dataset_of(self, entry: ModelEntry) -> str:
         return entry.dataset or self.dataset
+
+
+def bundled_study(name: str) -> Path:
+    """A study file shipped with localitylab: ./studies/NAME.toml if present, else the package's copy."""
+    local = Path("studies") / f"{name}.toml"
+    return local if local.is_file() else BUNDLED / f"{name}.toml"
 
 
 class _Locator:

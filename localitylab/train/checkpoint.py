@@ -19,6 +19,7 @@ from localitylab.data.registry import DataInfo
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, safe_torch_load
 from localitylab.models.registry import ModelSpec, build_model
+from localitylab.version import __version__
 
 FORMAT = "localitylab.checkpoint"
 FORMAT_VERSION = 1
@@ -26,8 +27,6 @@ FORMAT_VERSION = 1
 
 def versions() -> dict[str, str]:
     import timm
-
-    from localitylab import __version__
 
     # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
     return {"localitylab": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)}

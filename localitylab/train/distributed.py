@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -92,30 +93,27 @@ def check_batch_divides(batch_size: int, world_size: int) -> None:
         )
 
 
-def launch(arguments: list[str], nproc: int) -> int:
-    """Run `localitylab <arguments>` on `nproc` local processes through torchrun.
-
-    The same as `torchrun --standalone --nproc-per-node N -m localitylab <arguments>`; for
+def launch(config_file: Path, nproc: int) -> None:
+    """Train the job in `config_file` (written by `train.worker.write_job`) on `nproc` local
+    processes through torchrun: `torchrun --standalone --nproc-per-node N -m
+    localitylab.train.worker FILE`. Every rank reads the same configuration as data. For
     several machines, call torchrun yourself with its rendezvous options.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", "localitylab", *arguments]
-    )
+    arguments = ["--standalone", f"--nproc-per-node={nproc}", "--module", "localitylab.train.worker", str(config_file)]
     # Workers print their own one-line errors; the launcher only says how many failed.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
-        run(args)
+        run(get_args_parser().parse_args(arguments))
     except ChildFailedError as failed:
         codes = sorted({f.exitcode for f in failed.failures.values()})
         raise UserError(
             f"{len(failed.failures)} of {nproc} training processes failed (exit {', '.join(map(str, codes))}); "
-            f"their messages are above. Re-run: torchrun --standalone --nproc-per-node {nproc} -m localitylab "
-            f"{shlex.join(arguments)}"
+            f"their messages are above. Re-run: torchrun {shlex.join(arguments[:2])} -m localitylab.train.worker "
+            f"{shlex.quote(str(config_file))}"
         ) from None
-    return 0
 
 
 def is_worker() -> bool:

@@ -85,3 +85,17 @@ def test_measure(row: dict[str, Any], digits: int) -> str:
     if row.get("test_acc") is None:
         return f"test loss {row['test_loss']:.{digits}f}"
     return f"test acc {row['test_acc']:.{digits}f}"
+
+
+def make_reporter(quiet: bool) -> Reporter:
+    """A progress bar on a terminal; one line per epoch with --quiet or in a log."""
+    return PlainReporter() if quiet or not sys.stderr.isatty() else RichReporter()
+
+
+def final_message(checkpoint: Any, final: dict[str, Any]) -> str:
+    """The line a finished run prints: where its checkpoint is and how good it is."""
+    if final.get("test_acc") is not None:
+        measure = f"test accuracy {final['test_acc']:.4f}"
+    else:
+        measure = f"test reconstruction loss {final['test_loss']:.4f}"
+    return f"{checkpoint}: {measure} after {final['epoch']} epochs"

@@ -1,36 +1,22 @@
-"""What the `study` and `demo` commands print; the CLI stays a thin shell."""
+"""What the `study` and `demo` commands print. The library plans and runs; this shell prints."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from localitylab.errors import UserError
-from localitylab.studies.runner import describe_plan, run_study
-from localitylab.studies.spec import load_study
-from localitylab.io import safe_name
-
-BUNDLED = Path(__file__).resolve().parent / "bundled"
-
-
-def bundled_study(name: str) -> Path:
-    """A study file shipped with localitylab: ./studies/NAME.toml if present, else the package's copy."""
-    local = Path("studies") / f"{name}.toml"
-    return local if local.is_file() else BUNDLED / f"{name}.toml"
-
 
 def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int, resume: bool,
                       report_dir: Path | None) -> int:
+    from localitylab.studies import load_study, run_study, study_folder
+
     study = load_study(file, scale)
-    # The default folder is built from names in the file (and --scale): sanitised, so it stays under runs/.
-    out = Path(out) if out is not None else Path("runs") / safe_name(study.name + (f"-{scale}" if scale else ""))
-    if (out / "study.json").is_file() and not resume:
-        raise UserError(f"{out} already holds a study; pass --resume to continue it, or choose another --out")
+    folder = study_folder(study, out, resume)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = run_study(study, out, jobs=jobs, log=log, report_dir=report_dir)
+    result = run_study(study, folder, jobs=jobs, log=log, report_dir=report_dir)
     for kind, path in result.report.items():
         print(f"{kind}: {path}")
     if result.failed:
@@ -43,6 +29,8 @@ def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int
 def show_study(file: Path, scale: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from localitylab.studies import describe_plan, load_study
 
     study = load_study(file, scale)
     plan = describe_plan(study)
