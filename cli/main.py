@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from cli.errors import run_cli
-from cli.options import parse_model_kw
+from cli.options import parse_model_kw, training_options
 
 app = typer.Typer(
     name="localitylab",
@@ -31,76 +31,13 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     """localitylab: train, probe and report on how local vision models are."""
 
 
-# Options train and pretrain share, defined once.
-BATCH_SIZE_OPTION = typer.Option(128, help="Images per step.")
-LR_OPTION = typer.Option(1e-3, help="Peak learning rate (AdamW).")
-MIN_LR_OPTION = typer.Option(1e-5, help="Learning rate at the end of the cosine.")
-WEIGHT_DECAY_OPTION = typer.Option(0.05, help="AdamW weight decay (not on biases, norms, pos_embed, cls).")
-WARMUP_EPOCHS_OPTION = typer.Option(5.0, help="Linear warm-up length in epochs.")
-CROP_PADDING_OPTION = typer.Option(None, help="Random-crop padding in pixels (default: the data set's).")
-POS_EMBED_OPTION = typer.Option("learn", help="Position embedding for pit/vit: learn, sincos (fixed) or none.")
-MODEL_KW_OPTION = typer.Option(None, "--model-kw", help="key=value passed to the model (repeatable).")
-SEED_OPTION = typer.Option(0, help="Seed: CPU runs with the same seed are bit-identical.")
-DATA_DIR_OPTION = typer.Option(None, help="Where data sets live (default ~/.cache/localitylab/data).")
-DOWNLOAD_OPTION = typer.Option(False, help="Fetch an official archive if it is missing (checks its MD5).")
-IMG_SIZE_OPTION = typer.Option(None, help="Image size for folder: and generated data sets.")
-DEVICE_OPTION = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
-COMPILE_OPTION = typer.Option("auto", help="torch.compile: auto (on CUDA), on or off.")
-AMP_OPTION = typer.Option("auto", help="bf16 autocast: auto (on CUDA), on or off.")
-RESUME_OPTION = typer.Option(False, help="Continue the run in --out from its last checkpoint.")
-NPROC_OPTION = typer.Option(1, help="Processes to train on (DDP through torchrun; GPUs or CPU).")
-QUIET_OPTION = typer.Option(False, help="No progress bar; one line per epoch.")
-
-
 @app.command()
-def train(
-    model: str = typer.Argument(..., help="pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME"),
-    dataset: str = typer.Argument(..., help="digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH"),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<model>-<dataset>)."),
-    epochs: int = typer.Option(100, help="Training epochs."),
-    batch_size: int = BATCH_SIZE_OPTION,
-    lr: float = LR_OPTION,
-    min_lr: float = MIN_LR_OPTION,
-    weight_decay: float = WEIGHT_DECAY_OPTION,
-    warmup_epochs: float = WARMUP_EPOCHS_OPTION,
-    label_smoothing: float = typer.Option(0.1, help="Label smoothing."),
-    clip_grad: float = typer.Option(1.0, help="Gradient-norm clipping (0 = off)."),
-    mixup: float = typer.Option(0.0, help="Mixup alpha (timm; 0 = off)."),
-    cutmix: float = typer.Option(0.0, help="CutMix alpha (timm; 0 = off)."),
-    drop_path: float = typer.Option(0.0, help="Stochastic depth rate."),
-    crop_padding: Optional[int] = CROP_PADDING_OPTION,
-    pos_embed: str = POS_EMBED_OPTION,
-    model_kw: Optional[List[str]] = MODEL_KW_OPTION,
-    weights: Optional[Path] = typer.Option(None, help="Initial weights (safetensors or state dict) for timm: models."),
-    seed: int = SEED_OPTION,
-    permute_pixels: Optional[int] = typer.Option(None, help="Train and test on pixels shuffled by this seed's permutation."),
-    data_dir: Optional[Path] = DATA_DIR_OPTION,
-    download: bool = DOWNLOAD_OPTION,
-    img_size: Optional[int] = IMG_SIZE_OPTION,
-    device: str = DEVICE_OPTION,
-    compile: str = COMPILE_OPTION,
-    amp: str = AMP_OPTION,
-    init_from: Optional[Path] = typer.Option(None, help="Start from this checkpoint's matching weights (MAE or any run)."),
-    linear_probe: bool = typer.Option(False, help="Train only the classifier head on frozen --init-from features."),
-    resume: bool = RESUME_OPTION,
-    nproc: int = NPROC_OPTION,
-    quiet: bool = QUIET_OPTION,
-) -> None:
+@training_options("train")
+def train(config, nproc: int, quiet: bool) -> None:
     """Train MODEL on DATASET and write ckpt.pt, metrics.csv and run.json to the run folder.
 
     Example: localitylab train vit-n/2 digits --epochs 30 --out runs/vit-digits
     """
-    from localitylab.train import TrainConfig
-
-    config = TrainConfig(
-        model=model, dataset=dataset, out=out, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        clip_grad=clip_grad or None, mixup=mixup, cutmix=cutmix, drop_path=drop_path, crop_padding=crop_padding,
-        pos_embed=pos_embed, model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None,
-        seed=seed, permute_pixels=permute_pixels, data_dir=str(data_dir) if data_dir else None,
-        download=download, img_size=img_size, device=device, compile=compile, amp=amp, resume=resume,
-        init_from=str(init_from) if init_from else None, linear_probe=linear_probe,
-    )
     _run_training(config, nproc, quiet)
 
 
@@ -109,52 +46,13 @@ app.add_typer(pretrain_app, name="pretrain")
 
 
 @pretrain_app.command("mae")
-def pretrain_mae(
-    model: str = typer.Argument(..., help="pit-{n,t,s,b} or vit-{n,t,s,b}/P"),
-    dataset: str = typer.Argument(..., help="digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH"),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/mae-<model>-<dataset>)."),
-    mask_ratio: float = typer.Option(0.75, help="Fraction of tokens masked per image (a PiT token is a pixel)."),
-    decoder_dim: Optional[int] = typer.Option(None, help="Decoder width (default: scaled to the encoder)."),
-    decoder_depth: Optional[int] = typer.Option(None, help="Decoder blocks."),
-    decoder_heads: Optional[int] = typer.Option(None, help="Decoder attention heads."),
-    norm_pix_loss: Optional[bool] = typer.Option(None, "--norm-pix-loss/--no-norm-pix-loss",
-                                                 help="Per-token normalised targets (default: on for ViT patches, off for one-pixel PiT tokens)."),
-    epochs: int = typer.Option(100, help="Pre-training epochs."),
-    batch_size: int = BATCH_SIZE_OPTION,
-    lr: float = LR_OPTION,
-    min_lr: float = MIN_LR_OPTION,
-    weight_decay: float = WEIGHT_DECAY_OPTION,
-    warmup_epochs: float = WARMUP_EPOCHS_OPTION,
-    clip_grad: float = typer.Option(0.0, help="Gradient-norm clipping (0 = off, as in MAE)."),
-    crop_padding: Optional[int] = CROP_PADDING_OPTION,
-    pos_embed: str = POS_EMBED_OPTION,
-    model_kw: Optional[List[str]] = MODEL_KW_OPTION,
-    seed: int = SEED_OPTION,
-    data_dir: Optional[Path] = DATA_DIR_OPTION,
-    download: bool = DOWNLOAD_OPTION,
-    img_size: Optional[int] = IMG_SIZE_OPTION,
-    device: str = DEVICE_OPTION,
-    compile: str = COMPILE_OPTION,
-    amp: str = AMP_OPTION,
-    resume: bool = RESUME_OPTION,
-    nproc: int = NPROC_OPTION,
-    quiet: bool = QUIET_OPTION,
-) -> None:
+@training_options("pretrain mae")
+def pretrain_mae(config, nproc: int, quiet: bool) -> None:
     """Masked-autoencoder pre-training (He et al. 2022); the checkpoint's model is the encoder.
 
     Example: localitylab pretrain mae pit-n digits --epochs 20 && localitylab train pit-n digits
     --init-from runs/mae-pit-n-digits/ckpt.pt
     """
-    from localitylab.train import TrainConfig
-
-    config = TrainConfig(
-        model=model, dataset=dataset, out=out, task="mae", mask_ratio=mask_ratio, decoder_dim=decoder_dim,
-        decoder_depth=decoder_depth, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss, epochs=epochs,
-        batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        label_smoothing=0.0, clip_grad=clip_grad or None, crop_padding=crop_padding, pos_embed=pos_embed,
-        model_kw=parse_model_kw(model_kw), seed=seed, data_dir=str(data_dir) if data_dir else None,
-        download=download, img_size=img_size, device=device, compile=compile, amp=amp, resume=resume,
-    )
     _run_training(config, nproc, quiet)
 
 
@@ -168,7 +66,6 @@ def _run_training(config, nproc: int, quiet: bool) -> None:
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.is_worker():
-        config.validate()
         distributed.check_batch_divides(config.batch_size, nproc)
         job = write_job(config, quiet)
         distributed.launch(job, nproc)  # on failure the job file stays, for the re-run it names

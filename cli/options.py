@@ -2,25 +2,70 @@
 
 from __future__ import annotations
 
-import ast
 from typing import Any
 
 
 def parse_model_kw(items: list[str] | None, flag: str = "--model-kw") -> dict[str, Any]:
-    """['depth=6', 'qk_norm=True', 'act_layer=gelu'] -> {'depth': 6, 'qk_norm': True, 'act_layer': 'gelu'}.
+    """['depth=6', 'qk_norm=True'] -> {'depth': 6, 'qk_norm': True}; `flag` names the option
+    in error messages (`--opt` uses the same syntax)."""
+    from localitylab.settings import parse_key_values
 
-    `flag` names the option in error messages (`--opt` uses the same syntax)."""
-    from localitylab.errors import UserError
+    return parse_key_values(items, flag)
 
-    result: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UserError(f"{flag} expects key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare word is a string
-        result[key] = value
-    return result
+
+def training_options(name: str):
+    """Decorator for a command that starts a run (`train`, `pretrain mae`): its arguments and
+    options are TrainConfig's fields that the command offers (type, default, help from the
+    field), then --nproc and --quiet. The function receives the TrainConfig, nproc and quiet.
+    """
+    import functools
+    import inspect
+    import typing
+    from pathlib import Path
+    from typing import List, Optional
+
+    import typer
+
+    from localitylab.train.config import COMMANDS, TrainConfig, about, flag
+
+    command = next(c for c in COMMANDS.values() if c.name == name)
+    fields = TrainConfig.model_fields
+    parameters, from_command_line = [], {}
+    for option in command.options:
+        info, meta = fields[option], about(option)
+        annotation, default = info.annotation, command.default(option)
+        if info.is_required():
+            parameters.append((option, annotation, typer.Argument(..., help=command.describe(option))))
+            continue
+        names = [flag(option)]
+        if annotation in (bool, Optional[bool]):
+            names = [f"{flag(option)}/--no-{flag(option)[2:]}"]
+        elif annotation == dict[str, Any]:  # key=value, repeated; TrainConfig parses them
+            annotation, default = Optional[List[str]], None
+        elif meta["path"]:
+            annotation = Optional[Path]
+            from_command_line[option] = lambda value: str(value) if value is not None else None
+        elif meta["off"] is not None:  # None is spelt `off` (clip_grad 0): not optional here
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+            annotation = typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+            off = meta["off"]
+            default = annotation(off) if default is None else default
+            from_command_line[option] = lambda value, off=off: None if value == off else value
+        parameters.append((option, annotation, typer.Option(default, *names, help=command.describe(option))))
+    parameters += [("nproc", int, typer.Option(1, "--nproc", help="Processes to train on (DDP through torchrun; GPUs or CPU).")),
+                   ("quiet", bool, typer.Option(False, "--quiet/--no-quiet", help="No progress bar; one line per epoch."))]
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(**values):
+            nproc, quiet = values.pop("nproc"), values.pop("quiet")
+            values = {key: from_command_line.get(key, lambda v: v)(value) for key, value in values.items()}
+            return function(command.config(values), nproc, quiet)
+
+        run.__signature__ = inspect.Signature([
+            inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for option, annotation, default in parameters])
+        run.__annotations__ = {option: annotation for option, annotation, _ in parameters}
+        return run
+
+    return decorate

@@ -12,13 +12,17 @@ from localitylab.version import __version__  # noqa: F401
 
 
 def __getattr__(name):
-    # Lazy: importing the package must not import torch.
+    # Lazy: importing the package must not import torch. `localitylab.train` is always the
+    # training package (its loop is localitylab.train.train), never a function that the
+    # package's import would later hide.
+    import importlib
+
     if name == "load":
         from localitylab.train.checkpoint import load
 
         return load
-    if name in ("train", "TrainConfig", "evaluate"):
-        import localitylab.train as training
-
-        return getattr(training, name)
+    if name == "train":
+        return importlib.import_module("localitylab.train")
+    if name in ("TrainConfig", "evaluate"):
+        return getattr(importlib.import_module("localitylab.train"), name)
     raise AttributeError(f"module 'localitylab' has no attribute {name!r}")

@@ -11,7 +11,8 @@ so messages written for users stay exactly as they are; a plain type mismatch be
 
 from __future__ import annotations
 
-from typing import Any, Mapping, TypeVar
+import ast
+from typing import Any, Iterable, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -39,9 +40,35 @@ def first_error(err: ValidationError, where: str = "") -> str:
     return f"{where + ' ' if where else ''}{key}: {problem.get('msg', 'invalid').lower()}, got {value!r}"
 
 
+class InvalidSettings(UserError):
+    """The UserError for settings that do not validate: the one line, and pydantic's first
+    problem (`problem["loc"]`, `problem["type"]`) for callers that word it their own way."""
+
+    def __init__(self, err: ValidationError, where: str = "") -> None:
+        super().__init__(first_error(err, where))
+        self.problem = err.errors(include_url=False)[0]
+
+
 def parse_settings(cls: type[S], data: Mapping[str, Any], where: str = "") -> S:
     """`cls(**data)`, with a UserError naming the key for the first invalid value."""
     try:
         return cls.model_validate(dict(data))
     except ValidationError as err:
-        raise UserError(first_error(err, where)) from None
+        raise InvalidSettings(err, where) from None
+
+
+def parse_key_values(items: Iterable[str] | None, flag: str) -> dict[str, Any]:
+    """['depth=6', 'qk_norm=True', 'act_layer=gelu'] -> {'depth': 6, 'qk_norm': True, 'act_layer': 'gelu'}:
+    values are Python literals, a bare word is a string. `flag` names the option in errors."""
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"{flag} expects key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word is a string
+        result[key] = value
+    return result

@@ -56,4 +56,4 @@ def test_linear_probe_changes_only_the_head(trained_runs, tmp_path):
 
 def test_linear_probe_needs_features():
     with pytest.raises(UserError, match="--init-from"):
-        TrainConfig("vit-n/2", "digits", linear_probe=True).validate()
+        TrainConfig("vit-n/2", "digits", linear_probe=True)

@@ -26,12 +26,12 @@ from typing import Any, Callable
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name, write_json
-from localitylab.studies.spec import ModelEntry, Study
+from localitylab.studies.spec import StudyModel, Study
 
 
 @dataclass
 class TrainPiece:
-    entry: ModelEntry
+    entry: StudyModel
     seed: int
     permute: int | None
     run_dir: Path
@@ -114,7 +114,10 @@ def train_done(piece: TrainPiece, study: Study) -> bool:
         run = json.loads(run_json.read_text())
     except json.JSONDecodeError:
         return False
-    wanted = piece.config(study)
+    try:
+        wanted = piece.config(study)
+    except UserError:  # a recipe that cannot run is not done; training it says why
+        return False
     return run.get("epochs_done") == wanted.epochs and run.get("config", {}).get("epochs") == wanted.epochs
 
 
@@ -299,7 +302,7 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def _maps_to(study: Study, wanted: str, entry: ModelEntry) -> bool:
+def _maps_to(study: Study, wanted: str, entry: StudyModel) -> bool:
     # Under a scale, 'pit-t' in [[expect]] refers to the model that replaced it (e.g. pit-n).
     return study.model_map.get(wanted) == entry.model
 

@@ -19,13 +19,15 @@ import copy
 import dataclasses
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name
-from localitylab.train.config import TrainConfig
+from localitylab.settings import InvalidSettings
+from localitylab.train.config import STUDY_SETTINGS, TrainConfig
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
@@ -33,13 +35,15 @@ STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixel
 PROBE_KEYS = {"run", "images", "batch_size", "options"}
 EXPECT_KEYS = {"model", "metric", "published", "setting", "source"}
 SCALE_KEYS = {"dataset", "models", "recipe", "probes", "description"}
-# Settings of `localitylab train` that a study may set; run placement and devices are the runner's.
-RECIPE_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "dataset", "out", "resume", "device"}
-MODEL_KEYS = {"model", "label", "dataset"} | RECIPE_KEYS
+# [[models]] keys: the model, its label, its data set, and the training settings a study may set.
+MODEL_KEYS = {"model", "label", "dataset", *STUDY_SETTINGS}
 
 
 @dataclass
-class ModelEntry:
+class StudyModel:
+    """One [[models]] entry of a study: a registry model, its label (the run folder's name)
+    and its own training settings."""
+
     model: str
     label: str
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +60,7 @@ class Study:
     seeds: list[int]
     permute_pixels: int | None
     recipe: dict[str, Any]
-    models: list[ModelEntry]
+    models: list[StudyModel]
     probes: list[str]
     probe_images: int
     probe_batch_size: int
@@ -69,20 +73,25 @@ class Study:
     scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
     model_map: dict[str, str] = field(default_factory=dict)  # a scale's substitutions, e.g. pit-t -> pit-n
 
-    def train_config(self, entry: ModelEntry, seed: int, permute: int | None, out: Path,
-                     init_from: Path | None = None) -> TrainConfig:
-        """`init_from`: the checkpoint of the run that entry.init_from names (the runner knows
-        where that run lives); the label itself never reaches TrainConfig."""
+    def train_settings(self, entry: StudyModel, seed: int, permute: int | None, out: Path,
+                       init_from: Path | None = None) -> dict[str, Any]:
+        """TrainConfig's settings for one run. `init_from`: the checkpoint of the run that
+        entry.init_from names (the runner knows where that run lives); the label itself never
+        reaches TrainConfig."""
         settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed, "permute_pixels": permute}
         settings["init_from"] = str(init_from) if init_from is not None else None
-        return TrainConfig(model=entry.model, dataset=self.dataset_of(entry), out=out, resume=True, **settings)
+        return {"model": entry.model, "dataset": self.dataset_of(entry), "out": out, "resume": True, **settings}
+
+    def train_config(self, entry: StudyModel, seed: int, permute: int | None, out: Path,
+                     init_from: Path | None = None) -> TrainConfig:
+        return TrainConfig(**self.train_settings(entry, seed, permute, out, init_from))
 
     @property
     def sources(self) -> dict[str, str]:
         """{label: label of the run it starts from} for the models with init_from."""
         return {e.label: e.recipe["init_from"] for e in self.models if e.recipe.get("init_from")}
 
-    def dataset_of(self, entry: ModelEntry) -> str:
+    def dataset_of(self, entry: StudyModel) -> str:
         return entry.dataset or self.dataset
 
 
@@ -154,7 +163,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         if not isinstance(data.get(table, {}), dict):
             raise locator.error(f"'{table}' must be a [{table}] table, got {data[table]!r}", table)
     recipe = dict(data.get("recipe", {}))
-    _check_keys(recipe, RECIPE_KEYS, "[recipe]", locator, "recipe")
+    _check_keys(recipe, STUDY_SETTINGS, "[recipe]", locator, "recipe")
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not models_raw:
         raise locator.error("needs at least one [[models]] entry with a 'model' key")
@@ -190,7 +199,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         dataset = chosen.get("dataset", dataset)
         model_map = dict(chosen.get("models", {}))  # "" leaves a model out at this scale
         scale_recipe = dict(chosen.get("recipe", {}))
-        _check_keys(chosen.get("recipe", {}), RECIPE_KEYS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
+        _check_keys(chosen.get("recipe", {}), STUDY_SETTINGS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
         _check_keys(chosen.get("probes", {}), PROBE_KEYS, f"[scale.{scale}] probes", locator, f"scale.{scale}")
         probes_raw.update(chosen.get("probes", {}))
 
@@ -219,7 +228,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
             raise locator.error(
                 f"[[models]] entry {index + 1}: init_from must be the label of an earlier model in this study "
                 f"(one of: {', '.join(sorted(labels - {label})) or 'none'}), got {source!r}", "init_from", "models")
-        models.append(ModelEntry(name, label, recipe_part, raw.get("dataset")))
+        models.append(StudyModel(name, label, recipe_part, raw.get("dataset")))
 
     expect = expect_raw
     for index, entry in enumerate(expect):
@@ -263,16 +272,6 @@ def _validate_values(study: Study, locator: _Locator) -> None:
     from localitylab.models.registry import parse_model_name
     from localitylab.probes.registry import probe_names
 
-    # Types first: a string where a number belongs would otherwise fail deeper down.
-    for key, value in {**study.recipe, **study.scale_recipe}.items():
-        default = getattr(TrainConfig("x", "y"), key)
-        if default is not None and value is not None and not _same_kind(default, value):
-            raise locator.error(f"{key} = {value!r} has the wrong type; expected {type(default).__name__}", key, "recipe")
-    for entry in study.models:
-        for key, value in entry.recipe.items():
-            default = getattr(TrainConfig("x", "y"), key)
-            if default is not None and value is not None and not _same_kind(default, value):
-                raise locator.error(f"{key} = {value!r} has the wrong type; expected {type(default).__name__}", key, "models")
     for dataset in {study.dataset, *(e.dataset for e in study.models if e.dataset)}:
         try:
             check_dataset_name(dataset)
@@ -281,12 +280,19 @@ def _validate_values(study: Study, locator: _Locator) -> None:
     for entry in study.models:
         try:
             parse_model_name(entry.model)
-            source = Path("unused") / "ckpt.pt" if entry.recipe.get("init_from") else None
-            study.train_config(entry, study.seeds[0], study.permute_pixels, Path("unused"), source).validate()
         except UserError as err:
             raise locator.error(f"model {entry.model!r}: {err}", "model", "models") from None
-        except TypeError as err:
-            raise locator.error(f"model {entry.model!r}: {err}") from None
+        source = Path("unused") / "ckpt.pt" if entry.recipe.get("init_from") else None
+        settings = study.train_settings(entry, study.seeds[0], study.permute_pixels, Path("unused"), source)
+        try:
+            TrainConfig(**settings)  # TrainConfig's own checks: one mechanism for both
+        except InvalidSettings as err:
+            key = str(err.problem["loc"][0]) if err.problem["loc"] else None
+            if key is not None and err.problem["type"].endswith("_type"):  # a string where a number belongs...
+                table = "models" if key in entry.recipe else "recipe"
+                raise locator.error(f"{key} = {settings[key]!r} has the wrong type; expected {_type_name(key)}",
+                                    key, table) from None
+            raise locator.error(f"model {entry.model!r}: {err}", "model", "models") from None
     for name in study.probes:
         if name != "all" and name not in probe_names():
             raise locator.error(f"unknown probe {name!r}; valid: {', '.join(probe_names())}, all", "run", "probes")
@@ -313,14 +319,12 @@ def _check_study_values(study: dict[str, Any], locator: _Locator) -> None:
         raise locator.error(f"[study] gpu_hours must be a number >= 0, got {hours!r}", "gpu_hours", "study")
 
 
-def _same_kind(default: Any, value: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, type(default))
+def _type_name(key: str) -> str:
+    """'int' for TrainConfig's `epochs: int`, 'float' for `clip_grad: float | None`."""
+    kinds = [a for a in typing.get_args(TrainConfig.model_fields[key].annotation) if a is not type(None)]
+    kind = kinds[0] if kinds else TrainConfig.model_fields[key].annotation
+    kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+    return getattr(typing.get_origin(kind) or kind, "__name__", str(kind))
 
 
 def with_overrides(study: Study, **changes: Any) -> Study:

@@ -1,8 +1,20 @@
-"""Training: the loop, the recipe, checkpoints."""
+"""Training: the loop, the recipe, checkpoints.
 
-from localitylab.train.checkpoint import RunInfo, load, read_checkpoint, save_checkpoint
-from localitylab.train.config import TrainConfig
-from localitylab.train.evaluation import evaluate, evaluate_checkpoint
-from localitylab.train.loop import TrainResult, train
+The names below load on first use, so that the recipe (`localitylab.train.config`, which the
+CLI reads to build its options) can be imported without torch.
+"""
 
-__all__ = ["RunInfo", "TrainConfig", "TrainResult", "evaluate", "evaluate_checkpoint", "load", "read_checkpoint", "save_checkpoint", "train"]
+import importlib
+
+_WHERE = {
+    "RunInfo": "checkpoint", "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "TrainConfig": "config", "evaluate": "evaluation", "evaluate_checkpoint": "evaluation",
+    "TrainResult": "loop", "train": "loop",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'localitylab.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"localitylab.train.{_WHERE[name]}"), name)

@@ -8,144 +8,258 @@ side) and horizontal flips where the data set allows; mixup/cutmix and drop-path
 by default and available as options. The PiT paper (arXiv 2406.09415) trains its CIFAR
 models far longer (the 2,400-epoch recipe); its exact augmentation settings are not
 reproduced here: `studies/pit_vs_vit_cifar100.toml` documents what is known and what is not.
+
+A setting is declared once, as a field of `TrainConfig`: its type, default, help text and
+check (with the message users see), which commands offer it on the command line (the CLI
+builds its options from these fields), whether it defines the run (a resumed run must agree
+on it) and whether a study file may set it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable
+
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name
+from localitylab.settings import InvalidSettings, Settings, parse_key_values
 
-# Settings that define the run: a resumed run must agree on all of them.
-RECIPE_KEYS = (
-    "model", "dataset", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
-    "label_smoothing", "clip_grad", "mixup", "cutmix", "drop_path", "crop_padding", "pos_embed", "model_kw",
-    "seed", "permute_pixels", "img_size", "task", "mask_ratio", "decoder_dim", "decoder_depth", "decoder_heads",
-    "norm_pix_loss", "init_from", "linear_probe",
-)
 TASKS = ("classify", "mae")
+TRAIN, PRETRAIN = "train", "pretrain mae"  # the commands that start a run, as typed
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    dataset: str
-    out: Path | None = None
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    label_smoothing: float = 0.1
-    clip_grad: float | None = 1.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    drop_path: float = 0.0
-    crop_padding: int | None = None  # None: the data set's default
-    pos_embed: str = "learn"
-    model_kw: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # initial weights for timm: models
-    seed: int = 0
-    permute_pixels: int | None = None  # seed of a fixed pixel permutation, or None
-    data_dir: str | None = None
-    download: bool = False
-    img_size: int | None = None
-    device: str = "auto"
-    compile: str = "auto"  # torch.compile: auto = on CUDA
-    amp: str = "auto"  # bf16 autocast: auto = on CUDA
-    eval_batch_size: int = 512
-    resume: bool = False
-    # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training).
-    task: str = "classify"
-    mask_ratio: float = 0.75
-    decoder_dim: int | None = None  # None: the MAE module's default for this encoder
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
-    norm_pix_loss: bool | None = None  # None: on for ViT patches, off for a PiT's one-pixel tokens
-    init_from: str | None = None  # a localitylab checkpoint whose matching weights start this run
-    linear_probe: bool = False  # train only the classifier head on frozen features
+def flag(name: str) -> str:
+    """The command-line option of a setting: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
 
-    def validate(self) -> "TrainConfig":
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        # Written as "not (valid)" so that NaN, which fails every comparison, is refused too.
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-        at_least_zero = {"min_lr": self.min_lr, "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
-                         "mixup": self.mixup, "cutmix": self.cutmix, "clip_grad": self.clip_grad or 0.0}
-        for name, value in at_least_zero.items():
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.drop_path < 1:
-            raise UserError(f"--drop-path is a probability of dropping a block: in [0, 1), got {self.drop_path}")
-        if self.crop_padding is not None and self.crop_padding < 0:
-            raise UserError(f"--crop-padding must be >= 0, got {self.crop_padding}")
-        if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
-        if not 0 < self.mask_ratio < 1:
-            raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}")
+
+# --- checks, each with the message users have always seen ------------------------------------
+def check(valid: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A setting's check: `message` ({flag}, {value}) when `valid(value)` is false; None passes.
+    Write `valid` so that NaN, which fails every comparison, fails it too."""
+
+    def run(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not valid(value):
+            raise ValueError(message.format(flag=flag(info.field_name), value=value, repr=repr(value)))
+        return value
+
+    return AfterValidator(run)
+
+
+AtLeastOne = Annotated[int, check(lambda v: v >= 1, "{flag} must be at least 1, got {value}")]
+WholeAtLeastZero = Annotated[int, check(lambda v: v >= 0, "{flag} must be >= 0, got {value}")]
+AtLeastZero = Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "{flag} must be a number >= 0, got {value}")]
+Positive = Annotated[float, check(lambda v: math.isfinite(v) and v > 0, "{flag} must be a positive number, got {value}")]
+FromZeroBelowOne = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} must be in [0, 1), got {value}")]
+BetweenZeroAndOne = Annotated[float, check(lambda v: 0 < v < 1, "{flag} must be between 0 and 1 (exclusive), got {value}")]
+DropRate = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} is a probability of dropping a block: in [0, 1), got {value}")]
+AutoOnOff = Annotated[str, check(lambda v: v in ("auto", "on", "off"), "{flag} must be auto, on or off, got {repr}")]
+Task = Annotated[str, check(lambda v: v in TASKS, f"unknown task {{repr}}; valid: {', '.join(TASKS)}")]
+
+
+def setting(default: Any, help: str, *, commands: tuple[str, ...] = (TRAIN, PRETRAIN), defines_run: bool = True,
+            in_study: bool = True, path: bool = False, off: Any = None, strict: bool = True) -> Any:
+    """A field of TrainConfig with what the CLI, resume and study files need to know of it.
+
+    commands:    the commands that offer it (model and dataset as arguments, the rest as
+                 options, in field order)
+    defines_run: a resumed run must agree on it
+    in_study:    a study's [recipe] or [[models]] may set it
+    path:        a file or folder (held as text, shown as PATH)
+    off:         how the command line spells None ("off"), if it can
+    """
+    extra = {"commands": commands, "defines_run": defines_run, "in_study": in_study, "path": path, "off": off}
+    return Field(default, description=help, json_schema_extra=extra, strict=strict)
+
+
+def about(name: str) -> dict[str, Any]:
+    """What `setting` recorded of TrainConfig's field `name`."""
+    return TrainConfig.model_fields[name].json_schema_extra
+
+
+class TrainConfig(Settings):
+    """Everything a training run is given. Checked when made: a bad value raises a UserError
+    that names the option (`--lr must be a positive number, got -1.0`)."""
+
+    model_config = ConfigDict(protected_namespaces=())  # model_kw is a setting, not pydantic's
+
+    model: str = setting(..., "pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME", in_study=False)
+    dataset: str = setting(..., "digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH", in_study=False)
+    out: Path | None = setting(None, "Run folder (default runs/<model>-<dataset>).", defines_run=False,
+                               in_study=False, strict=False)
+    # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training); the
+    # command decides it (`train` or `pretrain mae`).
+    task: Task = setting("classify", "classify or mae", commands=())
+    mask_ratio: BetweenZeroAndOne = setting(0.75, "Fraction of tokens masked per image (a PiT token is a pixel).",
+                                            commands=(PRETRAIN,))
+    decoder_dim: int | None = setting(None, "Decoder width (default: scaled to the encoder).", commands=(PRETRAIN,))
+    decoder_depth: int | None = setting(None, "Decoder blocks.", commands=(PRETRAIN,))
+    decoder_heads: int | None = setting(None, "Decoder attention heads.", commands=(PRETRAIN,))
+    norm_pix_loss: bool | None = setting(
+        None, "Per-token normalised targets (default: on for ViT patches, off for one-pixel PiT tokens).",
+        commands=(PRETRAIN,))
+    epochs: AtLeastOne = setting(100, "Training epochs.")
+    batch_size: AtLeastOne = setting(128, "Images per step.")
+    lr: Positive = setting(1e-3, "Peak learning rate (AdamW).")
+    min_lr: AtLeastZero = setting(1e-5, "Learning rate at the end of the cosine.")
+    weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls).")
+    warmup_epochs: AtLeastZero = setting(5.0, "Linear warm-up length in epochs.")
+    label_smoothing: FromZeroBelowOne = setting(0.1, "Label smoothing.", commands=(TRAIN,))
+    clip_grad: AtLeastZero | None = setting(1.0, "Gradient-norm clipping (0 = off).", off=0)
+    mixup: AtLeastZero = setting(0.0, "Mixup alpha (timm; 0 = off).", commands=(TRAIN,))
+    cutmix: AtLeastZero = setting(0.0, "CutMix alpha (timm; 0 = off).", commands=(TRAIN,))
+    drop_path: DropRate = setting(0.0, "Stochastic depth rate.", commands=(TRAIN,))
+    crop_padding: WholeAtLeastZero | None = setting(None, "Random-crop padding in pixels (default: the data set's).")
+    pos_embed: str = setting("learn", "Position embedding for pit/vit: learn, sincos (fixed) or none.")
+    model_kw: dict[str, Any] = setting({}, "key=value passed to the model (repeatable).", strict=False)
+    weights: str | None = setting(None, "Initial weights (safetensors or state dict) for timm: models.",
+                                  commands=(TRAIN,), defines_run=False, path=True)
+    seed: int = setting(0, "Seed: CPU runs with the same seed are bit-identical.")
+    permute_pixels: int | None = setting(None, "Train and test on pixels shuffled by this seed's permutation.",
+                                         commands=(TRAIN,))
+    data_dir: str | None = setting(None, "Where data sets live (default ~/.cache/localitylab/data).",
+                                   defines_run=False, path=True)
+    download: bool = setting(False, "Fetch an official archive if it is missing (checks its MD5).", defines_run=False)
+    img_size: int | None = setting(None, "Image size for folder: and generated data sets.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", defines_run=False, in_study=False)
+    compile: AutoOnOff = setting("auto", "torch.compile: auto (on CUDA), on or off.", defines_run=False)
+    amp: AutoOnOff = setting("auto", "bf16 autocast: auto (on CUDA), on or off.", defines_run=False)
+    eval_batch_size: AtLeastOne = setting(512, "Images per forward pass when evaluating.", commands=(),
+                                          defines_run=False)
+    init_from: str | None = setting(None, "Start from this checkpoint's matching weights (MAE or any run).",
+                                    commands=(TRAIN,), path=True)
+    linear_probe: bool = setting(False, "Train only the classifier head on frozen --init-from features.",
+                                 commands=(TRAIN,))
+    resume: bool = setting(False, "Continue the run in --out from its last checkpoint.", defines_run=False,
+                           in_study=False)
+
+    def __init__(self, model: str | None = None, dataset: str | None = None, /, **settings: Any) -> None:
+        """TrainConfig(model, dataset, **settings); model and dataset may be given by name too."""
+        given = {key: value for key, value in (("model", model), ("dataset", dataset)) if value is not None}
+        try:
+            super().__init__(**given, **settings)
+        except ValidationError as err:
+            raise InvalidSettings(err) from None
+
+    # --- what the command line gives as text -------------------------------------------------------
+    @field_validator("model_kw", mode="before")
+    @classmethod
+    def _model_kw(cls, value: Any) -> Any:
+        """The command line gives ['depth=6', ...]; Python and study files give a dict."""
+        if value is None or isinstance(value, (list, tuple)):
+            try:
+                return parse_key_values(value, flag("model_kw"))
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    # --- checks of settings together ---------------------------------------------------------------
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":
         if self.linear_probe and not self.init_from:
-            raise UserError("--linear-probe trains a head on frozen features: give the features with --init-from")
+            raise ValueError("--linear-probe trains a head on frozen features: give the features with --init-from")
         if self.task == "mae" and (self.linear_probe or self.mixup or self.cutmix):
-            raise UserError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
-        for name in ("compile", "amp"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                raise UserError(f"--{name} must be auto, on or off, got {getattr(self, name)!r}")
+            raise ValueError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
         return self
 
+    # --- views ---------------------------------------------------------------------------------------
     def mae_options(self) -> dict[str, Any]:
         """The MAE module's keyword arguments; unset ones take the module's defaults."""
         options = {"mask_ratio": self.mask_ratio, "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
                    "decoder_heads": self.decoder_heads, "norm_pix_loss": self.norm_pix_loss}
         return {k: v for k, v in options.items() if v is not None}
 
-    def recipe(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in RECIPE_KEYS}
+    def defining(self) -> dict[str, Any]:
+        """The settings that define the run: a resumed run must agree on every one."""
+        return {name: getattr(self, name) for name in DEFINING_SETTINGS}
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """Plain values only (the checkpoint is loaded with weights_only=True)."""
+        data = self.model_dump()
         data["out"] = str(self.out) if self.out is not None else None
         return data
 
     def command(self) -> str:
-        """The `localitylab train` command line that reproduces this run (non-defaults only)."""
-        import shlex
-
-        defaults = TrainConfig(self.model, self.dataset)
-        verb = ["pretrain", "mae"] if self.task == "mae" else ["train"]
-        parts = ["localitylab", *verb, self.model, self.dataset, "--out", str(self.run_dir())]
-        for f in dataclasses.fields(self):
-            if f.name in ("model", "dataset", "out", "resume", "task"):
+        """The `localitylab` command line that reproduces this run: its command and the
+        non-default settings that command offers."""
+        command = COMMANDS[self.task]
+        parts = ["localitylab", *command.words, self.model, self.dataset, "--out", str(self.run_dir())]
+        for name in command.options:
+            value, default = getattr(self, name), command.default(name)
+            if name in ("model", "dataset", "out", "resume") or value == default:
                 continue
-            value, default = getattr(self, f.name), getattr(defaults, f.name)
-            if value == default:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if f.name == "model_kw":
+            if name == "model_kw":
                 for key, item in value.items():
-                    parts += ["--model-kw", f"{key}={item!r}"]
+                    parts += [flag(name), f"{key}={item!r}"]
             elif isinstance(value, bool):
-                parts.append(flag if value else "--no-" + flag[2:])
+                parts.append(flag(name) if value else "--no-" + flag(name)[2:])
             elif value is None:
-                if f.name == "clip_grad":
-                    parts += [flag, "0"]  # the CLI's way of saying "off"
-                continue
+                if about(name)["off"] is not None:
+                    parts += [flag(name), str(about(name)["off"])]
             else:
-                parts += [flag, str(value)]
+                parts += [flag(name), str(value)]
         return " ".join(shlex.quote(p) for p in parts)
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path("runs") / default_run_name(self)
+
+
+def _fields_where(key: str) -> tuple[str, ...]:
+    return tuple(name for name in TrainConfig.model_fields if about(name)[key])
+
+
+# Settings that define the run (a resumed run must agree on all of them), and the settings a
+# study file may give in [recipe], [[models]] and [scale.NAME] recipe (run placement and
+# devices are the study runner's).
+DEFINING_SETTINGS = _fields_where("defines_run")
+STUDY_SETTINGS = _fields_where("in_study")
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """A command that starts a run: its words, the task it sets, and where its defaults and
+    help differ from the fields' (pre-training clips no gradients and smooths no labels)."""
+
+    name: str
+    task: str
+    defaults: dict[str, Any] = field(default_factory=dict)  # of fields it offers, or sets without offering
+    help: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(self.name.split())
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The settings it offers, in --help order."""
+        return tuple(name for name in TrainConfig.model_fields if self.name in about(name)["commands"])
+
+    def default(self, name: str) -> Any:
+        return self.defaults.get(name, TrainConfig.model_fields[name].get_default(call_default_factory=True))
+
+    def describe(self, name: str) -> str:
+        return self.help.get(name, TrainConfig.model_fields[name].description or "")
+
+    def config(self, values: dict[str, Any]) -> TrainConfig:
+        """The config for the options as given on the command line."""
+        fixed = {name: value for name, value in self.defaults.items() if name not in self.options}
+        return TrainConfig(**{**fixed, **values, "task": self.task})
+
+
+COMMANDS = {
+    "classify": TrainCommand(TRAIN, "classify"),
+    "mae": TrainCommand(PRETRAIN, "mae", defaults={"clip_grad": None, "label_smoothing": 0.0}, help={
+        "model": "pit-{n,t,s,b} or vit-{n,t,s,b}/P",
+        "out": "Run folder (default runs/mae-<model>-<dataset>).",
+        "epochs": "Pre-training epochs.",
+        "clip_grad": "Gradient-norm clipping (0 = off, as in MAE).",
+    }),
+}
 
 
 def default_run_name(config: TrainConfig) -> str:

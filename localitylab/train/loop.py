@@ -38,7 +38,7 @@ from localitylab.models.describe import model_summary
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train import distributed
 from localitylab.train.checkpoint import read_checkpoint, save_checkpoint, versions
-from localitylab.train.config import RECIPE_KEYS, TrainConfig
+from localitylab.train.config import DEFINING_SETTINGS, TrainConfig
 from localitylab.train.progress import Reporter
 from localitylab.train.stopping import RunStopped, StopRequests
 from localitylab.train.tasks import make_task, sums_to_means
@@ -97,7 +97,6 @@ class Position:
 
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Train as `config` says: on one process, or as one rank of a torchrun job."""
-    config.validate()
     ranks = distributed.from_environment(resolve_device(config.device))
     try:
         return _train(config, reporter if ranks.is_main else None, ranks)
@@ -376,8 +375,8 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _check_same_recipe(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    current = config.recipe()
-    for key in RECIPE_KEYS:
+    current = config.defining()
+    for key in DEFINING_SETTINGS:
         if key in saved and saved[key] != current[key]:
             raise UserError(
                 f"cannot resume {path}: {key} was {saved[key]!r}, now {current[key]!r}; "
