@@ -1,8 +1,12 @@
-"""Running the command line in-process, as the console script does, for tests of its errors.
+"""Running the command line, for the tests: in-process or as a real process.
 
 `run_cli(args)` calls `cli.main.main` (the `localitylab` entry point, which returns the exit
 status) with stdout and stderr captured, and also collects the warnings the command raised:
 a real process prints those on stderr, where they would break the one-line error.
+
+`run_command(*args)` runs `python -m cli.main ARGS` (or another module) as a real process
+from the repository root and waits; `start_command` starts one and returns at once (to be
+signalled or killed). These are the suite's one way to start a process.
 """
 
 from __future__ import annotations
@@ -10,9 +14,35 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _process(args, module: str | None, env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    python = [sys.executable, "-m", module] if module else [sys.executable]
+    return [*python, *map(str, args)], {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+
+
+def run_command(*args, module: str | None = "cli.main", env: dict[str, str] | None = None, cwd: Path = ROOT,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (`python ARGS` with module=None) to the end, output captured as
+    text; `env` adds variables."""
+    argv, environment = _process(args, module, env)
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=environment, timeout=timeout)
+
+
+def start_command(*args, module: str = "cli.main", env: dict[str, str] | None = None, cwd: Path = ROOT,
+                  new_session: bool = False) -> subprocess.Popen:
+    """`python -m MODULE ARGS`, started and not waited for; with `new_session` it leads its
+    own process group (so that killing the group also kills the workers it starts)."""
+    argv, environment = _process(args, module, env)
+    return subprocess.Popen(argv, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 @dataclass

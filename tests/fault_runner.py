@@ -1,14 +1,18 @@
 """One training run for the fault tests, started as its own process so that it can be killed.
 
-    python tests/fault_runner.py OUT [--resume] [--nproc N] [--torn-write-at K]
+    python -m tests.fault_runner OUT [--resume] [--nproc N] [--torn-write-at K] [--signal-at E:B:SIG]
 
 --torn-write-at K: the K-th checkpoint write of this process stops half-way (half the
 bytes in the temporary file), touches OUT.torn and hangs, waiting to be killed.
+--signal-at E:B:SIG: the process sends itself SIG (KILL, TERM, INT) right after batch B of
+epoch E: an exact step, however fast or slow the machine is, so the tests cannot race.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,6 +44,20 @@ def tear_the_kth_write(k: int, marker: Path) -> None:
     checkpoint.torch.save = torn_save  # the module's reference: only checkpoint writes tear
 
 
+def signal_at(epoch: int, batch: int, sig: signal.Signals) -> None:
+    """Send `sig` to this process when the progress reporter hears of batch `batch` of `epoch`."""
+    from localitylab.train.progress import PlainReporter
+
+    real_step = PlainReporter.step
+
+    def step(self, at_epoch, at_batch, loss):
+        real_step(self, at_epoch, at_batch, loss)
+        if (at_epoch, at_batch) == (epoch, batch):
+            os.kill(os.getpid(), sig)
+
+    PlainReporter.step = step  # --quiet: the CLI reports through PlainReporter
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -52,6 +70,9 @@ def main(argv: list[str]) -> int:
         arguments += ["--nproc", argv[argv.index("--nproc") + 1]]
     if "--torn-write-at" in argv:
         tear_the_kth_write(int(argv[argv.index("--torn-write-at") + 1]), out.with_suffix(".torn"))
+    if "--signal-at" in argv:
+        epoch, batch, name = argv[argv.index("--signal-at") + 1].split(":")
+        signal_at(int(epoch), int(batch), signal.Signals[f"SIG{name}"])
     from cli.main import main as cli_main
 
     print("started", flush=True)

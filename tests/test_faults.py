@@ -2,7 +2,9 @@
 diverging loses nothing; resumed, it ends bit-identical to a run that was never disturbed.
 
 Runs that are killed are real processes (tests/fault_runner.py), one thread each, so the
-reference and the resumed runs sum in the same order.
+reference and the resumed runs sum in the same order. The runner signals itself at an exact
+step (--signal-at), drawn from a seeded generator: no test waits for a moment to pass, so
+none races the machine's speed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,15 +22,14 @@ import torch
 
 from localitylab.errors import UserError
 from localitylab.train import TrainConfig, read_checkpoint, train
+from tests.cli_helpers import start_command
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "tests" / "fault_runner.py"
+STEPS_PER_EPOCH = 1437 // 32  # the runner's recipe: digits' training split at batch 32
+EPOCHS = 4
 
 
 def start(out: Path, *flags: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(RUNNER), str(out), *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_command(out, *flags, module="tests.fault_runner", env={"OMP_NUM_THREADS": "1"}, new_session=True)
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
@@ -85,12 +85,11 @@ def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(ref
     chooser = random.Random(20261121)
     survived = []
 
-    # 1. Killed at a random moment after the first checkpoint.
-    process = start(out)
-    wait_for(lambda: epochs_done(out) >= 1, process)
-    time.sleep(chooser.uniform(0.0, 1.0))
-    kill_group(process)
-    survived.append(f"random point, after epoch {epochs_done(out)}")
+    # 1. Killed at a random step after the first checkpoint.
+    epoch, batch = chooser.randint(2, EPOCHS), chooser.randint(1, STEPS_PER_EPOCH)
+    code, _, _ = finish(start(out, "--signal-at", f"{epoch}:{batch}:KILL"))
+    assert code == -signal.SIGKILL and epochs_done(out) == epoch - 1
+    survived.append(f"epoch {epoch}, batch {batch}")
 
     # 2. Killed while writing a checkpoint: half the bytes are in the temporary file.
     done_before = epochs_done(out)
@@ -101,12 +100,11 @@ def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(ref
     assert list(out.glob(".ckpt.pt.*.tmp")), "the torn temporary file should be left behind"
     survived.append(f"mid-write of epoch {done_before + 1}")
 
-    # 3. Killed at a random moment of a resumed run.
-    process = start(out, "--resume")
-    wait_for(lambda: process.stdout.readline().strip() == "started", process)
-    time.sleep(chooser.uniform(1.0, 3.0))
-    kill_group(process)
-    survived.append(f"random point, after epoch {epochs_done(out)}")
+    # 3. Killed at a random step of a resumed run.
+    epoch, batch = chooser.randint(done_before + 1, EPOCHS), chooser.randint(1, STEPS_PER_EPOCH)
+    code, _, _ = finish(start(out, "--resume", "--signal-at", f"{epoch}:{batch}:KILL"))
+    assert code == -signal.SIGKILL and epochs_done(out) == epoch - 1
+    survived.append(f"epoch {epoch}, batch {batch} of a resumed run")
 
     code, _, stderr = finish(start(out, "--resume"))
     assert code == 0, stderr
@@ -118,17 +116,15 @@ def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(ref
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_bit_identical(reference, tmp_path, sig, status):
     out = tmp_path / "run"
-    process = start(out)
-    wait_for(lambda: epochs_done(out) >= 1, process)
-    time.sleep(0.3)  # somewhere in the middle of an epoch
-    os.killpg(process.pid, sig)
-    code, _, stderr = finish(process)
+    code, _, stderr = finish(start(out, "--signal-at", f"2:5:{signal.Signals(sig).name[3:]}"))  # mid-epoch 2
     assert code == status, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
     assert f"stopped by {signal.Signals(sig).name}" in last and "--resume" in last
     stopped = read_checkpoint(out / "ckpt.pt")
-    assert stopped["partial"] is not None and stopped["partial"]["batch"] >= 1  # mid-epoch
+    # The step in progress finished and the checkpoint is mid-epoch, exactly where the signal came.
+    assert stopped["epoch"] == 1 and stopped["epoch_progress"]["batch"] == 5
+    assert stopped["step"] == STEPS_PER_EPOCH + 5
     code, _, stderr = finish(start(out, "--resume"))
     assert code == 0, stderr
     assert_same_run(reference, out)

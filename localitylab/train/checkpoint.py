@@ -2,8 +2,15 @@
 
 A checkpoint holds only tensors and plain Python values: the model state, the model spec
 (enough to rebuild the architecture from the registry), the data description (shapes,
-normalisation, class names, pixel permutation), the training config, metrics, versions,
-and the optimizer state for `--resume`.
+normalisation, class names, pixel permutation), the training config, the model's summary,
+versions, the optimizer state and the TrainState (epoch, step, history, and the epoch in
+progress after a mid-epoch stop) for `--resume`.
+
+`write_run` is the one save: ckpt.pt first, then metrics.csv and run.json, both derived from
+what ckpt.pt holds.
+
+Format 2 (this one) keeps the epoch in progress as `epoch_progress`; format 1 kept it as
+`partial`. Both load; `TrainState.load_state_dict` reads either.
 """
 
 from __future__ import annotations
@@ -12,17 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import csv
+import io
+
 import torch
 import torch.nn as nn
 
 from localitylab.data.registry import DataInfo
 from localitylab.errors import UserError
-from localitylab.io import atomic_path, safe_torch_load
+from localitylab.io import atomic_path, safe_torch_load, write_json, write_text
 from localitylab.models.registry import ModelSpec, build_model
+from localitylab.train.config import TrainConfig
 from localitylab.version import __version__
 
 FORMAT = "localitylab.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
 
 def versions() -> dict[str, str]:
@@ -37,6 +49,39 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def write_run(run_dir: Path, payload: dict[str, Any]) -> None:
+    """The one save of a training run: ckpt.pt first, then metrics.csv and run.json derived
+    from it. Each is written to a temporary name and renamed, so a failure (a full disk)
+    leaves every previous file whole."""
+    checkpoint = run_dir / "ckpt.pt"
+    try:
+        save_checkpoint(checkpoint, payload)
+        write_metrics(run_dir / "metrics.csv", payload["history"])
+        write_json(run_dir / "run.json", run_record(payload))
+    except OSError as err:
+        kept = f"the previous checkpoint {checkpoint} is intact" if checkpoint.exists() else "no checkpoint was written"
+        raise UserError(f"could not write the run files in {run_dir} ({err.strerror or err}); {kept}") from None
+
+
+def run_record(payload: dict[str, Any]) -> dict[str, Any]:
+    """run.json: what reports and studies read about a run, without loading its weights."""
+    return {
+        "model_spec": payload["model_spec"], "data": payload["data"]["name"], "config": payload["config"],
+        "metrics": payload["metrics"], "model_info": payload["model_info"], "task": payload["task"],
+        "permute_seed": payload["data"]["permute_seed"], "epochs_done": payload["epoch"],
+        "command": TrainConfig(**payload["config"]).command(), "init_from": payload["init_from"],
+        "versions": versions(), **payload["code_version"],
+    }
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buffer.getvalue())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

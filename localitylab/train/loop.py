@@ -17,9 +17,8 @@ the current step, write a checkpoint and stop.
 
 from __future__ import annotations
 
-import csv
-import io
-import time
+import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,19 @@ from localitylab.data.batching import batch_generator, batches_per_epoch, train_
 from localitylab.data.permutation import permute_pixels, random_permutation
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.device import resolve_device
-from localitylab.errors import UserError
-from localitylab.io import check_folder, code_version, write_json, write_text
+from localitylab.errors import RunStopped, UserError
+from localitylab.io import check_folder, code_version
 from localitylab.models.describe import model_summary
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
+from localitylab.models.timm_adapter import load_weights
 from localitylab.train import distributed
-from localitylab.train.checkpoint import read_checkpoint, save_checkpoint, versions
-from localitylab.train.config import DEFINING_SETTINGS, TrainConfig
+from localitylab.train.checkpoint import read_checkpoint, write_run
+from localitylab.train.config import TrainConfig
+from localitylab.train.init_from import InitReport, freeze_all_but_head, init_from_checkpoint
 from localitylab.train.progress import Reporter
-from localitylab.train.stopping import RunStopped, StopRequests
-from localitylab.train.tasks import make_task, sums_to_means
-
-METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
+from localitylab.train.state import TrainState
+from localitylab.train.stopping import StopRequests
+from localitylab.train.tasks import Task, make_task, sums_to_means
 
 
 @dataclass
@@ -55,6 +55,124 @@ class TrainResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
+
+
+def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    """Train as `config` says: on one process, or as one rank of a torchrun job."""
+    ranks = distributed.from_environment(resolve_device(config.device))
+    try:
+        return _train(config, reporter if ranks.is_main else None, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Distributed) -> TrainResult:
+    reporter, device = reporter or Reporter(), ranks.device
+    distributed.check_batch_divides(config.batch_size, ranks.world_size)
+    use_amp, use_compile = switched_on(config.amp, device), switched_on(config.compile, device)
+    run_dir = check_folder(config.run_dir())  # a file in the way fails now, not after an epoch
+    checkpoint = run_dir / "ckpt.pt"
+    resumed = _checkpoint_to_resume(config, checkpoint)
+    if ranks.is_main:
+        _remove_torn_writes(run_dir)
+
+    # --- data, on the device as uint8 -----------------------------------------------------
+    dataset = prepare_data(config)
+    info = dataset.info
+    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
+    test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
+    permutation = info.permutation.to(device) if info.permutation is not None else None
+
+    # --- model, task, optimiser, schedule, and where the run stands -------------------------
+    seed_everything(config.seed)
+    spec = model_spec_for(config, info)
+    model = build_model(spec)
+    init_report = _initial_weights(model, config, resumed, reporter)
+    task = make_task(config, info)
+    module = task.module(model).to(device)
+    described = {"model_spec": spec.to_dict(), "data": info.to_dict(), "config": config.to_dict(),
+                 "model_info": model_summary(model, spec.in_chans, spec.img_size),
+                 "init_from": init_report.to_dict() if init_report else None, "code_version": code_version()}
+    module = _fast_layout(module, config, ranks)
+    optimizer, scheduler = _optimiser(module, config, len(train_x))
+    steps_per_epoch = batches_per_epoch(len(train_x), config.batch_size)
+    state = TrainState(device)
+    if resumed is not None:
+        _restore(resumed, model, task, module, optimizer, state, ranks)
+        scheduler.step_update(state.step)
+        if state.epoch >= config.epochs:
+            reporter.message(f"{run_dir}: already trained for {config.epochs} epochs; nothing to do")
+            return TrainResult(run_dir, checkpoint, state.history)
+        reporter.message(f"resuming {run_dir} at {state.where()}")
+    forward = _forward(module, ranks, use_compile)
+
+    # --- the epochs: batch i of epoch e draws everything random from (seed, e, i) -----------
+    report_every = max(1, steps_per_epoch // 20)
+    reporter.start(config.epochs, steps_per_epoch, state.epoch + 1)
+    with StopRequests() as stop, contextlib.closing(reporter):
+        while state.epoch < config.epochs:
+            seed = epoch_seed(config.seed, state.epoch + 1)
+            module.train(not config.linear_probe)  # linear probing: frozen features, eval mode
+            state.start_epoch()
+            batches = train_batches(train_x, train_y, config.batch_size, seed, info.crop_padding, info.hflip,
+                                    start=state.batch)
+            for i, (images, labels) in enumerate(batches, start=state.batch):
+                seed_everything(step_seed(seed, i, ranks.rank))  # dropout, drop-path, mixup
+                if permutation is not None:
+                    images = permute_pixels(images, permutation)
+                images, labels = ranks.shard(images), ranks.shard(labels)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, correct = task.loss(forward, info.normalise(images), labels,
+                                              batch_generator(device, seed, i, ranks.rank))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip_grad:
+                    nn.utils.clip_grad_norm_(module.parameters(), config.clip_grad)
+                optimizer.step()
+                state.step += 1
+                scheduler.step_update(state.step)
+                state.add(loss, correct, len(labels))
+                reporting = state.batch % report_every == 0
+                reporter.step(state.epoch + 1, state.batch, float(loss.detach()) if reporting else None)
+                # One process reads its flag every step; ranks agree at report points.
+                if (reporting and ranks.any(stop.requested)) if ranks.enabled else stop.requested:
+                    state.check_finite(ranks, steps_per_epoch, checkpoint)
+                    _save(run_dir, described, model, optimizer, task, module, state, ranks)
+                    raise RunStopped(
+                        f"stopped by {stop.signal.name if stop.signal else 'a signal'} after step {state.step} "
+                        f"(epoch {state.epoch + 1}, batch {state.batch} of {steps_per_epoch}); checkpoint written to "
+                        f"{checkpoint}. Continue with: {config.command()} --resume", stop.exit_code)
+            state.check_finite(ranks, steps_per_epoch, checkpoint)
+            row = state.finish_epoch(ranks, task.reports_accuracy)
+            test = sums_to_means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
+                                                       test_y[ranks.rank::ranks.world_size],
+                                                       config.eval_batch_size, use_amp)))
+            state.history.append({**row, "lr": optimizer.param_groups[0]["lr"], "test_loss": test["loss"],
+                                  "test_acc": test["accuracy"] if task.reports_accuracy else None})
+            _save(run_dir, described, model, optimizer, task, module, state, ranks)
+            reporter.epoch_end(state.history[-1])
+    return TrainResult(run_dir, checkpoint, state.history)
+
+
+def _save(run_dir: Path, described: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, task: Task,
+          module: nn.Module, state: TrainState, ranks: distributed.Distributed) -> None:
+    """Write ckpt.pt and the files derived from it (rank 0; every rank takes part, since the
+    running sums are added over ranks); a failed write keeps the last checkpoint."""
+    payload = {**described, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+               **task.checkpoint_extras(module), **state.state_dict(ranks)}
+    if ranks.is_main:
+        write_run(run_dir, payload)
+    ranks.barrier()
+
+
+def _restore(resumed: dict[str, Any], model: nn.Module, task: Task, module: nn.Module,
+             optimizer: torch.optim.Optimizer, state: TrainState, ranks: distributed.Distributed) -> None:
+    """Everything a checkpoint holds for --resume: weights, the task's own part (an MAE
+    decoder), the optimizer and the TrainState."""
+    model.load_state_dict(resumed["model_state"])
+    task.restore(module, resumed)
+    optimizer.load_state_dict(resumed["optimizer_state"])
+    state.load_state_dict(resumed, ranks)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -84,216 +202,33 @@ def model_spec_for(config: TrainConfig, info: DataInfo) -> ModelSpec:
                          config.model_kw, config.drop_path)
 
 
-@dataclass
-class Position:
-    """Where a run stands: the next epoch to train and, when stopped mid-epoch, the batch
-    to go on from with the epoch's running sums so far."""
-
-    epoch: int = 1
-    batch: int = 0
-    step: int = 0
-    partial: dict[str, Any] | None = None
-
-
-def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Train as `config` says: on one process, or as one rank of a torchrun job."""
-    ranks = distributed.from_environment(resolve_device(config.device))
-    try:
-        return _train(config, reporter if ranks.is_main else None, ranks)
-    finally:
-        ranks.close()
-
-
-def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Distributed) -> TrainResult:
-    reporter = reporter or Reporter()
-    device = ranks.device
-    distributed.check_batch_divides(config.batch_size, ranks.world_size)
-    on_cuda = device.type == "cuda"
-    use_amp = config.amp == "on" or (config.amp == "auto" and on_cuda)
-    use_compile = config.compile == "on" or (config.compile == "auto" and on_cuda)
-    run_dir = check_folder(config.run_dir())  # a file in the way fails now, not after an epoch
-    ckpt_path = run_dir / "ckpt.pt"
-    resumed = _checkpoint_to_resume(config, ckpt_path)
-    if ranks.is_main:
-        _remove_torn_writes(run_dir)
-
-    # --- data, on the device as uint8 -----------------------------------------------------
-    dataset = prepare_data(config)
-    info = dataset.info
-    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
-    test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
-    permutation = info.permutation.to(device) if info.permutation is not None else None
-
-    # --- model, task, optimiser, schedule ---------------------------------------------------
-    seed_everything(config.seed)
-    spec = model_spec_for(config, info)
-    model = build_model(spec)
-    init_report = _initial_weights(model, config, resumed, reporter)
-    task = make_task(config, info)
-    module = task.module(model).to(device)
-    summary = model_summary(model, spec.in_chans, spec.img_size)
-    if model_kind(config.model) == "convnet":
-        # channels-last convolutions: faster on GPUs, and 1.19-1.27x on this CPU (benchmarks/RESULTS.md)
-        module.to(memory_format=torch.channels_last)
-        if ranks.enabled and on_cuda:  # batch statistics over the global batch, as on one process
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    optimizer, scheduler = _optimiser(module, config, len(train_x))
-    steps_per_epoch = batches_per_epoch(len(train_x), config.batch_size)
-
-    history: list[dict[str, Any]] = []
-    position = Position()
-    if resumed is not None:
-        model.load_state_dict(resumed["model_state"])
-        task.restore(module, resumed)
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        history = list(resumed.get("history", []))
-        position = _resume_position(resumed, ranks)
-        scheduler.step_update(position.step)
-        if position.epoch > config.epochs:
-            reporter.message(f"{run_dir}: already trained for {config.epochs} epochs; nothing to do")
-            return TrainResult(run_dir, ckpt_path, history)
-        where = f"epoch {position.epoch}" + (f", batch {position.batch + 1}" if position.batch else "")
-        reporter.message(f"resuming {run_dir} at {where}")
-
-    forward: nn.Module = module
-    if ranks.enabled:
-        forward = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if on_cuda else None)
-    if use_compile:
-        forward = torch.compile(forward)
-
-    def checkpoint(epoch_done: int, step: int, partial: dict[str, Any] | None = None) -> None:
-        """Write ckpt.pt (rank 0), then the files derived from it; a failed write keeps the last one."""
-        if ranks.is_main:
-            payload = {
-                "model_spec": spec.to_dict(), "model_state": model.state_dict(), "data": info.to_dict(),
-                "config": config.to_dict(), "metrics": history[-1] if history else {}, "history": history,
-                "epoch": epoch_done, "step": step, "optimizer_state": optimizer.state_dict(),
-                "model_info": summary, "partial": partial, **task.checkpoint_extras(module),
-            }
-            _write_run_files(run_dir, ckpt_path, payload, history, {
-                "model_spec": spec.to_dict(), "data": info.name, "config": config.to_dict(),
-                "metrics": history[-1] if history else {}, "model_info": summary, "task": task.name,
-                "permute_seed": info.permute_seed, "epochs_done": epoch_done, "command": config.command(),
-                "init_from": init_report.to_dict() if init_report else None,
-                "versions": versions(), **code_version(),
-            })
-        ranks.barrier()
-
-    # The step of the first non-finite loss, kept on the device: checked only where the loop
-    # synchronises anyway (progress reports, stop checks, the end of an epoch).
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-
-    def check_finite() -> None:
-        bad = int(ranks.sum(first_bad_step.clamp(min=0)).item()) if ranks.enabled else int(first_bad_step)
-        if bad > 0:
-            epoch_of_bad = (bad - 1) // steps_per_epoch + 1
-            raise UserError(
-                f"training diverged: the loss was not finite at step {bad} (epoch {epoch_of_bad}); "
-                f"the last good checkpoint ({ckpt_path}) is kept. Try a lower --lr."
-            )
-
-    report_every = max(1, steps_per_epoch // 20)
-    step = position.step
-    reporter.start(config.epochs, steps_per_epoch, position.epoch)
-    try:
-        with StopRequests() as stop:
-            for epoch in range(position.epoch, config.epochs + 1):
-                # --- one epoch ------------------------------------------------------------
-                seed = epoch_seed(config.seed, epoch)
-                module.train(not config.linear_probe)  # linear probing: frozen features, eval mode
-                partial = position.partial if epoch == position.epoch else None
-                first_batch = position.batch if epoch == position.epoch else 0
-                loss_sum, correct, seen = _running_sums(partial, device)
-                elapsed_before = partial["elapsed_s"] if partial else 0.0
-                started = time.perf_counter()
-                batches = train_batches(train_x, train_y, config.batch_size, seed, info.crop_padding, info.hflip,
-                                        start=first_batch)
-                for i, (images, labels) in enumerate(batches, start=first_batch):
-                    seed_everything(step_seed(seed, i, ranks.rank))  # dropout, drop-path, mixup
-                    if permutation is not None:
-                        images = permute_pixels(images, permutation)
-                    images, labels = ranks.shard(images), ranks.shard(labels)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        loss, n_correct = task.loss(forward, info.normalise(images), labels,
-                                                    batch_generator(device, seed, i, ranks.rank))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if config.clip_grad:
-                        nn.utils.clip_grad_norm_(module.parameters(), config.clip_grad)
-                    optimizer.step()
-                    step += 1
-                    scheduler.step_update(step)
-                    # Accumulate on the device: no host synchronisation inside the step.
-                    loss = loss.detach()
-                    first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-                    loss_sum += loss * len(labels)
-                    if n_correct is not None:
-                        correct += n_correct
-                    seen += len(labels)
-                    reporting = (i + 1) % report_every == 0
-                    reporter.step(epoch, i + 1, float(loss) if reporting else None)
-                    # One process reads its flag every step; ranks agree at report points.
-                    stopping = (reporting and ranks.any(stop.requested)) if ranks.enabled else stop.requested
-                    if stopping:
-                        check_finite()
-                        state = {"epoch": epoch, "batch": i + 1, "loss_sum": ranks.sum(loss_sum.clone()),
-                                 "correct": ranks.sum(correct.clone()), "seen": seen * ranks.world_size,
-                                 "elapsed_s": elapsed_before + time.perf_counter() - started}
-                        checkpoint(epoch - 1, step, state)
-                        raise RunStopped(
-                            f"stopped by {stop.signal.name if stop.signal else 'a signal'} after step {step} "
-                            f"(epoch {epoch}, batch {i + 1} of {steps_per_epoch}); checkpoint written to {ckpt_path}. "
-                            f"Continue with: {config.command()} --resume", stop.exit_code)
-                check_finite()
-                elapsed = elapsed_before + time.perf_counter() - started
-                ranks.sum(loss_sum)
-                ranks.sum(correct)
-                seen_all = seen * ranks.world_size
-                test = sums_to_means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
-                                                           test_y[ranks.rank::ranks.world_size],
-                                                           config.eval_batch_size, use_amp)))
-                row = {
-                    "epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": float(loss_sum) / max(1, seen_all),
-                    "train_acc": int(correct) / max(1, seen_all) if task.reports_accuracy else None,
-                    "test_loss": test["loss"], "test_acc": test["accuracy"] if task.reports_accuracy else None,
-                    "epoch_time_s": elapsed, "images_per_s": seen_all / max(elapsed, 1e-9),
-                }
-                history.append(row)
-                checkpoint(epoch, step)
-                reporter.epoch_end(row)
-    finally:
-        reporter.close()
-    return TrainResult(run_dir, ckpt_path, history)
-
-
 def step_seed(epoch_seed_: int, batch: int, rank: int) -> int:
     return (epoch_seed_ * 1_000_003 + batch * 101 + rank) % (2**31 - 1)
 
 
-def _running_sums(partial: dict[str, Any] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """An epoch's loss sum, correct count and images seen: zero, or restored mid-epoch.
-    Under DDP the restored sums (already summed over ranks) go to rank 0 only."""
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    if partial is None:
-        return loss_sum, correct, 0
-    if partial["rank_share"]:
-        loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
-    return loss_sum, correct, int(partial["seen_rank"])  # every rank saw its equal share
+def switched_on(setting: str, device: torch.device) -> bool:
+    """--amp and --compile: on, off, or auto (on CUDA)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def _resume_position(resumed: dict[str, Any], ranks: distributed.Distributed) -> Position:
-    partial = resumed.get("partial")
-    if not partial:
-        return Position(epoch=int(resumed["epoch"]) + 1, step=int(resumed["step"]))
-    # Sums were saved summed over ranks: rank 0 carries them, the others start from zero, so
-    # that summing again at the end of the epoch counts them once.
-    restored = dict(partial)
-    restored["rank_share"] = 1 if ranks.is_main else 0
-    restored["seen_rank"] = int(partial["seen"]) // ranks.world_size
-    return Position(epoch=int(partial["epoch"]), batch=int(partial["batch"]), step=int(resumed["step"]),
-                    partial=restored)
+def _fast_layout(module: nn.Module, config: TrainConfig, ranks: distributed.Distributed) -> nn.Module:
+    if model_kind(config.model) == "convnet":
+        # channels-last convolutions: faster on GPUs, and 1.19-1.27x on this CPU (benchmarks/RESULTS.md)
+        module.to(memory_format=torch.channels_last)
+        if ranks.enabled and ranks.device.type == "cuda":  # batch statistics over the global batch, as on one process
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
+def _forward(module: nn.Module, ranks: distributed.Distributed, use_compile: bool) -> nn.Module:
+    """What the step calls: the module, under DDP across ranks, compiled with --compile."""
+    forward = module
+    if ranks.enabled:
+        on_cuda = ranks.device.type == "cuda"
+        forward = nn.parallel.DistributedDataParallel(module, device_ids=[ranks.device.index] if on_cuda else None)
+    if use_compile:
+        forward = torch.compile(forward)
+    return forward
 
 
 def _checkpoint_to_resume(config: TrainConfig, ckpt_path: Path) -> dict[str, Any] | None:
@@ -302,7 +237,7 @@ def _checkpoint_to_resume(config: TrainConfig, ckpt_path: Path) -> dict[str, Any
     if not config.resume:
         raise UserError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
     resumed = read_checkpoint(ckpt_path)
-    _check_same_recipe(resumed.get("config", {}), config, ckpt_path)
+    _check_same_run(resumed.get("config", {}), config, ckpt_path)
     return resumed
 
 
@@ -316,19 +251,13 @@ def _remove_torn_writes(run_dir: Path) -> None:
 def _initial_weights(model: nn.Module, config: TrainConfig, resumed: dict[str, Any] | None, reporter: Reporter):
     """--weights (timm: models) and --init-from; a resumed run takes its weights from its
     own checkpoint instead. Linear probing freezes all but the head either way."""
-    from localitylab.train.init_from import freeze_all_but_head, init_from_checkpoint
-
     report = None
     if resumed is None and config.weights:
-        from localitylab.models.timm_adapter import load_weights
-
         load_weights(model, config.weights)
     if resumed is None and config.init_from:
         report = init_from_checkpoint(model, config.init_from)
         reporter.message(report.summary())
     elif resumed is not None and config.init_from:
-        from localitylab.train.init_from import InitReport
-
         report = InitReport(config.init_from)  # recorded already; see the first run.json
     if config.linear_probe:
         trainable = freeze_all_but_head(model)
@@ -353,32 +282,16 @@ def _optimiser(module: nn.Module, config: TrainConfig, n_train: int):
     return optimizer, scheduler
 
 
-def _write_run_files(run_dir: Path, ckpt_path: Path, payload: dict[str, Any], history: list[dict[str, Any]],
-                     run_info: dict[str, Any]) -> None:
-    """The checkpoint first, then metrics.csv and run.json; each written to a temporary name
-    and renamed, so a failure (a full disk) leaves every previous file whole."""
-    try:
-        save_checkpoint(ckpt_path, payload)
-        write_metrics(run_dir / "metrics.csv", history)
-        write_json(run_dir / "run.json", run_info)
-    except OSError as err:
-        kept = f"the previous checkpoint {ckpt_path} is intact" if ckpt_path.exists() else "no checkpoint was written"
-        raise UserError(f"could not write the run files in {run_dir} ({err.strerror or err}); {kept}") from None
-
-
-def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(path, buffer.getvalue())
-
-
-def _check_same_recipe(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    current = config.defining()
-    for key in DEFINING_SETTINGS:
-        if key in saved and saved[key] != current[key]:
+def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """A resumed run must agree on every setting that defines it. Compared as run.json holds
+    them (a tuple and a list of the same values agree)."""
+    for key, value in config.defining().items():
+        if key in saved and _plain(saved[key]) != _plain(value):
             raise UserError(
-                f"cannot resume {path}: {key} was {saved[key]!r}, now {current[key]!r}; "
+                f"cannot resume {path}: {key} was {saved[key]!r}, now {value!r}; "
                 f"re-run with the same settings or choose another --out"
             )
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
