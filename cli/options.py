@@ -32,9 +32,9 @@ def training_options(name: str):
     fields = TrainConfig.model_fields
     parameters, from_command_line = [], {}
     for option in command.options:
-        info, meta = fields[option], about(option)
-        annotation, default = info.annotation, command.default(option)
-        if info.is_required():
+        field, meta = fields[option], about(option)
+        annotation, default = field.annotation, command.default(option)
+        if field.is_required():
             parameters.append((option, annotation, typer.Argument(..., help=command.describe(option))))
             continue
         names = [flag(option)]

@@ -1,6 +1,6 @@
 """Models: one registry (`pit-*`, `vit-*/P`, `resnet-*`, `timm:NAME`) and a uniform description."""
 
-from localitylab.models.describe import ModelInfo, describe_model
+from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.registry import (
     POS_EMBEDS,
     ModelSpec,
@@ -18,7 +18,7 @@ from localitylab.models import resnet, vit  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "POS_EMBEDS",
-    "ModelInfo",
+    "ModelDescription",
     "ModelSpec",
     "build_model",
     "describe_model",

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelDescription:
+    """What `describe_model` finds: the same fields for a PiT, a ViT, a ConvNet or any timm model."""
+
     params: int
     trainable_params: int
     is_transformer: bool
@@ -33,12 +35,12 @@ class ModelInfo:
         return self.grid[0] * self.grid[1] + self.num_prefix_tokens
 
 
-def describe_model(model: nn.Module) -> ModelInfo:
+def describe_model(model: nn.Module) -> ModelDescription:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "blocks"):
-        return ModelInfo(params, trainable, False, None, None, 0, "n/a")
+        return ModelDescription(params, trainable, False, None, None, 0, "n/a")
     patch = patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     grid = tuple(int(g) for g in patch_embed.grid_size)
@@ -49,7 +51,7 @@ def describe_model(model: nn.Module) -> ModelInfo:
         pos_kind = "sincos"
     else:
         pos_kind = "learn"
-    return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
+    return ModelDescription(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
 
 
 @contextlib.contextmanager
@@ -82,7 +84,8 @@ def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
 
 def model_summary(model: nn.Module, in_chans: int, img_size: int) -> dict:
     """What reports show about a model, recorded at training time (reports never run models)."""
-    info = describe_model(model)
-    return {"params": info.params, "trainable_params": info.trainable_params, "patch_size": info.patch_size,
-            "tokens_per_image": info.tokens_per_image, "pos_embed": info.pos_embed,
+    described = describe_model(model)
+    return {"params": described.params, "trainable_params": described.trainable_params,
+            "patch_size": described.patch_size, "tokens_per_image": described.tokens_per_image,
+            "pos_embed": described.pos_embed,
             "flops_per_image": count_flops(model, in_chans, img_size)}

@@ -46,8 +46,8 @@ def build_cifar_resnet(spec: ModelSpec, depth: str) -> nn.Module:
     model.conv1 = nn.Conv2d(spec.in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     # Keep timm's feature metadata true to the new stem: every stage is 4x less reduced.
-    for info in model.feature_info:
-        info["reduction"] = max(1, info["reduction"] // 4)
+    for stage in model.feature_info:
+        stage["reduction"] = max(1, stage["reduction"] // 4)
     return model
 
 

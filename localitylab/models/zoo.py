@@ -15,13 +15,13 @@ def zoo_rows(img_size: int = 32, in_chans: int = 3, num_classes: int = 100) -> l
         spec = ModelSpec(name, img_size, in_chans, num_classes, "learn" if entry.kind in ("pit", "vit") else None)
         # Built on the meta device: shapes and counts without allocating or initialising weights.
         with torch.device("meta"):
-            info = describe_model(build_model(spec))
+            described = describe_model(build_model(spec))
         rows.append({
             "name": name if not entry.takes_patch else f"{entry.name}/P",
             "kind": entry.kind,
-            "params": info.params,
-            "patch": str(info.patch_size) if info.patch_size else "-",
-            "tokens": str(info.tokens_per_image) if info.tokens_per_image else "-",
+            "params": described.params,
+            "patch": str(described.patch_size) if described.patch_size else "-",
+            "tokens": str(described.tokens_per_image) if described.tokens_per_image else "-",
             "summary": entry.summary + (f" (shown at P={entry.example_patch})" if entry.takes_patch else ""),
         })
     return rows

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.errors import UserError
-from localitylab.models.describe import ModelInfo, describe_model
+from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
 
@@ -32,7 +32,7 @@ class ProbeTarget:
     model: nn.Module  # eval mode, on `device`
     spec: ModelSpec
     data: DataInfo  # how images are prepared for this model
-    info: ModelInfo
+    info: ModelDescription
     display_name: str
     source: str
     device: torch.device

@@ -7,7 +7,7 @@ CLI reads to build its options) can be imported without torch.
 import importlib
 
 _WHERE = {
-    "RunInfo": "checkpoint", "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "TrainedRun": "checkpoint", "load": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "TrainConfig": "config", "evaluate": "evaluation", "evaluate_checkpoint": "evaluation",
     "TrainResult": "loop", "train": "loop",
 }

@@ -98,8 +98,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 @dataclass
-class RunInfo:
-    """Everything a checkpoint says about its model besides the weights."""
+class TrainedRun:
+    """What a checkpoint says about the run that trained its model, besides the weights:
+    `localitylab.load(...)` attaches it as `model.run`."""
 
     spec: ModelSpec
     data: DataInfo
@@ -119,14 +120,14 @@ class RunInfo:
         return f"{self.spec.name} ({self.run_name})" if self.path is not None else self.spec.name
 
 
-def model_from_checkpoint(data: dict[str, Any], path: Path | None = None) -> tuple[nn.Module, RunInfo]:
+def model_from_checkpoint(data: dict[str, Any], path: Path | None = None) -> tuple[nn.Module, TrainedRun]:
     spec = ModelSpec.from_dict(data["model_spec"])
     model = build_model(spec)
     try:
         model.load_state_dict(data["model_state"])
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not fit {spec.name}: {str(err).splitlines()[0]}") from None
-    info = RunInfo(
+    run = TrainedRun(
         spec=spec,
         data=DataInfo.from_dict(data["data"]),
         config=data.get("config", {}),
@@ -135,21 +136,21 @@ def model_from_checkpoint(data: dict[str, Any], path: Path | None = None) -> tup
         epoch=int(data.get("epoch", 0)),
         path=Path(path) if path is not None else None,
     )
-    return model, info
+    return model, run
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint as a ready model in eval mode; `model.run` is its RunInfo.
+    """Load a checkpoint as a ready model in eval mode; `model.run` is its TrainedRun.
 
     >>> model = localitylab.load("runs/pit-n-digits/ckpt.pt")
     >>> logits = model(model.run.data.prepare(uint8_images))
     """
     data = read_checkpoint(path)
-    model, info = model_from_checkpoint(data, Path(path))
-    model.run = info
+    model, run = model_from_checkpoint(data, Path(path))
+    model.run = run
     # timm reads normalisation from pretrained_cfg (timm.data.resolve_data_config).
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    cfg.update(mean=tuple(info.data.mean), std=tuple(info.data.std),
-               input_size=(info.data.in_chans, info.data.img_size, info.data.img_size))
+    cfg.update(mean=tuple(run.data.mean), std=tuple(run.data.std),
+               input_size=(run.data.in_chans, run.data.img_size, run.data.img_size))
     model.pretrained_cfg = cfg
     return model.to(device).eval()
