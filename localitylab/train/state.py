@@ -33,14 +33,14 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
     # The epoch in progress: this process's loss sum, correct predictions and images, and the
     # seconds it took before this process took it up (a resumed run's earlier part).
-    loss_sum: torch.Tensor = None
-    correct: torch.Tensor = None
+    loss_sum: torch.Tensor = field(init=False)
+    correct: torch.Tensor = field(init=False)
     seen: int = 0
     elapsed_before: float = 0.0
     # The first step whose loss was not finite (-1: none), kept on the device: read only where
     # the loop synchronises anyway, so that no step waits for the host.
-    first_bad_step: torch.Tensor = None
-    started: float = field(default=0.0, repr=False)
+    first_bad_step: torch.Tensor = field(init=False)
+    started: float = field(default=0.0, repr=False)  # perf_counter() when this process took the epoch up
 
     def __post_init__(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
