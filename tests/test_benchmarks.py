@@ -2,16 +2,11 @@
 
 import json
 import math
-import os
-import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import run_command
 
 
 def vit_train_flops(patch: int, side: int = 8, chans: int = 1, dim: int = 64, depth: int = 4, classes: int = 10) -> int:
@@ -34,9 +29,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     # --quick runs on one thread: on a shared 2-core machine two OpenMP threads spin against
     # other processes and a step can take 10x longer.
-    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            timeout=600)
+    result = run_command("--quick", "--json", out, module="benchmarks", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
 
@@ -57,32 +50,34 @@ def test_quick_mode_writes_every_section_and_prints_tables(quick):
         assert heading in stdout
 
 
-def test_training_figures_are_medians_with_a_consistent_mfu_and_ratio(quick):
+def test_training_figures_are_real_measurements_ordered_by_cost(quick):
     figures, _ = quick
-    rows = figures["train_throughput"]
-    assert [r["model"] for r in rows] == ["pit-n", "vit-n/2", "resnet-n", "resnet-18"]
+    rows = {r["model"]: r for r in figures["train_throughput"]}
+    assert list(rows) == ["pit-n", "vit-n/2", "resnet-n", "resnet-18"]
     peak = figures["device_peak"]
     assert positive(peak["flops"]) and peak["flops"] == max(peak["before"], peak["after"])
-    for row in rows:
+    for row in rows.values():
         assert row["runs"] >= 2 and row["warmup_runs"] >= 1
-        assert row["images_per_s"] == statistics.median(row["images_per_s_runs"])
         assert len(row["images_per_s_runs"]) == row["runs"] == len(row["usual_images_per_s_runs"])
-        assert row["usual_images_per_s"] == statistics.median(row["usual_images_per_s_runs"])
         assert all(positive(v) for v in row["images_per_s_runs"] + row["usual_images_per_s_runs"])
-        assert row["peak_flops"] == peak["flops"]
-        assert row["mfu"] == pytest.approx(row["images_per_s"] * row["flops_per_image"] / peak["flops"], rel=1e-12)
-        assert 0 < row["mfu"] and 0 < row["usual_mfu"]
+        assert positive(row["images_per_s"]) and positive(row["usual_images_per_s"]) and positive(row["ratio"])
+        assert row["peak_flops"] == peak["flops"] and 0 < row["mfu"] and 0 < row["usual_mfu"]
         if row["model"].startswith(("pit", "vit")):  # matmuls alone: not above the matmul peak
             assert row["mfu"] <= 1 and row["usual_mfu"] <= 1
         # (A ConvNet can: oneDNN computes convolutions with fewer multiplications than the
         # direct convolution's FLOPs that MFU counts; resnet-18 reached 1.2 here.)
-        assert row["ratio"] == row["images_per_s"] / row["usual_images_per_s"]
+    # What the clock measured follows what the models cost: a pixel per token is 4.3x the FLOPs
+    # of 2x2 patches, and a ResNet-18 on 32x32x3 images hundreds of times a resnet-n on 8x8.
+    assert rows["pit-n"]["flops_per_image"] > 4 * rows["vit-n/2"]["flops_per_image"]
+    assert rows["pit-n"]["images_per_s"] < rows["vit-n/2"]["images_per_s"]
+    assert rows["resnet-18"]["flops_per_image"] > 100 * rows["resnet-n"]["flops_per_image"]
+    assert rows["resnet-18"]["images_per_s"] < rows["resnet-n"]["images_per_s"]
+    # The comparison table shows the same measurements, model for model.
     comparison = figures["ours_vs_usual"]
-    assert [c["model"] for c in comparison] == [r["model"] for r in rows]
-    for row, pair in zip(rows, comparison):
-        assert pair["ours_images_per_s"] == row["images_per_s"]
-        assert pair["usual_images_per_s"] == row["usual_images_per_s"]
-        assert pair["ratio"] == pair["ours_images_per_s"] / pair["usual_images_per_s"]
+    assert [c["model"] for c in comparison] == list(rows)
+    for pair in comparison:
+        row = rows[pair["model"]]
+        assert (pair["ours_images_per_s"], pair["usual_images_per_s"]) == (row["images_per_s"], row["usual_images_per_s"])
 
 
 def test_flops_per_image_equal_an_independent_count(quick):
@@ -105,8 +100,10 @@ def test_cost_growth_attention_and_probe_sections(quick):
     assert [(r["img_size"], r["tokens"]) for r in growth] == [(16, 257), (32, 1025)]
     for row in growth:
         assert positive(row["step_s"]) and positive(row["peak_mb"]) and row["runs"] >= 2
-        assert row["step_s"] == statistics.median(row["step_s_runs"])
-    assert growth[1]["peak_mb"] > growth[0]["peak_mb"] and growth[1]["flops_per_image"] > growth[0]["flops_per_image"]
+        assert all(positive(v) for v in row["step_s_runs"])
+    # 4x the tokens: more than 4x the FLOPs (attention grows with their square), more memory, a slower step.
+    assert growth[1]["flops_per_image"] > 4 * growth[0]["flops_per_image"]
+    assert growth[1]["peak_mb"] > growth[0]["peak_mb"] and growth[1]["step_s"] > growth[0]["step_s"]
 
     attention = figures["attention_distance"]
     assert {(r["img_size"], r["method"]) for r in attention} == {(32, "streamed"), (32, "materialised")}
@@ -126,7 +123,7 @@ def test_cost_growth_attention_and_probe_sections(quick):
             assert row["note"] and row["images_per_s"] is None and row["runs"] == 0
         else:
             assert positive(row["images_per_s"]) and positive(row["seconds"]) and row["runs"] >= 1
-            assert row["images_per_s"] == row["images"] / statistics.median(row["seconds_runs"])
+            assert row["images"] >= 1 and all(positive(v) for v in row["seconds_runs"])
 
 
 def test_only_runs_the_named_section(tmp_path, monkeypatch):

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          env=env, timeout=300)
+from tests.cli_helpers import run_command as run
 
 
 def test_help_does_not_import_torch():
     code = "import sys; from cli.main import main; rc = main(['--help']); assert 'torch' not in sys.modules, 'torch'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = run("-c", code, module=None)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "eval" in result.stdout
 

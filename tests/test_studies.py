@@ -3,10 +3,7 @@ re-run ends with the same tables without redoing finished pieces; bad files name
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +12,7 @@ import pytest
 
 from localitylab.errors import UserError
 from localitylab.studies import load_study, make_plan, run_study
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import ROOT, run_command, start_command
 STUDY_FILES = sorted((ROOT / "studies").glob("*.toml"))
 # The suite's budget: one epoch, a few images, HTML only. The shipped files keep their settings.
 SHRINK = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
@@ -85,9 +81,8 @@ images = 16
 """
 
 
-def _run(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), **kwargs)
+def _run(args):
+    return start_command(*args)
 
 
 def _tables(out: Path) -> dict[str, pd.DataFrame]:
@@ -143,14 +138,12 @@ def test_bad_study_files_name_the_key(tmp_path, text, message):
     spec.write_text(text)
     with pytest.raises(UserError, match=__import__("re").escape(message)):
         load_study(spec)
-    result = subprocess.run([sys.executable, "-m", "cli.main", "study", "show", str(spec)], cwd=ROOT, capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = run_command("study", "show", spec)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
 
 def test_study_show_prints_the_plan_with_flops(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cli.main", "study", "show", str(ROOT / "studies" / "pit_vs_vit_cifar100.toml")],
-                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    result = run_command("study", "show", ROOT / "studies" / "pit_vs_vit_cifar100.toml")
     assert result.returncode == 0, result.stderr
     assert "pit-t" in result.stdout and "GFLOPs" in result.stdout and "GPU-hours" in result.stdout
 
