@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,8 +20,7 @@ from localitylab.probes.attention_distance import add_distance_rows, attention_r
 from localitylab.probes.attention_maps import parse_queries
 from localitylab.probes.pe_similarity import distance_spearman, linear_r2, topology_r2
 from localitylab.probes.target import select_images
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import run_command
 
 
 def brute_force_centres(grid: tuple[int, int], patch: int) -> list[tuple[float, float]]:
@@ -350,9 +345,7 @@ def test_attention_maps_agree_with_attention_distance(targets, digits_images):
 
 # --- the command line -------------------------------------------------------------------------
 def cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
+    return run_command(*args)
 
 
 def test_cli_attention_distance_on_a_convnet_says_it_does_not_apply(trained_runs, tmp_path):

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,15 +38,13 @@ from localitylab.probes.receptive_field import (
 )
 from localitylab.probes.target import load_target, select_images
 from localitylab.train import TrainConfig, train
+from tests.cli_helpers import run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 64
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
+    return run_command(*args)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import html
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import pytest
 from localitylab.probes import ProbeRequest, probe_names, read_table, run_probes
 from localitylab.report import build_report
 from localitylab.report.collect import collect_run
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_helpers import run_command
 
 
 class ReportParser(HTMLParser):
@@ -200,9 +198,6 @@ def test_html_opens_in_chromium_without_console_errors(report, tmp_path):
 
 
 def test_report_cli_bad_input_is_one_line(tmp_path):
-    import os
-
-    result = subprocess.run([sys.executable, "-m", "cli.main", "report", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = run_command("report", tmp_path / "nope", "--out", tmp_path / "o")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
