@@ -67,3 +67,18 @@ def test_probes_read_the_mae_encoder(mae_run, tmp_path):
     relative = recon[(recon["metric"] == "relative_mse") & (recon["setting"] == "ratio-0.75")]["value"]
     assert len(relative) == 1 and 0 < float(relative.iloc[0]) < 1  # better than predicting the mean colour
     assert any(path.name == "mae-reconstruction.png" for path in outputs["mae-reconstruction"].figures)
+
+
+def test_pretraining_runs_on_two_processes(tmp_path):
+    """--nproc hands the ranks the configuration as data; it once re-parsed a command line
+    that named an option `pretrain mae` does not have (--label-smoothing)."""
+    from tests.cli_helpers import run_command
+
+    out = tmp_path / "mae-ddp"
+    result = run_command("pretrain", "mae", "pit-n", "digits", "--epochs", "1", "--batch-size", "128",
+                         "--warmup-epochs", "0", "--nproc", "2", "--out", out, "--quiet",
+                         env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = read_checkpoint(out / "ckpt.pt")
+    assert data["task"] == "mae" and data["epoch"] == 1 and data["config"]["clip_grad"] is None
+    assert "test reconstruction loss" in result.stdout
