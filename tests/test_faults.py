@@ -113,18 +113,21 @@ def test_sigkill_at_random_points_and_mid_write_then_resume_is_bit_identical(ref
     print("kill points survived:", "; ".join(survived))
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_bit_identical(reference, tmp_path, sig, status):
+def test_signals_finish_the_step_write_a_checkpoint_and_resume_is_bit_identical(reference, tmp_path):
+    """SIGTERM (a scheduler's pre-emption) in epoch 2, then SIGINT (Ctrl-C) in epoch 3 of the
+    resumed run: each stops after the step in progress, writes a mid-epoch checkpoint exactly
+    there and exits with its status; resumed to the end, the run is the uninterrupted one."""
     out = tmp_path / "run"
-    code, _, stderr = finish(start(out, "--signal-at", f"2:5:{signal.Signals(sig).name[3:]}"))  # mid-epoch 2
-    assert code == status, stderr
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
-    assert f"stopped by {signal.Signals(sig).name}" in last and "--resume" in last
-    stopped = read_checkpoint(out / "ckpt.pt")
-    # The step in progress finished and the checkpoint is mid-epoch, exactly where the signal came.
-    assert stopped["epoch"] == 1 and stopped["epoch_progress"]["batch"] == 5
-    assert stopped["step"] == STEPS_PER_EPOCH + 5
+    for flags, sig, status, (epoch, batch) in (((), signal.SIGTERM, 143, (2, 5)),
+                                               (("--resume",), signal.SIGINT, 130, (3, 7))):
+        code, _, stderr = finish(start(out, *flags, "--signal-at", f"{epoch}:{batch}:{sig.name[3:]}"))
+        assert code == status, stderr
+        assert "Traceback" not in stderr
+        last = stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
+        assert f"stopped by {sig.name}" in last and "--resume" in last
+        stopped = read_checkpoint(out / "ckpt.pt")
+        assert stopped["epoch"] == epoch - 1 and stopped["epoch_progress"]["batch"] == batch  # mid-epoch
+        assert stopped["step"] == (epoch - 1) * STEPS_PER_EPOCH + batch
     code, _, stderr = finish(start(out, "--resume"))
     assert code == 0, stderr
     assert_same_run(reference, out)
