@@ -135,7 +135,40 @@ def _check_keys(found: dict[str, Any], allowed: set[str], where: str, locator: _
 
 
 def load_study(path: str | Path, scale: str | None = None) -> Study:
+    """Read, check and return a study file (its variant [scale.NAME] when `scale` is given).
+    Every mistake is one UserError that names the file, the key and its line."""
     path = Path(path)
+    text, data = _read_study_file(path)
+    locator = _Locator(path, text)
+    _check_layout(data, locator)
+    study = data["study"]
+    dataset, model_map, scale_recipe, probes_raw = _scaled(data, scale, path, locator)
+    models = _study_models(data["models"], model_map, scale, locator)
+    expect = data.get("expect", [])
+    for index, entry in enumerate(expect):
+        _check_keys(entry, EXPECT_KEYS, f"[[expect]] entry {index + 1}", locator, "expect")
+        for required in ("model", "published"):
+            if required not in entry:
+                raise locator.error(f"[[expect]] entry {index + 1} needs {required!r}")
+    seeds = study.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
+    probes = _probe_names(probes_raw, locator)
+
+    result = Study(
+        path=path, name=safe_name(str(study["name"])), title=str(data.get("report", {}).get("title", study.get("title", study["name"]))),
+        description=str(study.get("description", "")), dataset=dataset, seeds=seeds,
+        permute_pixels=study.get("permute_pixels"), recipe=dict(data.get("recipe", {})), models=models,
+        probes=probes, probe_images=int(probes_raw.get("images", 128)),
+        probe_batch_size=int(probes_raw.get("batch_size", 64)), probe_options=dict(probes_raw.get("options", {})),
+        expect=[dict(e) for e in expect], gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")),
+        scale=scale, scales=list(data.get("scale", {})), scale_recipe=scale_recipe, model_map=model_map,
+    )
+    _validate_values(result, locator)
+    return result
+
+
+def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
     try:
@@ -144,12 +177,14 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         raise UserError(f"{path}: not a study file (not UTF-8 text); expected TOML") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read the study file: {err.strerror or err}") from None
-    locator = _Locator(path, text)
     try:
-        data = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: not valid TOML: {err}") from None
 
+
+def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
+    """The tables the file has, their keys and kinds: [study], [recipe], [[models]], [[expect]], [scale.NAME]."""
     _check_keys(data, {"study", "recipe", "models", "probes", "report", "expect", "scale"}, "the file", locator, None)
     study = data.get("study")
     if not isinstance(study, dict):
@@ -162,13 +197,12 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     for table in ("recipe", "probes", "report"):
         if not isinstance(data.get(table, {}), dict):
             raise locator.error(f"'{table}' must be a [{table}] table, got {data[table]!r}", table)
-    recipe = dict(data.get("recipe", {}))
-    _check_keys(recipe, STUDY_SETTINGS, "[recipe]", locator, "recipe")
-    models_raw = data.get("models", [])
-    if not isinstance(models_raw, list) or not models_raw:
+    _check_keys(data.get("recipe", {}), STUDY_SETTINGS, "[recipe]", locator, "recipe")
+    models = data.get("models", [])
+    if not isinstance(models, list) or not models:
         raise locator.error("needs at least one [[models]] entry with a 'model' key")
-    expect_raw = data.get("expect", [])
-    if not isinstance(expect_raw, list) or not all(isinstance(e, dict) for e in expect_raw):
+    expect = data.get("expect", [])
+    if not isinstance(expect, list) or not all(isinstance(e, dict) for e in expect):
         raise locator.error("'expect' must be a list of [[expect]] tables", "expect")
     scales = data.get("scale", {})
     if not isinstance(scales, dict):
@@ -186,26 +220,33 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
                 raise locator.error(f"[scale.{scale_name}] models: {full} must map to a model name (\"\" to leave it "
                                     f"out), got {small!r}", full, f"scale.{scale_name}")
 
-    dataset = study["dataset"]
-    model_map: dict[str, str] = {}
-    scale_recipe: dict[str, Any] = {}
+
+def _scaled(data: dict[str, Any], scale: str | None, path: Path,
+            locator: _Locator) -> tuple[str, dict[str, str], dict[str, Any], dict[str, Any]]:
+    """(data set, model substitutions, recipe, [probes]) of the chosen variant: the file's own
+    without a scale, else with [scale.NAME]'s settings over them."""
+    dataset, model_map, scale_recipe = data["study"]["dataset"], {}, {}
     probes_raw = dict(data.get("probes", {}))
     _check_keys(probes_raw, PROBE_KEYS, "[probes]", locator, "probes")
-    if scale is not None:
-        if scale not in scales:
-            valid = ", ".join(scales) or "none in this file"
-            raise UserError(f"{path}: unknown scale {scale!r}; valid: {valid}")
-        chosen = scales[scale]
-        dataset = chosen.get("dataset", dataset)
-        model_map = dict(chosen.get("models", {}))  # "" leaves a model out at this scale
-        scale_recipe = dict(chosen.get("recipe", {}))
-        _check_keys(chosen.get("recipe", {}), STUDY_SETTINGS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
-        _check_keys(chosen.get("probes", {}), PROBE_KEYS, f"[scale.{scale}] probes", locator, f"scale.{scale}")
-        probes_raw.update(chosen.get("probes", {}))
+    if scale is None:
+        return dataset, model_map, scale_recipe, probes_raw
+    scales = data.get("scale", {})
+    if scale not in scales:
+        valid = ", ".join(scales) or "none in this file"
+        raise UserError(f"{path}: unknown scale {scale!r}; valid: {valid}")
+    chosen = scales[scale]
+    _check_keys(chosen.get("recipe", {}), STUDY_SETTINGS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
+    _check_keys(chosen.get("probes", {}), PROBE_KEYS, f"[scale.{scale}] probes", locator, f"scale.{scale}")
+    probes_raw.update(chosen.get("probes", {}))
+    # "" in models leaves a model out at this scale
+    return chosen.get("dataset", dataset), dict(chosen.get("models", {})), dict(chosen.get("recipe", {})), probes_raw
 
-    models = []
+
+def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | None,
+                  locator: _Locator) -> list[StudyModel]:
+    models: list[StudyModel] = []
     labels: set[str] = set()
-    for index, raw in enumerate(models_raw):
+    for index, raw in enumerate(entries):
         if not isinstance(raw, dict) or "model" not in raw:
             raise locator.error(f"[[models]] entry {index + 1} needs a 'model' key")
         _check_keys(raw, MODEL_KEYS, f"[[models]] entry {index + 1}", locator, "models")
@@ -229,17 +270,11 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
                 f"[[models]] entry {index + 1}: init_from must be the label of an earlier model in this study "
                 f"(one of: {', '.join(sorted(labels - {label})) or 'none'}), got {source!r}", "init_from", "models")
         models.append(StudyModel(name, label, recipe_part, raw.get("dataset")))
+    return models
 
-    expect = expect_raw
-    for index, entry in enumerate(expect):
-        _check_keys(entry, EXPECT_KEYS, f"[[expect]] entry {index + 1}", locator, "expect")
-        for required in ("model", "published"):
-            if required not in entry:
-                raise locator.error(f"[[expect]] entry {index + 1} needs {required!r}")
 
-    seeds = study.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
+def _probe_names(probes_raw: dict[str, Any], locator: _Locator) -> list[str]:
+    """[probes] run, checked with images, batch_size and options."""
     probes = probes_raw.get("run", ["all"])
     if isinstance(probes, str):
         probes = [probes]
@@ -252,18 +287,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     if not isinstance(probes_raw.get("options", {}), dict):
         raise locator.error(f"[probes] options must be a table (options = {{ key = value }}), "
                             f"got {probes_raw['options']!r}", "options", "probes")
-
-    result = Study(
-        path=path, name=safe_name(str(study["name"])), title=str(data.get("report", {}).get("title", study.get("title", study["name"]))),
-        description=str(study.get("description", "")), dataset=dataset, seeds=seeds,
-        permute_pixels=study.get("permute_pixels"), recipe=recipe, models=models, probes=list(probes),
-        probe_images=int(probes_raw.get("images", 128)), probe_batch_size=int(probes_raw.get("batch_size", 64)),
-        probe_options=dict(probes_raw.get("options", {})), expect=[dict(e) for e in expect],
-        gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")), scale=scale, scales=list(scales),
-        scale_recipe=scale_recipe, model_map=model_map,
-    )
-    _validate_values(result, locator)
-    return result
+    return list(probes)
 
 
 def _validate_values(study: Study, locator: _Locator) -> None:
