@@ -196,75 +196,95 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     plan = make_plan(study, out)
-    result = StudyResult(plan)
-    started = time.perf_counter()
+    ledger = _Ledger(StudyResult(plan), log)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-
-    def stage(pieces, is_done, function, make_args):
-        todo = []
-        for piece in pieces:
-            if is_done(piece):
-                result.skipped.append(piece.name)
-                log(f"{progress()} skip   {piece.name} (done)")
-            else:
-                todo.append(piece)
-        if jobs == 1 or len(todo) <= 1:
-            for piece in todo:
-                log(f"{progress()} start  {piece.name}")
-                ok, message = _call(function, *make_args(piece))
-                _record(piece, ok, message)
-        else:
-            import multiprocessing
-
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {}
-                for piece in todo:
-                    log(f"{progress()} start  {piece.name}")
-                    futures[pool.submit(_call, function, *make_args(piece))] = piece
-                for future in as_completed(futures):
-                    ok, message = future.result()
-                    _record(futures[future], ok, message)
-
-    total = len(plan.train) + len(plan.probe)
-
-    def progress() -> str:
-        # The whole study's progress: pieces finished (done, skipped or failed) of all pieces.
-        finished = len(result.done) + len(result.skipped) + len(result.failed)
-        return f"[{finished}/{total} {time.perf_counter() - started:.0f}s]"
-
-    def _record(piece, ok: bool, message: str) -> None:
-        if ok:
-            result.done.append(piece.name)
-            log(f"{progress()} done   {piece.name}: {message}")
-        else:
-            result.failed[piece.name] = message
-            log(f"{progress()} FAILED {piece.name}: {message.splitlines()[0]}")
-        _write_state(plan, result)
-
-    _write_state(plan, result)
+    ledger.write()
     # Runs that start from another run's checkpoint wait for it: one wave per generation.
     waiting = list(plan.train)
     while waiting:
         ready = [p for p in waiting if p.source is None or p.source not in waiting]
         waiting = [p for p in waiting if p not in ready]
-        for piece in [p for p in ready if p.source is not None and p.source.name in result.failed]:
+        for piece in [p for p in ready if p.source is not None and p.source.name in ledger.result.failed]:
             ready.remove(piece)
-            _record(piece, False, f"its starting point {piece.source.run_dir.name} failed")
-        stage(ready, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads))
-    trained = [p for p in plan.probe if (p.run_dir / "ckpt.pt").is_file() and f"train {p.run_dir.name}" not in result.failed]
-    stage(trained, probe_done, _run_probe, lambda p: (p, threads))
+            ledger.record(piece, False, f"its starting point {piece.source.run_dir.name} failed")
+        _run_stage(ready, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads), jobs, ledger)
+    trained = [p for p in plan.probe
+               if (p.run_dir / "ckpt.pt").is_file() and f"train {p.run_dir.name}" not in ledger.result.failed]
+    _run_stage(trained, probe_done, _run_probe, lambda p: (p, threads), jobs, ledger)
 
     from localitylab.report.render import build_report
 
+    result = ledger.result
     runs = [p.run_dir for p in plan.train if (p.run_dir / "run.json").is_file()]
     if runs:
         result.report = build_report(runs, Path(report_dir) if report_dir else plan.report_dir, title=study.title, formats=formats,
                                      expectations=expectations(study, plan))
         log(f"report {', '.join(str(p) for p in result.report.values())}")
-    _write_state(plan, result)
+    ledger.write()
     log(f"study {study.name}: {len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed "
-        f"in {time.perf_counter() - started:.0f} s")
+        f"in {time.perf_counter() - ledger.started:.0f} s")
     return result
+
+
+@dataclass
+class _Ledger:
+    """A study's running account: each piece done, skipped or failed, logged with the whole
+    study's progress and written to study.json as it happens."""
+
+    result: StudyResult
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+
+    def progress(self) -> str:
+        """Pieces finished (done, skipped or failed) of all pieces, and the time so far."""
+        plan, result = self.result.plan, self.result
+        finished = len(result.done) + len(result.skipped) + len(result.failed)
+        return f"[{finished}/{len(plan.train) + len(plan.probe)} {time.perf_counter() - self.started:.0f}s]"
+
+    def skip(self, piece) -> None:
+        self.result.skipped.append(piece.name)
+        self.log(f"{self.progress()} skip   {piece.name} (done)")
+
+    def start(self, piece) -> None:
+        self.log(f"{self.progress()} start  {piece.name}")
+
+    def record(self, piece, ok: bool, message: str) -> None:
+        if ok:
+            self.result.done.append(piece.name)
+            self.log(f"{self.progress()} done   {piece.name}: {message}")
+        else:
+            self.result.failed[piece.name] = message
+            self.log(f"{self.progress()} FAILED {piece.name}: {message.splitlines()[0]}")
+        self.write()
+
+    def write(self) -> None:
+        _write_state(self.result.plan, self.result)
+
+
+def _run_stage(pieces: list, is_done: Callable, function: Callable[..., str], make_args: Callable, jobs: int,
+               ledger: _Ledger) -> None:
+    """Run the pieces that are not done: here one after another, or `jobs` at a time in
+    worker processes. A failed piece is recorded; the others go on."""
+    todo = []
+    for piece in pieces:
+        if is_done(piece):
+            ledger.skip(piece)
+        else:
+            todo.append(piece)
+    if jobs == 1 or len(todo) <= 1:
+        for piece in todo:
+            ledger.start(piece)
+            ledger.record(piece, *_call(function, *make_args(piece)))
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for piece in todo:
+            ledger.start(piece)
+            futures[pool.submit(_call, function, *make_args(piece))] = piece
+        for future in as_completed(futures):
+            ledger.record(futures[future], *future.result())
 
 
 def _write_state(plan: Plan, result: StudyResult) -> None:
