@@ -24,6 +24,20 @@ def trained_runs(tmp_path_factory):
     return results
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_image_cache(tmp_path_factory):
+    """The decoded-image cache of this test session, never the user's (subprocesses inherit it)."""
+    import os
+
+    saved = os.environ.get("LOCALITYLAB_CACHE_DIR")
+    os.environ["LOCALITYLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("image-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LOCALITYLAB_CACHE_DIR", None)
+    else:
+        os.environ["LOCALITYLAB_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Results must not depend on how many threads a test happens to get.
