@@ -3,8 +3,19 @@ a trained checkpoint (accuracy, round trips, evaluation)."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# The suite never reaches for the Hugging Face Hub nor writes into the user's HF cache: set
+# before any test module imports `datasets`, which reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="localitylab-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 from localitylab.train import TrainConfig, train
 

@@ -1,5 +1,11 @@
-"""Data: one registry (`digits`, `cifar10`, `cifar100`, `folder:PATH`, generated sets), held as
-uint8 tensors; each data set registers its recipe defaults (`DataDefaults`)."""
+"""Data: one registry of data sets, each held whole as uint8 tensors.
+
+Built in: `digits` (bundled), `mnist`, `fashion-mnist`, `svhn`, `cifar10`, `cifar100`,
+`stl10`, `tiny-imagenet`, `imagenet` (official files, safe readers), `hf:NAME[:CONFIG]`
+(Hugging Face datasets, Parquet/Arrow only), `folder:PATH`, and the generated `shapes-S`,
+`nonlocal-S`. Each registers its recipe defaults (`DataDefaults`); image files are decoded
+once and cached (`data/cache.py`).
+"""
 
 from localitylab.data.registry import (
     DataDefaults,

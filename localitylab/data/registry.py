@@ -353,5 +353,5 @@ def _ensure_loaded() -> None:
     if not _families_loaded:
         _families_loaded = True
         from localitylab.data import (  # noqa: F401
-            cifar, digits, folder, generated,
+            cifar, digits, folder, generated, huggingface, imagenet, mnist, stl10, svhn, tiny_imagenet,
         )
