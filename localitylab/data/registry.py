@@ -345,6 +345,10 @@ def _fixed_size(dataset: ImageDataset, options: DataOptions) -> ImageDataset:
 
 
 _families_loaded = False
+# How listings and error messages order the built-in data sets: small to large, then your own
+# data, then the generated sets. Sets registered elsewhere (benchmarks) follow.
+LISTING_ORDER = ("digits", "mnist", "fashion-mnist", "svhn", "cifar10", "cifar100", "stl10", "tiny-imagenet", "imagenet",
+                 "hf", "folder", "shapes", "nonlocal")
 
 
 def _ensure_loaded() -> None:
@@ -355,3 +359,8 @@ def _ensure_loaded() -> None:
         from localitylab.data import (  # noqa: F401
             cifar, digits, folder, generated, huggingface, imagenet, mnist, stl10, svhn, tiny_imagenet,
         )
+
+        rank = {name: i for i, name in enumerate(LISTING_ORDER)}
+        ordered = sorted(_DATASETS.items(), key=lambda item: rank.get(item[0], len(rank)))
+        _DATASETS.clear()
+        _DATASETS.update(ordered)
