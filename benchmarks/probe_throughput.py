@@ -1,10 +1,9 @@
 """Probe throughput: images/s of every registered probe on an untrained Pixel Transformer.
 
-Each probe's measurement (`Probe.table`: what `localitylab probe` computes, without its
-figures and files) on a seeded subset of the test split, default options. Warm-up: one run
-on a single image (lazy imports, allocator, kernel choice), not counted; then the median of
-several runs on all the images, each with a fresh ProbeContext (the receptive-field probe
-caches its maps per context). images/s = images / median seconds; pe-similarity reads no
+Each probe's measurement (`Probe.run`: what `localitylab probe` computes, without writing
+its figures and files) on a seeded subset of the test split, default options. Warm-up: one
+run on a single image (lazy imports, allocator, kernel choice), not counted; then the median
+of several runs on all the images. images/s = images / median seconds; pe-similarity reads no
 images (only the position-embedding table), so its images/s is that of a run over them. A
 probe that does not apply to the model (mae-reconstruction needs an MAE checkpoint) is
 listed with its reason and no figure.
@@ -30,7 +29,6 @@ def settings(quick: bool, device: torch.device) -> dict:
 
 
 def run(quick: bool = False, probes: list[str] | None = None) -> list[dict]:
-    from localitylab.probes.base import ProbeContext
     from localitylab.probes.registry import get_probe, probe_names
     from localitylab.probes.target import load_target, select_images
 
@@ -53,7 +51,7 @@ def run(quick: bool = False, probes: list[str] | None = None) -> list[dict]:
         tables = []
 
         def once(count: int) -> None:
-            tables.append(probe.table(target, ProbeContext(images[:count], labels[:count], 64, 0, dict(options))))
+            tables.append(probe.run(target, images[:count], labels[:count], dict(options), 64, 0).table)
 
         once(1)  # warm-up
         seconds = common.timed_runs(lambda: once(len(images)), 0, plan["repeats"], device)

@@ -59,7 +59,8 @@ def usual_way(model: str, dataset: str = "digits", batch_size: int = 128, epochs
     from localitylab.data.registry import load_dataset
     from localitylab.models.registry import build_model
     from localitylab.train import TrainConfig
-    from localitylab.train.loop import model_spec_for, resolve_device
+    from localitylab.device import resolve_device
+    from localitylab.train.loop import model_spec_for
 
     register_bench_datasets()
     workers = default_workers() if workers is None else workers

@@ -199,7 +199,7 @@ def evaluate_cmd(
 
     Example: localitylab eval runs/vit-digits/ckpt.pt
     """
-    from localitylab.train.evaluate import evaluate_checkpoint
+    from localitylab.train.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data=data, data_dir=data_dir, img_size=img_size, split=split,
                                  batch_size=batch_size, device=device)

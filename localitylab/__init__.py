@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return load
     if name in ("train", "TrainConfig", "evaluate"):
-        import localitylab.train.loop as loop
+        import localitylab.train as training
 
-        return getattr(loop, name)
+        return getattr(training, name)
     raise AttributeError(f"module 'localitylab' has no attribute {name!r}")

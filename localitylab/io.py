@@ -83,6 +83,51 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True; any failure is a one-line UserError.
+
+    weights_only refuses every pickle global outside torch's allow-list, so a file whose
+    unpickling would run code is rejected before anything runs.
+    """
+    import pickle
+    import re
+    import warnings
+    import zipfile
+
+    import torch
+
+    from localitylab.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only names the global it refused ("GLOBAL posix.system", or for protocol 4
+        # pickles "STACK_GLOBAL" with the name beside it); anything else is a file that is
+        # simply not a torch checkpoint.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"STACK_GLOBAL.*?([\w]+\.[\w.]+)", str(err))
+        if refused:
+            raise UserError(
+                f"{path} was refused: loading it would call {refused.group(1)}, and a checkpoint holds only "
+                f"tensors and plain values; nothing was run"
+            ) from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as err:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file): {type(err).__name__}") from None
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a user-supplied name: no separators, no '..'."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip(".-")
+    return cleaned or "run"
+
+
 def code_version() -> dict[str, Any]:
     """The git commit of the localitylab code that is running (None outside a checkout)."""
     import subprocess

@@ -38,8 +38,6 @@ def trained_runs(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _private_image_cache(tmp_path_factory):
     """The decoded-image cache of this test session, never the user's (subprocesses inherit it)."""
-    import os
-
     saved = os.environ.get("LOCALITYLAB_CACHE_DIR")
     os.environ["LOCALITYLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("image-cache"))
     yield
@@ -49,8 +47,13 @@ def _private_image_cache(tmp_path_factory):
         os.environ["LOCALITYLAB_CACHE_DIR"] = saved
 
 
+# Results must not depend on how many threads a test happens to get: a fixed count (2, the
+# CI machine's cores; LOCALITYLAB_TEST_THREADS=1 when several suites share the cores, where
+# spinning OpenMP threads would slow every one of them many times over).
+TEST_THREADS = int(os.environ.get("LOCALITYLAB_TEST_THREADS", "2"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Results must not depend on how many threads a test happens to get.
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     yield

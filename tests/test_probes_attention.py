@@ -16,11 +16,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from localitylab.attention import CallGeometry, TokenGeometry, attention_layers, read_attention, softmax_pieces
 from localitylab.errors import UserError
 from localitylab.models.pos_embed import sincos_2d
-from localitylab.probes import ProbeContext, get_probe, load_target
-from localitylab.probes.attention_distance import (AttentionDistanceAccumulator, TokenGeometry, attention_block_sums,
-                                                   attention_modules, measure_attention_distance, streamed_attention)
+from localitylab.probes import Measurements, get_probe, load_target
+from localitylab.probes.attention_distance import add_distance_rows, attention_row_values, block_row_values
 from localitylab.probes.attention_maps import parse_queries
 from localitylab.probes.pe_similarity import distance_spearman, linear_r2, topology_r2
 from localitylab.probes.target import select_images
@@ -32,19 +32,34 @@ def brute_force_centres(grid: tuple[int, int], patch: int) -> list[tuple[float, 
     return [((i + 0.5) * patch, (j + 0.5) * patch) for i in range(grid[0]) for j in range(grid[1])]
 
 
-def as_frame(rows) -> pd.DataFrame:
-    return pd.DataFrame([{"metric": r.metric, "layer": r.layer, "head": r.head, "value": r.value} for r in rows])
+def modules(target) -> list:
+    return [layer.module for layer in attention_layers(target.model)]
+
+
+def whole_sequence(geometry: TokenGeometry, images: int) -> CallGeometry:
+    """The call geometry of a self-attention over the model's whole token sequence."""
+    prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
+    centres = geometry.centres(dtype=torch.float64)
+    return CallGeometry(torch.arange(geometry.num_tokens), torch.cat([prefix, centres]), centres,
+                        geometry.num_prefix_tokens, torch.arange(images))
 
 
 def feed(geometry: TokenGeometry, probs_for_rows, heads: int, block: int) -> pd.DataFrame:
-    """Run the accumulator over all grid queries in blocks, with probabilities from a function
-    (given to it as logits, as the hooks do: log 0 = -inf is a masked key)."""
-    accumulate = AttentionDistanceAccumulator(geometry, 1, "cpu")
+    """Run the probe's reduction over all grid queries in blocks, with probabilities from a
+    function (given as logits, as the reader does: log 0 = -inf is a masked key), and turn
+    the per-image means over queries into the probe's rows."""
+    where = whole_sequence(geometry, images=2)
     rows = torch.arange(geometry.num_prefix_tokens, geometry.num_tokens)
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(rows), block):
         block_rows = rows[start:start + block]
-        accumulate(0, block_rows, probs_for_rows(block_rows, heads).log())
-    return as_frame(accumulate.rows(n_images=2)).set_index(["metric", "head"])["value"]
+        pieces, _ = softmax_pieces(0, probs_for_rows(block_rows, heads).log(), where, block_rows)
+        for key, values in block_row_values(pieces).items():
+            parts.setdefault(key, []).append(values.double())
+    per_image = {key: torch.cat(values, dim=2).mean(dim=2) for key, values in parts.items()}  # (images, heads)
+    out = Measurements()
+    add_distance_rows(out, 0, per_image, geometry, n_images=2)
+    return out.to_frame("m", "attention-distance").set_index(["metric", "head"])["value"]
 
 
 # --- analytic cases ---------------------------------------------------------------------------
@@ -99,9 +114,9 @@ def test_block_sums_renormalise_over_pixel_keys():
     probs = torch.zeros(1, 1, 1, geometry.num_tokens, dtype=torch.float64)
     probs[..., 0] = 0.5
     probs[..., 1 + 3 * 4 + 3] = 0.5  # token (3, 3); the query is token (0, 0)
-    sums = attention_block_sums(probs, centres[:1], centres, 1)
-    assert float(sums["distance"][0]) == pytest.approx(math.hypot(3, 3))
-    assert float(sums["prefix"][0]) == pytest.approx(0.5)
+    values = attention_row_values(probs, centres[:1], centres, 1)
+    assert float(values["distance"][0, 0, 0]) == pytest.approx(math.hypot(3, 3))
+    assert float(values["prefix"][0, 0, 0]) == pytest.approx(0.5)
 
 
 # --- the real models --------------------------------------------------------------------------
@@ -116,15 +131,15 @@ def materialised_metrics(target, images: torch.Tensor) -> pd.Series:
     """The PROBES.md definitions computed directly from every layer's full attention maps."""
     from timm.utils import AttentionExtract
 
-    modules = attention_modules(target.model)
-    saved = [m.fused_attn for m in modules]
-    for module in modules:
+    attention = modules(target)
+    saved = [m.fused_attn for m in attention]
+    for module in attention:
         module.fused_attn = False  # the softmax then exists as a tensor that hooks can see
     try:
         with torch.no_grad():
             maps = list(AttentionExtract(target.model, method="hook")(target.prepare(images)).values())
     finally:
-        for module, fused in zip(modules, saved):
+        for module, fused in zip(attention, saved):
             module.fused_attn = fused
     target.model.eval()
     info = target.info
@@ -143,9 +158,13 @@ def materialised_metrics(target, images: torch.Tensor) -> pd.Series:
     return pd.Series(records)
 
 
+def distance_table(target, images: torch.Tensor, batch_size: int = 64, query_block: int | None = None) -> pd.DataFrame:
+    labels = torch.zeros(len(images), dtype=torch.long)
+    return get_probe("attention-distance").run(target, images, labels, {"query_block": query_block}, batch_size).table
+
+
 def streamed_metrics(target, images: torch.Tensor, batch_size: int = 64, query_block: int | None = None) -> pd.Series:
-    frame = as_frame(measure_attention_distance(target, images, batch_size, query_block))
-    return frame.set_index(["metric", "layer", "head"])["value"]
+    return distance_table(target, images, batch_size, query_block).set_index(["metric", "layer", "head"])["value"]
 
 
 def timm_target(**model_kw):
@@ -169,28 +188,39 @@ def test_streamed_equals_materialised_attention(targets, digits_images, name):
     images = digits_images[0]
     streamed = streamed_metrics(target, images, query_block=5)
     direct = materialised_metrics(target, images)
-    assert len(direct) == 3 * sum(1 for _ in attention_modules(target.model)) * attention_modules(target.model)[0].num_heads
+    assert len(direct) == 3 * len(modules(target)) * modules(target)[0].num_heads
     for key, value in direct.items():
         assert streamed[key] == pytest.approx(value, abs=1e-5), key
 
 
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
-def test_probing_leaves_logits_and_modules_unchanged(targets, digits_images, name):
+@pytest.mark.parametrize("queries", [None, "one token"])
+def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits_images, name, queries):
+    """The reader computes each block's attention once, for the probe and for the module: the
+    model's output equals an unprobed forward to float rounding, whether every row or one
+    row is read (the others then go to the original kernel); everything is restored after."""
+    import torch.nn.functional as F
+
     target = targets[name]
     x = target.prepare(digits_images[0])
-    modules = attention_modules(target.model)
+    layers = attention_layers(target.model)
+    original, fused = F.scaled_dot_product_attention, [layer.module.fused_attn for layer in layers]
+    rows = None if queries is None else torch.tensor([target.geometry.num_prefix_tokens + 5])
     with torch.no_grad():
         before = target.model(x)
         calls = []
-        with streamed_attention(modules, lambda layer, rows, probs: calls.append(layer), target.info.num_prefix_tokens):
+        with read_attention(layers, lambda block: calls.append(block.layer), target.geometry, rows):
             during = target.model(x)
         after = target.model(x)
-    assert torch.equal(before, during) and torch.equal(before, after)
-    assert sorted(set(calls)) == list(range(len(modules)))
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, after)
+    assert sorted(set(calls)) == list(range(len(layers)))
     with pytest.raises(RuntimeError, match="boom"):
-        with streamed_attention(modules, lambda *a: None, target.info.num_prefix_tokens):
+        with read_attention(layers, lambda block: None, target.geometry):
             raise RuntimeError("boom")
-    assert all(not m._forward_pre_hooks for m in modules)  # restored on error too
+    assert F.scaled_dot_product_attention is original  # restored on error too
+    assert [layer.module.fused_attn for layer in layers] == fused
+    assert all(not layer.module._forward_pre_hooks and not layer.module._forward_hooks for layer in layers)
 
 
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2"])
@@ -203,29 +233,16 @@ def test_results_do_not_depend_on_batch_or_query_block(targets, digits_images, n
         np.testing.assert_allclose(other.values, reference.loc[other.index].values, rtol=1e-5, atol=1e-6)
 
 
-def test_large_grids_compute_distances_per_block_to_the_same_result(targets, digits_images, monkeypatch):
-    """Above 4,096 grid tokens the distance table is not kept; each block's are computed."""
-    import localitylab.probes.attention_distance as attention_distance
-
-    target = targets["pit-n"]
-    images = digits_images[0]
-    reference = streamed_metrics(target, images, batch_size=4, query_block=5)
-    monkeypatch.setattr(attention_distance, "DISTANCE_TABLE_ELEMENTS", 0)
-    per_block = streamed_metrics(target, images, batch_size=4, query_block=5)
-    np.testing.assert_array_equal(per_block.values, reference.loc[per_block.index].values)
-
-
 def test_query_block_option_is_checked(targets, digits_images):
     probe = get_probe("attention-distance")
-    context = ProbeContext(*digits_images, options={"query_block": 0})
     with pytest.raises(UserError, match="query_block"):
-        probe.table(targets["pit-n"], context)
+        probe.run(targets["pit-n"], *digits_images, {"query_block": 0})
 
 
 # --- pe-similarity ----------------------------------------------------------------------------
 def pe_scores(target) -> dict[str, float]:
     images = torch.zeros(1, target.spec.in_chans, target.spec.img_size, target.spec.img_size, dtype=torch.uint8)
-    table = get_probe("pe-similarity").table(target, ProbeContext(images, torch.zeros(1, dtype=torch.long)))
+    table = get_probe("pe-similarity").run(target, images, torch.zeros(1, dtype=torch.long)).table
     return dict(zip(table["metric"], table["value"]))
 
 
@@ -281,14 +298,14 @@ def test_pe_rows_skip_the_prefix_unless_no_embed_class():
 def test_convnet_gets_a_does_not_apply_row(trained_runs, probe_name):
     target, dataset = load_target(str(trained_runs["resnet-n"].checkpoint), device="cpu")
     images, labels = select_images(dataset, 2)
-    table = get_probe(probe_name).table(target, ProbeContext(images, labels))
+    table = get_probe(probe_name).run(target, images, labels).table
     assert len(table) == 1 and pd.isna(table["value"].iloc[0]) and "does not apply" in table["note"].iloc[0]
 
 
 def test_no_position_embedding_gets_a_does_not_apply_row():
     target, dataset = load_target("pit-n", device="cpu", pos_embed="none")
     images, labels = select_images(dataset, 2)
-    table = get_probe("pe-similarity").table(target, ProbeContext(images, labels))
+    table = get_probe("pe-similarity").run(target, images, labels).table
     assert len(table) == 1 and "pos_embed none" in table["note"].iloc[0]
     # attention still applies without a position embedding
     assert get_probe("attention-distance").not_applicable(target) is None
@@ -312,19 +329,21 @@ def test_attention_maps_agree_with_attention_distance(targets, digits_images):
     target = targets["vit-n/2"]
     images, labels = digits_images
     every_pixel_of_row_0 = ";".join(f"0,{c}" for c in range(8))
-    table = get_probe("attention-maps").table(target, ProbeContext(images, labels, options={"query": every_pixel_of_row_0}))
+    table = get_probe("attention-maps").run(target, images, labels, {"query": every_pixel_of_row_0}).table
     per_query = table[(table["metric"] == "query_distance_px") & table["head"].notna()]
     mean_over_queries = per_query.groupby(["layer", "head"])["value"].mean()
     # Pixels (0, 2c) and (0, 2c+1) share a token, so this is the mean over tokens of row 0.
-    geometry = TokenGeometry.of(target)
+    geometry = target.geometry
     rows = torch.arange(1, 1 + geometry.grid[1])
-    accumulate = AttentionDistanceAccumulator(geometry, len(attention_modules(target.model)), "cpu")
-    with torch.no_grad(), streamed_attention(attention_modules(target.model), accumulate, 1, query_tokens=rows,
-                                             scores=True):
+    direct = {}
+
+    def consume(block):  # one block: the 4 tokens of row 0
+        direct[block.layer] = block_row_values(block)["distance"].double().mean(dim=(0, 2))
+
+    with torch.no_grad(), read_attention(attention_layers(target.model), consume, geometry, rows):
         target.model(target.prepare(images))
-    direct = as_frame(accumulate.rows(len(images))).set_index(["metric", "layer", "head"])["value"]
     for (layer, head), value in mean_over_queries.items():
-        assert value == pytest.approx(direct[("mean_distance_px", layer, head)], rel=1e-5)
+        assert value == pytest.approx(float(direct[layer][head]), rel=1e-5)
     mass = table[(table["metric"] == "neighbourhood_mass") & table["head"].notna()]["value"]
     assert ((mass > 0) & (mass <= 1 + 1e-6)).all()
 
@@ -363,7 +382,7 @@ def test_plot_overlays_several_tables(targets, digits_images, tmp_path):
 
     paths = []
     for name in ("pit-n", "vit-n/2"):
-        table = get_probe("attention-distance").table(targets[name], ProbeContext(*digits_images))
+        table = get_probe("attention-distance").run(targets[name], *digits_images).table
         paths.append(write_table(table, tmp_path / name.replace("/", "-") / "attention-distance.csv"))
     figures = get_probe("attention-distance").plot([read_table(p) for p in paths], tmp_path)
     assert [f.name for f in figures] == ["attention-distance.png"] and figures[0].stat().st_size > 0

@@ -22,19 +22,18 @@ from localitylab.data.generated import (
     generate_shapes,
     nonlocal_layout,
 )
-from localitylab.data.permutation import invert_permutation, permute_pixels
-from localitylab.probes import get_probe, probe_names
-from localitylab.probes.base import ProbeContext
-from localitylab.probes.permutation import (
-    PermutationProbe,
-    equivariance_rows,
+from localitylab.data.permutation import (
     global_permutation,
     identity_permutation,
+    invert_permutation,
     local_window_permutation,
     patch_shuffle_permutation,
     permutation_for_setting,
+    permute_pixels,
     swap_permutation,
 )
+from localitylab.probes import Measurements, ProbeInputs, get_probe, probe_names
+from localitylab.probes.permutation import PermutationOptions, correct_per_image, equivariance_rows
 from localitylab.probes.receptive_field import (
     centre_location,
     effective_receptive_fields,
@@ -56,17 +55,27 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def probed(trained_runs):
-    """{model name: (target, context)} for the three trained nano models, 64 test digits each."""
+    """{model name: (target, inputs)} for the three trained nano models, 64 test digits each."""
     result = {}
     for name, run in trained_runs.items():
         target, dataset = load_target(str(run.checkpoint), device="cpu")
         images, labels = select_images(dataset, N_IMAGES, seed=0)
-        result[name] = (target, ProbeContext(images, labels, batch_size=32, seed=0))
+        result[name] = (target, ProbeInputs(target, images, labels, PermutationOptions(), batch_size=32, seed=0))
     return result
 
 
 def _rows_by_setting(rows, metric):
     return {row.setting: row for row in rows if row.metric == metric}
+
+
+def certificate(inputs) -> list:
+    out = Measurements()
+    equivariance_rows(inputs, out)
+    return out.rows
+
+
+def accuracy(inputs, permutation) -> float:
+    return float(correct_per_image(inputs, permutation).mean())
 
 
 # --- permutations -------------------------------------------------------------------------------
@@ -77,7 +86,7 @@ def test_both_probes_are_registered():
 
 def test_pit_equivariance_certificate_is_float_rounding(probed):
     target, context = probed["pit-n"]
-    rows = equivariance_rows(target, context)
+    rows = certificate(context)
     max_abs, rel = _rows_by_setting(rows, "equivariance_max_abs"), _rows_by_setting(rows, "equivariance_rel")
     assert max_abs["equivariance-pixel"].value < 1e-4
     assert rel["equivariance-pixel"].value < 1e-5
@@ -87,7 +96,7 @@ def test_pit_equivariance_certificate_is_float_rounding(probed):
 
 def test_vit_equivariance_holds_for_whole_patches_only(probed):
     target, context = probed["vit-n/2"]
-    max_abs = _rows_by_setting(equivariance_rows(target, context), "equivariance_max_abs")
+    max_abs = _rows_by_setting(certificate(context), "equivariance_max_abs")
     assert max_abs["equivariance-patch"].value < 1e-4
     assert max_abs["equivariance-pixel"].value > 1e-2
     assert "does not hold" in max_abs["equivariance-pixel"].note
@@ -95,23 +104,23 @@ def test_vit_equivariance_holds_for_whole_patches_only(probed):
 
 def test_convnet_has_no_embedding_to_permute(probed):
     target, context = probed["resnet-n"]
-    max_abs = _rows_by_setting(equivariance_rows(target, context), "equivariance_max_abs")
+    max_abs = _rows_by_setting(certificate(context), "equivariance_max_abs")
     assert set(max_abs) == {"input-only"}
     assert max_abs["input-only"].value > 1e-2 and "not a certificate" in max_abs["input-only"].note
 
 
 def test_identity_and_zero_swaps_change_nothing(probed):
     target, context = probed["pit-n"]
-    clean = PermutationProbe.accuracy(target, context, None)
+    clean = accuracy(context, None)
     assert clean > 0.8
-    assert PermutationProbe.accuracy(target, context, identity_permutation(8, 8)) == clean
+    assert accuracy(context, identity_permutation(8, 8)) == clean
     for distance in (2.0, math.inf):
         zero_swaps = swap_permutation(8, 8, 0, distance, seed=5)
         assert torch.equal(zero_swaps, torch.arange(64))
-        assert PermutationProbe.accuracy(target, context, zero_swaps) == clean
-    # And a real shuffle is applied through evaluate's transform: a PiT with a learned
+        assert accuracy(context, zero_swaps) == clean
+    # And a real shuffle is applied before the model's preparation: a PiT with a learned
     # embedding loses most of its accuracy under a global shuffle.
-    assert PermutationProbe.accuracy(target, context, global_permutation(8, 8, seed=1)) < clean - 0.3
+    assert accuracy(context, global_permutation(8, 8, seed=1)) < clean - 0.3
 
 
 @pytest.mark.parametrize("make", [
@@ -168,16 +177,16 @@ def test_patch_shuffle_moves_whole_tiles():
 def test_every_row_is_reproducible_from_its_note(probed):
     target, context = probed["pit-n"]
     options = {"swap_fractions": [0.5], "swap_distances": [2, "inf"], "tile_grids": [2]}
-    context = ProbeContext(context.images, context.labels, context.batch_size, seed=3, options=options)
-    table = get_probe("permutation").table(target, context)
-    accuracy = table[table["metric"] == "accuracy"].set_index("setting")
-    assert {"clean", "global", "local-2", "local-4", "swaps-32-2", "swaps-32-inf", "patch-shuffle-2"} == set(accuracy.index)
+    table = get_probe("permutation").run(target, context.images, context.labels, options, context.batch_size, seed=3).table
+    accuracies = table[table["metric"] == "accuracy"].set_index("setting")
+    assert {"clean", "global", "local-2", "local-4", "swaps-32-2", "swaps-32-inf", "patch-shuffle-2"} == set(accuracies.index)
     for setting in ("global", "local-4", "swaps-32-inf"):
-        seed = int(re.search(r"seed=(\d+)", accuracy.loc[setting, "note"]).group(1))
-        again = PermutationProbe.accuracy(target, context, permutation_for_setting(setting, 8, 8, seed))
-        assert again == accuracy.loc[setting, "value"]
+        seeds = [int(s) for s in re.search(r"seeds=\[([\d, ]+)\]", accuracies.loc[setting, "note"]).group(1).split(",")]
+        assert len(seeds) == 3  # the default number of draws; the row is their mean
+        again = [accuracy(context, permutation_for_setting(setting, 8, 8, seed)) for seed in seeds]
+        assert sum(again) / len(again) == pytest.approx(accuracies.loc[setting, "value"], abs=1e-12)
     drops = table[table["metric"] == "accuracy_drop"].set_index("setting")["value"]
-    assert drops["global"] == pytest.approx(accuracy.loc["clean", "value"] - accuracy.loc["global", "value"])
+    assert drops["global"] == pytest.approx(accuracies.loc["clean", "value"] - accuracies.loc["global", "value"])
 
 
 # --- effective receptive field ----------------------------------------------------------------------
@@ -249,9 +258,9 @@ def test_uniform_radius_matches_a_count_by_hand(size, centre):
 def test_receptive_field_table_and_figures(probed, tmp_path):
     target, context = probed["resnet-n"]
     # Few images and IG steps: this checks the table's shape, not the numbers' precision.
-    context = ProbeContext(context.images[:16], context.labels[:16], batch_size=8, options={"ig_steps": 4})
     probe = get_probe("receptive-field")
-    table = probe.table(target, context)
+    result = probe.run(target, context.images[:16], context.labels[:16], {"ig_steps": 4}, batch_size=8)
+    table = result.table
     erf = table[table["metric"] == "erf_r50_px"].set_index("layer")["value"]
     assert list(erf.index) == [0, 1, 2, 3] and erf.notna().all()
     r90 = table[table["metric"] == "erf_r90_px"].set_index("layer")["value"]
@@ -260,7 +269,7 @@ def test_receptive_field_table_and_figures(probed, tmp_path):
     assert (frac * 8 - erf).abs().max() < 1e-12
     attribution = table[table["metric"] == "attribution_r50_px"].set_index("setting")["value"]
     assert set(attribution.index) == {"saliency", "integrated-gradients"} and attribution.notna().all()
-    figures = probe.plot([table], tmp_path) + probe.artifacts(target, context, tmp_path)
+    figures = probe.plot([table], tmp_path) + probe.figures(target, result.drawing, tmp_path)
     assert {p.name for p in figures} == {"receptive-field.png", "receptive-field-maps.png"}
     assert all(p.stat().st_size > 1000 for p in figures)
 

@@ -23,12 +23,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from localitylab.data.permutation import invert_permutation, permute_pixels, random_permutation
-from localitylab.probes.attention_distance import (TokenGeometry, attention_block_sums,
-                                                   attention_block_sums_from_scores, measure_attention_distance)
-from localitylab.probes.permutation import (global_permutation, local_window_permutation, mean_displacement,
-                                            patch_shuffle_permutation, permutation_for_setting, shuffle_settings,
-                                            swap_permutation)
+from localitylab.attention import TokenGeometry
+from localitylab.data.permutation import (global_permutation, invert_permutation, local_window_permutation,
+                                          mean_displacement, patch_shuffle_permutation, permutation_for_setting,
+                                          permute_pixels, random_permutation, swap_permutation)
+from localitylab.attention import CallGeometry, softmax_pieces
+from localitylab.probes.attention_distance import attention_row_values, block_row_values
+from localitylab.probes.permutation import shuffle_settings
+from localitylab.probes.registry import get_probe
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -139,9 +141,10 @@ def attention_blocks(draw):
 
 
 def block_means(geometry: TokenGeometry, probs: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per head: the definition's values, averaged over images and query rows."""
     centres = geometry.centres(dtype=torch.float64)
-    sums = attention_block_sums(probs, centres[rows], centres, geometry.num_prefix_tokens)
-    return {key: sums[key] / sums["count"] for key in ("distance", "prefix", "entropy")}
+    values = attention_row_values(probs, centres[rows], centres, geometry.num_prefix_tokens)
+    return {key: values[key].mean(dim=(0, 2)) for key in ("distance", "prefix", "entropy")}
 
 
 @FAST
@@ -167,9 +170,10 @@ def test_attention_distance_metrics_lie_in_their_ranges(block):
 
 @FAST
 @given(attention_blocks(), st.floats(0.0, 0.5), seeds)
-def test_sums_from_logits_equal_the_sums_from_the_softmax(block, masked_fraction, seed):
-    """The streamed path reduces logits (no softmax, no log per key); the definition reduces
-    the softmax. Masked keys (-inf logits) included, as long as each row keeps a grid key."""
+def test_values_from_logits_equal_the_values_from_the_softmax(block, masked_fraction, seed):
+    """The probe reduces the reader's softmax pieces (no softmax, no log per key); the
+    definition reduces the softmax. Masked keys (-inf logits) included, as long as each row
+    keeps a grid key."""
     geometry, probs, rows = block
     logits = probs.log()
     generator = torch.Generator().manual_seed(seed)
@@ -177,11 +181,13 @@ def test_sums_from_logits_equal_the_sums_from_the_softmax(block, masked_fraction
     masked[..., geometry.num_prefix_tokens] = False  # one grid key always allowed
     logits = logits.masked_fill(masked, float("-inf"))
     centres = geometry.centres(dtype=torch.float64)
-    distances = torch.cdist(centres[rows], centres)
-    from_logits = attention_block_sums_from_scores(logits, distances, geometry.num_prefix_tokens)
-    reference = attention_block_sums(logits.softmax(dim=-1), centres[rows], centres, geometry.num_prefix_tokens)
-    assert float(from_logits["count"]) == float(reference["count"])
+    prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
+    where = CallGeometry(torch.arange(geometry.num_tokens), torch.cat([prefix, centres]), centres,
+                         geometry.num_prefix_tokens, torch.arange(len(logits)))
+    from_logits = block_row_values(softmax_pieces(0, logits, where, rows + geometry.num_prefix_tokens)[0])
+    reference = attention_row_values(logits.softmax(dim=-1), centres[rows], centres, geometry.num_prefix_tokens)
     for key in ("distance", "prefix", "entropy"):
+        assert from_logits[key].shape == reference[key].shape == probs.shape[:3]
         assert torch.allclose(from_logits[key], reference[key], rtol=1e-9, atol=1e-9, equal_nan=True), key
 
 
@@ -233,12 +239,14 @@ def tiny_target(source: str):
 @MODEL
 @given(batch_size=st.integers(1, 6), query_block=st.one_of(st.none(), st.integers(1, 20)))
 def test_attention_distance_does_not_depend_on_batch_size_or_query_block(batch_size, query_block):
-    target, images, _ = tiny_target("vit-n/2")
-    reference = {(r.metric, r.layer, r.head): r.value for r in measure_attention_distance(target, images, 6)}
-    rows = measure_attention_distance(target, images, batch_size, query_block)
-    assert {(r.metric, r.layer, r.head) for r in rows} == set(reference)
-    for row in rows:
-        assert row.value == pytest.approx(reference[(row.metric, row.layer, row.head)], rel=1e-5, abs=1e-6), row
+    target, images, labels = tiny_target("vit-n/2")
+    probe = get_probe("attention-distance")
+    reference = probe.run(target, images, labels, batch_size=6).table.set_index(["metric", "layer", "head"])["value"]
+    table = probe.run(target, images, labels, {"query_block": query_block}, batch_size).table
+    values = table.set_index(["metric", "layer", "head"])["value"]
+    assert set(values.index) == set(reference.index)
+    for key, value in values.items():
+        assert value == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
 
 
 PERMUTATION_OPTIONS = {"window_sizes": [2], "tile_grids": [2], "swap_fractions": [0.5], "swap_distances": ["inf"]}
@@ -246,11 +254,8 @@ PERMUTATION_OPTIONS = {"window_sizes": [2], "tile_grids": [2], "swap_fractions":
 
 @functools.lru_cache(maxsize=None)
 def permutation_table(batch_size: int):
-    from localitylab.probes.base import ProbeContext
-    from localitylab.probes.registry import get_probe
-
     target, images, labels = tiny_target("pit-n")
-    return get_probe("permutation").table(target, ProbeContext(images, labels, batch_size, 0, PERMUTATION_OPTIONS))
+    return get_probe("permutation").run(target, images, labels, PERMUTATION_OPTIONS, batch_size).table
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -270,7 +275,7 @@ def test_permutation_probe_does_not_depend_on_batch_size(batch_size):
 @FAST
 @given(st.text(max_size=40))
 def test_safe_name_is_always_one_folder(name):
-    from localitylab.train.config import safe_name
+    from localitylab.io import safe_name
 
     cleaned = safe_name(name)
     assert cleaned and cleaned not in (".", "..")

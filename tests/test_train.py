@@ -14,8 +14,9 @@ from localitylab.data import load_dataset
 from localitylab.data.permutation import random_permutation
 from localitylab.errors import UserError
 from localitylab.train import TrainConfig, train
-from localitylab.train.checkpoint import read_checkpoint, safe_torch_load
-from localitylab.train.evaluate import evaluate_checkpoint
+from localitylab.io import safe_torch_load
+from localitylab.train.checkpoint import read_checkpoint
+from localitylab.train.evaluation import evaluate_checkpoint
 from localitylab.train.progress import Reporter
 from tests.conftest import NANO_MODELS
 

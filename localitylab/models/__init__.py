@@ -9,6 +9,7 @@ from localitylab.models.registry import (
     model_kind,
     parse_model_name,
     register_model,
+    spec_for_data,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "model_kind",
     "parse_model_name",
     "register_model",
+    "spec_for_data",
 ]

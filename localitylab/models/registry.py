@@ -116,6 +116,26 @@ def model_kind(name: str) -> str:
 SHAPE_KEYS = ("img_size", "in_chans", "num_classes", "patch_size")
 
 
+def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, pos_embed: str | None = "learn",
+                  model_kw: dict[str, Any] | None = None, drop_path: float = 0.0) -> ModelSpec:
+    """The spec of registry model `model` for images of a data set's shapes.
+
+    Registry models take their shapes from the data (and the patch size from the name);
+    a `timm:` model may override them with `model_kw` (img_size, in_chans, num_classes).
+    `pos_embed` applies to PiTs and ViTs only; `drop_path` > 0 becomes `drop_path_rate`.
+    """
+    kind = model_kind(model)
+    model_kw = dict(model_kw or {})
+    if drop_path > 0:
+        model_kw.setdefault("drop_path_rate", drop_path)
+    if kind == "timm":
+        img_size = int(model_kw.pop("img_size", img_size))
+        in_chans = int(model_kw.pop("in_chans", in_chans))
+        num_classes = int(model_kw.pop("num_classes", num_classes))
+        return ModelSpec(model, img_size, in_chans, num_classes, None, model_kw)
+    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in ("pit", "vit") else None, model_kw)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build an untrained model for `spec`. Raises UserError for impossible specs."""
     for label, value in (("image size", spec.img_size), ("channels", spec.in_chans), ("classes", spec.num_classes)):

@@ -53,7 +53,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{path} is not a readable safetensors file: {err}") from None
-    from localitylab.train.checkpoint import safe_torch_load
+    from localitylab.io import safe_torch_load
 
     data = safe_torch_load(path)
     for key in ("model_state", "state_dict", "model"):  # common wrappers

@@ -1,9 +1,23 @@
-"""Probes: locality measurements on any model, written as tidy tables (PROBES.md)."""
+"""Probes: locality measurements on any model, written as tidy tables (PROBES.md).
 
-from localitylab.probes.base import COLUMNS, Probe, ProbeContext, Row
+Adding a probe: one file with a `@register_probe` class, and one line below. The order is
+the order of `probe all` and of the report's sections: attention first, then the position
+embedding, then the probes that put ConvNets on the same scale, then the ones for
+particular checkpoints (mae-reconstruction: MAE pre-training only).
+"""
+
+from localitylab.probes import (  # noqa: F401  (each registers itself)
+    attention_distance,
+    attention_maps,
+    pe_similarity,
+    receptive_field,
+    permutation,
+    mae_reconstruction,
+)
+from localitylab.probes.base import COLUMNS, Measurements, Probe, ProbeInputs, ProbeResult, SummaryColumn
 from localitylab.probes.registry import get_probe, probe_names, register_probe
 from localitylab.probes.runner import ProbeRequest, read_table, run_probes
 from localitylab.probes.target import ProbeTarget, load_target
 
-__all__ = ["COLUMNS", "Probe", "ProbeContext", "ProbeRequest", "ProbeTarget", "Row", "get_probe", "load_target",
-           "probe_names", "read_table", "register_probe", "run_probes"]
+__all__ = ["COLUMNS", "Measurements", "Probe", "ProbeInputs", "ProbeRequest", "ProbeResult", "ProbeTarget",
+           "SummaryColumn", "get_probe", "load_target", "probe_names", "read_table", "register_probe", "run_probes"]

@@ -1,9 +1,11 @@
-"""attention-maps: where chosen query pixels attend, layer by layer, drawn over the image.
+"""attention-maps: where chosen query pixels look, layer by layer (PROBES.md, the ViT paper's
+attention-map figures made quantitative).
 
 Options: `query`, pixel coordinates 'row,col' of the model's input ('r,c;r,c' for several;
 default the image centre), and `per_head` (also draw every head, not only their mean). A
 query pixel stands for the token whose patch contains it. The attention comes from the
-same hooks as attention-distance (`streamed_attention`), restricted to the query rows.
+same reader as attention-distance, restricted to the query rows, in one pass that also
+keeps the maps of the first few images for the figures.
 
 Table rows, per query (`setting` = 'query=r,c'), layer and head (head empty: the mean over
 heads), averaged over the probe's images, with A' the attention renormalised over the
@@ -12,12 +14,14 @@ non-prefix keys as in PROBES.md:
 - `query_distance_px`: sum_k A'[q,k] * |c_q - c_k|, the attended distance of this query;
 - `uniform_query_distance_px` (layer and head empty): the same for uniform attention, the
   geometry-only baseline for this query position;
-- `neighbourhood_mass`: A' mass on the 3x3 tokens around the query token (itself
-  included), against `uniform_neighbourhood_mass` = their count / #tokens (layer, head empty);
+- `neighbourhood_mass`: A' mass on the keys whose centres lie within `neighbourhood_px`
+  pixels of the query's centre (itself included; default a quarter of the image side, the
+  same disc in pixels whatever the patch size), against `uniform_neighbourhood_mass` =
+  their count / #tokens (layer, head empty);
 - `prefix_share`: the attention the query gives the [cls] / register tokens.
 
-Figures (`artifacts`): per query, a grid of the first few test images by layer, each map
-(head mean; one row per head with `per_head`) over what the model sees, the query marked.
+Figures: per query, a grid of the first few test images by layer, each map (head mean;
+one row per head with `per_head`) over what the model sees, the query marked.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import field_validator
 
+from localitylab.attention import AttentionBlock, TokenGeometry, attention_layers, pixel_distances
 from localitylab.errors import UserError
-from localitylab.probes.attention_distance import (TokenGeometry, attention_modules, check_token_count,
-                                                   no_attention_reason, pixel_distances, prepared_batches,
-                                                   streamed_attention)
-from localitylab.probes.base import Probe, ProbeContext, Row
+from localitylab.probes.attention_probe import AttentionProbe
+from localitylab.probes.base import Measurements, ProbeInputs, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
+from localitylab.settings import Settings
 
 FIGURE_IMAGES = 4  # images drawn per query (2 when every head is drawn)
 
@@ -79,160 +84,161 @@ def parse_flag(value: Any, name: str) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise UserError(f"{name} must be true or false, got {value!r}")
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+class AttentionMapsOptions(Settings):
+    query: Any = None  # 'row,col' pixel coordinates, ';' between several; default: the image centre
+    per_head: bool = False  # also draw every head
+    neighbourhood_px: float | None = None  # radius of the neighbourhood in pixels; default: image side / 4
+
+    @field_validator("neighbourhood_px", mode="before")
+    @classmethod
+    def _radius(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"neighbourhood_px must be a number of pixels >= 0, got {value!r}")
+        return float(value)
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _form(cls, value: Any) -> Any:
+        # The form here; whether the pixels lie inside the image, in AttentionMaps.check.
+        if value is not None:
+            try:
+                parse_queries(value, TokenGeometry((1 << 30, 1 << 30), 1, 0))
+            except UserError:
+                raise ValueError(f"query must be 'row,col' pixel coordinates (';' between several), "
+                                 f"got {value!r}") from None
+        return value
+
+    @field_validator("per_head", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> bool:
+        return parse_flag(value, "per_head")
 
 
 @dataclass
-class QueryAttention:
-    """Per-head sums over images for each (layer, query), and the maps of the first images."""
+class QueryMaps:
+    """What the figures draw: the renormalised maps of the first images, per query."""
 
-    distance: torch.Tensor  # (layers, heads, queries) float64 sums
-    neighbourhood: torch.Tensor
-    prefix: torch.Tensor
-    n_images: int
-    maps: torch.Tensor | None  # (images kept, layers, heads, queries, grid_h, grid_w) A'
+    queries: list[tuple[int, int]]
+    maps: torch.Tensor  # (images, layers, heads, queries, grid_h, grid_w) A'
+    pictures: np.ndarray  # the images as the model sees them (after its pixel permutation)
+    per_head: bool
 
 
-@torch.no_grad()
-def collect_query_attention(target: ProbeTarget, images: torch.Tensor, queries: list[tuple[int, int]],
-                            batch_size: int, keep_maps: int = 0) -> QueryAttention:
-    """Run the model over uint8 `images` and reduce the attention of the query tokens."""
-    geometry = TokenGeometry.of(target)
-    modules = attention_modules(target.model)
-    # Queries in one patch share a token: each token is a slot, computed once.
-    query_tokens = [geometry.token_of_pixel(r, c) for r, c in queries]
-    slot_tokens = sorted(set(query_tokens))
-    slot_of = {token: slot for slot, token in enumerate(slot_tokens)}
-    centres = geometry.centres(target.device)
-    slot_centres = centres[torch.tensor(slot_tokens, device=target.device) - geometry.num_prefix_tokens]
-    # The 3x3 token window around each slot's token (Chebyshev distance <= 1 token).
-    steps = (centres[None, :, :] - slot_centres[:, None, :]).abs().amax(dim=-1) / geometry.patch_size
-    window = (steps <= 1.0 + 1e-6).to(centres.dtype)  # (slots, T)
-    slot_distances = pixel_distances(slot_centres, centres)
-    heads = [m.num_heads for m in modules]
-    sums = {key: torch.zeros(len(modules), max(heads), len(slot_tokens), dtype=torch.float64)
-            for key in ("distance", "neighbourhood", "prefix")}
-    kept = [torch.zeros(keep_maps, n_heads, len(slot_tokens), geometry.num_grid_tokens) for n_heads in heads]
-    seen = {"images": 0}
+class QueryReduction:
+    """Per query slot: attended distance, 3x3-token neighbourhood mass, prefix share; and the
+    maps of the first `keep` images."""
 
-    def consume(layer: int, rows: torch.Tensor, probs: torch.Tensor) -> None:
-        check_token_count(probs, geometry)
-        slots = [slot_of[token] for token in rows.tolist()]  # distinct: each slot once per block
-        n_heads = heads[layer]
-        prefix = probs[..., :geometry.num_prefix_tokens].sum(dim=-1)  # (B, heads, rows)
-        grid = probs[..., geometry.num_prefix_tokens:]
-        grid = grid / grid.sum(dim=-1, keepdim=True)  # A', (B, heads, rows, T)
-        for key, weights in (("distance", slot_distances), ("neighbourhood", window)):
-            per_row = (grid * weights[slots].to(grid)).sum(dim=-1)  # (B, heads, rows)
-            sums[key][layer, :n_heads, slots] += per_row.double().sum(0).cpu()
-        sums["prefix"][layer, :n_heads, slots] += prefix.double().sum(0).cpu()
-        wanted = keep_maps - seen["images"]
+    def __init__(self, geometry: TokenGeometry, slot_tokens: list[int], heads: list[int], keep: int,
+                 device: torch.device, radius: float):
+        self.geometry = geometry
+        self.slot_of = {token: slot for slot, token in enumerate(slot_tokens)}
+        centres = geometry.centres(device)
+        slot_centres = centres[torch.tensor(slot_tokens, device=device) - geometry.num_prefix_tokens]
+        self.distances = pixel_distances(slot_centres, centres)  # (slots, T)
+        self.window = (self.distances <= radius + 1e-6).to(centres.dtype)  # keys within `radius` pixels
+        self.keep = keep
+        self.maps = [torch.zeros(keep, n_heads, len(slot_tokens), geometry.num_grid_tokens) for n_heads in heads]
+
+    def __call__(self, block: AttentionBlock, first_image: int) -> dict[str, torch.Tensor]:
+        slots = [self.slot_of[token] for token in block.query_tokens.tolist()]  # distinct: each slot once per block
+        grid = block.renormalised()  # A', (B, heads, rows, T)
+        wanted = self.keep - first_image
         if wanted > 0:
-            kept[layer][seen["images"]:seen["images"] + len(grid[:wanted]), :, slots] = grid[:wanted].float().cpu()
-
-    with streamed_attention(modules, consume, geometry.num_prefix_tokens,
-                            query_tokens=torch.tensor(slot_tokens, device=target.device)):
-        for batch in prepared_batches(target, images, batch_size):
-            target.model(batch)
-            seen["images"] += len(batch)
-    per_query = [slot_of[token] for token in query_tokens]
-    maps = None
-    if keep_maps:
-        # (images, layers, heads, queries, grid_h, grid_w); drawing assumes equal head counts
-        stacked = torch.stack(kept, dim=1)[:min(keep_maps, len(images)), :, :, per_query]
-        maps = stacked.reshape(*stacked.shape[:4], *geometry.grid)
-    return QueryAttention(sums["distance"][..., per_query], sums["neighbourhood"][..., per_query],
-                          sums["prefix"][..., per_query], len(images), maps)
+            kept = grid[:wanted].float().cpu()
+            self.maps[block.layer][first_image:first_image + len(kept), :, slots] = kept
+        return {"distance": (grid * self.distances[slots].to(grid)).sum(dim=-1),
+                "neighbourhood": (grid * self.window[slots].to(grid)).sum(dim=-1), "prefix": block.prefix_share()}
 
 
 @register_probe
-class AttentionMaps(Probe):
+class AttentionMaps(AttentionProbe):
     name = "attention-maps"
     summary = "Attention of chosen query pixels in every layer, over test images; attended distance per query"
-    applies_to = "transformers with timm Attention (pit-*, vit-*/P, timm ViT/DeiT)"
-    option_names = ("query", "per_head")
+    Options = AttentionMapsOptions
+    per_query = True
 
-    def not_applicable(self, target: ProbeTarget) -> str | None:
-        return no_attention_reason(target)
+    def check(self, target: ProbeTarget, options: AttentionMapsOptions) -> None:
+        parse_queries(options.query, target.geometry)
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        parse_flag(options.get("per_head", False), "per_head")
-        if "query" in options:  # the form here; whether the pixels lie inside the image, in check()
-            try:
-                parse_queries(options["query"], TokenGeometry((1 << 30, 1 << 30), 1, 0))
-            except UserError:
-                raise UserError(f"query must be 'row,col' pixel coordinates (';' between several), "
-                                f"got {options['query']!r}") from None
+    def query_tokens(self, inputs: ProbeInputs) -> torch.Tensor:
+        geometry = inputs.target.geometry
+        tokens = {geometry.token_of_pixel(r, c) for r, c in parse_queries(inputs.options.query, geometry)}
+        return torch.tensor(sorted(tokens))  # queries in one patch share a token, computed once
 
-    def check(self, target: ProbeTarget, context: ProbeContext) -> None:
-        self.check_options(context.options)
-        parse_queries(context.option("query", None), TokenGeometry.of(target))
-
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
-        geometry = TokenGeometry.of(target)
-        queries = parse_queries(context.option("query", None), geometry)
-        parse_flag(context.option("per_head", False), "per_head")  # fail before the work, not after
-        result = collect_query_attention(target, context.images, queries, context.batch_size)
-        heads = [m.num_heads for m in attention_modules(target.model)]
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> QueryMaps:
+        target, geometry = inputs.target, inputs.target.geometry
+        queries = parse_queries(inputs.options.query, geometry)
+        slot_tokens = self.query_tokens(inputs).tolist()
+        heads = [layer.num_heads for layer in attention_layers(target.model)]
+        keep = min(FIGURE_IMAGES, inputs.n_images)
+        radius = inputs.options.neighbourhood_px
+        radius = geometry.image_side / 4 if radius is None else radius
+        reduction = QueryReduction(geometry, slot_tokens, heads, keep, target.device, radius)
+        layers = self.collect(inputs, reduction)
+        slot_of_query = [slot_tokens.index(geometry.token_of_pixel(r, c)) for r, c in queries]
         centres = geometry.centres(dtype=torch.float64)
-        count = result.n_images
-        rows: list[Row] = []
-        for q, (row, col) in enumerate(queries):
+        for (row, col), slot in zip(queries, slot_of_query):
             setting = f"query={row},{col}"
             token_centre = centres[geometry.token_of_pixel(row, col) - geometry.num_prefix_tokens]
-            offsets = centres - token_centre
-            uniform = float(offsets.norm(dim=1).mean())
-            in_window = int(((offsets.abs().amax(dim=1) / geometry.patch_size) <= 1.0 + 1e-6).sum())
-            rows.append(Row("uniform_query_distance_px", uniform, setting=setting))
-            rows.append(Row("uniform_neighbourhood_mass", in_window / geometry.num_grid_tokens, setting=setting))
-            for layer, n_heads in enumerate(heads):
-                values = {"query_distance_px": result.distance, "neighbourhood_mass": result.neighbourhood,
-                          "prefix_share": result.prefix}
-                for metric, sums in values.items():
-                    per_head = sums[layer, :n_heads, q] / count
-                    rows += [Row(metric, float(v), layer, head, setting) for head, v in enumerate(per_head)]
-                    rows.append(Row(metric, float(per_head.mean()), layer, None, setting))
-        return rows
+            offsets = (centres - token_centre).norm(dim=1)
+            within = f"keys within {radius:g} px of the query"
+            out.single("uniform_query_distance_px", float(offsets.mean()), setting=setting,
+                       note="uniform attention: geometry alone", n_images=0)
+            out.single("uniform_neighbourhood_mass", int((offsets <= radius + 1e-6).sum()) / geometry.num_grid_tokens,
+                       setting=setting, note=f"uniform attention on the {within}", n_images=0)
+            for layer in layers:
+                for metric, key in (("query_distance_px", "distance"), ("neighbourhood_mass", "neighbourhood"),
+                                    ("prefix_share", "prefix")):
+                    values = layer.values[key][..., slot]  # (images, heads)
+                    note = within if key == "neighbourhood" else ""
+                    out.per_image(metric, values.mean(dim=1), layer.layer.index, None, setting, note)
+                    for head in range(values.shape[1]):
+                        out.per_image(metric, values[:, head], layer.layer.index, head, setting, note)
+        maps = torch.stack(reduction.maps, dim=1)[:keep, :, :, slot_of_query]  # drawing assumes equal head counts
+        maps = maps.reshape(*maps.shape[:4], *geometry.grid)
+        return QueryMaps(queries, maps, _what_the_model_sees(target, inputs.images[:keep]), inputs.options.per_head)
 
-    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
-        geometry = TokenGeometry.of(target)
-        queries = parse_queries(context.option("query", None), geometry)
-        per_head = parse_flag(context.option("per_head", False), "per_head")
-        n_images = min(FIGURE_IMAGES, context.n_images)
-        result = collect_query_attention(target, context.images[:n_images], queries, context.batch_size, n_images)
-        pictures = _what_the_model_sees(target, context.images[:n_images])
+    def figures(self, target: ProbeTarget, drawing: QueryMaps, out_dir: Path) -> list[Path]:
+        geometry = target.geometry
         paths = []
-        for q, (row, col) in enumerate(queries):
+        for q, (row, col) in enumerate(drawing.queries):
             stem = f"attention-maps-q{row}-{col}"
-            paths.append(_draw(result.maps[:, :, :, q].mean(dim=2, keepdim=True), pictures, (row, col), geometry,
+            maps = drawing.maps[:, :, :, q]
+            paths.append(_draw(maps.mean(dim=2, keepdim=True), drawing.pictures, (row, col), geometry,
                                target.display_name, Path(out_dir) / f"{stem}.png", head_labels=None))
-            if per_head:
-                few = min(2, n_images)
-                paths.append(_draw(result.maps[:few, :, :, q], pictures[:few], (row, col), geometry,
-                                   target.display_name, Path(out_dir) / f"{stem}-heads.png",
-                                   head_labels=list(range(result.maps.shape[2]))))
+            if drawing.per_head:
+                few = min(2, len(maps))
+                paths.append(_draw(maps[:few], drawing.pictures[:few], (row, col), geometry, target.display_name,
+                                   Path(out_dir) / f"{stem}-heads.png", head_labels=list(range(maps.shape[2]))))
         return paths
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """Attended distance (head mean) of each query against depth, models overlaid."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
 
-        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-        if frame.empty:
-            return []
-        frame = frame[(frame["metric"] == "query_distance_px") & frame["head"].isna() & frame["value"].notna()]
-        if frame.empty:
+        frame = overlay(tables, lambda f: (f["metric"] == "query_distance_px") & f["head"].isna())
+        if frame is None:
             return []
         apply_style()
-        frame = frame.assign(layer=frame["layer"].astype(float))
         fig, ax = plt.subplots(figsize=(6, 4))
-        sns.lineplot(data=frame, x="layer", y="value", hue="model", style="setting", markers=True,
-                     palette=model_colours(frame["model"]), ax=ax)
-        ax.set(xlabel="layer (block)", ylabel="attended distance (pixels)", title="Attention distance of the query")
+        colours = model_colours(frame["model"])
+        styles = ["-", "--", ":", "-."]
+        for (model, setting), rows in frame.groupby(["model", "setting"], sort=True):
+            style = styles[sorted(frame["setting"].unique()).index(setting) % len(styles)]
+            rows = rows.sort_values("layer")
+            errorbar(ax, rows["layer"], rows, color=colours[model], linestyle=style, marker="o",
+                     label=f"{model}, {setting}")
+        ax.set(xlabel="layer (block)", ylabel="attended distance (pixels)",
+               title="Attention distance of the query (bars: 95% CI)")
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
         return [save_figure(fig, Path(out_dir) / "attention-maps-distance.png")]
 
 

@@ -1,107 +1,387 @@
-"""The small base every probe shares, in the spirit of pytorch-grad-cam: the base holds the
-loading, the schema and the writing; each probe is a short subclass that overrides
-`measure` (and `plot`, for its figures)."""
+"""The base every probe shares, in the spirit of pytorch-grad-cam's `BaseCAM`: the base owns
+the pipeline, a probe says what it measures per image.
+
+The base owns: the options (one typed parse, `Probe.Options`), the images and their
+batching and preparation (`ProbeInputs.batches`), collecting what was measured as values
+per image (`Measurements`), turning those into the tidy table (PROBES.md, Output schema),
+and handing the same result to the table and to the figures, so no probe runs the model
+twice. A probe subclass sets its name, its `Options`, its `summary_columns` (what the
+report's summary reads from its table), and overrides `measure` (and `figures` / `plot`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
+import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.probes.target import ProbeTarget
+from localitylab.errors import UserError
+from localitylab.settings import Settings, parse_settings
+
+if TYPE_CHECKING:
+    from localitylab.probes.target import ProbeTarget
 
 # The tidy schema of PROBES.md: one measurement per row.
-COLUMNS = ("model", "probe", "metric", "layer", "head", "setting", "value", "n_images", "note")
+COLUMNS = ("model", "probe", "metric", "layer", "head", "setting", "value", "ci_low", "ci_high", "n_images", "note")
+
+
+class NoOptions(Settings):
+    """A probe that takes no options."""
+
+
+# --- what a probe measured ------------------------------------------------------------------
+# 95% percentile-bootstrap intervals over images (PROBES.md, Uncertainty).
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+# Resampled values held at once while bootstrapping (rows x resamples x images), in float64.
+BOOTSTRAP_ELEMENTS = 2**23
+
+# resample(indices) -> statistics: indices (B, n) of B resamples of the n images -> (k, B) values,
+# one row per statistic that shares the resamples.
+Resample = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
-class Row:
+class Measurement:
+    """One row of the table: a mean over images (with an interval over them), a statistic of
+    the images whose interval comes from resampling them, or one value with no interval."""
+
     metric: str
-    value: float | None
-    layer: int | None = None
-    head: int | None = None
-    setting: str | None = None
-    note: str = ""
-    n_images: int | None = None  # defaults to the probe's image count
+    layer: int | None
+    head: int | None
+    setting: str | None
+    note: str
+    per_image: np.ndarray | None = None  # float64 (n,) or (draws, n); NaN = no value for that image
+    single: float | None = None  # a value that is not a mean over images
+    n_images: int | None = None  # for a single value or a statistic: how many images it rests on
+    resample: Resample | None = None  # for a statistic: its value on resampled images (row `output` of them)
+    output: int = 0
+    interval: tuple[float, float] | None = None
+
+    @property
+    def values(self) -> np.ndarray:
+        """The per-image values that exist (images with NaN dropped); (n,) or (draws, n)."""
+        assert self.per_image is not None
+        keep = ~np.isnan(self.per_image).any(axis=0) if self.per_image.ndim == 2 else ~np.isnan(self.per_image)
+        return self.per_image[..., keep]
+
+    @property
+    def value(self) -> float | None:
+        if self.per_image is None:
+            return None if self.single is None or math.isnan(self.single) else float(self.single)
+        values = self.values
+        return float(values.mean()) if values.size else None
+
+    @property
+    def count(self) -> int | None:
+        return self.values.shape[-1] if self.per_image is not None else self.n_images
+
+
+class Measurements:
+    """Rows in the order a probe adds them.
+
+    - `per_image`: a mean over images of one value per image; its interval is the percentile
+      bootstrap of that mean. Paired comparisons (an accuracy drop) pass the per-image
+      differences. A 2-D (draws, images) array is a setting drawn at random several times:
+      draws and images are resampled together.
+    - `statistic`: a value that is not a mean (a radius of a mean map, a ratio of means),
+      with a function giving it on resampled images; the same bootstrap gives its interval.
+    - `single`: anything else (a property of the weights, a geometry-only reference): no
+      interval over images.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[Measurement] = []
+
+    def per_image(self, metric: str, values: torch.Tensor | np.ndarray | list, layer: int | None = None,
+                  head: int | None = None, setting: str | None = None, note: str = "") -> None:
+        array = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        array = array.astype(np.float64)
+        self.rows.append(Measurement(metric, layer, head, setting, note,
+                                     per_image=array if array.ndim == 2 else array.ravel()))
+
+    def statistics(self, rows: list[dict[str, Any]], resample: Resample, n_images: int) -> None:
+        """Rows whose values are statistics of the same n images (not means): each dict has
+        the row's metric, value and optionally layer, head, setting, note; `resample(indices)`
+        gives all of them, in that order, on resampled images."""
+        for output, row in enumerate(rows):
+            value = row.get("value")
+            self.rows.append(Measurement(row["metric"], row.get("layer"), row.get("head"), row.get("setting"),
+                                         row.get("note", ""), single=None if value is None else float(value),
+                                         n_images=n_images, resample=resample, output=output))
+
+    def single(self, metric: str, value: float | None, layer: int | None = None, head: int | None = None,
+               setting: str | None = None, note: str = "", n_images: int | None = None) -> None:
+        self.rows.append(Measurement(metric, layer, head, setting, note, single=None if value is None else float(value),
+                                     n_images=n_images))
+
+    def add_intervals(self, seed: int) -> None:
+        """The 95% interval of every row that has one, from one generator seeded by `seed`."""
+        rng = np.random.default_rng(seed)
+        means = [row for row in self.rows if row.per_image is not None and row.per_image.ndim == 1]
+        for count, rows in _same_images(means):
+            if count >= 2:
+                _mean_intervals(rows, rng)
+        shared: dict[int, list[Measurement]] = {}
+        for row in self.rows:
+            if row.per_image is not None and row.per_image.ndim == 2 and row.count >= 2:
+                row.interval = _drawn_interval(row.values, rng)
+            elif row.resample is not None and row.n_images >= 2:
+                shared.setdefault(id(row.resample), []).append(row)
+        for rows in shared.values():
+            resample = rows[0].resample
+            low, high = _bootstrap((np.arange(rows[0].n_images),), lambda indices, axis=-1: resample(indices), rng,
+                                   len(rows))
+            for row in rows:
+                lo, hi = np.atleast_1d(low)[row.output], np.atleast_1d(high)[row.output]
+                if row.value is not None and np.isfinite(lo) and np.isfinite(hi):
+                    row.interval = (float(lo), float(hi))
+
+    def to_frame(self, model: str, probe: str) -> pd.DataFrame:
+        records = [{
+            "model": model, "probe": probe, "metric": row.metric, "layer": row.layer, "head": row.head,
+            "setting": row.setting or "", "value": row.value,
+            "ci_low": row.interval[0] if row.interval else None, "ci_high": row.interval[1] if row.interval else None,
+            "n_images": row.count, "note": row.note or "",
+        } for row in self.rows]
+        return typed_frame(pd.DataFrame.from_records(records, columns=list(COLUMNS)))
+
+
+def _same_images(rows: list[Measurement]) -> list[tuple[int, list[Measurement]]]:
+    """Rows grouped by which images have a value, so each group is bootstrapped at once."""
+    groups: dict[bytes, list[Measurement]] = {}
+    for row in rows:
+        groups.setdefault(np.isnan(row.per_image).tobytes() + bytes(len(row.per_image)), []).append(row)
+    return [(rows[0].count, rows) for rows in groups.values()]
+
+
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, rng: np.random.Generator,
+               rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.stats import bootstrap
+
+    size = max(len(d) for d in data)
+    batch = max(1, min(RESAMPLES, BOOTSTRAP_ELEMENTS // max(1, rows * size)))
+    result = bootstrap(data, statistic, n_resamples=RESAMPLES, batch=batch, vectorized=True, axis=-1,
+                       paired=False, confidence_level=CONFIDENCE, method="percentile", random_state=rng)
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
+def _mean_intervals(rows: list[Measurement], rng: np.random.Generator) -> None:
+    """Every row of a group at once: the same resampled images for all of them."""
+    matrix = np.stack([row.values for row in rows])  # (rows, n)
+    low, high = _bootstrap((matrix,), lambda sample, axis=-1: sample.mean(axis=axis), rng, len(rows))
+    for row, lo, hi in zip(rows, np.atleast_1d(low), np.atleast_1d(high)):
+        row.interval = (float(lo), float(hi))
+
+
+def _drawn_interval(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """A (draws, images) mean whose draws and images are resampled independently."""
+    def mean(draws: np.ndarray, images: np.ndarray, axis: int = -1) -> np.ndarray:
+        return values[draws[..., :, None], images[..., None, :]].mean(axis=(-2, -1))
+
+    low, high = _bootstrap((np.arange(values.shape[0]), np.arange(values.shape[1])), mean, rng, values.shape[0])
+    return float(low), float(high)
+
+
+def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The schema's types: nullable integers for layer, head, n_images; float64 numbers."""
+    for column in ("layer", "head", "n_images"):
+        frame[column] = frame[column].astype("Int64")
+    for column in ("value", "ci_low", "ci_high"):
+        frame[column] = frame[column].astype("float64")
+    return frame
+
+
+# --- what a probe is given ------------------------------------------------------------------
+@dataclass
+class Batch:
+    start: int  # index of the first image of the batch among the probe's images
+    images: torch.Tensor  # uint8, on the target's device
+    labels: torch.Tensor
+    inputs: torch.Tensor  # prepared: what the model takes
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 @dataclass
-class ProbeContext:
-    """What a probe is given besides the model: the images and the options."""
+class ProbeInputs:
+    """The model and the images a probe runs on, with its parsed options."""
 
+    target: "ProbeTarget"
     images: torch.Tensor  # uint8 (N, C, H, W), a seeded subset of the test split
     labels: torch.Tensor
+    options: Settings
     batch_size: int = 64
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
         return len(self.images)
 
-    def option(self, key: str, default: Any) -> Any:
-        return self.options.get(key, default)
+    def batches(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                count: int | None = None) -> Iterator[Batch]:
+        """The first `count` images (all by default) in batches, prepared for the model;
+        `transform(uint8 batch) -> uint8 batch` is applied before the preparation."""
+        device = self.target.device
+        end = self.n_images if count is None else min(count, self.n_images)
+        for start in range(0, end, self.batch_size):
+            stop = min(start + self.batch_size, end)
+            images = self.images[start:stop].to(device)
+            if transform is not None:
+                images = transform(images)
+            yield Batch(start, images, self.labels[start:stop].to(device), self.target.prepare(images))
 
 
+@dataclass
+class ProbeResult:
+    """One probe's result on one model: its table and what its figures are drawn from."""
+
+    probe: str
+    table: pd.DataFrame
+    applies: bool
+    drawing: Any = None  # whatever `figures` needs (maps, tables of weights); None when it does not apply
+
+
+# --- what a report reads from a probe's table ----------------------------------------------
+@dataclass(frozen=True)
+class SummaryColumn:
+    """A column of the report's summary that comes from one probe's table.
+
+    The value is the rows of `metric` (and `setting`), at the first or last `layer` when
+    given, averaged (over heads). `better` says which direction means "more local";
+    `sentence`, when set, is how the report names the model that ranks first.
+    """
+
+    key: str
+    label: str
+    help: str
+    metric: str
+    layer: str | None = None  # 'first' | 'last' | None
+    setting: str | None = None
+    better: str = ""  # 'low' | 'high' | ''
+    kind: str = "float"
+    sentence: str = ""
+    skip_tasks: tuple[str, ...] = ()  # runs of these tasks show no value (an MAE encoder's untrained head)
+    probe: str = ""  # filled in by the probe that declares it
+
+    def read(self, table: pd.DataFrame | None) -> tuple[float, float | None, float | None] | None:
+        """(value, ci_low, ci_high) from one probe table, or None where it has no such row.
+        At a chosen layer the head-mean row (head empty) carries the interval; tables from
+        before such rows existed give the mean over heads, without one."""
+        if table is None:
+            return None
+        rows = table[(table["metric"] == self.metric) & table["value"].notna()]
+        if self.setting is not None:
+            rows = rows[rows["setting"] == self.setting]
+        if rows.empty:
+            return None
+        if self.layer is not None:
+            layer = rows["layer"].min() if self.layer == "first" else rows["layer"].max()
+            rows = rows[rows["layer"] == layer]
+            whole = rows[rows["head"].isna()]
+            if whole.empty:
+                return float(rows["value"].mean()), None, None
+            rows = whole
+        row = rows.iloc[0]
+        interval = [None if pd.isna(row.get(k)) else float(row[k]) for k in ("ci_low", "ci_high")]
+        return float(row["value"]), interval[0], interval[1]
+
+
+# --- the probe ------------------------------------------------------------------------------
 class Probe:
-    """Subclasses set `name`, `summary`, `applies_to` and override `measure`."""
+    """Subclasses set `name`, `summary`, `applies_to`, `Options`, `summary_columns` and
+    override `measure`; `figures` draws per-model figures from what `measure` returned,
+    `plot` draws figures that overlay several models' tables."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     applies_to: ClassVar[str] = "every model"
-    # Option names this probe reads from ProbeContext.options (checked, so a typo is an error).
-    option_names: ClassVar[tuple[str, ...]] = ()
+    Options: ClassVar[type[Settings]] = NoOptions
+    summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
+    # Images measured when the user names no count: a seeded subset of the test split, or
+    # (None) the whole split up to `max_default_images`.
+    default_images: ClassVar[int | None] = 128
+    max_default_images: ClassVar[int] = 2048
 
-    def not_applicable(self, target: ProbeTarget) -> str | None:
+    @classmethod
+    def images_for(cls, test_images: int) -> int:
+        """How many test images this probe measures by default."""
+        wanted = cls.max_default_images if cls.default_images is None else cls.default_images
+        return min(wanted, test_images)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(cls.Options.model_fields)
+
+    def parse_options(self, options: Mapping[str, Any] | Settings | None = None) -> Settings:
+        """The typed options; raises UserError naming the first bad one (no model needed)."""
+        if isinstance(options, self.Options):
+            return options
+        return parse_settings(self.Options, dict(options or {}), "--opt")
+
+    def not_applicable(self, target: "ProbeTarget") -> str | None:
         """Why this probe does not apply to `target`, or None if it does."""
         return None
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Raise UserError for an option value this probe cannot use; needs no model, so
-        studies check their files with it and the runner checks before anything is written."""
-
-    def check(self, target: ProbeTarget, context: ProbeContext) -> None:
+    def check(self, target: "ProbeTarget", options: Settings) -> None:
         """Raise UserError for an option that does not fit `target` (e.g. a query pixel outside
         its image). Called for every probe of a run before any output is written."""
-        self.check_options(context.options)
 
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> Any:
+        """Add this probe's rows to `out`; return what `figures` draws (or None)."""
         raise NotImplementedError
+
+    def figures(self, target: "ProbeTarget", drawing: Any, out_dir: Path) -> list[Path]:
+        """Per-model figures, from what `measure` returned."""
+        return []
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """Figures from one or more of this probe's tables (several models overlaid)."""
         return []
 
-    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
-        """Figures that need the model itself (e.g. attention maps over images)."""
-        return []
-
-    # --- shared -----------------------------------------------------------------------------
-    def table(self, target: ProbeTarget, context: ProbeContext) -> pd.DataFrame:
+    # --- the pipeline ---------------------------------------------------------------------
+    def run(self, target: "ProbeTarget", images: torch.Tensor, labels: torch.Tensor,
+            options: Mapping[str, Any] | Settings | None = None, batch_size: int = 64, seed: int = 0) -> ProbeResult:
+        """Measure `target` on uint8 `images`: the table, and what the figures are drawn from."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        parsed = self.parse_options(options)
+        out = Measurements()
         reason = self.not_applicable(target)
-        rows = [Row("applies", None, note=reason)] if reason else self.measure(target, context)
-        return to_frame(rows, target.display_name, self.name, context.n_images)
+        drawing = None
+        if reason:
+            out.single("applies", None, note=reason, n_images=len(images))
+        else:
+            self.check(target, parsed)
+            drawing = self.measure(ProbeInputs(target, images, labels, parsed, batch_size, seed), out)
+            out.add_intervals(seed)
+        return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing)
 
 
-def to_frame(rows: list[Row], model: str, probe: str, n_images: int) -> pd.DataFrame:
-    records = []
-    for row in rows:
-        value = row.value
-        if value is not None:
-            value = float(value)
-            if math.isnan(value):
-                value = None
-        records.append({
-            "model": model, "probe": probe, "metric": row.metric,
-            "layer": row.layer, "head": row.head, "setting": row.setting or "",
-            "value": value, "n_images": row.n_images if row.n_images is not None else n_images, "note": row.note or "",
-        })
-    frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
-    for column in ("layer", "head", "n_images"):
-        frame[column] = frame[column].astype("Int64")  # integers with empty cells
-    frame["value"] = frame["value"].astype("float64")
-    return frame
+def overlay(tables: list[pd.DataFrame], keep: Callable[[pd.DataFrame], pd.Series] | None = None) -> pd.DataFrame | None:
+    """Several models' tables as one frame for a figure, the rows `keep` selects with a value;
+    None when nothing is left to draw. A model name met in more than one table gets a ' #k'
+    suffix there, so two runs of one model stay two lines."""
+    seen: dict[str, int] = {}
+    frames = []
+    for table in tables:
+        renames = {}
+        for model in table["model"].unique():
+            count = seen.get(model, 0)
+            seen[model] = count + 1
+            if count:
+                renames[model] = f"{model} #{count + 1}"
+        frames.append(table.replace({"model": renames}) if renames else table)
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    frame = frame[frame["value"].notna()]
+    if keep is not None:
+        frame = frame[keep(frame)]
+    return None if frame.empty else frame

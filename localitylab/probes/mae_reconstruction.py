@@ -14,7 +14,7 @@ Rows, per draw (setting `ratio-R-seed-S`) and averaged over draws (setting `rati
   colour (with norm_pix_loss: each token's own mean).
 - `relative_mse`: masked_mse / mean_baseline_mse (1 = no better than the mean colour).
 
-Figure (`artifacts`, needs the model): for a few probe images, the masked input (masked
+Figure (from the same pass): for a few probe images, the masked input (masked
 pixels in a flat blue-grey), the reconstruction with the visible pixels pasted back, and
 the original, in pixel space (and un-permuted, for a model trained on permuted pixels).
 `plot` draws relative_mse per model.
@@ -22,21 +22,37 @@ the original, in pixel space (and un-permuted, for a model trained on permuted p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.errors import UserError
-from localitylab.probes.base import Probe, ProbeContext, Row
+from pydantic import ValidationInfo, field_validator
+
+from localitylab.probes.base import Measurements, Probe, ProbeInputs, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
+from localitylab.settings import Settings
 
 DEFAULT_MASK_DRAWS = 3
 DEFAULT_FIGURE_IMAGES = 8
 MASK_COLOUR = (0.62, 0.68, 0.78)  # the masked pixels in the figure: a blue-grey no image pixel is likely to match
 METRICS = ("masked_mse", "mean_baseline_mse", "relative_mse")
+
+
+def _relative(out: Measurements, error: torch.Tensor, baseline: torch.Tensor, setting: str, note: str) -> None:
+    """relative_mse: mean error / mean baseline over the images, a ratio of means whose
+    interval comes from resampling the images."""
+    errors, baselines = error.double().numpy(), baseline.double().numpy()
+    value = errors.mean() / baselines.mean() if baselines.mean() > 0 else None
+
+    def resample(indices: np.ndarray) -> np.ndarray:
+        return (errors[indices].mean(axis=-1) / baselines[indices].mean(axis=-1))[None]
+
+    out.statistics([dict(metric="relative_mse", value=value, setting=setting, note=note)], resample, len(errors))
 
 
 def mae_reason(target: ProbeTarget) -> str | None:
@@ -63,38 +79,53 @@ def build_target_mae(target: ProbeTarget, mask_ratio: float | None = None):
     return mae
 
 
-def _int_option(context: ProbeContext, key: str, default: int, minimum: int) -> int:
-    value = context.option(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"--opt {key} must be a whole number >= {minimum}, got {value!r}")
-    return value
+class MaeReconstructionOptions(Settings):
+    mask_draws: int = DEFAULT_MASK_DRAWS  # independent sets of masks, seeds seed, seed+1, ...
+    mask_ratio: float | None = None  # default: the ratio the model was trained with
+    figure_images: int = DEFAULT_FIGURE_IMAGES  # images in the figure
 
+    @field_validator("mask_draws", "figure_images", mode="before")
+    @classmethod
+    def _whole(cls, value: Any, info: ValidationInfo) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--opt {info.field_name} must be a whole number >= 1, got {value!r}")
+        return value
 
-def _mask_ratio_option(context: ProbeContext) -> float | None:
-    value = context.option("mask_ratio", None)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"--opt mask_ratio must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
+    @field_validator("mask_ratio", mode="before")
+    @classmethod
+    def _ratio(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--opt mask_ratio must be a number strictly between 0 and 1, got {value!r}")
+        return float(value)
 
 
 @torch.no_grad()
-def reconstruction_errors(mae, target: ProbeTarget, images: torch.Tensor, batch_size: int,
-                          seed: int) -> tuple[float, float]:
-    """(masked_mse, mean_baseline_mse) over `images` (uint8) with masks drawn from `seed`."""
+def reconstruction_errors(mae, inputs: ProbeInputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (N,): the masked-token MSE and the MSE of predicting zero (the mean colour),
+    with masks drawn from `seed`. Every image has the same number of masked tokens."""
     generator = torch.Generator().manual_seed(seed)
-    error_sum = baseline_sum = 0.0
-    count = 0
-    for start in range(0, len(images), batch_size):
-        inputs = target.prepare(images[start:start + batch_size])
-        output = mae(inputs, generator)
-        targets = mae.target(inputs).float()
-        mask = output.mask
-        error_sum += (output.pred.float() - targets).pow(2).mean(dim=-1)[mask].sum().item()
-        baseline_sum += targets.pow(2).mean(dim=-1)[mask].sum().item()
-        count += int(mask.sum())
-    return error_sum / count, baseline_sum / count
+    errors, baselines = [], []
+    for batch in inputs.batches():
+        output = mae(batch.inputs, generator)
+        targets = mae.target(batch.inputs).float()
+        mask = output.mask.float()
+        count = mask.sum(dim=1)
+        errors.append(((output.pred.float() - targets).pow(2).mean(dim=-1) * mask).sum(dim=1).double().cpu()
+                      / count.double().cpu())
+        baselines.append((targets.pow(2).mean(dim=-1) * mask).sum(dim=1).double().cpu() / count.double().cpu())
+    return torch.cat(errors), torch.cat(baselines)
+
+
+@dataclass
+class Reconstruction:
+    """What the figure draws: masked input, reconstruction and original, in pixel space."""
+
+    panels: list[torch.Tensor]  # three (n, 3, H, W) tensors in [0, 1]
+    mask_ratio: float
+    seed: int
+    unpermuted: bool
 
 
 @register_probe
@@ -103,57 +134,55 @@ class MaeReconstruction(Probe):
     summary = ("MAE checkpoints: mean squared error of the masked-token reconstruction at the trained mask ratio, "
                "against predicting the mean colour; masked input / reconstruction / original figure")
     applies_to = "MAE-pre-trained pit-* and vit-*/P checkpoints"
-    option_names = ("mask_draws", "mask_ratio", "figure_images")
+    Options = MaeReconstructionOptions
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
         return mae_reason(target)
 
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> Reconstruction:
         from localitylab.models.mae import mask_ratio_note
 
-        draws = _int_option(context, "mask_draws", DEFAULT_MASK_DRAWS, 1)
-        _int_option(context, "figure_images", DEFAULT_FIGURE_IMAGES, 1)
-        mae = build_target_mae(target, _mask_ratio_option(context))
+        target, options = inputs.target, inputs.options
+        draws = options.mask_draws
+        mae = build_target_mae(target, options.mask_ratio)
         targets = "per-token normalised pixels (norm_pix_loss)" if mae.norm_pix_loss else "normalised pixels"
         base_note = f"{mask_ratio_note(mae)}; targets: {targets}"
         if target.data.permutation is not None:
             base_note += "; on the model's permuted pixels"
-        rows: list[Row] = []
         errors, baselines = [], []
         for draw in range(draws):
-            seed = context.seed + draw
-            error, baseline = reconstruction_errors(mae, target, context.images, context.batch_size, seed)
+            seed = inputs.seed + draw
+            error, baseline = reconstruction_errors(mae, inputs, seed)
             errors.append(error)
             baselines.append(baseline)
             setting = f"ratio-{mae.mask_ratio:g}-seed-{seed}"
             note = f"{base_note}; masks from torch.Generator().manual_seed({seed})"
-            rows += [Row("masked_mse", error, setting=setting, note=note),
-                     Row("mean_baseline_mse", baseline, setting=setting, note=note),
-                     Row("relative_mse", error / baseline if baseline > 0 else None, setting=setting, note=note)]
-        mean_error, mean_baseline = float(np.mean(errors)), float(np.mean(baselines))
-        spread = f"; std over draws {np.std(errors):.3g}" if draws > 1 else ""
-        seeds = f"seed {context.seed}" if draws == 1 else f"seeds {context.seed}..{context.seed + draws - 1}"
+            out.per_image("masked_mse", error, setting=setting, note=note)
+            out.per_image("mean_baseline_mse", baseline, setting=setting, note=note)
+            _relative(out, error, baseline, setting, note)
+        per_draw = [float(e.mean()) for e in errors]
+        spread = f"; std over draws {np.std(per_draw):.3g}" if draws > 1 else ""
+        seeds = f"seed {inputs.seed}" if draws == 1 else f"seeds {inputs.seed}..{inputs.seed + draws - 1}"
         note = f"mean over {draws} mask draw{'s' if draws > 1 else ''} ({seeds})"
         setting = f"ratio-{mae.mask_ratio:g}"
-        rows += [Row("masked_mse", mean_error, setting=setting, note=note + spread),
-                 Row("mean_baseline_mse", mean_baseline, setting=setting, note=note),
-                 Row("relative_mse", mean_error / mean_baseline if mean_baseline > 0 else None, setting=setting,
-                     note=note)]
-        return rows
+        error, baseline = torch.stack(errors).mean(0), torch.stack(baselines).mean(0)
+        out.per_image("masked_mse", error, setting=setting, note=note + spread)
+        out.per_image("mean_baseline_mse", baseline, setting=setting, note=note)
+        _relative(out, error, baseline, setting, note)
+        return self.reconstruction(inputs, mae)
 
-    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
-        """Masked input, reconstruction and original for the first few probe images."""
-        import matplotlib.pyplot as plt
-
+    @staticmethod
+    def reconstruction(inputs: ProbeInputs, mae) -> Reconstruction:
+        """Masked input, reconstruction and original of the first few probe images, in pixel space."""
         from localitylab.data.permutation import invert_permutation, permute_pixels
-        from localitylab.plotting import apply_style, save_figure
 
-        count = min(_int_option(context, "figure_images", DEFAULT_FIGURE_IMAGES, 1), context.n_images)
-        mae = build_target_mae(target, _mask_ratio_option(context))
-        inputs = target.prepare(context.images[:count])
-        result = mae.reconstruct(inputs, torch.Generator().manual_seed(context.seed))
-        mean = torch.tensor(target.data.mean, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(target.data.std, device=inputs.device).view(1, -1, 1, 1)
+        target = inputs.target
+        count = min(inputs.options.figure_images, inputs.n_images)
+        prepared = target.prepare(inputs.images[:count])
+        with torch.no_grad():
+            result = mae.reconstruct(prepared, torch.Generator().manual_seed(inputs.seed))
+        mean = torch.tensor(target.data.mean, device=prepared.device).view(1, -1, 1, 1)
+        std = torch.tensor(target.data.std, device=prepared.device).view(1, -1, 1, 1)
 
         def to_pixels(images: torch.Tensor) -> torch.Tensor:
             pixels = (images.float() * std + mean).clamp(0, 1)
@@ -165,26 +194,34 @@ class MaeReconstruction(Probe):
         panels = [masked, to_pixels(result.reconstruction), to_pixels(result.original)]
         unpermuted = target.data.permutation is not None
         if unpermuted:
-            inverse = invert_permutation(target.data.permutation.to(inputs.device))
-            panels = [permute_pixels(p, inverse) for p in panels]
-        labels = ("masked input", "reconstruction", "original")
+            inverse = invert_permutation(target.data.permutation.to(prepared.device))
+            panels = [permute_pixels(panel, inverse) for panel in panels]
+        return Reconstruction([panel.cpu() for panel in panels], mae.mask_ratio, inputs.seed, unpermuted)
 
+    def figures(self, target: ProbeTarget, drawing: Reconstruction, out_dir: Path) -> list[Path]:
+        """Masked input, reconstruction and original for the first few probe images."""
+        import matplotlib.pyplot as plt
+
+        from localitylab.plotting import apply_style, save_figure
+
+        labels = ("masked input", "reconstruction", "original")
+        count = len(drawing.panels[0])
         apply_style()
         size = 1.3
         fig, axes = plt.subplots(3, count, figsize=(size * count + 1.4, size * 3 + 0.6), squeeze=False,
                                  gridspec_kw={"wspace": 0.04, "hspace": 0.04})
-        for row, (label, panel) in enumerate(zip(labels, panels)):
+        for row, (label, panel) in enumerate(zip(labels, drawing.panels)):
             for col in range(count):
                 ax = axes[row][col]
-                ax.imshow(panel[col].permute(1, 2, 0).cpu().numpy(), interpolation="nearest", vmin=0, vmax=1)
+                ax.imshow(panel[col].permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
                 if col == 0:
                     ax.set_ylabel(label, fontsize="small")
-        title = (f"{target.display_name}: MAE reconstruction, {round(mae.mask_ratio * 100):g}% of tokens masked "
-                 f"(seed {context.seed})")
-        if unpermuted:
+        title = (f"{target.display_name}: MAE reconstruction, {round(drawing.mask_ratio * 100):g}% of tokens masked "
+                 f"(seed {drawing.seed})")
+        if drawing.unpermuted:
             title += ", shown un-permuted"
         fig.suptitle(title, fontsize="medium")
         return [save_figure(fig, Path(out_dir) / "mae-reconstruction.png")]
@@ -192,22 +229,17 @@ class MaeReconstruction(Probe):
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """relative_mse (averaged over mask draws) per model."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
 
-        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-        if frame.empty:
-            return []
-        frame = frame[(frame["metric"] == "relative_mse") & frame["value"].notna()
-                      & ~frame["setting"].astype(str).str.contains("-seed-")]
-        if frame.empty:
+        frame = overlay(tables, lambda f: (f["metric"] == "relative_mse") & ~f["setting"].astype(str).str.contains("-seed-"))
+        if frame is None:
             return []
         apply_style()
         fig, ax = plt.subplots(figsize=(5.5, 1.2 + 0.45 * frame["model"].nunique()))
-        sns.barplot(data=frame, y="model", x="value", hue="model", palette=model_colours(frame["model"]),
-                    legend=False, ax=ax)
+        grouped_bars(ax, frame, "metric", ["relative_mse"], model_colours(frame["model"]), horizontal=True)
+        ax.legend(fontsize="small")
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set(xlabel="masked-token MSE / MSE of the mean colour (lower is better)", ylabel="",
-               title="MAE reconstruction of masked tokens")
+               title="MAE reconstruction of masked tokens (bars: 95% CI)")
         return [save_figure(fig, Path(out_dir) / "mae-reconstruction-relative-mse.png")]

@@ -1,7 +1,10 @@
 """pe-similarity: does the learned position embedding encode the 2-D grid? (PROBES.md)
 
 Reads only the table P (one row per non-prefix token; timm puts the prefix rows first
-unless `no_embed_class`), never images, so every row has n_images = 0.
+unless `no_embed_class`), never images, so every row has n_images = 0 and no interval: a
+property of the weights (studies give its spread over training seeds). Each row's note
+gives the score of a fixed 2-D sin-cos table on the same grid, the scale to read it against
+(a perfect table scores 0.99 on 8x8 but about 0.5 on 1x32).
 
 - `pe_distance_spearman`: Spearman correlation of the cosine similarity S[i, j] with
   -|c_i - c_j| over pairs i < j (a fixed-seed sample of MAX_PAIRS pairs when there are
@@ -18,7 +21,7 @@ unless `no_embed_class`), never images, so every row has n_images = 0.
   a log grid of penalties), out of fold over 5 shuffled folds: how linearly readable the
   position is.
 
-Figure (`artifacts`, needs the model): the ViT paper's grid of maps S[i, :] over the token
+Figure (from the same table P): the ViT paper's grid of maps S[i, :] over the token
 grid for up to 8 x 8 reference tokens i; `plot` draws the three scores per model.
 """
 
@@ -31,12 +34,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.probes.attention_distance import TokenGeometry
-from localitylab.probes.base import Probe, ProbeContext, Row
+from localitylab.attention import TokenGeometry
+from localitylab.models.pos_embed import sincos_2d
+from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
 
 MAX_PAIRS = 200_000
+# The width of the sin-cos table whose scores each row's note gives as the grid's reference.
+SINCOS_REFERENCE_DIM = 64
 MAX_TOPOLOGY_ROWS = 400
 FOLDS = 5
 REFERENCES_PER_SIDE = 8
@@ -137,7 +143,7 @@ def similarity_reason(target: ProbeTarget) -> str | None:
     pos_embed = getattr(target.model, "pos_embed", None)
     if not isinstance(pos_embed, torch.Tensor):
         return "no absolute position embedding (pos_embed none), so pe-similarity does not apply"
-    if position_table(target.model, TokenGeometry.of(target)) is None:
+    if position_table(target.model, target.geometry) is None:
         return (f"pos_embed of shape {tuple(pos_embed.shape)} does not hold one row per token of the "
                 f"{target.info.grid[0]}x{target.info.grid[1]} grid")
     return None
@@ -148,29 +154,40 @@ class PeSimilarity(Probe):
     name = "pe-similarity"
     summary = "How well the position embedding encodes the grid: rank correlation, 2-D topology, linear read-out"
     applies_to = "models with an absolute position embedding (pit-*, vit-*/P, timm ViT/DeiT)"
+    summary_columns = (
+        SummaryColumn("pe_spearman", "PE Spearman",
+                      "Spearman correlation of position-embedding cosine similarity with -distance",
+                      "pe_distance_spearman", better="high",
+                      sentence="has the position embedding most ordered by distance (PE Spearman)"),
+        SummaryColumn("pe_topology", "PE topology R²",
+                      "1 - Procrustes disparity of a 2-D embedding of the position embedding", "pe_topology_r2",
+                      better="high"),
+    )
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
         return similarity_reason(target)
 
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
-        geometry = TokenGeometry.of(target)
-        table = position_table(target.model, geometry)
-        rows = []
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> torch.Tensor:
+        geometry = inputs.target.geometry
+        table = position_table(inputs.target.model, geometry)
+        reference = sincos_2d(SINCOS_REFERENCE_DIM, *geometry.grid)
         for metric, score in (("pe_distance_spearman", distance_spearman), ("pe_topology_r2", topology_r2),
                               ("pe_linear_r2", linear_r2)):
-            value, note = score(table, geometry, context.seed)
-            rows.append(Row(metric, value, note=note, n_images=0))
-        return rows
+            value, note = score(table, geometry, inputs.seed)
+            perfect, _ = score(reference, geometry, inputs.seed)
+            scale = (f"a fixed 2-D sin-cos table on this {geometry.grid[0]}x{geometry.grid[1]} grid scores "
+                     f"{perfect:.3g}")
+            out.single(metric, value, note="; ".join(part for part in (note, scale) if part), n_images=0)
+        return table
 
-    def artifacts(self, target: ProbeTarget, context: ProbeContext, out_dir: Path) -> list[Path]:
+    def figures(self, target: ProbeTarget, table: torch.Tensor, out_dir: Path) -> list[Path]:
         """The ViT paper's cosine-similarity maps for a grid of reference tokens."""
         import matplotlib.pyplot as plt
 
         from localitylab.plotting import apply_style, save_figure
 
-        geometry = TokenGeometry.of(target)
-        unit = _unit_rows(position_table(target.model, geometry))
-        grid_h, grid_w = geometry.grid
+        unit = _unit_rows(table)
+        grid_h, grid_w = target.geometry.grid
         ref_rows = np.unique(np.linspace(0, grid_h - 1, min(REFERENCES_PER_SIDE, grid_h)).round().astype(int))
         ref_cols = np.unique(np.linspace(0, grid_w - 1, min(REFERENCES_PER_SIDE, grid_w)).round().astype(int))
         apply_style()
@@ -195,22 +212,18 @@ class PeSimilarity(Probe):
         return [save_figure(fig, Path(out_dir) / "pe-similarity.png")]
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """The three scores side by side, one bar per model."""
+        """The three scores side by side, one bar per model (bars: the spread over seeds where
+        a report combines several; a single model's scores have no interval)."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
 
-        frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-        if frame.empty:
-            return []
-        frame = frame[frame["metric"].isin(METRICS) & frame["value"].notna()]
-        if frame.empty:
+        frame = overlay(tables, lambda f: f["metric"].isin(METRICS))
+        if frame is None:
             return []
         apply_style()
         fig, ax = plt.subplots(figsize=(2 + 1.6 * len(METRICS), 3.8))
-        sns.barplot(data=frame, x="metric", y="value", hue="model", order=list(METRICS),
-                    palette=model_colours(frame["model"]), ax=ax)
+        grouped_bars(ax, frame, "metric", list(METRICS), model_colours(frame["model"]))
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set(xlabel="", ylabel="score (1 = the grid, 0 = none)", title="Position embedding vs the 2-D grid",
                ylim=(min(-0.1, float(frame["value"].min()) - 0.05), 1.05))

@@ -10,10 +10,10 @@ trained with `--permute-pixels` still gets its training permutation on top):
   applied one after the other: the PiT paper's protocol. T is swept as fractions of H*W.
 - `patch-shuffle-g`: the image cut into g x g tiles whose order is shuffled.
 
-Every shuffle is a permutation `perm` of the flattened positions (out[p] = image[perm[p]],
-as in `localitylab.data.permutation`), drawn from a seed derived from the probe's seed and
-the setting's name. `permutation_for_setting(setting, height, width, seed)` rebuilds it
-exactly; the seed is in each row's `note`.
+Every shuffle is a permutation `perm` of the flattened positions (out[p] = image[perm[p]]),
+drawn from a seed derived from the probe's seed and the setting's name; the shuffles live in
+`localitylab.data.permutation`, where `permutation_for_setting(setting, height, width,
+seed)` rebuilds one exactly; the seed is in each row's `note`.
 
 Equivariance certificate: permute the model's input pixels by pi and the position-embedding
 rows by the same pi (in a copy of the model; [cls] and register rows untouched), and
@@ -29,159 +29,28 @@ from __future__ import annotations
 
 import copy
 import math
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+from pydantic import field_validator, model_validator
 
-from localitylab.data.permutation import permute_pixels, random_permutation
+from localitylab.data.permutation import (distance_label, global_permutation, mean_displacement, parse_distance,
+                                          permutation_for_setting, permute_pixels, setting_seed, tile_permutation)
 from localitylab.errors import UserError
-from localitylab.probes.base import Probe, ProbeContext, Row
+from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
-from localitylab.train.loop import evaluate
+from localitylab.settings import Settings
 
 DEFAULT_WINDOW_SIZES = (2, 4, 8)
 DEFAULT_TILE_GRIDS = (2, 4)
 # Swap counts as fractions of H*W: the PiT paper's T = 25K at 224x224 is about 0.5 H*W.
 DEFAULT_SWAP_FRACTIONS = (0.125, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_SWAP_DISTANCES: tuple[float, ...] = (2.0, math.inf)
-
-
-# --- permutations (pure functions of shape and seed: the record of what was done) ----------
-
-def setting_seed(seed: int, setting: str) -> int:
-    """The seed of one setting's permutation: stable across runs, machines and Python versions."""
-    return zlib.crc32(f"{seed}:{setting}".encode()) & 0x7FFFFFFF
-
-
-def identity_permutation(height: int, width: int) -> torch.Tensor:
-    return torch.arange(height * width)
-
-
-def global_permutation(height: int, width: int, seed: int) -> torch.Tensor:
-    return random_permutation(height * width, seed)
-
-
-def local_window_permutation(height: int, width: int, window: int, seed: int) -> torch.Tensor:
-    """Shuffle pixels inside each window x window tile; no pixel leaves its tile."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    windows_per_row = -(-width // window)
-    window_id = ((rows // window) * windows_per_row + cols // window).flatten().double()
-    keys = torch.rand(height * width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    # Positions grouped by window in natural order, and the same groups in random order:
-    # pairing them sends each position to a random position of its own window.
-    natural = torch.argsort(window_id, stable=True)
-    shuffled = torch.argsort(window_id + keys * 0.5)
-    permutation = torch.empty(height * width, dtype=torch.long)
-    permutation[natural] = shuffled
-    return permutation
-
-
-def tile_permutation(height: int, width: int, tile_h: int, tile_w: int, tile_order: torch.Tensor) -> torch.Tensor:
-    """Move whole tile_h x tile_w tiles: output tile t shows input tile tile_order[t]."""
-    grid_w = width // tile_w
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    tile = (rows // tile_h) * grid_w + cols // tile_w
-    source = tile_order[tile]
-    source_rows = (source // grid_w) * tile_h + rows % tile_h
-    source_cols = (source % grid_w) * tile_w + cols % tile_w
-    return (source_rows * width + source_cols).flatten()
-
-
-def patch_shuffle_permutation(height: int, width: int, grid: int, seed: int) -> torch.Tensor:
-    """Cut the image into grid x grid tiles and shuffle them (never the identity order)."""
-    if height % grid or width % grid:
-        raise UserError(f"patch-shuffle-{grid}: a {height}x{width} image cannot be cut into {grid}x{grid} tiles")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(grid * grid, generator=generator)
-    while torch.equal(order, torch.arange(grid * grid)):  # a shuffle that moves nothing measures nothing
-        order = torch.randperm(grid * grid, generator=generator)
-    return tile_permutation(height, width, height // grid, width // grid, order)
-
-
-def swap_permutation(height: int, width: int, swaps: int, max_distance: float, seed: int) -> torch.Tensor:
-    """T random transpositions of pixel pairs at most `max_distance` pixels apart, composed in order.
-
-    The first pixel of each pair is uniform over the image; the second is uniform over the
-    other pixels within the distance (the disc clipped to the image)."""
-    num_pixels = height * width
-    permutation = np.arange(num_pixels)
-    if swaps <= 0 or num_pixels < 2:
-        return torch.from_numpy(permutation)
-    rng = np.random.default_rng(seed)
-    if math.isinf(max_distance):
-        first = rng.integers(0, num_pixels, swaps)
-        second = (first + rng.integers(1, num_pixels, swaps)) % num_pixels  # any other pixel, uniformly
-    else:
-        reach = int(math.floor(max_distance))
-        dy, dx = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
-        keep = (dy**2 + dx**2 <= max_distance**2) & ((dy != 0) | (dx != 0))
-        offsets = np.stack([dy[keep], dx[keep]], axis=1)
-        if len(offsets) == 0:
-            raise UserError(f"swap distance {max_distance} reaches no other pixel; valid: >= 1 or inf")
-        first_parts, second_parts, found = [], [], 0
-        while found < swaps:  # rejection sampling: keep pairs whose partner is inside the image
-            draw = max(2 * (swaps - found), 64)
-            a = rng.integers(0, num_pixels, draw)
-            offset = offsets[rng.integers(0, len(offsets), draw)]
-            row, col = a // width + offset[:, 0], a % width + offset[:, 1]
-            inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
-            first_parts.append(a[inside])
-            second_parts.append((row * width + col)[inside])
-            found += int(inside.sum())
-        first = np.concatenate(first_parts)[:swaps]
-        second = np.concatenate(second_parts)[:swaps]
-    for a, b in zip(first.tolist(), second.tolist()):  # order matters: swaps compose
-        permutation[a], permutation[b] = permutation[b], permutation[a]
-    return torch.from_numpy(permutation)
-
-
-def permutation_for_setting(setting: str, height: int, width: int, seed: int) -> torch.Tensor:
-    """The exact permutation behind a table row: `setting` as written in the table, `seed`
-    as in its note (`seed=N`)."""
-    family, _, arg = setting.partition("-")
-    if setting == "clean":
-        return identity_permutation(height, width)
-    if setting == "global":
-        return global_permutation(height, width, seed)
-    if family == "local" and arg.isdigit():
-        return local_window_permutation(height, width, int(arg), seed)
-    if setting.startswith("patch-shuffle-") and setting.rsplit("-", 1)[1].isdigit():
-        return patch_shuffle_permutation(height, width, int(setting.rsplit("-", 1)[1]), seed)
-    if family == "swaps":
-        count, _, distance = arg.partition("-")
-        if count.isdigit() and distance:
-            return swap_permutation(height, width, int(count), _parse_distance(distance), seed)
-    raise UserError(f"unknown permutation setting {setting!r}; valid: clean, global, local-K, swaps-T-D, patch-shuffle-G")
-
-
-def mean_displacement(permutation: torch.Tensor, height: int, width: int) -> float:
-    """Mean distance in pixels between where a pixel was and where it lands: the shuffle's strength."""
-    target = torch.arange(height * width)
-    dy = (target // width - permutation // width).double()
-    dx = (target % width - permutation % width).double()
-    return float(torch.sqrt(dy**2 + dx**2).mean())
-
-
-def _parse_distance(text: Any) -> float:
-    if isinstance(text, str) and text.strip().lower() == "inf":
-        return math.inf
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise UserError(f"swap distance {text!r} is not a number; valid: a number >= 1 or 'inf'") from None
-    if not value >= 1:
-        raise UserError(f"swap distance {text!r} reaches no other pixel; valid: a number >= 1 or 'inf'")
-    return value
-
-
-def _distance_label(distance: float) -> str:
-    return "inf" if math.isinf(distance) else f"{distance:g}"
+DEFAULT_DRAWS = 3
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -200,7 +69,7 @@ def shuffle_settings(height: int, width: int, options: dict[str, Any]) -> list[s
     windows = _number_list(options, "window_sizes", DEFAULT_WINDOW_SIZES, int)
     grids = _number_list(options, "tile_grids", DEFAULT_TILE_GRIDS, int)
     fractions = _number_list(options, "swap_fractions", DEFAULT_SWAP_FRACTIONS, float)
-    distances = _number_list(options, "swap_distances", DEFAULT_SWAP_DISTANCES, _parse_distance)
+    distances = _number_list(options, "swap_distances", DEFAULT_SWAP_DISTANCES, parse_distance)
     if any(w < 2 for w in windows) or any(g < 2 for g in grids) or any(f < 0 for f in fractions):
         raise UserError("--opt window_sizes and tile_grids must be >= 2, swap_fractions >= 0")
     settings = ["global"]
@@ -208,7 +77,7 @@ def shuffle_settings(height: int, width: int, options: dict[str, Any]) -> list[s
     settings += [f"local-{k}" for k in windows if k < min(height, width)]
     for distance in distances:
         for fraction in fractions:
-            settings.append(f"swaps-{round(fraction * height * width)}-{_distance_label(distance)}")
+            settings.append(f"swaps-{round(fraction * height * width)}-{distance_label(distance)}")
     settings += [f"patch-shuffle-{g}" for g in grids if height % g == 0 and width % g == 0 and g <= min(height, width)]
     return list(dict.fromkeys(settings))
 
@@ -223,6 +92,48 @@ def permuted_position_copy(model: nn.Module, token_permutation: torch.Tensor) ->
         rows = twin.pos_embed[:, prefix:]
         twin.pos_embed[:, prefix:] = rows[:, token_permutation.to(rows.device)]
     return twin
+
+
+# Module classes and attributes that carry position outside the absolute table.
+POSITION_MARKERS = {
+    "rotary position embedding": ("rope", "rotary", "rot_pos"),
+    "relative position bias": ("relative_position", "rel_pos", "relpos"),
+    "window attention": ("window",),
+    "gated positional self-attention": ("gpsa", "rel_indices"),
+}
+
+
+def position_outside_table(model: nn.Module) -> str | None:
+    """Why a permutation of the embedding rows cannot move all of `model`'s position
+    information, or None when the absolute table holds all of it (a plain ViT)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "backbone", None) is not None:
+        return "a convolutional stem (hybrid ViT) sees pixel positions before the embedding"
+    for name, module in model.named_modules():
+        words = (type(module).__name__.lower(), *(attr.lower() for attr in vars(module)),
+                 *(n.lower() for n, _ in module.named_parameters(recurse=False)),
+                 *(n.lower() for n, _ in module.named_buffers(recurse=False)))
+        for what, markers in POSITION_MARKERS.items():
+            if any(marker in word for marker in markers for word in words) and not _unused(module, markers):
+                return f"{what} ({type(module).__name__} at {name or 'the model'}) is not in the permuted table"
+        if isinstance(module, nn.Conv2d) and module is not getattr(patch_embed, "proj", None):
+            return f"a convolution over the token grid ({name}) sees neighbouring tokens"
+        if isinstance(module, nn.Conv2d) and (tuple(module.kernel_size) != tuple(module.stride) or
+                                              any(p != 0 for p in _pair(module.padding))):
+            return f"the patch embedding ({name}) overlaps or pads, so it sees pixel positions"
+    return None
+
+
+def _unused(module: nn.Module, markers: tuple[str, ...]) -> bool:
+    """Attributes such as `rope = None` name a feature the module does not use."""
+    for attr, value in vars(module).items():
+        if any(marker in attr.lower() for marker in markers) and value is None:
+            return True
+    return False
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def permutable_embedding(model: nn.Module) -> tuple[int, int, int] | None:
@@ -257,28 +168,33 @@ def logit_difference(reference: nn.Module, candidate: nn.Module, inputs: torch.T
     return max_abs, math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-30)
 
 
-def equivariance_rows(target: ProbeTarget, context: ProbeContext) -> list[Row]:
+def equivariance_rows(inputs: ProbeInputs, out: Measurements) -> None:
     """The certificate rows; pi acts on the model's input (after any training permutation)."""
+    target = inputs.target
     model = target.model
-    inputs = target.prepare(context.images)
-    height, width = inputs.shape[-2:]
-    rows: list[Row] = []
+    prepared = target.prepare(inputs.images)
+    height, width = prepared.shape[-2:]
 
     def add(setting: str, permutation: torch.Tensor, candidate: nn.Module, note: str) -> None:
-        max_abs, rel = logit_difference(model, candidate, inputs, permutation, context.batch_size)
-        rows.append(Row("equivariance_max_abs", max_abs, setting=setting, note=note))
-        rows.append(Row("equivariance_rel", rel, setting=setting, note=note))
+        max_abs, rel = logit_difference(model, candidate, prepared, permutation, inputs.batch_size)
+        out.single("equivariance_max_abs", max_abs, setting=setting, note=note, n_images=inputs.n_images)
+        out.single("equivariance_rel", rel, setting=setting, note=note, n_images=inputs.n_images)
 
-    pixel_seed = setting_seed(context.seed, "equivariance-pixel")
+    pixel_seed = setting_seed(inputs.seed, "equivariance-pixel")
     pixel_pi = global_permutation(height, width, pixel_seed)
     embedding = permutable_embedding(model)
-    if embedding is not None:
+    refusal = position_outside_table(model) if getattr(model, "patch_embed", None) is not None else None
+    if refusal is not None:
+        for metric in ("equivariance_max_abs", "equivariance_rel"):
+            out.single(metric, None, setting="equivariance", n_images=0,
+                       note=f"no certificate: {refusal}, so permuting the embedding rows cannot test equivariance")
+    elif embedding is not None:
         patch, grid_h, grid_w = embedding
         if patch == 1:
             add("equivariance-pixel", pixel_pi, permuted_position_copy(model, pixel_pi),
                 f"random pixel pi (seed={pixel_seed}), position-embedding rows permuted by the same pi")
         else:
-            patch_seed = setting_seed(context.seed, "equivariance-patch")
+            patch_seed = setting_seed(inputs.seed, "equivariance-patch")
             order = torch.randperm(grid_h * grid_w, generator=torch.Generator().manual_seed(patch_seed))
             add("equivariance-patch", tile_permutation(height, width, patch, patch, order),
                 permuted_position_copy(model, order),
@@ -290,10 +206,56 @@ def equivariance_rows(target: ProbeTarget, context: ProbeContext) -> list[Row]:
             + ("no absolute position embedding to permute, so this is not a certificate"
                if embedding is None else "the position embedding is what tells pixels apart"))
     add("input-only", pixel_pi, model, note)
-    return rows
 
 
 # --- the probe ------------------------------------------------------------------------------
+
+class PermutationOptions(Settings):
+    window_sizes: Any = DEFAULT_WINDOW_SIZES  # local-k windows
+    tile_grids: Any = DEFAULT_TILE_GRIDS  # patch-shuffle-g grids
+    swap_fractions: Any = DEFAULT_SWAP_FRACTIONS  # swap counts T as fractions of H*W
+    swap_distances: Any = DEFAULT_SWAP_DISTANCES  # swap distances d in pixels ('inf': any pair)
+    draws: int = DEFAULT_DRAWS  # permutations drawn per setting; the intervals cover draws and images
+
+    @field_validator("draws", mode="before")
+    @classmethod
+    def _draws(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--opt draws must be a whole number >= 1, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _values(self) -> "PermutationOptions":
+        try:
+            shuffle_settings(8, 8, self.shuffles())  # the values' checks do not depend on the image size
+        except UserError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def shuffles(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"draws"})
+
+
+def draw_seeds(seed: int, setting: str, draws: int) -> list[int]:
+    """The seeds of a setting's draws: the first is the setting's own seed (`setting_seed`)."""
+    return [setting_seed(seed, setting if draw == 0 else f"{setting}#{draw}") for draw in range(draws)]
+
+
+@torch.no_grad()
+def correct_per_image(inputs: ProbeInputs, permutation: torch.Tensor | None) -> torch.Tensor:
+    """(N,) 1.0 where the model's prediction on the image, with its pixels moved by
+    `permutation` before the model's own preparation, is its label."""
+    model = inputs.target.model
+    was_training = model.training
+    model.eval()
+    transform = None
+    if permutation is not None:
+        on_device = permutation.to(inputs.target.device)
+        transform = lambda batch: permute_pixels(batch, on_device)  # noqa: E731
+    correct = [(model(batch.inputs).argmax(-1) == batch.labels).double().cpu() for batch in inputs.batches(transform)]
+    model.train(was_training)
+    return torch.cat(correct)
+
 
 @register_probe
 class PermutationProbe(Probe):
@@ -301,65 +263,45 @@ class PermutationProbe(Probe):
     summary = ("Accuracy under test-time pixel shuffles (global, local-k, swaps-T-d, patch-shuffle-g) "
                "and the position-embedding equivariance certificate")
     applies_to = "every model (accuracies mean most for a trained classifier)"
-    option_names = ("window_sizes", "tile_grids", "swap_fractions", "swap_distances")
+    Options = PermutationOptions
+    default_images = None  # the whole test split where it is small: accuracies need many images
+    summary_columns = (
+        SummaryColumn("global_drop", "acc drop, global shuffle",
+                      "test accuracy lost under one fixed global pixel permutation", "accuracy_drop",
+                      setting="global", better="high", skip_tasks=("mae",),
+                      sentence="depends most on pixel order (largest drop under a global shuffle)"),
+    )
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        shuffle_settings(8, 8, options)  # the values' checks do not depend on the image size
-
-    def measure(self, target: ProbeTarget, context: ProbeContext) -> list[Row]:
-        height, width = context.images.shape[-2:]
-        settings = shuffle_settings(height, width, context.options)
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
+        target = inputs.target
+        height, width = inputs.images.shape[-2:]
+        settings = shuffle_settings(height, width, inputs.options.shuffles())
         caveat = "" if target.checkpoint else "untrained model: accuracies are near chance"
         if "mae_options" in target.extras:
             caveat = "MAE encoder: its classifier head is untrained, so accuracies are near chance"
-        clean = self.accuracy(target, context, None)
-        rows = [Row("accuracy", clean, setting="clean", note=caveat)]
+        clean = correct_per_image(inputs, None)
+        out.per_image("accuracy", clean, setting="clean", note=caveat)
         for setting in settings:
-            seed = setting_seed(context.seed, setting)
-            permutation = permutation_for_setting(setting, height, width, seed)
-            accuracy = self.accuracy(target, context, permutation)
-            note = f"seed={seed}; permutation_for_setting({setting!r}, {height}, {width}, {seed})"
+            seeds = draw_seeds(inputs.seed, setting, inputs.options.draws)
+            permutations = [permutation_for_setting(setting, height, width, seed) for seed in seeds]
+            correct = torch.stack([correct_per_image(inputs, permutation) for permutation in permutations])
+            per_draw = correct.mean(dim=1)
+            note = (f"seeds={seeds}: permutation_for_setting({setting!r}, {height}, {width}, seed) for each; "
+                    f"accuracy per draw {', '.join(f'{a:.3f}' for a in per_draw.tolist())}"
+                    + (f" (sd {float(per_draw.std()):.3f})" if len(seeds) > 1 else ""))
             if caveat:
                 note += f"; {caveat}"
-            rows += [
-                Row("accuracy", accuracy, setting=setting, note=note),
-                Row("accuracy_drop", clean - accuracy, setting=setting, note=note),
-                Row("mean_displacement_px", mean_displacement(permutation, height, width), setting=setting, note=note),
-            ]
-        return rows + equivariance_rows(target, context)
-
-    @staticmethod
-    def accuracy(target: ProbeTarget, context: ProbeContext, permutation: torch.Tensor | None) -> float:
-        transform = None
-        if permutation is not None:
-            on_device = permutation.to(target.device)
-            transform = lambda batch: permute_pixels(batch, on_device)  # noqa: E731
-        result = evaluate(target.model, target.data, context.images, context.labels, context.batch_size,
-                          amp=False, transform=transform)
-        return result["accuracy"]
+            out.per_image("accuracy", correct, setting=setting, note=note)
+            out.per_image("accuracy_drop", clean[None, :] - correct, setting=setting, note=note + "; paired per image")
+            displacement = sum(mean_displacement(p, height, width) for p in permutations) / len(permutations)
+            out.single("mean_displacement_px", displacement, setting=setting, note=note, n_images=0)
+        equivariance_rows(inputs, out)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        frame = overlay_tables(tables)
-        if frame.empty or not frame["metric"].eq("accuracy").any():
+        frame = overlay(tables)
+        if frame is None or not frame["metric"].eq("accuracy").any():
             return []
         return [plot_permutation(frame, Path(out_dir) / "permutation.png")]
-
-
-def overlay_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
-    """One frame from several tables; a model name met in more than one table gets a
-    ' #k' suffix there, so two runs of one model stay two lines."""
-    seen: dict[str, int] = {}
-    frames = []
-    for table in tables:
-        table = table.copy()
-        renames = {}
-        for model in table["model"].unique():
-            count = seen.get(model, 0)
-            seen[model] = count + 1
-            if count:
-                renames[model] = f"{model} #{count + 1}"
-        frames.append(table.replace({"model": renames}) if renames else table)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["model", "metric", "value"])
 
 
 def _family(setting: str) -> str:
@@ -369,49 +311,50 @@ def _family(setting: str) -> str:
 
 
 def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
-    """Left: accuracy against the number of swaps T (one line per model and distance d).
-    Right: accuracy against the mean pixel displacement of every shuffle, models overlaid."""
+    """Left: accuracy against the number of test-time swaps T (one line per model and
+    distance d). Right: accuracy against the mean pixel displacement of every shuffle,
+    models overlaid. Bars: 95% intervals over images and permutation draws."""
     import matplotlib.pyplot as plt
 
-    from localitylab.plotting import apply_style, model_colours, save_figure
+    from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
 
     apply_style()
-    frame = frame[frame["value"].notna()]
-    accuracy = frame[frame["metric"] == "accuracy"].set_index(["model", "setting"])["value"]
+    accuracy = frame[frame["metric"] == "accuracy"].set_index(["model", "setting"])
     displacement = frame[frame["metric"] == "mean_displacement_px"].set_index(["model", "setting"])["value"]
     models = sorted(frame["model"].unique())
     colours = model_colours(models)
     fig, (swaps_ax, strength_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     line_styles = ["-", "--", ":", "-."]
-    family_markers = {"global": "X", "local": "s", "patch-shuffle": "^"}
+    family_markers = {"global": "X", "local": "s", "patch-shuffle": "^", "swaps": "o"}
     for model in models:
         colour = colours[model]
-        clean = accuracy.get((model, "clean"))
-        settings = [s for (m, s) in accuracy.index if m == model and s != "clean"]
-        distances = sorted({s.rsplit("-", 1)[1] for s in settings if s.startswith("swaps-")},
-                           key=lambda d: math.inf if d == "inf" else float(d))
+        rows = accuracy.loc[model]
+        clean = rows.loc["clean", "value"] if "clean" in rows.index else None
+        swaps = rows[rows.index.str.startswith("swaps-")]
+        distances = sorted({s.rsplit("-", 1)[1] for s in swaps.index}, key=lambda d: math.inf if d == "inf" else float(d))
         for i, distance in enumerate(distances):
-            sweep = sorted((int(s.split("-")[1]), accuracy[(model, s)]) for s in settings
-                           if s.startswith("swaps-") and s.rsplit("-", 1)[1] == distance)
-            if clean is not None:
-                sweep = [(0, clean)] + [p for p in sweep if p[0] > 0]
-            swaps_ax.plot([t for t, _ in sweep], [a for _, a in sweep], line_styles[i % len(line_styles)],
-                          marker="o", color=colour, label=f"{model}, d={distance}")
+            sweep = swaps[swaps.index.str.endswith(f"-{distance}")].copy()
+            sweep["swaps"] = [int(s.split("-")[1]) for s in sweep.index]
+            if "clean" in rows.index:
+                sweep = pd.concat([rows.loc[["clean"]].assign(swaps=0), sweep[sweep["swaps"] > 0]])
+            sweep = sweep.sort_values("swaps")
+            errorbar(swaps_ax, sweep["swaps"], sweep, color=colour, linestyle=line_styles[i % len(line_styles)],
+                     marker="o", label=f"{model}, d={distance}")
         for family, marker in family_markers.items():
-            points = sorted((displacement[(model, s)], accuracy[(model, s)]) for s in settings
-                            if _family(s) == family and (model, s) in displacement.index)
-            if points:
-                strength_ax.plot([x for x, _ in points], [y for _, y in points], "-", marker=marker, color=colour,
-                                 label=f"{model}: {family}", markersize=7)
-        swap_points = sorted((displacement[(model, s)], accuracy[(model, s)]) for s in settings
-                             if s.startswith("swaps-") and (model, s) in displacement.index)
-        if swap_points:
-            strength_ax.scatter([x for x, _ in swap_points], [y for _, y in swap_points], color=colour, marker="o",
-                                s=14, alpha=0.7, label=f"{model}: swaps")
+            points = rows[[(_family(s) == family or (family == "swaps" and s.startswith("swaps-")))
+                           and (model, s) in displacement.index for s in rows.index]]
+            if points.empty:
+                continue
+            x = [displacement[(model, s)] for s in points.index]
+            order = sorted(range(len(x)), key=x.__getitem__)
+            errorbar(strength_ax, [x[i] for i in order], points.iloc[order], color=colour, marker=marker,
+                     linestyle="-" if family != "swaps" else "none", markersize=6 if family != "swaps" else 4,
+                     alpha=1.0 if family != "swaps" else 0.7, label=f"{model}: {family}")
         if clean is not None:
             strength_ax.axhline(clean, color=colour, linewidth=0.8, alpha=0.5)
     swaps_ax.set_xscale("symlog", linthresh=1)
-    swaps_ax.set(xlabel="pixel swaps T", ylabel="test accuracy", title="Random swaps (PiT protocol)", ylim=(0, 1.02))
+    swaps_ax.set(xlabel="pixel swaps T at test time", ylabel="test accuracy", title="Random swaps (bars: 95% CI)",
+                 ylim=(0, 1.02))
     strength_ax.set(xlabel="mean pixel displacement (px)", ylabel="test accuracy",
                     title="Accuracy against shuffle strength", ylim=(0, 1.02))
     swaps_ax.legend(fontsize=7, loc="lower left")

@@ -22,7 +22,6 @@ import torch
 from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
-from localitylab.probes.base import ProbeContext
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.target import ProbeTarget, load_target, select_images
 
@@ -33,7 +32,7 @@ class ProbeRequest:
     data: str | None = None
     data_dir: str | None = None
     img_size: int | None = None
-    n_images: int = 128
+    n_images: int | None = None  # None: each probe's own default (`Probe.default_images`)
     batch_size: int = 64
     device: str = "auto"
     seed: int = 0
@@ -58,49 +57,45 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     if names == ["all"]:
         names = probe_names()
     probes = [get_probe(name) for name in names]
-    check_probe_options(probes, request.options)
+    options = check_probe_options(probes, request.options)
     if request.out is not None:
         check_folder(request.out)
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
-    options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None, img_size=request.img_size,
-                          seed=request.seed)
-    target, dataset = load_target(request.source, request.device, request.data, options, request.model_kw,
+    data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
+                               img_size=request.img_size, seed=request.seed)
+    target, dataset = load_target(request.source, request.device, request.data, data_options, request.model_kw,
                                   request.weights, request.pos_embed, request.seed)
-    images, labels = select_images(dataset, request.n_images, request.seed)
-    contexts = [ProbeContext(images, labels, request.batch_size, request.seed,
-                             {k: v for k, v in request.options.items() if k in probe.option_names})
-                for probe in probes]
-    for probe, context in zip(probes, contexts):  # every option is checked before anything is written
+    counts = [request.n_images or probe.images_for(len(dataset.test_images)) for probe in probes]
+    # One seeded order of the test split: each probe's images are its first `count` (nested sets).
+    images, labels = select_images(dataset, max(counts), request.seed)
+    for probe, parsed in zip(probes, options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
-            probe.check(target, context)
+            probe.check(target, parsed)
     out_dir = make_folder(Path(request.out) if request.out is not None else target.default_out_dir())
     outputs = []
-    for probe, context in zip(probes, contexts):
+    for probe, parsed, count in zip(probes, options, counts):
         started = time.perf_counter()
-        table = probe.table(target, context)
-        csv_path = write_table(table, out_dir / f"{probe.name}.csv")
-        figures = probe.plot([table], out_dir)
-        artifacts = probe.artifacts(target, context, out_dir) if probe.not_applicable(target) is None else []
+        result = probe.run(target, images[:count], labels[:count], parsed, request.batch_size, request.seed)
+        csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
+        figures = probe.plot([result.table], out_dir)
+        model_figures = probe.figures(target, result.drawing, out_dir) if result.applies else []
         seconds = time.perf_counter() - started
-        record_meta(out_dir, probe.name, target, dataset.name, request, len(images), seconds,
-                    [p.name for p in artifacts])
-        outputs.append(ProbeOutput(probe.name, table, csv_path, figures + artifacts, seconds))
+        record_meta(out_dir, probe.name, target, dataset.name, request, min(count, len(images)), seconds,
+                    [p.name for p in model_figures])
+        outputs.append(ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds))
     return outputs
 
 
-def check_probe_options(probes, options: dict[str, Any]) -> None:
-    """Unknown option names and option values the probes cannot use are UserErrors (no model needed)."""
-    known = {name for probe in probes for name in probe.option_names}
+def check_probe_options(probes, options: dict[str, Any]) -> list:
+    """Each probe's typed options from one dict of them; an unknown name or a value a probe
+    cannot use is a UserError (no model needed)."""
+    known = {name for probe in probes for name in probe.option_names()}
     unknown = sorted(set(options) - known)
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
         raise UserError(f"unknown probe option {unknown[0]!r} for {', '.join(p.name for p in probes)}; valid: {valid}")
-    for probe in probes:
-        probe.check_options({k: v for k, v in options.items() if k in probe.option_names})
-
-
-_check_options = check_probe_options  # the older name
+    return [probe.parse_options({k: v for k, v in options.items() if k in probe.option_names()}) for probe in probes]
 
 
 def write_table(table: pd.DataFrame, path: Path) -> Path:
@@ -116,24 +111,30 @@ def write_table(table: pd.DataFrame, path: Path) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a probe table back with the schema's types."""
-    from localitylab.probes.base import COLUMNS
+    """Read a probe table back with the schema's types. Tables written before intervals
+    existed (no ci_low / ci_high) read with those cells empty."""
+    from localitylab.probes.base import COLUMNS, typed_frame
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"table not found: {path}")
     try:
         table = pd.read_csv(path, dtype={"model": str, "probe": str, "metric": str, "setting": str, "note": str},
-                            keep_default_na=False, na_values={"value": [""], "layer": [""], "head": [""], "n_images": [""]})
+                            keep_default_na=False, na_values={column: [""] for column in NUMERIC_COLUMNS})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise UserError(f"{path} is not a probe table: {err}") from None
+    for column in ("ci_low", "ci_high"):
+        if column not in table.columns:
+            table[column] = float("nan")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{path} is not a probe table: no column {missing[0]!r}")
-    for column in ("layer", "head", "n_images"):
-        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
-    table["value"] = pd.to_numeric(table["value"], errors="coerce").astype("float64")
-    return table
+    for column in NUMERIC_COLUMNS:
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    return typed_frame(table[[*COLUMNS, *(c for c in table.columns if c not in COLUMNS)]])
+
+
+NUMERIC_COLUMNS = ("value", "ci_low", "ci_high", "layer", "head", "n_images")
 
 
 def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,

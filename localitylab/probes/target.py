@@ -12,7 +12,7 @@ import dataclasses
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -20,10 +20,13 @@ import torch.nn as nn
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset, takes_img_size
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelInfo, describe_model
-from localitylab.models.registry import ModelSpec, build_model, model_kind
+from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
-from localitylab.train.config import safe_name
-from localitylab.train.loop import resolve_device
+
+if TYPE_CHECKING:
+    from localitylab.attention import TokenGeometry
+from localitylab.device import resolve_device
+from localitylab.io import safe_name
 
 
 @dataclass
@@ -40,6 +43,13 @@ class ProbeTarget:
     # Checkpoint entries beyond the classifier that some probes need (EXTRA_KEYS, e.g. an MAE
     # checkpoint's 'mae_options' and 'mae_state' for mae-reconstruction); empty otherwise.
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> "TokenGeometry":
+        """Where the model's tokens sit on the input image (transformers with a token grid)."""
+        from localitylab.attention import TokenGeometry
+
+        return TokenGeometry(tuple(self.info.grid), int(self.info.patch_size), int(self.info.num_prefix_tokens))
 
     @property
     def kind(self) -> str:
@@ -88,13 +98,9 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
         return target, dataset
 
     # A registry name or timm:NAME, built here: shapes from the data set, as training does.
-    from localitylab.train.config import TrainConfig
-    from localitylab.train.loop import model_spec_for
-
     dataset = load_dataset(data or "digits", options)
     info = dataset.info
-    spec = model_spec_for(TrainConfig(source, info.name, pos_embed=pos_embed or "learn", model_kw=dict(model_kw or {})),
-                          info)
+    spec = spec_for_data(source, info.img_size, info.in_chans, info.num_classes, pos_embed or "learn", model_kw)
     torch.manual_seed(seed)
     model = build_model(spec)
     if weights:
@@ -118,7 +124,7 @@ def checkpoint_extras(path: Path) -> dict[str, Any]:
     Memory-mapped, so the model weights and optimizer state are not read a second time;
     the (small) entries kept are copied off the mapping.
     """
-    from localitylab.train.checkpoint import safe_torch_load
+    from localitylab.io import safe_torch_load
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from localitylab.errors import UserError
 from localitylab.studies.runner import describe_plan, run_study
 from localitylab.studies.spec import load_study
-from localitylab.train.config import safe_name
+from localitylab.io import safe_name
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from localitylab.errors import UserError
-from localitylab.train.config import TrainConfig, safe_name
+from localitylab.io import safe_name
+from localitylab.train.config import TrainConfig
 
 STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
 PROBE_KEYS = {"run", "images", "batch_size", "options"}

@@ -8,10 +8,6 @@ and the optimizer state for `--resume`.
 
 from __future__ import annotations
 
-import pickle
-import re
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,7 @@ import torch.nn as nn
 
 from localitylab.data.registry import DataInfo
 from localitylab.errors import UserError
-from localitylab.io import atomic_path
+from localitylab.io import atomic_path, safe_torch_load
 from localitylab.models.registry import ModelSpec, build_model
 
 FORMAT = "localitylab.checkpoint"
@@ -35,34 +31,6 @@ def versions() -> dict[str, str]:
 
     # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
     return {"localitylab": str(__version__), "torch": str(torch.__version__), "timm": str(timm.__version__)}
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load with weights_only=True; any failure is a one-line UserError.
-
-    weights_only refuses every pickle global outside torch's allow-list, so a file whose
-    unpickling would run code is rejected before anything runs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols; the error below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only names the global it refused ("GLOBAL posix.system", or for protocol 4
-        # pickles "STACK_GLOBAL" with the name beside it); anything else is a file that is
-        # simply not a torch checkpoint.
-        refused = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"STACK_GLOBAL.*?([\w]+\.[\w.]+)", str(err))
-        if refused:
-            raise UserError(
-                f"{path} was refused: loading it would call {refused.group(1)}, and a checkpoint holds only "
-                f"tensors and plain values; nothing was run"
-            ) from None
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as err:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file): {type(err).__name__}") from None
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

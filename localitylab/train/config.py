@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localitylab.errors import UserError
+from localitylab.io import safe_name
 
 # Settings that define the run: a resumed run must agree on all of them.
 RECIPE_KEYS = (
@@ -156,9 +156,3 @@ def default_run_name(config: TrainConfig) -> str:
     if config.permute_pixels is not None:
         name += f"-perm{config.permute_pixels}"
     return safe_name(name)
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a user-supplied name: no separators, no '..'."""
-    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip(".-")
-    return cleaned or "run"

@@ -31,16 +31,17 @@ import torch.nn as nn
 from localitylab.data.batching import batch_generator, batches_per_epoch, train_batches
 from localitylab.data.permutation import permute_pixels, random_permutation
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
+from localitylab.device import resolve_device
 from localitylab.errors import UserError
 from localitylab.io import check_folder, code_version, write_json, write_text
 from localitylab.models.describe import model_summary
-from localitylab.models.registry import ModelSpec, build_model, model_kind
+from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train import distributed
 from localitylab.train.checkpoint import read_checkpoint, save_checkpoint, versions
 from localitylab.train.config import RECIPE_KEYS, TrainConfig
 from localitylab.train.progress import Reporter
 from localitylab.train.stopping import RunStopped, StopRequests
-from localitylab.train.tasks import classification_sums, make_task
+from localitylab.train.tasks import make_task, sums_to_means
 
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s")
 
@@ -54,18 +55,6 @@ class TrainResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available here")
-    return resolved
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -91,30 +80,8 @@ def prepare_data(config: TrainConfig) -> ImageDataset:
 
 
 def model_spec_for(config: TrainConfig, info: DataInfo) -> ModelSpec:
-    kind = model_kind(config.model)
-    model_kw = dict(config.model_kw)
-    if config.drop_path > 0:
-        model_kw.setdefault("drop_path_rate", config.drop_path)
-    if kind == "timm":
-        # --model-kw may override the shapes the data set implies.
-        img_size = int(model_kw.pop("img_size", info.img_size))
-        in_chans = int(model_kw.pop("in_chans", info.in_chans))
-        num_classes = int(model_kw.pop("num_classes", info.num_classes))
-        return ModelSpec(config.model, img_size, in_chans, num_classes, None, model_kw)
-    pos_embed = config.pos_embed if kind in ("pit", "vit") else None
-    return ModelSpec(config.model, info.img_size, info.in_chans, info.num_classes, pos_embed, model_kw)
-
-
-def evaluate(model: nn.Module, info: DataInfo, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 512, amp: bool = False, transform=None) -> dict[str, float]:
-    """Test loss and accuracy of a classifier. `transform(uint8 batch) -> uint8 batch` is
-    applied before the model's own preparation (the permutation probe uses it)."""
-    return _means(classification_sums(model, info, images, labels, batch_size, amp, transform))
-
-
-def _means(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    count = max(1, int(sums["count"]))
-    return {"loss": float(sums["loss_sum"]) / count, "accuracy": int(sums["correct"]) / count}
+    return spec_for_data(config.model, info.img_size, info.in_chans, info.num_classes, config.pos_embed,
+                         config.model_kw, config.drop_path)
 
 
 @dataclass
@@ -283,7 +250,7 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                 ranks.sum(loss_sum)
                 ranks.sum(correct)
                 seen_all = seen * ranks.world_size
-                test = _means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
+                test = sums_to_means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
                                                            test_y[ranks.rank::ranks.world_size],
                                                            config.eval_batch_size, use_amp)))
                 row = {

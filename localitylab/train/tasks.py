@@ -21,6 +21,12 @@ from localitylab.train.config import TrainConfig
 Sums = dict[str, torch.Tensor]  # loss_sum, correct, count: summed over images (and ranks)
 
 
+def sums_to_means(sums: Sums) -> dict[str, float]:
+    """{'loss', 'accuracy'}: the summed test figures divided by the image count."""
+    count = max(1, int(sums["count"]))
+    return {"loss": float(sums["loss_sum"]) / count, "accuracy": int(sums["correct"]) / count}
+
+
 class Task:
     name = ""
     reports_accuracy = True

@@ -1,13 +1,26 @@
-"""Evaluate a checkpoint on its data set (or another with the same shapes)."""
+"""Evaluating a classifier: on images in memory (`evaluate`), or a checkpoint on its data set
+(`evaluate_checkpoint`, the `localitylab eval` command). Not the training loop's business:
+the loop, the probes and the CLI all call these."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from localitylab.data.registry import DataOptions, load_dataset
+import torch
+import torch.nn as nn
+
+from localitylab.data.registry import DataInfo, DataOptions, load_dataset
+from localitylab.device import resolve_device
 from localitylab.errors import UserError
 from localitylab.train.checkpoint import load
-from localitylab.train.loop import evaluate, resolve_device
+from localitylab.train.tasks import classification_sums, sums_to_means
+
+
+def evaluate(model: nn.Module, info: DataInfo, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 512, amp: bool = False, transform=None) -> dict[str, float]:
+    """Test loss and accuracy of a classifier. `transform(uint8 batch) -> uint8 batch` is
+    applied before the model's own preparation (the permutation probe uses it)."""
+    return sums_to_means(classification_sums(model, info, images, labels, batch_size, amp, transform))
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_dir: str | Path | None = None,
