@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from localitylab.data import DataOptions, load_dataset
-from localitylab.data.registry import dataset_defaults, dataset_entries, known_shape
+from localitylab.data.registry import dataset_defaults, dataset_entries, known_shape, takes_img_size
 from localitylab.errors import UserError
 from tests.cifar_fixtures import md5
 from tests.dataset_fixtures import (STL10_CLASSES, colour_of, write_idx_dataset, write_imagenet, write_stl10,
@@ -256,6 +256,9 @@ def test_every_data_set_has_defaults_its_loader_applies(tmp_path):
     assert (digits.batch_size, digits.warmup_epochs) == (32, 1)
     assert dataset_defaults("folder:/x").hflip is False and dataset_defaults("hf:a/b").hflip is False
     assert known_shape("svhn").train_images == 73257 and known_shape("digits") is None
+    # What a probe of a checkpoint must resize as in training (--img-size of the run).
+    assert [takes_img_size(n) for n in ("folder:x", "hf:a/b", "imagenet", "tiny-imagenet", "digits", "shapes-8",
+                                        "mnist")] == [True] * 4 + [False] * 3
     with pytest.raises(UserError, match="unknown data set"):
         dataset_defaults("places365")
 
