@@ -1,1 +1,2 @@
-"""The test suite (a package, so that `tests.*` is this folder even where a dependency installs a top-level `tests`)."""
+"""The test suite. A regular package, so that `tests.*` imports find these files even where an
+installed distribution ships a top-level `tests` package of its own (torch-fidelity does)."""

@@ -3,10 +3,19 @@ a trained checkpoint (accuracy, round trips, evaluation)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# The suite never reaches for the Hugging Face Hub nor writes into the user's HF cache: set
+# before any test module imports `datasets`, which reads these once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="localitylab-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 from localitylab.train import TrainConfig, train
 
@@ -24,6 +33,18 @@ def trained_runs(tmp_path_factory):
         out = root / name.replace("/", "-p")
         results[name] = train(TrainConfig(name, "digits", out=out, **DIGITS_RECIPE))
     return results
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_image_cache(tmp_path_factory):
+    """The decoded-image cache of this test session, never the user's (subprocesses inherit it)."""
+    saved = os.environ.get("LOCALITYLAB_CACHE_DIR")
+    os.environ["LOCALITYLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("image-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LOCALITYLAB_CACHE_DIR", None)
+    else:
+        os.environ["LOCALITYLAB_CACHE_DIR"] = saved
 
 
 # Results must not depend on how many threads a test happens to get: a fixed count (2, the

@@ -87,6 +87,14 @@ def make_fixtures(fx: Path) -> None:
             corrupt.mkdir(parents=True, exist_ok=True)
             (corrupt / "0.png").write_bytes(b"not a png")
         (fx / "no-classes" / split).mkdir(parents=True, exist_ok=True)
+    # A good folder but for one file: a decompression bomb, or a JPEG cut short.
+    from tests.dataset_fixtures import bomb_png, truncated_jpeg
+
+    for broken, name, content in (("bomb", "huge.png", bomb_png()), ("truncated", "cut.jpg", truncated_jpeg())):
+        shutil.copytree(fx / "images", fx / broken)
+        (fx / broken / "val" / "dog" / name).write_bytes(content)
+    (fx / "hf-json").mkdir()
+    (fx / "hf-json" / "train.jsonl").write_text('{"image": "a.png", "label": 0}\n')
 
     (fx / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
     (fx / "permutation.csv").write_text(
@@ -167,8 +175,8 @@ CASES = [
          "unknown model 'pit-x'; valid:"),
     Case("unknown-timm-model", "a timm: name timm does not have", ["train", "timm:no_such_model", "digits", "--out", "{out}"],
          "unknown timm model"),
-    Case("unknown-dataset", "a data set name not in the registry", ["train", "pit-n", "imagenet", "--out", "{out}"],
-         "unknown data set 'imagenet'; valid:"),
+    Case("unknown-dataset", "a data set name not in the registry", ["train", "pit-n", "places365", "--out", "{out}"],
+         "unknown data set 'places365'; valid:"),
     Case("unknown-dataset-prefix", "a PREFIX:PATH data set with an unknown prefix",
          ["train", "pit-n", "web:http://x", "--out", "{out}"], "unknown data set 'web:http://x'"),
     Case("unknown-probe", "a probe name not in the registry", ["probe", "nope", "{fx}/run/ckpt.pt", "--out", "{out}"],
@@ -245,6 +253,23 @@ CASES = [
          ["train", "resnet-n", "folder:{fx}/text-only", "--img-size", "8", "--out", "{out}"], "Found no valid file"),
     Case("folder-corrupt-image", "a .png that is not an image",
          ["train", "resnet-n", "folder:{fx}/corrupt", "--img-size", "8", "--out", "{out}"], "is not a readable image"),
+    Case("folder-decompression-bomb", "a 40,000 x 40,000 PNG (190 KB on disk, 1.6 billion pixels) among the images",
+         ["train", "resnet-n", "folder:{fx}/bomb", "--img-size", "8", "--out", "{out}"],
+         "huge.png is refused as a possible decompression bomb"),
+    Case("folder-truncated-image", "a JPEG cut off half-way among the images",
+         ["train", "resnet-n", "folder:{fx}/truncated", "--img-size", "8", "--out", "{out}"],
+         "cut.jpg is not a readable image: image file is truncated"),
+    Case("hf-not-parquet-or-arrow", "an hf: data set stored as JSON lines",
+         ["train", "resnet-n", "hf:{fx}/hf-json", "--out", "{out}"],
+         "is stored as json files; localitylab reads only Parquet and Arrow"),
+    Case("mnist-missing", "MNIST not downloaded, --data-dir without it",
+         ["train", "pit-n", "mnist", "--data-dir", "{tmp}/nonexistent", "--out", "{out}"],
+         "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"),
+    Case("tiny-imagenet-download", "--download for Tiny-ImageNet, whose source publishes no checksum",
+         ["train", "pit-n", "tiny-imagenet", "--download", "--data-dir", "{tmp}/nonexistent", "--out", "{out}"],
+         "the source publishes no checksum, so localitylab does not download it"),
+    Case("imagenet-needs-img-size", "ImageNet without --img-size", ["train", "pit-n", "imagenet", "--out", "{out}"],
+         "imagenet needs --img-size"),
     Case("folder-class-mismatch", "train/ and val/ with different classes",
          ["train", "resnet-n", "folder:{fx}/mismatch", "--img-size", "8", "--out", "{out}"], "different class folders"),
     Case("folder-needs-img-size", "a folder data set without --img-size",
@@ -387,7 +412,9 @@ def run_case(case: Case, fx: Path, tmp: Path):
     """Run one case in `tmp` (the working folder); returns (result, files before, files after)."""
     if case.setup:
         case.setup(tmp)
-    before = tree(fx, tmp)
+    # The decoded-image cache too: a bad image must not leave an entry there either.
+    roots = [fx, tmp, Path(os.environ.get("LOCALITYLAB_CACHE_DIR", tmp))]
+    before = tree(*roots)
     cwd = os.getcwd()
     os.chdir(tmp)
     try:
@@ -395,7 +422,7 @@ def run_case(case: Case, fx: Path, tmp: Path):
             result = run_cli(case.argv(fx, tmp))
     finally:
         os.chdir(cwd)
-    return result, before, tree(fx, tmp)
+    return result, before, tree(*roots)
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +513,9 @@ row; regenerate it with `.venv/bin/python tests/test_bad_inputs.py` after changi
 Paths in the commands: `run/ckpt.pt` is a localitylab checkpoint of `resnet-n` on digits;
 `images/` is a good folder data set (`images/train/<class>/*.png`, `images/val/...`);
 `no-classes/`, `text-only/`, `corrupt/` and `mismatch/` are broken ones (no class folders,
-only `.txt` files, a `.png` that is not an image, different classes in train and val);
+only `.txt` files, a `.png` that is not an image, different classes in train and val), and
+`bomb/` and `truncated/` are `images/` plus one bad file (a decompression bomb, a JPEG cut
+short); `hf-json/` is a folder of JSON lines;
 `other-model.pt` holds resnet-n weights under the name pit-n; `foreign.pt` is a plain
 `torch.save` of a dict; `malicious.pt` / `malicious.pkl` would run a shell command if
 unpickled (nothing runs); `a-file` is a file; `study.toml` is a small valid study with the

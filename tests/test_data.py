@@ -134,9 +134,144 @@ def test_folder_dataset_errors(tmp_path):
         load_dataset(f"folder:{tmp_path}", DataOptions(img_size=8))
 
 
+def test_folder_is_not_flipped_unless_asked():
+    # A folder's content is unknown (digits, letters, text): no flips by default.
+    from localitylab.data.registry import dataset_defaults
+
+    assert dataset_defaults("folder:anything").hflip is False
+
+
+def test_folder_keeps_grey_images_grey_and_mixed_ones_rgb(tmp_path):
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("L", (6, 6), 50).save(tmp_path / split / name / "0.png")
+    assert load_dataset(f"folder:{tmp_path}", DataOptions(img_size=4)).info.in_chans == 1
+    Image.new("RGB", (6, 6), (10, 20, 30)).save(tmp_path / "val" / "b" / "1.png")
+    data = load_dataset(f"folder:{tmp_path}", DataOptions(img_size=4))
+    assert data.info.in_chans == 3 and data.train_images[0, :, 0, 0].tolist() == [50, 50, 50]
+
+
+# --- the decoded-image cache --------------------------------------------------------------------
+
+
+def test_folder_cache_is_used_on_the_second_run(tmp_path, monkeypatch):
+    from localitylab.data import folder
+
+    _write_folder(tmp_path / "data")
+    first = load_dataset(f"folder:{tmp_path / 'data'}", DataOptions(img_size=8))
+    assert first.extra["cache"]["hit"] is False
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the second run decoded the images again")
+
+    monkeypatch.setattr(folder, "decode_images", no_decoding)
+    second = load_dataset(f"folder:{tmp_path / 'data'}", DataOptions(img_size=8))
+    assert second.extra["cache"] == {"path": first.extra["cache"]["path"], "hit": True}
+    for a, b in ((first.train_images, second.train_images), (first.test_labels, second.test_labels)):
+        assert torch.equal(a, b)
+    assert second.info.to_dict() == first.info.to_dict()
+    # Another image size is another entry.
+    monkeypatch.undo()
+    other = load_dataset(f"folder:{tmp_path / 'data'}", DataOptions(img_size=4))
+    assert other.extra["cache"]["hit"] is False and other.extra["cache"]["path"] != first.extra["cache"]["path"]
+
+
+def test_folder_cache_is_invalidated_when_a_file_changes(tmp_path):
+    _write_folder(tmp_path / "data")
+    name = f"folder:{tmp_path / 'data'}"
+    before = load_dataset(name, DataOptions(img_size=8))
+    changed = tmp_path / "data" / "train" / "dog" / "0.png"
+    Image.new("RGB", (10, 14), (250, 0, 0)).save(changed)  # same size on disk or not, a new mtime
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    after = load_dataset(name, DataOptions(img_size=8))
+    assert after.extra["cache"]["hit"] is False
+    assert after.train_images[3, :, 4, 4].tolist() == [250, 0, 0] != before.train_images[3, :, 4, 4].tolist()
+    # An added file changes the key too.
+    Image.new("RGB", (10, 14), (0, 0, 250)).save(tmp_path / "data" / "val" / "cat" / "9.png")
+    assert len(load_dataset(name, DataOptions(img_size=8)).test_images) == 7
+
+
+def test_no_cache_neither_reads_nor_writes(tmp_path, monkeypatch):
+    from localitylab.data import cache, folder
+
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "cache"))
+    _write_folder(tmp_path / "data")
+    name = f"folder:{tmp_path / 'data'}"
+    uncached = load_dataset(name, DataOptions(img_size=8, cache=False))
+    assert uncached.extra["cache"]["hit"] is False and not (tmp_path / "cache").exists()
+    load_dataset(name, DataOptions(img_size=8))
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.suffix == ".safetensors" and entry.name.startswith("folder-data-")
+    decoded = []
+    monkeypatch.setattr(folder, "decode_images", lambda *a, **k: decoded.append(1) or cache.torch.zeros(6, 3, 8, 8,
+                                                                                                          dtype=cache.torch.uint8))
+    load_dataset(name, DataOptions(img_size=8, cache=False))
+    assert decoded, "--no-cache read the cache"
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "cache"))
+    _write_folder(tmp_path / "data")
+    name = f"folder:{tmp_path / 'data'}"
+    first = load_dataset(name, DataOptions(img_size=8))
+    entry = tmp_path / "cache" / os.path.basename(first.extra["cache"]["path"])
+    entry.write_bytes(entry.read_bytes()[:100])
+    again = load_dataset(name, DataOptions(img_size=8))
+    assert again.extra["cache"]["hit"] is False and torch.equal(again.train_images, first.train_images)
+    assert load_dataset(name, DataOptions(img_size=8)).extra["cache"]["hit"] is True
+
+
+def test_the_cache_entry_holds_only_tensors_and_json(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "cache"))
+    _write_folder(tmp_path / "data")
+    data = load_dataset(f"folder:{tmp_path / 'data'}", DataOptions(img_size=8))
+    with safe_open(data.extra["cache"]["path"], framework="pt") as handle:
+        assert sorted(handle.keys()) == ["test_images", "test_labels", "train_images", "train_labels"]
+        assert handle.metadata()["class_names"] == '["cat", "dog"]'
+
+
+# --- bad image files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["bomb", "truncated"])
+def test_a_bomb_or_a_truncated_image_is_one_user_error_naming_the_file(tmp_path, monkeypatch, bad):
+    from tests.dataset_fixtures import bomb_png, truncated_jpeg
+
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "cache"))
+    _write_folder(tmp_path / "data")
+    path = tmp_path / "data" / "val" / "dog" / ("huge.png" if bad == "bomb" else "cut.jpg")
+    path.write_bytes(bomb_png() if bad == "bomb" else truncated_jpeg())
+    message = "decompression bomb" if bad == "bomb" else "is not a readable image: image file is truncated"
+    with pytest.raises(UserError, match=message) as caught:
+        load_dataset(f"folder:{tmp_path / 'data'}", DataOptions(img_size=8))
+    assert str(path) in str(caught.value)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing cached
+
+
+def test_decoding_in_threads_keeps_the_order_and_reports_the_first_bad_file(tmp_path):
+    from localitylab.data.images import decode_images
+
+    paths = []
+    for k in range(40):
+        paths.append(tmp_path / f"{k}.png")
+        Image.new("L", (3, 3), k).save(paths[-1])
+    images = decode_images(((str(p), str(p)) for p in paths), 40, None, "test", workers=4)
+    assert images.shape == (40, 1, 3, 3) and images[:, 0, 1, 1].tolist() == list(range(40))
+    paths[7].write_bytes(b"junk")
+    paths[30].write_bytes(b"junk")
+    with pytest.raises(UserError, match="7.png is not a readable image"):
+        decode_images(((str(p), str(p)) for p in paths), 40, None, "test", workers=4)
+    Image.new("L", (4, 3), 0).save(paths[7])
+    with pytest.raises(UserError, match="7.png is 4x3, not square|7.png is 4x3, but"):
+        decode_images(((str(p), str(p)) for p in paths[:8]), 8, None, "test", workers=4)
+
+
 def test_unknown_dataset_names_the_valid_ones():
     with pytest.raises(UserError, match="digits"):
-        load_dataset("imagenet")
+        load_dataset("places365")
 
 
 def test_permutation_round_trip_and_seeding():

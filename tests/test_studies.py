@@ -147,7 +147,7 @@ def test_killed_study_resumes_to_the_same_tables_without_redoing_pieces(tmp_path
     [
         (TINY.replace("epochs = 2", "epoch = 2"), "line 8: unknown key 'epoch' in [recipe]"),
         (TINY.replace('model = "vit-n/2"', 'model = "vit-x/2"'), "unknown model"),
-        (TINY.replace('dataset = "digits"', 'dataset = "imagenet"'), "line 4: unknown data set"),
+        (TINY.replace('dataset = "digits"', 'dataset = "places365"'), "line 4: unknown data set"),
         (TINY.replace('run = ["permutation"]', 'run = ["nope"]'), "unknown probe 'nope'"),
         (TINY.replace("epochs = 2", 'epochs = "two"'), "epochs = 'two' has the wrong type"),
         (TINY.replace("[study]", "[studdy]"), "unknown key 'studdy'"),

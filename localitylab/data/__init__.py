@@ -1,13 +1,26 @@
-"""Data: one registry (`digits`, `cifar10`, `cifar100`, `folder:PATH`, generated sets), held as uint8 tensors."""
+"""Data: one registry of data sets, each held whole as uint8 tensors.
+
+Built in: `digits` (bundled), `mnist`, `fashion-mnist`, `svhn`, `cifar10`, `cifar100`,
+`stl10`, `tiny-imagenet`, `imagenet` (official files, safe readers), `hf:NAME[:CONFIG]`
+(Hugging Face datasets, Parquet/Arrow only), `folder:PATH`, and the generated `shapes-S`,
+`nonlocal-S`. Each registers its recipe defaults (`DataDefaults`); image files are decoded
+once and cached (`data/cache.py`).
+"""
 
 from localitylab.data.registry import (
+    DataDefaults,
     DataInfo,
     DataOptions,
+    DataShape,
     ImageDataset,
+    dataset_defaults,
     dataset_entries,
+    known_shape,
     load_dataset,
     make_dataset,
     register_dataset,
+    takes_img_size,
 )
 
-__all__ = ["DataInfo", "DataOptions", "ImageDataset", "dataset_entries", "load_dataset", "make_dataset", "register_dataset"]
+__all__ = ["DataDefaults", "DataInfo", "DataOptions", "DataShape", "ImageDataset", "dataset_defaults",
+           "dataset_entries", "known_shape", "load_dataset", "make_dataset", "register_dataset", "takes_img_size"]

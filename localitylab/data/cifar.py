@@ -9,22 +9,18 @@ archive can write outside the data folder.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import pickle
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from localitylab.data.registry import DataOptions, ImageDataset, make_dataset, register_dataset
+from localitylab.data.files import data_root, download, md5_of
+from localitylab.data.registry import DataDefaults, DataOptions, DataShape, ImageDataset, make_dataset, register_dataset
 from localitylab.errors import UserError
-from localitylab.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -54,10 +50,6 @@ CIFAR100 = CifarVariant(
 VARIANTS = {v.name: v for v in (CIFAR10, CIFAR100)}
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("LOCALITYLAB_DATA_DIR", Path.home() / ".cache" / "localitylab" / "data"))
-
-
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Admits the globals a pickled numpy array needs, and refuses every other one."""
 
@@ -85,29 +77,6 @@ def read_batch(raw: bytes, where: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{where} is not a CIFAR batch: expected a dict, got {type(data).__name__}")
     return data
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url: str, dest: Path, md5: str) -> Path:
-    """Fetch `url` to `dest`, checking its MD5 before the file appears under its name."""
-    try:
-        with atomic_path(dest) as tmp:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-            got = md5_of(tmp)
-            if got != md5:
-                raise UserError(f"download of {url} has MD5 {got}, expected {md5}; nothing was kept")
-    except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"could not download {url}: {err}; put {dest.name} in {dest.parent} by hand") from None
-    return dest
 
 
 class _Source:
@@ -161,7 +130,7 @@ def load_cifar(variant: CifarVariant | str, options: DataOptions, md5: str | Non
     checksum; pass another digest (tests with miniature archives) or None to skip."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
     expected = variant.md5 if md5 == "official" else md5
-    root = Path(options.data_dir).expanduser() if options.data_dir else default_data_dir()
+    root = data_root(options.data_dir)
     try:
         source = _Source(variant, root, expected)
     except FileNotFoundError:
@@ -188,12 +157,12 @@ def load_cifar(variant: CifarVariant | str, options: DataOptions, md5: str | Non
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in source.read(variant.meta_member).get(variant.names_key, [])]
     if not names or int(max(train_y.max(), test_y.max())) >= len(names):
         raise UserError(f"{variant.meta_member}: class names do not cover the labels")
-    return make_dataset(variant.name, train_x, train_y, test_x, test_y, names, hflip=True, crop_padding=4)
+    return make_dataset(variant.name, train_x, train_y, test_x, test_y, names, **CIFAR_DEFAULTS.augmentation())
 
 
 def _availability(variant: CifarVariant):
     def check(options: DataOptions) -> str:
-        root = Path(options.data_dir).expanduser() if options.data_dir else default_data_dir()
+        root = data_root(options.data_dir)
         for candidate in (root / variant.folder, root / variant.archive):
             if candidate.exists():
                 return f"found {candidate}"
@@ -202,11 +171,17 @@ def _availability(variant: CifarVariant):
     return check
 
 
-@register_dataset("cifar10", "CIFAR-10: 32x32 colour, 10 classes, 50k/10k", _availability(CIFAR10))
+# The usual CIFAR recipe: random crops padded by 4 and horizontal flips (DeiT's recipe around it).
+CIFAR_DEFAULTS = DataDefaults(batch_size=128, warmup_epochs=5, hflip=True, crop_padding=4)
+
+
+@register_dataset("cifar10", "CIFAR-10: 32x32 colour, 10 classes, 50k/10k", _availability(CIFAR10),
+                  defaults=CIFAR_DEFAULTS, shape=DataShape(32, 3, 10, 50000))
 def load_cifar10(options: DataOptions) -> ImageDataset:
     return load_cifar(CIFAR10, options)
 
 
-@register_dataset("cifar100", "CIFAR-100: 32x32 colour, 100 classes, 50k/10k", _availability(CIFAR100))
+@register_dataset("cifar100", "CIFAR-100: 32x32 colour, 100 classes, 50k/10k", _availability(CIFAR100),
+                  defaults=CIFAR_DEFAULTS, shape=DataShape(32, 3, 100, 50000))
 def load_cifar100(options: DataOptions) -> ImageDataset:
     return load_cifar(CIFAR100, options)

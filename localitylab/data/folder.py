@@ -1,20 +1,29 @@
-"""`folder:PATH`: an image-folder layout, PATH/train/<class>/* and PATH/val/<class>/*."""
+"""`folder:PATH`: an image-folder layout, PATH/train/<class>/* and PATH/val/<class>/*.
+
+Files are listed as torchvision's ImageFolder lists them (sorted class folders, the image
+extensions it knows), decoded and resized by `data/images.py`, and kept in the decoded-image
+cache (`data/cache.py`) keyed by every file's path, size and modification time.
+
+No flips by default: localitylab cannot know whether a mirrored image in your folder is
+still of its class (digits, letters and text are not), so `--hflip` is yours to give.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from localitylab.data.registry import DataOptions, ImageDataset, make_dataset, register_dataset
+from localitylab.data.cache import DecodedSplits, cached_decode
+from localitylab.data.files import file_stamp
+from localitylab.data.images import decode_images
+from localitylab.data.registry import DataDefaults, DataOptions, ImageDataset, make_dataset, register_dataset
 from localitylab.errors import UserError
 
 
-def _read_split(root: Path, size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    from PIL import Image, UnidentifiedImageError
+def list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(path, label)]) of ROOT/<class>/..., as torchvision's ImageFolder finds them."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset as list_samples
-    from torchvision.transforms import functional as TF
 
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     if not classes:
@@ -24,24 +33,19 @@ def _read_split(root: Path, size: int) -> tuple[list[str], torch.Tensor, torch.T
         samples = list_samples(str(root), index, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as err:
         raise UserError(f"{root}: {err}") from None
-    images, labels = [], []
-    for path, label in samples:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                # Resize the shorter side, then centre-crop: no distortion of the aspect ratio.
-                img = TF.center_crop(TF.resize(img, size), [size, size])
-                images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{path} is not a readable image: {err}") from None
-        labels.append(label)
-    if not images:
-        raise UserError(f"{root} holds no images ({', '.join(sorted(IMG_EXTENSIONS))})")
-    return classes, torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    return classes, samples
+
+
+def decode_samples(samples: list[tuple[str, int]], size: int | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images = decode_images(((path, path) for path, _ in samples), len(samples), size, what)
+    return images, torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+FOLDER_DEFAULTS = DataDefaults(hflip=False)
 
 
 @register_dataset("folder", "your images: PATH/train/<class>/*, PATH/val/<class>/*, resized to --img-size", prefix=True,
-                  availability=lambda opts: "any folder you name")
+                  availability=lambda opts: "any folder you name", defaults=FOLDER_DEFAULTS)
 def load_folder(path: str, options: DataOptions) -> ImageDataset:
     root = Path(path).expanduser()
     if not options.img_size:
@@ -49,8 +53,22 @@ def load_folder(path: str, options: DataOptions) -> ImageDataset:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root / split} is not a folder; expected {root}/train/<class>/ and {root}/val/<class>/")
-    train_classes, train_x, train_y = _read_split(root / "train", options.img_size)
-    val_classes, val_x, val_y = _read_split(root / "val", options.img_size)
+    train_classes, train_samples = list_image_folder(root / "train")
+    val_classes, val_samples = list_image_folder(root / "val")
     if train_classes != val_classes:
         raise UserError(f"{root}: train and val have different class folders")
-    return make_dataset(f"folder:{path}", train_x, train_y, val_x, val_y, train_classes, hflip=True)
+    size = options.img_size
+
+    def build() -> DecodedSplits:
+        train_x, train_y = decode_samples(train_samples, size, f"folder:{path} train")
+        val_x, val_y = decode_samples(val_samples, size, f"folder:{path} val")
+        return DecodedSplits(train_x, train_y, val_x, val_y, train_classes)
+
+    key = {"size": size, "classes": train_classes,
+           "files": [[*file_stamp(Path(p)), label] for p, label in train_samples + val_samples]}
+    cache: dict = {}
+    data = cached_decode(f"folder-{root.name}", key, build, enabled=options.cache, info=cache)
+    dataset = make_dataset(f"folder:{path}", data.train_images, data.train_labels, data.test_images, data.test_labels,
+                           data.class_names, **FOLDER_DEFAULTS.augmentation())
+    dataset.extra["cache"] = cache
+    return dataset

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from localitylab.data.registry import DataOptions, ImageDataset, make_dataset, register_dataset
+from localitylab.data.registry import DataDefaults, DataOptions, ImageDataset, make_dataset, register_dataset
 
 GENERATOR_SEED = 1406_2024  # fixed: every run, whatever its --seed, sees the same images
 SHAPE_NAMES = ("disc", "square", "triangle", "cross", "ring")
@@ -136,25 +136,29 @@ def generate_nonlocal(size: int, count: int, seed: int) -> tuple[torch.Tensor, t
     return images, labels
 
 
-def _split(name: str, images: torch.Tensor, labels: torch.Tensor, train_count: int, class_names: tuple[str, ...],
-           hflip: bool, crop_padding: int | None) -> ImageDataset:
+def _split(name: str, images: torch.Tensor, labels: torch.Tensor, train_count: int,
+           class_names: tuple[str, ...], defaults: DataDefaults) -> ImageDataset:
     return make_dataset(name, images[:train_count], labels[:train_count], images[train_count:], labels[train_count:],
-                        class_names=list(class_names), hflip=hflip, crop_padding=crop_padding)
+                        class_names=list(class_names), **defaults.augmentation())
+
+
+# Flips and shifts keep every shape what it is (the triangle points up either way).
+SHAPES_DEFAULTS = DataDefaults(hflip=True, crop_padding=None)
+# No flips or shifts: they would move the two fixed patches and break the relation.
+NONLOCAL_DEFAULTS = DataDefaults(hflip=False, crop_padding=0)
 
 
 @register_dataset("shapes", "generated: 5 shape classes at random position, scale and colour over noise (local label)",
-                  sized=True)
+                  sized=True, defaults=SHAPES_DEFAULTS)
 def load_shapes(size: int, options: DataOptions) -> ImageDataset:
     train, test = image_counts(size)
     images, labels = generate_shapes(size, train + test, GENERATOR_SEED)
-    # Flips and shifts keep every class what it is (the triangle points up either way).
-    return _split(f"shapes-{size}", images, labels, train, SHAPE_NAMES, hflip=True, crop_padding=None)
+    return _split(f"shapes-{size}", images, labels, train, SHAPE_NAMES, SHAPES_DEFAULTS)
 
 
 @register_dataset("nonlocal", "generated: same/different colour of two fixed distant patches, among distractors "
-                  "(no local label)", sized=True)
+                  "(no local label)", sized=True, defaults=NONLOCAL_DEFAULTS)
 def load_nonlocal(size: int, options: DataOptions) -> ImageDataset:
     train, test = image_counts(size)
     images, labels = generate_nonlocal(size, train + test, GENERATOR_SEED)
-    # No flips or shifts: they would move the two fixed patches and break the relation.
-    return _split(f"nonlocal-{size}", images, labels, train, NONLOCAL_CLASSES, hflip=False, crop_padding=0)
+    return _split(f"nonlocal-{size}", images, labels, train, NONLOCAL_CLASSES, NONLOCAL_DEFAULTS)

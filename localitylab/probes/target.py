@@ -8,6 +8,8 @@ data set the probe runs on.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
+from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset, takes_img_size
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
@@ -82,8 +84,8 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
         model = load(path, torch_device)
         run = model.run
         dataset_name = data or run.data.name
-        if dataset_name.startswith("folder:") and options.img_size is None:
-            options = DataOptions(options.data_dir, options.download, run.data.img_size, options.seed)
+        if options.img_size is None and takes_img_size(dataset_name):  # resized as in training
+            options = dataclasses.replace(options, img_size=run.data.img_size)
         dataset = load_dataset(dataset_name, options)
         _check_shapes(dataset, run.data)
         target = ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name, str(path),

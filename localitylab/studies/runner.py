@@ -389,11 +389,12 @@ def measured_matmul_flops(size: int = 1024, repeats: int = 5) -> dict[str, Any]:
 
 def dataset_shapes(name: str) -> dict[str, int]:
     """Shapes and sizes of a data set without loading it where they are known."""
-    known = {"cifar10": (32, 3, 10, 50000), "cifar100": (32, 3, 100, 50000)}
-    if name in known:
-        img, chans, classes, n = known[name]
-        return {"img_size": img, "in_chans": chans, "num_classes": classes, "train_images": n}
-    from localitylab.data.registry import load_dataset
+    from localitylab.data.registry import known_shape, load_dataset
+
+    shape = known_shape(name)
+    if shape is not None:
+        return {"img_size": shape.img_size, "in_chans": shape.in_chans, "num_classes": shape.num_classes,
+                "train_images": shape.train_images}
 
     data = load_dataset(name)
     return {"img_size": data.info.img_size, "in_chans": data.info.in_chans, "num_classes": data.info.num_classes,
