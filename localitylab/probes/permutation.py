@@ -211,9 +211,7 @@ class PermutationProbe(Probe):
         target = inputs.target
         height, width = inputs.images.shape[-2:]
         settings = shuffle_settings(height, width, inputs.options.model_dump())
-        caveat = "" if target.checkpoint else "untrained model: accuracies are near chance"
-        if "mae_options" in target.extras:
-            caveat = "MAE encoder: its classifier head is untrained, so accuracies are near chance"
+        caveat = target.accuracy_caveat()
         clean = correct_per_image(inputs, None)
         out.per_image("accuracy", clean, setting="clean", note=caveat)
         for setting in settings:
