@@ -6,6 +6,7 @@ timm) happen on first use, so `localitylab --help` stays quick.
 
     import localitylab
     model = localitylab.load("runs/pit-n-digits/ckpt.pt")   # eval mode; model.run has its spec
+    table = localitylab.probe("attention-distance", model, uint8_images)   # any nn.Module probes can read
 """
 
 __version__ = "0.1.0"
@@ -17,6 +18,14 @@ def __getattr__(name):
         from localitylab.train.checkpoint import load
 
         return load
+    if name == "probe":
+        from localitylab.probes.api import probe
+
+        return probe
+    if name == "Preprocessing":
+        from localitylab.models.preprocessing import Preprocessing
+
+        return Preprocessing
     if name in ("train", "TrainConfig", "evaluate"):
         import localitylab.train as training
 

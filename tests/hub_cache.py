@@ -53,3 +53,11 @@ def write_hub_cache(root: Path, state: dict[str, torch.Tensor], name: str = MODE
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(REVISION)
     return link
+
+
+def write_weights_file(path: Path, name: str = MODEL) -> Path:
+    """The generated weights of `name` as a plain .safetensors file (what --weights takes)."""
+    from safetensors.torch import save_file
+
+    save_file(generated_weights(name), str(path))
+    return path

@@ -20,18 +20,14 @@ from localitylab.data import DataOptions
 from localitylab.models.preprocessing import Preprocessing
 from localitylab.probes import load_target
 from tests.cli_helpers import assert_one_line_error, run_cli, tree
-from tests.hub_cache import MODEL, generated_weights, write_hub_cache
+from tests.hub_cache import MODEL, write_hub_cache, write_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> Path:
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("weights") / "test_vit.safetensors"
-    save_file(generated_weights(), str(path))
-    return path
+    return write_weights_file(tmp_path_factory.mktemp("weights") / "test_vit.safetensors")
 
 
 # --- --pretrained through the hub's cache, offline ----------------------------------------------

@@ -198,6 +198,7 @@ class Probe:
     applies_to: ClassVar[str] = "every model"
     Options: ClassVar[type[Settings]] = NoOptions
     summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
+    needs_labels: ClassVar[bool] = False  # measures against the images' labels (accuracies)
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -200,6 +200,7 @@ class PermutationProbe(Probe):
                "and the position-embedding equivariance certificate")
     applies_to = "every model (accuracies mean most for a trained classifier)"
     Options = PermutationOptions
+    needs_labels = True
     summary_columns = (
         SummaryColumn("global_drop", "acc drop, global shuffle",
                       "test accuracy lost under one fixed global pixel permutation", "accuracy_drop",

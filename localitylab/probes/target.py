@@ -49,17 +49,18 @@ class ProbeTarget:
     # images are resized by it before the probes see them; None: they are fed as they are.
     preprocessing: Preprocessing | None = None
     weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from, for meta.json
+    inputs_prepared: bool = False  # images given already as the model takes them (floats): `prepare` only moves them
 
     def accuracy_caveat(self) -> str:
         """Why the model's accuracy on this data set may not mean what it says ('' if nothing)."""
         if "mae_options" in self.extras:
             return "MAE encoder: its classifier head is untrained, so accuracies are near chance"
-        if self.weights:
+        if self.weights and self.data.class_names:
             if self.spec.num_classes != self.data.num_classes:
                 return (f"the model has {self.spec.num_classes} classes and {self.data.name} {self.data.num_classes}: "
                         "its accuracy on these labels does not measure it")
             return f"accuracies take {self.data.name}'s class indices to be the model's classes"
-        return "" if self.checkpoint else "untrained model: accuracies are near chance"
+        return "" if self.checkpoint or self.weights else "untrained model: accuracies are near chance"
 
     def model_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images of the data set -> uint8 images as the model takes them (its own
@@ -85,6 +86,8 @@ class ProbeTarget:
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> what the model takes (permutation and normalisation applied)."""
+        if self.inputs_prepared:
+            return images.to(self.device)
         return self.data.prepare(images.to(self.device))
 
 
@@ -116,11 +119,7 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
             options = DataOptions(options.data_dir, options.download, run.data.img_size, options.seed)
         dataset = load_dataset(dataset_name, options)
         _check_shapes(dataset, run.data)
-        target = ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name, str(path),
-                             torch_device, path.parent,
-                             {"config": run.config, "metrics": run.metrics, "epoch": run.epoch,
-                              "versions": run.versions},
-                             checkpoint_extras(path))
+        target = loaded_target(model, torch_device)
         if model_kw or weights:
             raise UserError("--model-kw and --weights apply to registry and timm: models, not to checkpoints")
         return target, dataset
@@ -140,6 +139,16 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
     target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device)
     _check_shapes(dataset, DataInfo(info.name, spec.img_size, spec.in_chans, info.class_names, info.mean, info.std))
     return target, dataset
+
+
+def loaded_target(model: nn.Module, device: torch.device) -> ProbeTarget:
+    """The target of a model `localitylab.load` returned (its `run` says what it is)."""
+    run = model.run
+    path = Path(run.path) if run.path is not None else None
+    return ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name,
+                       str(path) if path else run.spec.name, device, path.parent if path else None,
+                       {"config": run.config, "metrics": run.metrics, "epoch": run.epoch, "versions": run.versions},
+                       checkpoint_extras(path) if path else {})
 
 
 def load_timm_target(source: str, device: torch.device, data: str | None, options: DataOptions,
