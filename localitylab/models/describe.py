@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
@@ -21,10 +22,14 @@ class ModelInfo:
     params: int
     trainable_params: int
     is_transformer: bool
-    patch_size: int | None  # None for ConvNets
-    grid: tuple[int, int] | None  # token grid (rows, cols); None for ConvNets
-    num_prefix_tokens: int  # [cls], registers
+    # Pixels of the input image per token side: the true token spacing, image side / grid side
+    # (for a hybrid ViT whose patches are cut from a backbone's feature map, the backbone's
+    # stride times the patch). The one place token spacing is decided (PROBES.md, Geometry).
+    patch_size: int | float | None  # None for ConvNets and for tokens not on one grid
+    grid: tuple[int, int] | None  # token grid (rows, cols) the model's embedding makes; None as above
+    num_prefix_tokens: int  # [cls], distillation token, registers
     pos_embed: str  # 'learn', 'sincos' (frozen), 'none', or 'n/a'
+    layout_note: str = ""  # why tokens could not be placed on one grid ('' when they are, or for a ConvNet)
 
     @property
     def tokens_per_image(self) -> int | None:
@@ -36,20 +41,58 @@ class ModelInfo:
 def describe_model(model: nn.Module) -> ModelInfo:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or not hasattr(model, "blocks"):
-        return ModelInfo(params, trainable, False, None, None, 0, "n/a")
-    patch = patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    grid = tuple(int(g) for g in patch_embed.grid_size)
     pos = getattr(model, "pos_embed", None)
     if pos is None:
         pos_kind = "none"
+    elif not isinstance(pos, nn.Parameter) and not isinstance(pos, torch.Tensor):
+        pos_kind = "none"  # a module (e.g. a relative or rotary table), not an absolute table
     elif not pos.requires_grad:
         pos_kind = "sincos"
     else:
         pos_kind = "learn"
-    return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not hasattr(model, "blocks"):
+        note = "" if patch_embed is None else f"{type(model).__name__} has no `blocks`: its tokens change grid by stage"
+        return ModelInfo(params, trainable, patch_embed is not None, None, None, 0,
+                         pos_kind if patch_embed is not None else "n/a", note)
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    grid, spacing, note = token_layout(patch_embed)
+    return ModelInfo(params, trainable, True, spacing, grid, prefix, pos_kind, note)
+
+
+def token_layout(patch_embed: nn.Module) -> tuple[tuple[int, int] | None, int | float | None, str]:
+    """(grid, pixels per token side, note) of the tokens an embedding makes from one image.
+
+    The spacing is the image side over the grid side, not the embedding's patch: timm's
+    HybridEmbed cuts 1x1 patches from a backbone's feature map, so its tokens are the
+    backbone's stride apart. An embedding that makes several grids (CrossViT) or none
+    timm describes gets a note instead."""
+    name = type(patch_embed).__name__
+    if isinstance(patch_embed, (nn.ModuleList, nn.ModuleDict)):
+        return None, None, f"{len(patch_embed)} patch embeddings ({name}): tokens on several grids"
+    img_size = _pair(getattr(patch_embed, "img_size", None))
+    grid = _pair(getattr(patch_embed, "grid_size", None))
+    patch = _pair(getattr(patch_embed, "patch_size", None))
+    if grid is None and img_size is not None and patch is not None:
+        grid = (img_size[0] // patch[0], img_size[1] // patch[1])  # e.g. XCiT's ConvPatchEmbed
+    if grid is None or img_size is None or min(grid) < 1:
+        return None, None, f"{name} says no image size and token grid"
+    spacing = [img_size[axis] / grid[axis] for axis in (0, 1)]
+    if spacing[0] != spacing[1]:
+        return None, None, f"{name} spaces tokens {spacing[0]:g} px apart in rows and {spacing[1]:g} in columns"
+    return grid, int(spacing[0]) if spacing[0].is_integer() else spacing[0], ""
+
+
+def _pair(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    try:
+        values = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == 2 else None
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ class ProbeTarget:
         """Where the model's tokens sit on the input image (transformers with a token grid)."""
         from localitylab.attention import TokenGeometry
 
-        return TokenGeometry(tuple(self.info.grid), int(self.info.patch_size), int(self.info.num_prefix_tokens))
+        return TokenGeometry(tuple(self.info.grid), self.info.patch_size, int(self.info.num_prefix_tokens))
 
     @property
     def kind(self) -> str:

@@ -1,0 +1,361 @@
+"""Which timm models can localitylab's probes read? Writes docs/model-coverage.md (and .csv).
+
+Every architecture in timm's model files that use softmax self-attention over image tokens
+is built untrained at a small size (a few blocks, a narrow width, a small image: the same
+code paths as the full model, at a fraction of the cost) and every probe is run on two
+random images, through `localitylab.probe`, the function the command line uses. Each
+outcome is one of:
+
+- measured: the probe's table has values;
+- refused: the probe says why it does not apply (its note, naming what it found);
+- failed: the probe raised (a bug to fix: the target is that nothing fails).
+
+Families (timm model files) are in two groups: the ViT family proper (a stack of
+Transformer blocks attending over a grid of image tokens, flat or by stages), which the
+attention probes should read, and other models that use attention somewhere (hybrids with
+convolutional stages, linear or channel attention), listed so their outcomes are known.
+
+    python scripts/model_coverage.py                  # everything -> docs/model-coverage.md  (make coverage)
+    python scripts/model_coverage.py --families eva,beit --per-family 2 --out /tmp/x.md
+
+Regenerate it when timm is upgraded: the table names the timm version it was made with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+# A flat ViT at a small size: two blocks, 64 wide, two heads of 32.
+FLAT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+# Hierarchical models: two blocks a stage (so shifted windows and their plain twins both run).
+MAX_PARAMS = 100e6  # an architecture that cannot be built smaller than this is not built
+DEPTH_KEYS = ("depth", "depths", "layers", "depth_token_only", "local_up_to_layer", "cls_attn_layers")
+MAX_TOKENS = 256  # a flat model with more tokens than this is rebuilt for an 8 x 8 grid
+IMAGES = 2
+
+
+@dataclass(frozen=True)
+class Family:
+    """One timm model file: how to build its architectures small, and whether it is a ViT family."""
+
+    module: str
+    vit: bool  # counts towards the target: the attention probes should read it
+    shrink: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None  # passed to the model (None: its own, or chosen from its grid)
+    note: str = ""
+
+
+FAMILIES: dict[str, Family] = {f.module: f for f in [
+    Family("vision_transformer", True, FLAT),
+    Family("vision_transformer_hybrid", True, FLAT, note="convolutional backbone, then ViT blocks"),
+    Family("vision_transformer_relpos", True, FLAT),
+    Family("vision_transformer_sam", True, {**FLAT, "global_attn_indexes": (1,), "window_size": 4}, 64),
+    Family("deit", True, FLAT),
+    Family("eva", True, FLAT),
+    Family("beit", True, FLAT),
+    Family("cait", True, {**FLAT, "depth_token_only": 1}),
+    Family("convit", True, {**FLAT, "local_up_to_layer": 1}),
+    Family("crossvit", True, {"depth": [[1, 1, 0]], "embed_dim": [32, 64], "num_heads": [2, 2]}),
+    Family("xcit", True, {**FLAT, "cls_attn_layers": 1}),
+    Family("swin_transformer", True, {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 2), "window_size": 4}, 64),
+    Family("swin_transformer_v2", True, {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 2), "window_size": 4,
+                                         "pretrained_window_sizes": (0, 0)}, 64),
+    Family("swin_transformer_v2_cr", True, {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 2),
+                                            "window_size": 4}, 64),
+    Family("pvt_v2", True, {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "num_heads": (1, 2, 4, 8)}),
+    Family("naflexvit", True, FLAT),
+    Family("twins", True, {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "num_heads": (1, 2, 4, 8)}),
+    Family("tnt", True, {"depth": 2}),
+    Family("nest", True, {"depths": (1, 1, 1), "embed_dims": (32, 64, 128), "num_heads": (1, 2, 4)}),
+    Family("pit", True, {"depth": (1, 1, 1)}),
+    Family("levit", True),
+    Family("mvitv2", True),
+    Family("hiera", True),
+    Family("hieradet_sam2", True),
+    Family("volo", True, {"layers": (1, 1, 1, 1)}),
+    Family("tiny_vit", True, {"depths": (1, 1, 1, 1)}),
+    Family("deepseek_vit", True, FLAT),
+    Family("qwen3_vit", True, FLAT),
+    Family("gemma4_vit", True, FLAT),
+    Family("davit", False, {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8)}),
+    Family("gcvit", False),
+    Family("maxxvit", False),
+    Family("coat", False),
+    Family("vitamin", False, {"depth": 2}),
+    Family("efficientformer", False),
+    Family("efficientformer_v2", False),
+    Family("mobilevit", False),
+    Family("edgenext", False),
+    Family("fastvit", False),
+    Family("efficientvit_mit", False),
+    Family("efficientvit_msra", False),
+    Family("metaformer", False),
+]}
+
+PROBES = ("attention-distance", "attention-maps", "pe-similarity", "receptive-field", "permutation")
+# The cheapest settings of each probe that still run all of its code.
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "permutation": {"window_sizes": [2], "tile_grids": [2], "swap_fractions": [0.5], "swap_distances": ["inf"]},
+    "receptive-field": {"ig_steps": 2},
+}
+
+
+class NotBuilt(Exception):
+    """The architecture could not be built at a small size (a limit of this script, not of a probe)."""
+
+
+@dataclass
+class Outcome:
+    status: str  # measured | refused | failed
+    detail: str = ""
+
+
+def quiet() -> contextlib.AbstractContextManager:
+    """timm's warnings and logs about untrained or adapted models are noise here."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    return stack
+
+
+def architectures(families: Iterable[str], per_family: int | None = None) -> list[tuple[str, str]]:
+    import timm
+
+    found = []
+    for module in families:
+        names = timm.list_models(module=module)
+        found += [(module, name) for name in (names if per_family is None else names[:per_family])]
+    return found
+
+
+def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def build_small(name: str, family: Family) -> tuple[nn.Module, str]:
+    """The architecture at a small size, and how it was built (the kwargs, or 'as timm defines it').
+
+    Tried in order: the family's shrink (depth and width), its depth alone (some models fix
+    their width), then the model as timm defines it; an attempt is skipped when it would
+    hold more than MAX_PARAMS parameters (counted on the meta device, where nothing is
+    allocated)."""
+    import timm
+
+    from localitylab.models.describe import describe_model
+
+    size = {"img_size": family.img_size} if family.img_size else {}
+    depth_only = {k: v for k, v in family.shrink.items() if k in DEPTH_KEYS}
+    attempts = []
+    for shrink in (family.shrink, depth_only, {}):
+        kwargs = dict(shrink, **size)
+        if kwargs not in attempts:
+            attempts.append(kwargs)
+    errors = []
+    for kwargs in attempts:
+        try:
+            with torch.device("meta"):
+                params = sum(p.numel() for p in timm.create_model(name, pretrained=False, **kwargs).parameters())
+        except Exception as err:  # noqa: BLE001 - the next attempt, or NotBuilt naming every reason
+            errors.append(f"{type(err).__name__}: {first_line(err)}")
+            continue
+        if params > MAX_PARAMS:
+            errors.append(f"{params / 1e6:.0f}M parameters with {kwargs or 'its own settings'}")
+            continue
+        try:
+            model = _create(name, kwargs)
+        except Exception as err:  # noqa: BLE001 - as above
+            errors.append(f"{type(err).__name__}: {first_line(err)}")
+            continue
+        info = describe_model(model)
+        if (info.tokens_per_image or 0) > MAX_TOKENS and "img_size" not in kwargs and info.patch_size:
+            smaller = dict(kwargs, img_size=int(info.patch_size * 8))
+            with contextlib.suppress(Exception):
+                model, kwargs = _create(name, smaller), smaller
+        built = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "as timm defines it"
+        return model, built
+    raise NotBuilt("; ".join(errors))
+
+
+def input_size(model: nn.Module, built_img_size: int | None) -> tuple[int, int, int]:
+    from localitylab.models.preprocessing import Preprocessing
+
+    return Preprocessing.of_model(model, built_img_size).input_size
+
+
+def run_probes(model: nn.Module, images: torch.Tensor, probes: Iterable[str]) -> dict[str, Outcome]:
+    from localitylab import probe
+
+    labels = torch.zeros(len(images), dtype=torch.long)
+    outcomes = {}
+    for name in probes:
+        try:
+            table = probe(name, model, images, labels, preprocessing="prepared", batch_size=IMAGES,
+                          options=FAST_OPTIONS.get(name))
+        except Exception as err:  # noqa: BLE001 - the outcome the document reports
+            outcomes[name] = Outcome("failed", f"{type(err).__name__}: {first_line(err)}")
+            continue
+        valued = table[table["value"].notna()]
+        if len(valued):
+            layers = valued["layer"].dropna().nunique()
+            outcomes[name] = Outcome("measured", f"{layers} layers" if layers else "")
+        else:
+            outcomes[name] = Outcome("refused", str(table["note"].iloc[0]))
+    return outcomes
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else "")[:200]
+
+
+def cover(pairs: list[tuple[str, str]], probes: Iterable[str] = PROBES, log=None) -> pd.DataFrame:
+    """One row per architecture: family, name, how it was built, and each probe's outcome."""
+    probes = list(probes)
+    rows = []
+    for module, name in pairs:
+        family = FAMILIES[module]
+        started = time.perf_counter()
+        row: dict[str, Any] = {"family": module, "vit_family": family.vit, "architecture": name}
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                model, built = build_small(name, family)
+            except NotBuilt as err:
+                row.update({"built": f"not built: {err}", "params": None, "input": ""})
+                row.update({p: "not built" for p in probes})
+                rows.append(row)
+                continue
+            size = input_size(model, family.img_size or getattr(getattr(model, "patch_embed", None), "img_size",
+                                                                 [None])[0])
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randn(IMAGES, *size, generator=generator)
+            outcomes = run_probes(model, images, probes)
+        row.update({"built": built, "params": sum(p.numel() for p in model.parameters()),
+                    "input": "x".join(str(v) for v in size)})
+        for name_, outcome in outcomes.items():
+            row[name_] = outcome.status + (f": {outcome.detail}" if outcome.detail else "")
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        rows.append(row)
+        if log:
+            log(f"{module:28s} {name:50s} " + " ".join(f"{p}={row[p].split(':')[0]}" for p in probes))
+    return pd.DataFrame(rows)
+
+
+def family_summary(table: pd.DataFrame, probes: Iterable[str]) -> pd.DataFrame:
+    """Per family: architectures, and for each probe how many were measured / refused / failed."""
+    out = []
+    for module, rows in table.groupby("family", sort=False):
+        record = {"family": module, "vit_family": bool(rows["vit_family"].iloc[0]), "architectures": len(rows),
+                  "built": int((~rows["built"].str.startswith("not built")).sum())}
+        for probe_name in probes:
+            status = rows[probe_name].str.split(":").str[0]
+            record[probe_name] = (f"{(status == 'measured').sum()} / {(status == 'refused').sum()} / "
+                                  f"{(status == 'failed').sum()}")
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def attention_measured(table: pd.DataFrame) -> pd.Series:
+    """Per family: does attention-distance measure at least one architecture of it?"""
+    status = table["attention-distance"].str.split(":").str[0]
+    return (status == "measured").groupby(table["family"], sort=False).any()
+
+
+def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
+    import timm
+
+    import localitylab
+
+    summary = family_summary(table, probes)
+    vit = table[table["vit_family"]]
+    measured = attention_measured(vit)
+    failed = sum((table[p].str.startswith("failed")).sum() for p in probes)
+    lines = [
+        "# Model coverage: which timm models the probes read",
+        "",
+        f"Generated by `scripts/model_coverage.py` (`make coverage`) with timm {timm.__version__}, torch "
+        f"{torch.__version__}, localitylab {localitylab.__version__}, in {seconds / 60:.1f} minutes. Regenerate it when "
+        "timm is upgraded.",
+        "",
+        "Every architecture of each timm model file below is built untrained at a small size (the `built` column: "
+        "a few blocks, a narrow width, a small image; the same code as the full model) and every probe runs on "
+        f"{IMAGES} random images through `localitylab.probe`. An outcome is **measured** (the table has values), "
+        "**refused** (the probe says why it does not apply, naming what it found) or **failed** (the probe raised: "
+        "a bug).",
+        "",
+        f"- ViT families whose attention the attention probes measure: **{int(measured.sum())} of {len(measured)}** "
+        f"({measured.mean():.0%})" if len(measured) else "- no ViT family in this run",
+        f"- probe runs that failed: **{failed}** of {len(table) * len(probes)}",
+        f"- architectures built: {int((~table['built'].str.startswith('not built')).sum())} of {len(table)}",
+        "",
+        "## Families",
+        "",
+        "Each probe column: architectures measured / refused / failed.",
+        "",
+        "| family | ViT family | architectures | built | " + " | ".join(probes) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in probes) + " |",
+    ]
+    for record in summary.to_dict("records"):
+        lines.append(f"| {record['family']} | {'yes' if record['vit_family'] else 'no'} | {record['architectures']} | "
+                     f"{record['built']} | " + " | ".join(record[p] for p in probes) + " |")
+    lines += ["", "## Architectures", ""]
+    for module, rows in table.groupby("family", sort=False):
+        lines += [f"### {module}", "", "| architecture | built | input | " + " | ".join(probes) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in probes) + " |"]
+        for record in rows.to_dict("records"):
+            cells = [_cell(record[p]) for p in probes]
+            lines.append(f"| `{record['architecture']}` | {_cell(record['built'])} | {record['input']} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="timm model files, comma-separated")
+    parser.add_argument("--per-family", type=int, default=None, help="at most this many architectures per family")
+    parser.add_argument("--probes", default=",".join(PROBES))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "model-coverage.md")
+    args = parser.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    probes = [p for p in args.probes.split(",") if p]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+    table = cover(architectures(families, args.per_family), probes, log=lambda line: print(line, flush=True))
+    from localitylab.io import write_text
+
+    write_text(args.out, render(table, probes, time.perf_counter() - started))
+    write_text(args.out.with_suffix(".csv"), table.to_csv(index=False))
+    print(f"wrote {args.out} and {args.out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
