@@ -197,3 +197,42 @@ def test_bad_pretrained_inputs_are_one_line(tmp_path, weights_file, args, messag
                       "--out", tmp_path / "out", "--device", "cpu"])
     assert_one_line_error(result, message.format(**fill))
     assert tree(tmp_path) == before
+
+
+# --- the pretrained zoo study, offline ----------------------------------------------------------------
+def test_pretrained_zoo_study_runs_offline(tmp_path, monkeypatch, weights_file):
+    """studies/pretrained_zoo.toml names nine real timm tags (validated against timm's registry);
+    its pipeline (probe-only pieces, the report, the published facts beside our numbers) runs
+    offline with every model replaced by the generated test_vit in a local hub cache."""
+    import dataclasses
+
+    import huggingface_hub.constants as hub_constants
+    from safetensors.torch import load_file
+
+    from localitylab.probes import read_table
+    from localitylab.studies.runner import expectations, make_plan, run_study
+    from localitylab.studies.spec import load_study, with_overrides
+
+    write_hub_cache(tmp_path / "hf", load_file(str(weights_file)))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at each request, as HF_HUB_OFFLINE=1 sets it
+
+    study = load_study(ROOT / "studies" / "pretrained_zoo.toml")
+    assert len(study.models) == 9 and all(entry.pretrained for entry in study.models)
+    assert all(e["probe"] == "attention-distance" for e in study.expect)
+    small = with_overrides(study, models=[dataclasses.replace(e, model=f"timm:{MODEL}") for e in study.models],
+                           dataset="shapes-32", probes=["attention-distance"], probe_images=2, probe_batch_size=2)
+    out = tmp_path / "out"
+    result = run_study(small, out, log=lambda line: None, formats=("html",))
+    assert not result.failed, result.failed
+    assert len(result.done) == 9 and not (out / "runs" / "vit-b16-in21k" / "ckpt.pt").exists()  # nothing trained
+    rows = expectations(small, make_plan(small, out))
+    assert [r["model"] for r in rows] == [e["model"] for e in study.expect]
+    first = read_table(out / "runs" / "vit-b16-in21k" / "probes" / "attention-distance.csv")
+    first = first[(first["metric"] == "mean_distance_px") & (first["layer"] == 0)]
+    assert rows[0]["ours"] == pytest.approx(first["value"].min()) and rows[1]["ours"] == pytest.approx(first["value"].max())
+    assert all(r["ours"] is not None for r in rows)
+    html = (out / "report" / "report.html").read_text()
+    assert "attention distance increases with depth" in html and "Teaching Matters" in html
+    again = run_study(small, out, log=lambda line: None, formats=("html",))
+    assert len(again.skipped) == 9 and not again.done

@@ -42,6 +42,7 @@ class ProbeRequest:
     pretrained: bool = False  # timm: models: timm's own pretrained weights (the hub, through its cache)
     pos_embed: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # shown after the model's name in the tables ('<model> (<label>)'), as a run folder is
 
 
 @dataclass
@@ -69,6 +70,8 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
                                   request.weights, request.pos_embed, request.seed, request.pretrained)
     images, labels = select_images(dataset, request.n_images, request.seed)
     images = target.model_images(images)
+    if request.label:
+        target.display_name = f"{target.display_name} ({request.label})"
     for probe, parsed in zip(probes, options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
