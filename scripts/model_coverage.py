@@ -47,7 +47,7 @@ FLAT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 # Hierarchical models: two blocks a stage (so shifted windows and their plain twins both run).
 MAX_PARAMS = 100e6  # an architecture that cannot be built smaller than this is not built
 DEPTH_KEYS = ("depth", "depths", "layers", "depth_token_only", "local_up_to_layer", "cls_attn_layers")
-MAX_TOKENS = 256  # a flat model with more tokens than this is rebuilt for an 8 x 8 grid
+SMALL_IMAGE = 128  # a flat model is rebuilt for an image near this side (probe costs grow with its pixels)
 IMAGES = 2
 
 
@@ -153,8 +153,8 @@ def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
-def build_small(name: str, family: Family) -> tuple[nn.Module, str]:
-    """The architecture at a small size, and how it was built (the kwargs, or 'as timm defines it').
+def build_small(name: str, family: Family) -> tuple[nn.Module, dict[str, Any]]:
+    """The architecture at a small size, and the keyword arguments it was built with.
 
     Tried in order: the family's shrink (depth and width), its depth alone (some models fix
     their width), then the model as timm defines it; an attempt is skipped when it would
@@ -188,19 +188,26 @@ def build_small(name: str, family: Family) -> tuple[nn.Module, str]:
             errors.append(f"{type(err).__name__}: {first_line(err)}")
             continue
         info = describe_model(model)
-        if (info.tokens_per_image or 0) > MAX_TOKENS and "img_size" not in kwargs and info.patch_size:
-            smaller = dict(kwargs, img_size=int(info.patch_size * 8))
-            with contextlib.suppress(Exception):
-                model, kwargs = _create(name, smaller), smaller
-        built = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "as timm defines it"
-        return model, built
+        spacing = info.patch_size
+        if "img_size" not in kwargs and spacing and isinstance(spacing, int):
+            side = spacing * max(4, min(8, SMALL_IMAGE // spacing))  # a 4x4 to 8x8 grid near SMALL_IMAGE pixels
+            if side < max(info.grid) * spacing:
+                with contextlib.suppress(Exception):
+                    model, kwargs = _create(name, dict(kwargs, img_size=side)), dict(kwargs, img_size=side)
+        return model, kwargs
     raise NotBuilt("; ".join(errors))
 
 
-def input_size(model: nn.Module, built_img_size: int | None) -> tuple[int, int, int]:
+def described(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "as timm defines it"
+
+
+def input_size(model: nn.Module, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+    """The input the model was built for: timm's data config, at the image size it was given."""
     from localitylab.models.preprocessing import Preprocessing
 
-    return Preprocessing.of_model(model, built_img_size).input_size
+    size = kwargs.get("img_size")
+    return Preprocessing.of_model(model, size if isinstance(size, int) else None).input_size
 
 
 def run_probes(model: nn.Module, images: torch.Tensor, probes: Iterable[str]) -> dict[str, Outcome]:
@@ -239,14 +246,13 @@ def cover(pairs: list[tuple[str, str]], probes: Iterable[str] = PROBES, log=None
         row: dict[str, Any] = {"family": module, "vit_family": family.vit, "architecture": name}
         with quiet(), contextlib.redirect_stdout(io.StringIO()):
             try:
-                model, built = build_small(name, family)
+                model, kwargs = build_small(name, family)
             except NotBuilt as err:
                 row.update({"built": f"not built: {err}", "params": None, "input": ""})
                 row.update({p: "not built" for p in probes})
                 rows.append(row)
                 continue
-            size = input_size(model, family.img_size or getattr(getattr(model, "patch_embed", None), "img_size",
-                                                                 [None])[0])
+            built, size = described(kwargs), input_size(model, kwargs)
             generator = torch.Generator().manual_seed(0)
             images = torch.randn(IMAGES, *size, generator=generator)
             outcomes = run_probes(model, images, probes)

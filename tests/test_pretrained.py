@@ -75,7 +75,8 @@ def test_pretrained_offline_loads_the_cached_weights_as_weights_file_does(tmp_pa
     hub = pd.read_csv(tmp_path / "out" / "hub" / "attention-distance.csv")
     file = pd.read_csv(tmp_path / "out" / "file" / "attention-distance.csv")
     assert set(hub["model"]) == {f"timm:{MODEL}"} and set(file["model"]) == {"timm:test_vit (test_vit.safetensors)"}
-    assert len(hub) == 6 * 2 * 6  # 6 metrics x 2 heads x 6 blocks
+    per_head = hub[hub["metric"] == "mean_distance_px"].dropna(subset=["head"])
+    assert sorted(set(zip(per_head["layer"], per_head["head"]))) == [(l, h) for l in range(6) for h in range(2)]
     pd.testing.assert_frame_equal(hub.drop(columns="model"), file.drop(columns="model"))
     meta = json.loads((tmp_path / "out" / "hub" / "meta.json").read_text())
     assert meta["weights"]["pretrained"] == MODEL and meta["weights"]["hf_hub_id"] == f"timm/{MODEL}"

@@ -41,23 +41,14 @@ class ModelInfo:
 def describe_model(model: nn.Module) -> ModelInfo:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    pos = getattr(model, "pos_embed", None)
-    if pos is None:
-        pos_kind = "none"
-    elif not isinstance(pos, nn.Parameter) and not isinstance(pos, torch.Tensor):
-        pos_kind = "none"  # a module (e.g. a relative or rotary table), not an absolute table
-    elif not pos.requires_grad:
-        pos_kind = "sincos"
-    else:
-        pos_kind = "learn"
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "blocks"):
         note = "" if patch_embed is None else f"{type(model).__name__} has no `blocks`: its tokens change grid by stage"
         return ModelInfo(params, trainable, patch_embed is not None, None, None, 0,
-                         pos_kind if patch_embed is not None else "n/a", note)
+                         position_embedding_kind(model, None) if patch_embed is not None else "n/a", note)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     grid, spacing, note = token_layout(patch_embed)
-    return ModelInfo(params, trainable, True, spacing, grid, prefix, pos_kind, note)
+    return ModelInfo(params, trainable, True, spacing, grid, prefix, position_embedding_kind(model, grid), note)
 
 
 def token_layout(patch_embed: nn.Module) -> tuple[tuple[int, int] | None, int | float | None, str]:
@@ -93,6 +84,31 @@ def _pair(value) -> tuple[int, int] | None:
     except (TypeError, ValueError):
         return None
     return values if len(values) == 2 else None
+
+
+def position_embedding_kind(model: nn.Module, grid: tuple[int, int] | None) -> str:
+    """'none', 'learn', 'sincos' (the fixed 2-D table, frozen) or 'frozen' (a learned table
+    that is not trained in this run, e.g. under --linear-probe): frozen alone is not sin-cos.
+    A table that is not a tensor (a relative or rotary module) is 'none': no absolute table."""
+    import torch
+
+    from localitylab.models.pos_embed import sincos_2d
+
+    pos = getattr(model, "pos_embed", None)
+    if not isinstance(pos, torch.Tensor):
+        return "none"
+    if pos.requires_grad:
+        return "learn"
+    if grid is None:
+        return "frozen"  # no grid to compare a sin-cos table on
+    rows = grid[0] * grid[1]
+    if pos.is_meta or pos.dim() != 3 or pos.shape[1] < rows:
+        return "frozen"  # no values to compare (a model built on the meta device)
+    table = pos.detach()[0, -rows:].float().cpu()
+    if table.shape[-1] % 4 == 0:
+        if torch.allclose(table, sincos_2d(table.shape[-1], *grid), atol=1e-6):
+            return "sincos"
+    return "frozen"
 
 
 @contextlib.contextmanager

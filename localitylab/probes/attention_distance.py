@@ -5,7 +5,8 @@ The ViT paper's "mean attention distance" (Dosovitskiy et al. 2021, Fig. 7; Ragh
 by dividing by the same quantity for uniform attention (`locality_ratio`).
 
 The attention is exactly the model's, read through its adapter (`localitylab.attention`)
-over blocks of query rows, so no layer's N x N map exists in memory. Per image, layer and
+over blocks of query rows inside the model's own forward pass (computed once, for the
+model and the probe), so no layer's N x N map exists in memory. Per image, layer and
 head: the mean over its queries of the attended distance, the prefix share and the
 normalised entropy; the table's values are their means over images.
 
@@ -23,17 +24,15 @@ import pandas as pd
 import torch
 from pydantic import field_validator
 
-from localitylab.attention import TokenGeometry, pixel_distances
+from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances
+from localitylab.attention.kernels import kernel, weighted_distance
 from localitylab.probes.attention_probe import AttentionProbe
-from localitylab.probes.base import Batch, Measurements, ProbeInputs, SummaryColumn, overlay
+from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.settings import Settings
 
-# The distances from every grid token to every other are kept whole up to this many.
-DISTANCE_TABLE_ELEMENTS = 2**24
-
-METRICS = ("mean_distance_px", "mean_distance_frac", "uniform_distance_px", "locality_ratio", "prefix_share",
-           "entropy_norm")
+METRICS = ("mean_distance_px", "mean_distance_frac", "mean_distance_px_raw", "uniform_distance_px", "locality_ratio",
+           "prefix_share", "entropy_norm")
 
 
 # --- reduction of one block of rows -------------------------------------------------------------
@@ -43,8 +42,8 @@ def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_c
 
     probs: (B, heads, b, P + T) softmax rows; query_centres (b, 2) and key_centres (T, 2) in
     pixels. Returns (B, heads, b) values: the attended distance d of each row, its prefix
-    share and its normalised entropy. The probe streams `attention_row_values_from_logits`,
-    which is checked against this one.
+    share and its normalised entropy. The probe reduces the reader's blocks with
+    `block_row_values`, which is checked against this one.
     """
     prefix_share = probs[..., :num_prefix_tokens].sum(dim=-1)
     grid_probs = probs[..., num_prefix_tokens:]
@@ -57,80 +56,43 @@ def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_c
     return {"distance": attended, "prefix": prefix_share, "entropy": entropy}
 
 
-def attention_row_values_from_logits(logits: torch.Tensor, distances: torch.Tensor,
-                                     num_prefix_tokens: int) -> dict[str, torch.Tensor]:
-    """`attention_row_values` from the logits, without forming the softmax: the same values,
-    in fewer passes over the (B, heads, b, N) block and no logarithm per key.
-
-    logits: (B, heads, b, P + T) masked logits; distances: (b, T) pixel distances from each
-    query to every grid key. With w = exp(s - max_grid s) over the grid keys and Z = sum w,
-    A' = w / Z, so the distance is sum(w d) / Z, and since log A' = (s - max) - log Z the
-    entropy is log Z - sum(w (s - max)) / Z. The prefix share is exp(logsumexp over prefix
-    keys - logsumexp over all keys).
+def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
+    """`attention_row_values` from the reader's softmax pieces, without forming the softmax:
+    with w = exp(s - max_grid s) over the grid keys and Z = sum w, A' = w / Z, so the
+    distance is sum(w d) / Z (one pass over the block, the distances computed in place),
+    the entropy comes from Z and sum w (s - m) (`AttentionBlock.entropy`), the prefix share
+    from two logsumexps.
     """
-    grid = logits[..., num_prefix_tokens:]
-    grid_max = grid.amax(dim=-1, keepdim=True)
-    shifted = grid - grid_max
-    weights = shifted.exp()
-    total = weights.sum(dim=-1)
-    attended = (weights * distances).sum(dim=-1) / total
-    shifted.nan_to_num_(neginf=0.0)  # masked keys: weight 0 times logit -inf would be NaN
-    entropy = total.log() - (weights * shifted).sum(dim=-1) / total
-    num_keys = distances.shape[-1]
-    entropy = entropy / math.log(num_keys) if num_keys > 1 else torch.full_like(entropy, float("nan"))
-    if num_prefix_tokens:
-        grid_lse = grid_max.squeeze(-1) + total.log()
-        prefix_lse = logits[..., :num_prefix_tokens].logsumexp(dim=-1)
-        prefix_share = (prefix_lse - torch.logaddexp(prefix_lse, grid_lse)).exp()
-    else:
-        prefix_share = torch.zeros_like(total)
-    return {"distance": attended, "prefix": prefix_share, "entropy": entropy}
-
-
-class DistanceReduction:
-    """The per-row distance, prefix share and entropy of blocks of logits (the probe's reduction).
-
-    Every layer and batch asks for the same rows' pixel distances: the whole table is kept
-    (per dtype) when it is small, up to 4,096 grid tokens; else the centres, and each
-    block's distances are computed as it comes."""
-
-    def __init__(self, geometry: TokenGeometry, device: torch.device | str):
-        self.geometry = geometry
-        self.device = device
-        self.keep_table = geometry.num_grid_tokens**2 <= DISTANCE_TABLE_ELEMENTS
-        self.cache: dict[torch.dtype, torch.Tensor] = {}
-
-    def __call__(self, layer: int, rows: torch.Tensor, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()  # bf16 / fp16 logits: reduce in fp32
-        distances = self.distances(rows - self.geometry.num_prefix_tokens, logits.dtype)
-        return attention_row_values_from_logits(logits, distances, self.geometry.num_prefix_tokens)
-
-    def distances(self, grid_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token."""
-        if dtype not in self.cache:
-            centres = self.geometry.centres(self.device, dtype)
-            self.cache[dtype] = pixel_distances(centres, centres) if self.keep_table else centres
-        if self.keep_table:
-            return self.cache[dtype][grid_rows]
-        centres = self.cache[dtype]
-        return pixel_distances(centres[grid_rows], centres)
+    weights = block.grid_weights
+    centres = block.query_centres.to(weights.dtype), block.where.key_centres.to(weights.dtype)
+    attended = kernel(weighted_distance, weights.shape[-1])(weights, *centres) / block.grid_total
+    num_keys = weights.shape[-1]
+    entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))
+    prefix = block.prefix_share()
+    # Without renormalising: sum over grid keys of A d = A'-distance times the grid's share.
+    return {"distance": attended, "distance_raw": attended * (1 - prefix), "prefix": prefix, "entropy": entropy}
 
 
 def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Tensor], geometry: TokenGeometry,
                       n_images: int) -> None:
-    """The table's rows of one layer, from per-image means over queries: values['distance'],
-    ['prefix'], ['entropy'] are (n_images, heads)."""
+    """The table's rows of one layer from per-image means over queries, values[...] being
+    (n_images, heads): first the mean over heads (head empty), then each head."""
     uniform = geometry.uniform_distance_px()
     side = geometry.image_side
-    for head in range(values["distance"].shape[1]):
-        distance = values["distance"][:, head]
+    heads = values["distance"].shape[1]
+    for head in (None, *range(heads)):
+        def of(key: str) -> torch.Tensor:
+            return values[key].mean(dim=1) if head is None else values[key][:, head]
+
+        distance = of("distance")
         out.per_image("mean_distance_px", distance, layer, head)
         out.per_image("mean_distance_frac", distance / side, layer, head)
-        out.single("uniform_distance_px", uniform, layer, head, n_images=n_images)
+        out.per_image("mean_distance_px_raw", of("distance_raw"), layer, head,
+                      note="sum over grid keys of A d, not renormalised: the public notebooks' convention")
+        out.single("uniform_distance_px", uniform, layer, head, note="uniform attention: geometry alone", n_images=0)
         out.per_image("locality_ratio", distance / uniform if uniform > 0 else distance * float("nan"), layer, head)
-        out.per_image("prefix_share", values["prefix"][:, head], layer, head)
-        out.per_image("entropy_norm", values["entropy"][:, head], layer, head)
+        out.per_image("prefix_share", of("prefix"), layer, head)
+        out.per_image("entropy_norm", of("entropy"), layer, head)
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -170,17 +132,17 @@ class AttentionDistance(AttentionProbe):
 
     def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
         geometry = inputs.target.geometry
-        for layer in self.collect(inputs, DistanceReduction(geometry, inputs.target.device)):
-            values = {key: layer.values[key][..., 0] for key in ("distance", "prefix", "entropy")}
+        for layer in self.collect(inputs, lambda block, first_image: block_row_values(block)):
+            values = {key: layer.values[key][..., 0] for key in ("distance", "distance_raw", "prefix", "entropy")}
             add_distance_rows(out, layer.layer.index, values, geometry, inputs.n_images)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """ViT-paper view: a dot per head against depth, and the locality ratio per layer."""
         import matplotlib.pyplot as plt
 
-        from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+        from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
 
-        frame = overlay(tables, lambda f: f["head"].notna())
+        frame = overlay(tables)
         if frame is None:
             return []
         apply_style()
@@ -190,23 +152,26 @@ class AttentionDistance(AttentionProbe):
         fig, (ax_dist, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
         for offset, model in zip(offsets, models):
             rows = frame[frame["model"] == model]
-            dist = rows[rows["metric"] == "mean_distance_px"]
+            heads = rows[rows["head"].notna()]
+            dist = heads[heads["metric"] == "mean_distance_px"]
             ax_dist.scatter(dist["layer"].astype(float) + offset, dist["value"], color=colours[model],
                             marker=markers[model], s=22, alpha=0.85, label=model)
             uniform = rows.loc[rows["metric"] == "uniform_distance_px", "value"]
             if len(uniform):
                 ax_dist.axhline(float(uniform.iloc[0]), color=colours[model], linestyle=":", linewidth=1)
-            ratio = rows[rows["metric"] == "locality_ratio"]
+            ratio = heads[heads["metric"] == "locality_ratio"]
             ax_ratio.scatter(ratio["layer"].astype(float) + offset, ratio["value"], color=colours[model],
                              marker=markers[model], s=12, alpha=0.35)
-            per_layer = ratio.groupby("layer")["value"].mean()
-            ax_ratio.plot(per_layer.index.astype(float) + offset, per_layer.values, color=colours[model],
-                          marker=markers[model], label=model)
+            whole = rows[(rows["metric"] == "locality_ratio") & rows["head"].isna()].sort_values("layer")
+            if whole.empty:  # a table from before head means were written
+                whole = ratio.groupby("layer", as_index=False)["value"].mean().assign(ci_low=np.nan, ci_high=np.nan)
+            errorbar(ax_ratio, whole["layer"].astype(float) + offset, whole, color=colours[model],
+                     marker=markers[model], label=model)
         ax_dist.set(xlabel="layer (block)", ylabel="mean attention distance (pixels)",
                     title="Attention distance per head")
         ax_ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax_ratio.set(xlabel="layer (block)", ylabel="distance / uniform distance",
-                     title="Locality ratio (1 = no preference)")
+                     title="Locality ratio, mean over heads (bars: 95% CI)")
         for ax in (ax_dist, ax_ratio):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
