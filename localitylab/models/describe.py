@@ -30,6 +30,16 @@ class ModelInfo:
     num_prefix_tokens: int  # [cls], distillation token, registers
     pos_embed: str  # 'learn', 'sincos' (frozen), 'none', or 'n/a'
     layout_note: str = ""  # why tokens could not be placed on one grid ('' when they are, or for a ConvNet)
+    # The grid follows the image the model is given (NaFlexViT: image side / patch_size tokens a side)
+    grid_from_image: bool = False
+
+    def grid_for(self, image_shape: tuple[int, int]) -> tuple[int, int] | None:
+        """The token grid for an image of `image_shape` pixels."""
+        if self.grid is not None:
+            return self.grid
+        if self.grid_from_image and self.patch_size:
+            return int(image_shape[0] // self.patch_size), int(image_shape[1] // self.patch_size)
+        return None
 
     @property
     def tokens_per_image(self) -> int | None:
@@ -42,6 +52,15 @@ def describe_model(model: nn.Module) -> ModelInfo:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     patch_embed = getattr(model, "patch_embed", None)
+    embeds = getattr(model, "embeds", None)
+    if patch_embed is None and embeds is not None and hasattr(model, "blocks") and getattr(embeds, "patch_size", None):
+        # NaFlexViT: patches of a fixed size from an image of any size, so the grid is the image's
+        patch = _pair(embeds.patch_size)
+        if patch[0] == patch[1]:
+            prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+            return ModelInfo(params, trainable, True, patch[0], None, prefix, position_embedding_kind(model, None),
+                             f"{type(embeds).__name__}: {patch[0]} px patches, the grid follows the image",
+                             grid_from_image=True)
     if patch_embed is None or not hasattr(model, "blocks"):
         note = "" if patch_embed is None else f"{type(model).__name__} has no `blocks`: its tokens change grid by stage"
         return ModelInfo(params, trainable, patch_embed is not None, None, None, 0,

@@ -72,7 +72,13 @@ class ProbeTarget:
         """Where the model's tokens sit on the input image (transformers with a token grid)."""
         from localitylab.attention import TokenGeometry
 
-        return TokenGeometry(tuple(self.info.grid), self.info.patch_size, int(self.info.num_prefix_tokens))
+        side = self.data.img_size
+        grid = self.info.grid_for((side, side))
+        if grid is None:
+            # No one token grid (stages, several grids): the image itself, one pixel per cell, for
+            # the attention adapters that place their own tokens on it (they read its shape).
+            return TokenGeometry((side, side), 1, 0)
+        return TokenGeometry(tuple(grid), self.info.patch_size, int(self.info.num_prefix_tokens))
 
     @property
     def kind(self) -> str:
