@@ -49,6 +49,8 @@ def extracted_maps(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """{module name: attention} from timm's AttentionExtract on the unfused path."""
     from timm.utils import AttentionExtract
 
+    if not any(name.endswith("attn_drop") for name, _ in model.named_modules()):
+        return {}  # TinyViT: no module to hook; its attention is written out below
     set_fused(model, False)
     try:
         with torch.no_grad():
@@ -64,6 +66,15 @@ def talking_heads_softmax(module, x: torch.Tensor) -> torch.Tensor:
     logits = (qkv[0] * module.scale) @ qkv[1].transpose(-2, -1)
     logits = torch.einsum("gh,bhnm->bgnm", module.proj_l.weight, logits) + module.proj_l.bias.view(1, -1, 1, 1)
     return logits.double().softmax(dim=-1)
+
+
+def tiny_vit_softmax(module, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT: softmax(q k^T scale + its learned attention biases), written out."""
+    B, N, _ = x.shape
+    q, k, _ = module.qkv(module.norm(x)).view(B, N, module.num_heads, -1).split(
+        [module.key_dim, module.key_dim, module.val_dim], dim=3)
+    logits = (q.permute(0, 2, 1, 3) * module.scale) @ k.permute(0, 2, 3, 1)
+    return (logits + module.attention_biases[:, module.attention_bias_idxs]).double().softmax(dim=-1)
 
 
 def grid_centres(rows: int, cols: int, spacing: float) -> torch.Tensor:
@@ -102,9 +113,12 @@ def reference(model, images: torch.Tensor) -> dict[int, dict[str, np.ndarray]]:
     from localitylab.models.describe import describe_model
 
     maps = extracted_maps(model, images)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.module.register_forward_pre_hook(lambda m, args, name=layer.name: inputs.__setitem__(name, args[0]))
+    inputs: dict[str, tuple] = {}
+    hooks = [layer.module.register_forward_pre_hook(lambda m, args, name=layer.name: inputs.__setitem__(name, args))
              for layer in attention_layers(model)]
+    hooks += [layer.module.attn.register_forward_pre_hook(  # TinyViT's attention has no attn_drop to hook
+        lambda m, args, name=layer.name: inputs.__setitem__(name + ".attn", args))
+        for layer in attention_layers(model) if layer.adapter.name == "tinyvit-windows"]
     with torch.no_grad():
         model(images)
     for hook in hooks:
@@ -115,21 +129,39 @@ def reference(model, images: torch.Tensor) -> dict[int, dict[str, np.ndarray]]:
     out = {}
     for layer in attention_layers(model):
         kind = layer.adapter.name
-        x = inputs[layer.name]
+        args = inputs[layer.name]
+        x = args[0]
+        heads = layer.num_heads
         if kind == "cait-talking-heads":
             with torch.no_grad():
                 attention = talking_heads_softmax(layer.module, x)
-        elif kind in ("swin-windows", "swin-v2-windows"):
+        elif kind == "tinyvit-windows":
+            with torch.no_grad():
+                attention = tiny_vit_softmax(layer.module.attn, inputs[layer.name + ".attn"][0])
+        elif kind in WINDOW_BLOCKS:
             attention = maps[f"{layer.name}.attn.attn_drop"]
         else:
             attention = maps[f"{layer.name}.attn_drop"]
+        attention = attention.reshape(-1, heads, *attention.shape[-2:])  # SAM folds heads, Twins windows, in the batch
         batch = torch.arange(attention.shape[0]) // (attention.shape[0] // n)
         if kind == "class-attention":
             metrics = row_metrics(attention, None, attention.shape[-1] - info.grid[0] * info.grid[1])
-        elif kind in ("swin-windows", "swin-v2-windows"):
-            metrics = row_metrics(attention, swin_distances(layer.module, x, side), 0)
-        elif kind == "pvt-spatial-reduction":
-            metrics = row_metrics(attention, pvt_distances(layer.module, x, side), 0)
+        elif kind in WINDOW_BLOCKS:
+            block = layer.module
+            height, width = x.shape[1:3]
+            if kind == "sam-windows" and block.window_size == 0:
+                window = (height, width)
+            elif kind == "tinyvit-windows" and height == block.window_size:
+                window = (height, width)
+            else:
+                window = tuple(block.window_size) if isinstance(block.window_size, tuple) else (block.window_size,) * 2
+            shift = tuple(block.shift_size) if hasattr(block, "shift_size") else (0, 0)
+            metrics = row_metrics(attention, window_distances(height, width, window, shift, side, n), 0)
+        elif kind == "twins-local-windows":
+            size = layer.module.ws
+            metrics = row_metrics(attention, window_distances(*args[1], (size, size), (0, 0), side, n), 0)
+        elif kind in ("pvt-spatial-reduction", "twins-global-subsampled"):
+            metrics = row_metrics(attention, reduced_distances(layer.module, tuple(args[1]), side), 0)
         else:
             if kind == "crossvit-branch":  # branch b: the image resized to its own size, cut in its patches
                 embed = model.patch_embed[int(layer.name.split(".")[3])]
@@ -145,13 +177,17 @@ def reference(model, images: torch.Tensor) -> dict[int, dict[str, np.ndarray]]:
     return out
 
 
-def swin_distances(block, x: torch.Tensor, side: int) -> torch.Tensor:
-    """(windows, N, N) true pixel distances between the tokens of each window of one image:
-    window (r, c) of the shifted grid holds the tokens at ((r ws + i + s_h) mod H, ...)."""
-    _, height, width, _ = x.shape
-    (wh, ww), (sh, sw) = block.window_size, block.shift_size
+WINDOW_BLOCKS = ("swin-windows", "swin-v2-windows", "sam-windows", "tinyvit-windows")
+
+
+def window_distances(height: int, width: int, window: tuple[int, int], shift: tuple[int, int], side: int,
+                     batch: int) -> torch.Tensor:
+    """(batch * windows, 1, N, N) true pixel distances between the tokens of each window:
+    window (r, c) of the (cyclically shifted) grid holds the tokens at
+    ((r wh + i + s_h) mod H, (c ww + j + s_w) mod W)."""
+    (wh, ww), (sh, sw) = window, shift
     spacing = side / height
-    rows, cols = height // wh, width // ww
+    rows, cols = math.ceil(height / wh), math.ceil(width / ww)
     local = grid_centres(wh, ww, 1.0) - 0.5  # integer offsets inside a window
     windows = []
     for r in range(rows):
@@ -159,22 +195,19 @@ def swin_distances(block, x: torch.Tensor, side: int) -> torch.Tensor:
             true = torch.stack([(r * wh + local[:, 0] + sh) % height, (c * ww + local[:, 1] + sw) % width], dim=1)
             centres = (true + 0.5) * spacing
             windows.append(torch.cdist(centres, centres))
-    per_image = torch.stack(windows)  # (nW, N, N)
-    batch = x.shape[0]
-    return per_image.repeat(batch, 1, 1).unsqueeze(1)  # (B * nW, 1, N, N), image-major like window_partition
+    return torch.stack(windows).repeat(batch, 1, 1).unsqueeze(1)  # image-major, like the window partitions
 
 
-def pvt_distances(module, x: torch.Tensor, side: int) -> torch.Tensor:
+def reduced_distances(module, size: tuple[int, int], side: int) -> torch.Tensor:
     """Queries on the stage grid; keys at the centres of the cells the reduction averages."""
-    tokens = x.shape[1]
-    height = width = math.isqrt(tokens)
+    height, width = size
     spacing = side / height
     queries = grid_centres(height, width, spacing)
-    if module.pool is not None:
-        size = module.pool.output_size
-        size = size if isinstance(size, int) else size[0]
-        bins = torch.tensor([(math.floor(i * height / size) + math.ceil((i + 1) * height / size)) / 2 * spacing
-                             for i in range(size)], dtype=torch.float64)
+    if getattr(module, "pool", None) is not None:
+        count = module.pool.output_size
+        count = count if isinstance(count, int) else count[0]
+        bins = torch.tensor([(math.floor(i * height / count) + math.ceil((i + 1) * height / count)) / 2 * spacing
+                             for i in range(count)], dtype=torch.float64)
         keys = torch.stack(torch.meshgrid(bins, bins, indexing="ij"), dim=-1).reshape(-1, 2)
     elif module.sr is not None:
         ratio = module.sr.stride[0]
@@ -216,8 +249,9 @@ def check_outputs_unchanged(model, images: torch.Tensor) -> None:
 
 
 FLAT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+ANY_SIZE = ("pvt", "naflex", "tiny_vit")
 CASES = {
-    # name: (timm model, kwargs, image sides: two sequence lengths; PVT and NaFlexViT take any size unasked)
+    # name: (timm model, kwargs, image sides: two sequence lengths; ANY_SIZE models take any size unasked)
     "eva-rotary+cls+reg": ("eva02_tiny_patch14_224", {**FLAT, "patch_size": 8, "num_reg_tokens": 2}, (32, 48)),
     "eva-rotary-noprefix": ("eva02_tiny_patch14_224", {**FLAT, "patch_size": 8, "class_token": False,
                                                         "global_pool": "avg"}, (32, 48)),
@@ -231,6 +265,14 @@ CASES = {
                                                  "window_size": 4}, (64, 96)),
     "swin-v2": ("swinv2_tiny_window8_256", {"embed_dim": 32, "depths": (2, 2), "num_heads": (2, 2), "window_size": 4,
                                             "pretrained_window_sizes": (0, 0)}, (64, 96)),
+    "tiny-vit": ("tiny_vit_5m_224", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64),
+                                     "num_heads": (1, 2, 2, 2), "window_sizes": (4, 4, 4, 2)}, (64, 128)),
+    "sam-windows+global": ("samvit_base_patch16_224", {**FLAT, "patch_size": 8, "window_size": 2,
+                                                       "global_attn_indexes": (1,)}, (32, 48)),
+    "twins-svt": ("twins_svt_small", {"depths": (2, 2, 1, 1), "embed_dims": (16, 32, 64, 128),
+                                      "num_heads": (1, 2, 4, 8), "wss": (4, 4, 2, 2)}, (64, 128)),
+    "twins-pcpvt": ("twins_pcpvt_small", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128),
+                                          "num_heads": (1, 2, 4, 8)}, (64, 96)),
     "naflexvit": ("naflexvit_base_patch16_gap", {**FLAT, "patch_size": 8}, (32, 48)),
     "pvt-v2-sr": ("pvt_v2_b0", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128),
                                 "num_heads": (1, 2, 4, 8)}, (64, 96)),
@@ -243,7 +285,7 @@ CASES = {
 def test_adapter_equals_independent_materialisation(case):
     name, kwargs, sides = CASES[case]
     for side in sides:
-        model = build(name, **kwargs) if name.startswith(("pvt", "naflex")) else build(name, img_size=side, **kwargs)
+        model = build(name, **kwargs) if name.startswith(ANY_SIZE) else build(name, img_size=side, **kwargs)
         images = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(side))
         layers = check_against_reference(model, images)
         assert layers == {layer.index for layer in attention_layers(model)}

@@ -277,9 +277,11 @@ def window_geometry(call: SdpaCall, stage: TokenGeometry, window: tuple[int, int
     return CallGeometry(not_model_tokens, centres, centres, 0, images, grid=stage, note=note)
 
 
-class SwinBlockAttention(AttentionAdapter):
-    """A Swin block's window attention, read at the block (it knows the stage's resolution,
-    its window and its shift). Subclasses set how the block's attention reaches SDPA."""
+class WindowBlockAttention(AttentionAdapter):
+    """A block whose attention runs in windows of its stage's grid (Swin, SAM, TinyViT),
+    read at the block: it sees the stage's resolution (its input is (B, H, W, C)) and knows
+    its window and shift. Subclasses say where the attention module is, its window and
+    shift, and how it reaches SDPA."""
 
     needs_model_grid = False
 
@@ -288,11 +290,21 @@ class SwinBlockAttention(AttentionAdapter):
         self.resolution: tuple[int, int] | None = None
 
     @property
+    def attention(self) -> nn.Module:
+        return self.module.attn
+
+    @property
     def num_heads(self) -> int:
-        return int(self.module.attn.num_heads)
+        return int(self.attention.num_heads)
+
+    def window(self) -> tuple[int, int]:
+        return tuple(int(w) for w in self.module.window_size)
+
+    def shift(self) -> tuple[int, int]:
+        return 0, 0
 
     def attention_reading(self) -> contextlib.AbstractContextManager:
-        return fused(self.module.attn)
+        return fused(self.attention)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -303,13 +315,12 @@ class SwinBlockAttention(AttentionAdapter):
             yield
 
     def geometry_key(self, call: SdpaCall) -> tuple:
-        return (type(self).__name__, self.resolution, tuple(self.module.window_size), tuple(self.module.shift_size),
-                tuple(call.q.shape), str(call.q.device))
+        return (type(self).__name__, self.resolution, self.window(), self.shift(), tuple(call.q.shape),
+                str(call.q.device))
 
     def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
         height, width = self.resolution
-        window = tuple(int(w) for w in self.module.window_size)
-        shift = tuple(int(s) for s in self.module.shift_size)
+        window, shift = self.window(), self.shift()
         padded = (math.ceil(height / window[0]) * window[0], math.ceil(width / window[1]) * window[1])
         per_image = (padded[0] // window[0]) * (padded[1] // window[1])
         note = f"windows of {window[0]}x{window[1]} tokens" + (f", shifted by {shift[0]},{shift[1]}" if any(shift)
@@ -317,6 +328,13 @@ class SwinBlockAttention(AttentionAdapter):
         if padded != (height, width):
             note += f"; the {height}x{width} grid padded to {padded[0]}x{padded[1]} (padding tokens attend, as in the block)"
         return window_geometry(call, stage_geometry(height, width, geometry), window, per_image, note)
+
+
+class SwinBlockAttention(WindowBlockAttention):
+    """A Swin block: its window and its shift (half a window in every other block)."""
+
+    def shift(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.module.shift_size)
 
 
 _SwinBlock = _timm_class("timm.models.swin_transformer", "SwinTransformerBlock")
@@ -406,7 +424,7 @@ if _PvtAttention is not None:
         @contextlib.contextmanager
         def reading(self) -> Iterator[None]:
             def record(args: tuple) -> None:
-                self.resolution = (int(args[1][0]), int(args[1][1]))  # forward(x, feat_size)
+                self.resolution = (int(args[1][0]), int(args[1][1]))  # forward(x, feat_size) / forward(x, size)
 
             with fused(self.module), recording_input(self.module, record):
                 yield
@@ -431,7 +449,7 @@ if _PvtAttention is not None:
         def key_cells(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, str]:
             """The centres, in tokens of the stage grid, of the key rows and columns."""
             module = self.module
-            if module.pool is not None:  # adaptive average pool to a fixed size, then a 1x1 projection
+            if getattr(module, "pool", None) is not None:  # adaptive average pool to a fixed size, then a 1x1 projection
                 size = module.pool.output_size
                 size = (size, size) if isinstance(size, int) else tuple(size)
 
@@ -503,3 +521,146 @@ if _CrossVit is not None and _TimmAttention is not None:
             return CallGeometry(torch.full((call.num_queries,), -1, device=device), queries, centres, prefix,
                                 torch.arange(call.q.shape[0], device=device), grid=stage,
                                 note=f"branch {self.branch}: {self.grid[0]}x{self.grid[1]} tokens")
+
+
+# --- TinyViT and SAM: windows without a shift --------------------------------------------------------
+_TinyVitBlock = _timm_class("timm.models.tiny_vit", "TinyVitBlock")
+_TinyVitAttention = _timm_class("timm.models.tiny_vit", "Attention")
+
+if _TinyVitBlock is not None and _TinyVitAttention is not None:
+    @register_adapter
+    class TinyVitWindowAttention(WindowBlockAttention):
+        """TinyViT: attention (with its learned attention biases, passed as SDPA's mask) in
+        windows of the stage grid; one window when the grid is the window's size."""
+
+        name = "tinyvit-windows"
+        module_type = _TinyVitBlock
+
+        @classmethod
+        def reads(cls, module: nn.Module) -> bool:
+            return (super().reads(module) and type(module.attn).forward is _TinyVitAttention.forward
+                    and hasattr(module.attn, "fused_attn"))
+
+        def window(self) -> tuple[int, int]:
+            height, width = self.resolution
+            size = int(self.module.window_size)
+            return (height, width) if (height, width) == (size, size) else (size, size)
+
+
+def _sam_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's SAM ViT Attention.forward with a four-dimensional SDPA call (batch, heads,
+    tokens, channels) where the module folds the heads into the batch."""
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+    B, H, W, _ = x.shape
+    N = H * W
+    x = x.reshape(B, N, -1)
+    qkv = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, B * self.num_heads, N, -1).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rel_pos:
+        attn_bias = get_decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        attn_bias = attn_bias.reshape(B, self.num_heads, N, N)
+    else:
+        attn_bias = None
+        if self.rope is not None:
+            rope = self.rope.get_embed()
+            q = apply_rot_embed_cat(q, rope).type_as(v)
+            k = apply_rot_embed_cat(k, rope).type_as(v)
+    q, k, v = (t.reshape(B, self.num_heads, N, -1) for t in (q, k, v))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    return self.proj_drop(self.proj(x)).view(B, H, W, -1)
+
+
+_SamBlock = _timm_class("timm.models.vision_transformer_sam", "Block")
+_SamAttention = _timm_class("timm.models.vision_transformer_sam", "Attention")
+
+if _SamBlock is not None and _SamAttention is not None:
+    @register_adapter
+    class SamWindowAttention(WindowBlockAttention):
+        """SAM's ViT: most blocks attend in windows (no shift), some over the whole grid, all
+        with a decomposed relative position bias."""
+
+        name = "sam-windows"
+        module_type = _SamBlock
+
+        @classmethod
+        def reads(cls, module: nn.Module) -> bool:
+            return super().reads(module) and type(module.attn).forward is _SamAttention.forward
+
+        def window(self) -> tuple[int, int]:
+            size = int(self.module.window_size)
+            return (size, size) if size > 0 else self.resolution
+
+        def attention_reading(self):
+            return forward_replaced(self.attention, _sam_attention_forward)
+
+
+# --- Twins: locally grouped windows, and global sub-sampled keys --------------------------------------
+def _lsa_forward(self, x: torch.Tensor, size) -> torch.Tensor:
+    """timm's Twins LocallyGroupedAttn.forward (the padding variant) with its windows folded
+    into the batch of a four-dimensional SDPA call (image-major, as the reader expects)."""
+    B, N, C = x.shape
+    H, W = size
+    x = x.view(B, H, W, C)
+    pad_r = (self.ws - W % self.ws) % self.ws
+    pad_b = (self.ws - H % self.ws) % self.ws
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, Hp, Wp, _ = x.shape
+    _h, _w = Hp // self.ws, Wp // self.ws
+    x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)
+    qkv = self.qkv(x).reshape(B, _h * _w, self.ws * self.ws, 3, self.num_heads, C // self.num_heads).permute(
+        3, 0, 1, 4, 2, 5)
+    q, k, v = (t.reshape(B * _h * _w, self.num_heads, self.ws * self.ws, -1) for t in qkv.unbind(0))
+    x = F.scaled_dot_product_attention(q, k, v).reshape(B, _h * _w, self.num_heads, self.ws * self.ws, -1)
+    x = x.transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, C)
+    x = x.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, C)
+    if pad_r > 0 or pad_b > 0:
+        x = x[:, :H, :W, :].contiguous()
+    return self.proj_drop(self.proj(x.reshape(B, N, C)))
+
+
+_LocallyGrouped = _timm_class("timm.models.twins", "LocallyGroupedAttn")
+_GlobalSubSample = _timm_class("timm.models.twins", "GlobalSubSampleAttn")
+
+if _LocallyGrouped is not None:
+    @register_adapter
+    class LocallyGroupedAttention(AttentionAdapter):
+        """Twins' locally grouped attention: windows of `ws` tokens of the stage grid."""
+
+        name = "twins-local-windows"
+        module_type = _LocallyGrouped
+        needs_model_grid = False
+
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__(module)
+            self.resolution: tuple[int, int] | None = None
+
+        @contextlib.contextmanager
+        def reading(self) -> Iterator[None]:
+            def record(args: tuple) -> None:
+                self.resolution = (int(args[1][0]), int(args[1][1]))  # forward(x, size)
+
+            with forward_replaced(self.module, _lsa_forward), recording_input(self.module, record):
+                yield
+
+        def geometry_key(self, call: SdpaCall) -> tuple:
+            return type(self).__name__, self.resolution, int(self.module.ws), tuple(call.q.shape), str(call.q.device)
+
+        def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+            height, width = self.resolution
+            size = int(self.module.ws)
+            per_image = math.ceil(height / size) * math.ceil(width / size)
+            return window_geometry(call, stage_geometry(height, width, geometry), (size, size), per_image,
+                                   f"windows of {size}x{size} tokens")
+
+if _GlobalSubSample is not None:
+    @register_adapter
+    class GlobalSubSampledAttention(SpatialReductionAttention):
+        """Twins' global sub-sampled attention: keys from the stage grid reduced by a strided
+        convolution, as in PVT."""
+
+        name = "twins-global-subsampled"
+        module_type = _GlobalSubSample
