@@ -403,31 +403,43 @@ if _SwinV2Block is not None and _SwinV2Attention is not None:
             return forward_replaced(self.module.attn, _swin_v2_attention_forward)
 
 
+class StageSizedAttention(AttentionAdapter):
+    """A module told its stage's grid size: `forward(x, (H, W))` (PVT-v2, Twins). Subclasses
+    say how its attention reaches SDPA (`attention_path`) and place the call's tokens."""
+
+    needs_model_grid = False
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.resolution: tuple[int, int] | None = None
+
+    def attention_path(self) -> contextlib.AbstractContextManager:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        def record(args: tuple) -> None:
+            self.resolution = (int(args[1][0]), int(args[1][1]))
+
+        with self.attention_path(), recording_input(self.module, record):
+            yield
+
+
 # --- PVT-v2: spatial-reduction attention -----------------------------------------------------------------
 _PvtAttention = _timm_class("timm.models.pvt_v2", "Attention")
 
 if _PvtAttention is not None:
     @register_adapter
-    class SpatialReductionAttention(AttentionAdapter):
+    class SpatialReductionAttention(StageSizedAttention):
         """PVT-v2: queries are the stage's tokens; keys and values come from a reduced grid
         (a strided convolution of `sr_ratio`, or for the linear variant an adaptive average
         pool), each key at the centre of the tokens it summarises."""
 
         name = "pvt-spatial-reduction"
         module_type = _PvtAttention
-        needs_model_grid = False
 
-        def __init__(self, module: nn.Module) -> None:
-            super().__init__(module)
-            self.resolution: tuple[int, int] | None = None
-
-        @contextlib.contextmanager
-        def reading(self) -> Iterator[None]:
-            def record(args: tuple) -> None:
-                self.resolution = (int(args[1][0]), int(args[1][1]))  # forward(x, feat_size) / forward(x, size)
-
-            with fused(self.module), recording_input(self.module, record):
-                yield
+        def attention_path(self):
+            return fused(self.module)
 
         def geometry_key(self, call: SdpaCall) -> tuple:
             return type(self).__name__, id(self.module), self.resolution, tuple(call.q.shape), tuple(call.k.shape)
@@ -627,24 +639,14 @@ _GlobalSubSample = _timm_class("timm.models.twins", "GlobalSubSampleAttn")
 
 if _LocallyGrouped is not None:
     @register_adapter
-    class LocallyGroupedAttention(AttentionAdapter):
+    class LocallyGroupedAttention(StageSizedAttention):
         """Twins' locally grouped attention: windows of `ws` tokens of the stage grid."""
 
         name = "twins-local-windows"
         module_type = _LocallyGrouped
-        needs_model_grid = False
 
-        def __init__(self, module: nn.Module) -> None:
-            super().__init__(module)
-            self.resolution: tuple[int, int] | None = None
-
-        @contextlib.contextmanager
-        def reading(self) -> Iterator[None]:
-            def record(args: tuple) -> None:
-                self.resolution = (int(args[1][0]), int(args[1][1]))  # forward(x, size)
-
-            with forward_replaced(self.module, _lsa_forward), recording_input(self.module, record):
-                yield
+        def attention_path(self):
+            return forward_replaced(self.module, _lsa_forward)
 
         def geometry_key(self, call: SdpaCall) -> tuple:
             return type(self).__name__, self.resolution, int(self.module.ws), tuple(call.q.shape), str(call.q.device)
