@@ -49,6 +49,9 @@ MAX_PARAMS = 100e6  # an architecture that cannot be built smaller than this is 
 DEPTH_KEYS = ("depth", "depths", "layers", "depth_token_only", "local_up_to_layer", "cls_attn_layers")
 SMALL_IMAGE = 128  # a flat model is rebuilt for an image near this side (probe costs grow with its pixels)
 IMAGES = 2
+# The coverage asks whether each probe runs, not for its intervals: 100 bootstrap resamples
+# instead of the probes' 2,000 (the receptive field's resampled radii cost seconds a model).
+RESAMPLES = 100
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ def build_small(name: str, family: Family) -> tuple[nn.Module, dict[str, Any]]:
         spacing = info.patch_size
         if "img_size" not in kwargs and spacing and isinstance(spacing, int):
             side = spacing * max(4, min(8, SMALL_IMAGE // spacing))  # a 4x4 to 8x8 grid near SMALL_IMAGE pixels
-            if side < max(info.grid) * spacing:
+            if info.grid is None or side < max(info.grid) * spacing:  # (no grid: it follows the image)
                 with contextlib.suppress(Exception):
                     model, kwargs = _create(name, dict(kwargs, img_size=side)), dict(kwargs, img_size=side)
         return model, kwargs
@@ -224,11 +227,25 @@ def run_probes(model: nn.Module, images: torch.Tensor, probes: Iterable[str]) ->
             continue
         valued = table[table["value"].notna()]
         if len(valued):
-            layers = valued["layer"].dropna().nunique()
-            outcomes[name] = Outcome("measured", f"{layers} layers" if layers else "")
+            outcomes[name] = Outcome("measured", measured_detail(name, table))
         else:
             outcomes[name] = Outcome("refused", str(table["note"].iloc[0]))
     return outcomes
+
+
+def measured_detail(probe_name: str, table: pd.DataFrame) -> str:
+    """How much of the model a probe measured: for attention-distance, the layers with a
+    distance among the attention layers it found (class attention has none; a module no
+    adapter reads has a row saying why)."""
+    layers = table["layer"].dropna().nunique()
+    if probe_name == "attention-distance":
+        rows = table[table["metric"] == "mean_distance_px"]
+        distance = rows[rows["value"].notna()]["layer"].nunique()
+        unread = rows[rows["note"].str.contains(" is not read", regex=False)]["layer"].nunique()
+        detail = f"{distance} of {layers} attention layers with a distance"
+        return detail + (f", {unread} not read" if unread else "")
+    valued = table[table["value"].notna()]["layer"].dropna().nunique()
+    return f"{valued} layers" if valued else ""
 
 
 def first_line(err: BaseException) -> str:
@@ -238,33 +255,43 @@ def first_line(err: BaseException) -> str:
 
 def cover(pairs: list[tuple[str, str]], probes: Iterable[str] = PROBES, log=None) -> pd.DataFrame:
     """One row per architecture: family, name, how it was built, and each probe's outcome."""
+    import localitylab.probes.base as probe_base
+
     probes = list(probes)
     rows = []
-    for module, name in pairs:
-        family = FAMILIES[module]
-        started = time.perf_counter()
-        row: dict[str, Any] = {"family": module, "vit_family": family.vit, "architecture": name}
-        with quiet(), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                model, kwargs = build_small(name, family)
-            except NotBuilt as err:
-                row.update({"built": f"not built: {err}", "params": None, "input": ""})
-                row.update({p: "not built" for p in probes})
-                rows.append(row)
-                continue
-            built, size = described(kwargs), input_size(model, kwargs)
-            generator = torch.Generator().manual_seed(0)
-            images = torch.randn(IMAGES, *size, generator=generator)
-            outcomes = run_probes(model, images, probes)
-        row.update({"built": built, "params": sum(p.numel() for p in model.parameters()),
-                    "input": "x".join(str(v) for v in size)})
-        for name_, outcome in outcomes.items():
-            row[name_] = outcome.status + (f": {outcome.detail}" if outcome.detail else "")
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        rows.append(row)
-        if log:
-            log(f"{module:28s} {name:50s} " + " ".join(f"{p}={row[p].split(':')[0]}" for p in probes))
+    saved, probe_base.RESAMPLES = probe_base.RESAMPLES, RESAMPLES
+    try:
+        for module, name in pairs:
+            rows.append(cover_one(module, name, probes, log))
+    finally:
+        probe_base.RESAMPLES = saved
     return pd.DataFrame(rows)
+
+
+def cover_one(module: str, name: str, probes: list[str], log=None) -> dict[str, Any]:
+    """One architecture's row: how it was built and each probe's outcome."""
+    family = FAMILIES[module]
+    started = time.perf_counter()
+    row: dict[str, Any] = {"family": module, "vit_family": family.vit, "architecture": name}
+    with quiet(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            model, kwargs = build_small(name, family)
+        except NotBuilt as err:
+            row.update({"built": f"not built: {err}", "params": None, "input": ""})
+            row.update({p: "not built" for p in probes})
+            return row
+        built, size = described(kwargs), input_size(model, kwargs)
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(IMAGES, *size, generator=generator)
+        outcomes = run_probes(model, images, probes)
+    row.update({"built": built, "params": sum(p.numel() for p in model.parameters()),
+                "input": "x".join(str(v) for v in size)})
+    for probe_name, outcome in outcomes.items():
+        row[probe_name] = outcome.status + (f": {outcome.detail}" if outcome.detail else "")
+    row["seconds"] = round(time.perf_counter() - started, 2)
+    if log:
+        log(f"{module:28s} {name:50s} " + " ".join(f"{p}={row[p].split(':')[0]}" for p in probes))
+    return row
 
 
 def family_summary(table: pd.DataFrame, probes: Iterable[str]) -> pd.DataFrame:
@@ -281,10 +308,15 @@ def family_summary(table: pd.DataFrame, probes: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def attention_measured(table: pd.DataFrame) -> pd.Series:
-    """Per family: does attention-distance measure at least one architecture of it?"""
-    status = table["attention-distance"].str.split(":").str[0]
-    return (status == "measured").groupby(table["family"], sort=False).any()
+def attention_measured(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Per family: (are attention distances measured in at least one architecture; is every
+    attention layer of every built architecture read, measured or reported as class attention)."""
+    outcome = table["attention-distance"]
+    with_distance = outcome.str.extract(r"^measured: (\d+) of", expand=False).astype(float).fillna(0) > 0
+    built = ~table["built"].str.startswith("not built")
+    fully = outcome.str.startswith("measured") & ~outcome.str.contains("not read", regex=False)
+    families = table["family"]
+    return with_distance.groupby(families, sort=False).any(), (fully | ~built).groupby(families, sort=False).all()
 
 
 def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
@@ -294,7 +326,7 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
 
     summary = family_summary(table, probes)
     vit = table[table["vit_family"]]
-    measured = attention_measured(vit)
+    measured, fully_read = attention_measured(vit)
     failed = sum((table[p].str.startswith("failed")).sum() for p in probes)
     lines = [
         "# Model coverage: which timm models the probes read",
@@ -305,12 +337,15 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
         "",
         "Every architecture of each timm model file below is built untrained at a small size (the `built` column: "
         "a few blocks, a narrow width, a small image; the same code as the full model) and every probe runs on "
-        f"{IMAGES} random images through `localitylab.probe`. An outcome is **measured** (the table has values), "
+        f"{IMAGES} random images through `localitylab.probe` (intervals from {RESAMPLES} bootstrap resamples: the "
+        "question here is whether a probe runs). An outcome is **measured** (the table has values), "
         "**refused** (the probe says why it does not apply, naming what it found) or **failed** (the probe raised: "
         "a bug).",
         "",
-        f"- ViT families whose attention the attention probes measure: **{int(measured.sum())} of {len(measured)}** "
-        f"({measured.mean():.0%})" if len(measured) else "- no ViT family in this run",
+        f"- ViT families whose attention distances the attention probes measure: **{int(measured.sum())} of "
+        f"{len(measured)}** ({measured.mean():.0%})" if len(measured) else "- no ViT family in this run",
+        f"- ViT families every attention layer of which is read (a distance, or class attention reported as such): "
+        f"{int(fully_read.sum())} of {len(fully_read)}; not: {', '.join(fully_read[~fully_read].index) or 'none'}",
         f"- probe runs that failed: **{failed}** of {len(table) * len(probes)}",
         f"- architectures built: {int((~table['built'].str.startswith('not built')).sum())} of {len(table)}",
         "",
@@ -352,7 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
     probes = [p for p in args.probes.split(",") if p]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     table = cover(architectures(families, args.per_family), probes, log=lambda line: print(line, flush=True))
     from localitylab.io import write_text

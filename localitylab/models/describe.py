@@ -73,10 +73,12 @@ def describe_model(model: nn.Module) -> ModelInfo:
 def token_layout(patch_embed: nn.Module) -> tuple[tuple[int, int] | None, int | float | None, str]:
     """(grid, pixels per token side, note) of the tokens an embedding makes from one image.
 
-    The spacing is the image side over the grid side, not the embedding's patch: timm's
-    HybridEmbed cuts 1x1 patches from a backbone's feature map, so its tokens are the
-    backbone's stride apart. An embedding that makes several grids (CrossViT) or none
-    timm describes gets a note instead."""
+    The spacing is the tokens' stride on the image, the image side over the grid side where
+    the patches fill the image: for timm's HybridEmbed, which cuts patches from a backbone's
+    feature map, the backbone's stride (timm's `feature_ratio`) times the patch, not the
+    patch; for a patch embedding, the patch (SigLIP's 14 px patches of a 384 px image make
+    27 tokens a side, 14 px apart, and leave the last 6 pixels out). An embedding that makes
+    several grids (CrossViT) or none timm describes gets a note instead."""
     name = type(patch_embed).__name__
     if isinstance(patch_embed, (nn.ModuleList, nn.ModuleDict)):
         return None, None, f"{len(patch_embed)} patch embeddings ({name}): tokens on several grids"
@@ -87,7 +89,13 @@ def token_layout(patch_embed: nn.Module) -> tuple[tuple[int, int] | None, int | 
         grid = (img_size[0] // patch[0], img_size[1] // patch[1])  # e.g. XCiT's ConvPatchEmbed
     if grid is None or img_size is None or min(grid) < 1:
         return None, None, f"{name} says no image size and token grid"
-    spacing = [img_size[axis] / grid[axis] for axis in (0, 1)]
+    ratio = _pair(getattr(patch_embed, "feature_ratio", None))
+    if ratio is not None and patch is not None:  # HybridEmbed: the backbone's stride times the patch
+        spacing = [float(ratio[axis] * patch[axis]) for axis in (0, 1)]
+    elif patch is not None:  # the patch is the stride: an image side the patches do not fill loses its last pixels
+        spacing = [float(patch[axis]) for axis in (0, 1)]
+    else:
+        spacing = [img_size[axis] / grid[axis] for axis in (0, 1)]
     if spacing[0] != spacing[1]:
         return None, None, f"{name} spaces tokens {spacing[0]:g} px apart in rows and {spacing[1]:g} in columns"
     return grid, int(spacing[0]) if spacing[0].is_integer() else spacing[0], ""
