@@ -127,6 +127,8 @@ _register_fused("beit-relative-bias", "timm.models.beit", "Attention",
                 "BEiT attention: the relative position bias is the SDPA call's additive mask.")
 _register_fused("relpos-bias", "timm.models.vision_transformer_relpos", "RelPosAttention",
                 "vit_relpos attention: the relative position bias is the SDPA call's additive mask.")
+_register_fused("gemma4-rotary", "timm.models.gemma4_vit", "Gemma4Attention",
+                "Gemma 4's vision attention: q and k normalised and rotated (2-D rotary) before the fused SDPA call.")
 
 
 # --- class attention: the only query is the class token --------------------------------------------

@@ -7,6 +7,7 @@ our PiTs and ViTs, ConvNets and arbitrary timm models.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -51,6 +52,11 @@ class ModelInfo:
 def describe_model(model: nn.Module) -> ModelInfo:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    encoder = getattr(model, "encoder", None)
+    if getattr(model, "patch_embed", None) is None and isinstance(encoder, nn.Module) \
+            and getattr(encoder, "patch_embed", None) is not None and hasattr(encoder, "blocks"):
+        # a classifier around an encoder (timm's DeepSeek, Qwen3 and Gemma 4 ViTs)
+        return dataclasses.replace(describe_model(encoder), params=params, trainable_params=trainable)
     patch_embed = getattr(model, "patch_embed", None)
     embeds = getattr(model, "embeds", None)
     if patch_embed is None and embeds is not None and hasattr(model, "blocks") and getattr(embeds, "patch_size", None):
@@ -67,6 +73,11 @@ def describe_model(model: nn.Module) -> ModelInfo:
                          position_embedding_kind(model, None) if patch_embed is not None else "n/a", note)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     grid, spacing, note = token_layout(patch_embed)
+    patch = _pair(getattr(patch_embed, "patch_size", None))
+    if grid is None and getattr(patch_embed, "img_size", None) is None and patch is not None and patch[0] == patch[1]:
+        return ModelInfo(params, trainable, True, patch[0], None, prefix, position_embedding_kind(model, None),
+                         f"{type(patch_embed).__name__}: {patch[0]} px patches, the grid follows the image",
+                         grid_from_image=True)  # e.g. Gemma 4's patch embedding: any image size
     return ModelInfo(params, trainable, True, spacing, grid, prefix, position_embedding_kind(model, grid), note)
 
 
