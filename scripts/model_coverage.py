@@ -12,8 +12,9 @@ outcome is one of:
 
 Families (timm model files) are in two groups: the ViT family proper (a stack of
 Transformer blocks attending over a grid of image tokens, flat or by stages), which the
-attention probes should read, and other models that use attention somewhere (hybrids with
-convolutional stages, linear or channel attention), listed so their outcomes are known.
+attention probes should read, every architecture of it; and other models that use attention
+somewhere (convolutional stages with attention in places, linear or channel attention),
+their first few architectures, listed so their outcomes are known.
 
     python scripts/model_coverage.py                  # everything -> docs/model-coverage.md  (make coverage)
     python scripts/model_coverage.py --families eva,beit --per-family 2 --out /tmp/x.md
@@ -139,13 +140,21 @@ def quiet() -> contextlib.AbstractContextManager:
     return stack
 
 
+# The other families (convolutional stages with attention in places) are listed by their first
+# architectures only: their outcomes say what the probes do with such models, and most of them
+# cannot be built small (no depth or width to shrink), so every one costs a full-size forward.
+OTHER_FAMILY_ARCHITECTURES = 3
+
+
 def architectures(families: Iterable[str], per_family: int | None = None) -> list[tuple[str, str]]:
+    """(family, architecture) pairs: every architecture of a ViT family, the first few of the others."""
     import timm
 
     found = []
     for module in families:
         names = timm.list_models(module=module)
-        found += [(module, name) for name in (names if per_family is None else names[:per_family])]
+        limit = per_family if per_family is not None else (None if FAMILIES[module].vit else OTHER_FAMILY_ARCHITECTURES)
+        found += [(module, name) for name in (names if limit is None else names[:limit])]
     return found
 
 
@@ -335,7 +344,9 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
         f"{torch.__version__}, localitylab {localitylab.__version__}, in {seconds / 60:.1f} minutes. Regenerate it when "
         "timm is upgraded.",
         "",
-        "Every architecture of each timm model file below is built untrained at a small size (the `built` column: "
+        "Every architecture of each ViT-family timm model file below (and the first "
+        f"{OTHER_FAMILY_ARCHITECTURES} of each other family using attention) is built untrained at a small size "
+        "(the `built` column: "
         "a few blocks, a narrow width, a small image; the same code as the full model) and every probe runs on "
         f"{IMAGES} random images through `localitylab.probe` (intervals from {RESAMPLES} bootstrap resamples: the "
         "question here is whether a probe runs). An outcome is **measured** (the table has values), "
