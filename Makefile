@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench coverage clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# Which timm models the probes read: docs/model-coverage.md (and .csv). Re-run after upgrading timm.
+coverage: $(STAMP)
+	$(BIN)/python scripts/model_coverage.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -149,14 +149,18 @@ def probe(
     source: Optional[str] = typer.Argument(None, help="A ckpt.pt, a run folder, a registry name (untrained) or timm:NAME."),
     data: Optional[str] = typer.Option(None, help="Data set (default: the checkpoint's; digits for others)."),
     data_dir: Optional[Path] = typer.Option(None, help="Where data sets live."),
-    img_size: Optional[int] = typer.Option(None, help="Image size for folder: data sets."),
+    img_size: Optional[int] = typer.Option(None, help="Image size for folder: data sets; for a timm: model with "
+                                           "--pretrained or --weights, the model's input size (default: its own)."),
     images: int = typer.Option(128, help="How many test images (a seeded subset)."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, help="Seed for the image subset and any randomness in the probe."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default <run folder>/probes)."),
     model_kw: Optional[List[str]] = typer.Option(None, "--model-kw", help="key=value for registry/timm: models."),
-    weights: Optional[Path] = typer.Option(None, help="Weights for a timm: model (safetensors or state dict)."),
+    weights: Optional[Path] = typer.Option(None, help="Weights for a timm: model (safetensors or state dict), "
+                                           "loaded the way timm loads them; the model's own input pipeline."),
+    pretrained: bool = typer.Option(False, help="timm:NAME[.TAG]: timm's pretrained weights (Hugging Face hub, its "
+                                    "cache, HF_HUB_OFFLINE) and the model's own input pipeline."),
     pos_embed: Optional[str] = typer.Option(None, help="Position embedding of an untrained pit/vit."),
     query: Optional[str] = typer.Option(None, help="attention-maps: query pixels 'row,col' (';' between several)."),
     per_head: bool = typer.Option(False, help="attention-maps: draw every head, not only their mean."),
@@ -183,7 +187,7 @@ def probe(
     request = ProbeRequest(
         source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, n_images=images,
         batch_size=batch_size, device=device, seed=seed, out=out, model_kw=parse_model_kw(model_kw),
-        weights=str(weights) if weights else None, pos_embed=pos_embed, options=options,
+        weights=str(weights) if weights else None, pretrained=pretrained, pos_embed=pos_embed, options=options,
     )
     for output in run_probes([name], request):
         note = ""

@@ -45,7 +45,11 @@ def show_study(file: Path, scale: str | None) -> None:
     for row in plan["runs"]:
         table.add_row(row["run"], row["model"], str(row["seed"]), "-" if row["permute_pixels"] is None else str(row["permute_pixels"]),
                       str(row["epochs"]), f"{row['gflops_per_image']:.3g}", f"{row['train_pflops']:.3g}", "yes" if row["done"] else "")
-    console.print(table)
+    if plan["runs"]:
+        console.print(table)
+    for row in plan["pretrained"]:
+        console.print(f"{row['run']}: {row['model']} with timm's pretrained weights, probed only"
+                      + (" (done)" if row["done"] else ""))
     probes = ", ".join(plan["probes"])
     console.print(f"probes: {probes} on {plan['probe_images']} test images per run; then one report")
     hours = plan["estimated_hours"]

@@ -6,6 +6,7 @@ timm) happen on first use, so `localitylab --help` stays quick.
 
     import localitylab
     model = localitylab.load("runs/pit-n-digits/ckpt.pt")   # eval mode; model.run has its spec
+    table = localitylab.probe("attention-distance", model, uint8_images)   # any nn.Module probes can read
 """
 
 from localitylab.version import __version__  # noqa: F401
@@ -21,8 +22,16 @@ def __getattr__(name):
         from localitylab.train.checkpoint import load
 
         return load
-    if name == "train":
-        return importlib.import_module("localitylab.train")
-    if name in ("TrainConfig", "evaluate"):
-        return getattr(importlib.import_module("localitylab.train"), name)
+    if name == "probe":
+        from localitylab.probes.api import probe
+
+        return probe
+    if name == "Preprocessing":
+        from localitylab.models.preprocessing import Preprocessing
+
+        return Preprocessing
+    if name in ("train", "TrainConfig", "evaluate"):
+        import localitylab.train as training
+
+        return getattr(training, name)
     raise AttributeError(f"module 'localitylab' has no attribute {name!r}")

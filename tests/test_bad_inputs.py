@@ -166,6 +166,17 @@ def _empty_folder(tmp: Path) -> None:
     (tmp / "empty").mkdir()
 
 
+def _test_vit_weights(tmp: Path) -> None:
+    from tests.hub_cache import write_weights_file
+
+    write_weights_file(tmp / "test_vit.safetensors")
+
+
+def _pretrained_registry_study(tmp: Path) -> None:
+    (tmp / "study.toml").write_text('[study]\nname = "s"\ndataset = "digits"\n\n[[models]]\nmodel = "pit-n"\n'
+                                    'pretrained = true\n')
+
+
 TRAIN_BASE = ["train", "pit-n", "digits", "--out", "{out}"]
 TRAIN = [*TRAIN_BASE, "--epochs", "1"]  # one epoch, should a case ever get as far as training
 
@@ -324,6 +335,25 @@ CASES = [
     Case("probe-data-wrong-shape", "probe a checkpoint on data of another shape",
          ["probe", "attention-distance", "{fx}/run/ckpt.pt", "--data", "shapes-16", "--out", "{out}"],
          "has images of shape (3, 16, 16); the model takes (1, 8, 8)"),
+    # weights trained elsewhere
+    Case("probe-pretrained-and-weights", "--pretrained and --weights together",
+         ["probe", "attention-distance", "timm:test_vit.r160_in1k", "--pretrained", "--weights", "{tmp}/w.safetensors",
+          "--out", "{out}"], "give --pretrained (timm's own weights) or --weights FILE, not both"),
+    Case("probe-pretrained-registry-model", "--pretrained for a registry model",
+         ["probe", "attention-distance", "pit-n", "--pretrained", "--out", "{out}"],
+         "--pretrained applies to timm:NAME models"),
+    Case("probe-pretrained-unknown-tag", "a pretrained tag timm does not have",
+         ["probe", "attention-distance", "timm:test_vit.no_such_tag", "--pretrained", "--out", "{out}"],
+         "timm has no pretrained tag 'no_such_tag' for test_vit; tags: r160_in1k"),
+    Case("probe-pretrained-none-exist", "--pretrained for an architecture timm has no weights for",
+         ["probe", "attention-distance", "timm:vit_small_patch16_18x2_224", "--pretrained", "--out", "{out}"],
+         "timm has no pretrained weights for vit_small_patch16_18x2_224"),
+    Case("probe-weights-of-another-model", "--weights of one timm model for another",
+         ["probe", "attention-distance", "timm:test_vit2", "--weights", "{tmp}/test_vit.safetensors", "--out", "{out}"],
+         "do not fit timm:test_vit2", setup=_test_vit_weights),
+    Case("study-pretrained-registry-model", "a study model with pretrained = true that is not a timm: model",
+         ["study", "run", "{tmp}/study.toml", "--out", "{out}"], "pretrained = true applies to timm:NAME models",
+         setup=_pretrained_registry_study),
     # outputs
     Case("probe-out-is-a-file", "probe --out naming a file", ["probe", "attention-distance", "vit-n/2", "--out", "{fx}/a-file"],
          "is a file, not a folder"),

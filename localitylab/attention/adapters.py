@@ -95,10 +95,17 @@ class CallGeometry:
     key_centres: torch.Tensor  # (Nk - num_prefix_keys, 2) pixel centres of the non-prefix keys
     num_prefix_keys: int  # keys [0, num_prefix_keys) are prefix tokens
     images: torch.Tensor  # (R,) the image (within the forward's batch) of each batch row of the call
+    # The token grid this call's tokens belong to, for the probes' uniform-attention reference and
+    # fractions of the image (a Swin stage, a PVT stage); None: the model's own grid.
+    grid: TokenGeometry | None = None
+    class_query: bool = False  # the only queries are prefix tokens (CaiT's class attention): read those
+    note: str = ""  # what the probes should say about this layer's attention (windows, class attention, ...)
 
     def grid_rows(self) -> torch.Tensor:
-        """The query rows that are not prefix tokens."""
-        return torch.nonzero(~torch.isnan(self.query_centres[:, 0])).flatten()
+        """The query rows the probes read by default: those that are not prefix tokens, or for
+        class attention its prefix queries."""
+        prefix = torch.isnan(self.query_centres[:, 0])
+        return torch.nonzero(prefix if self.class_query else ~prefix).flatten()
 
 
 class AttentionAdapter:
@@ -108,6 +115,9 @@ class AttentionAdapter:
 
     name: ClassVar[str] = ""
     module_type: ClassVar[type[nn.Module] | None] = None
+    # Places its tokens with the model's one token grid (the default geometry). An adapter
+    # that places them itself (stages, windows) reads models that have no such grid.
+    needs_model_grid: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -116,6 +126,17 @@ class AttentionAdapter:
     def reads(cls, module: nn.Module) -> bool:
         return (cls.module_type is not None and isinstance(module, cls.module_type)
                 and type(module).forward is cls.module_type.forward)
+
+    @classmethod
+    def reads_in(cls, module: nn.Module, model: nn.Module, name: str) -> bool:
+        """Whether this adapter reads `module`, named `name` in `model` (by default: whatever
+        the model around it)."""
+        return cls.reads(module)
+
+    @classmethod
+    def bound(cls, module: nn.Module, model: nn.Module, name: str) -> "AttentionAdapter":
+        """The adapter of `module` in `model` (one that needs the model around it keeps what it needs)."""
+        return cls(module)
 
     @property
     def num_heads(self) -> int:
@@ -132,19 +153,39 @@ class AttentionAdapter:
         return type(self).__name__, tuple(call.q.shape), tuple(call.k.shape), str(call.q.device)
 
     def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        """A self-attention over the model's tokens: the whole sequence, prefix first, or the
+        grid tokens alone (layers that run before the prefix is added: ConViT's GPSA, CaiT's
+        self-attention)."""
         tokens = geometry.num_tokens
-        if call.num_queries != tokens or call.num_keys != tokens:
+        prefix_count = geometry.num_prefix_tokens
+        if call.num_queries == call.num_keys == geometry.num_grid_tokens:
+            prefix_count = 0
+        elif call.num_queries != tokens or call.num_keys != tokens:
             raise UserError(f"the model attends over {call.num_keys} tokens, but its grid {geometry.grid} and "
                             f"{geometry.num_prefix_tokens} prefix tokens make {tokens}; "
                             "attention probes need one token per grid cell")
         device = call.q.device
         centres = geometry.centres(device, torch.float64)
-        prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64, device=device)
-        return CallGeometry(torch.arange(tokens, device=device), torch.cat([prefix, centres]), centres,
-                            geometry.num_prefix_tokens, torch.arange(call.q.shape[0], device=device))
+        prefix = torch.full((prefix_count, 2), float("nan"), dtype=torch.float64, device=device)
+        first = geometry.num_prefix_tokens - prefix_count  # token indices stay the model's
+        return CallGeometry(torch.arange(first, tokens, device=device), torch.cat([prefix, centres]), centres,
+                            prefix_count, torch.arange(call.q.shape[0], device=device))
 
 
 _ADAPTERS: list[type[AttentionAdapter]] = []
+
+# Attention modules no adapter can read, and why (what the probes say instead of a number).
+WHY_UNREAD: dict[str, str] = {}
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """A module whose class says it is attention (the innermost such module is one layer)."""
+    name = type(module).__name__
+    return "attention" in name.lower() or "attn" in name.lower() or name in WHY_UNREAD
+
+
+def why_unread(module: nn.Module) -> str:
+    return WHY_UNREAD.get(type(module).__name__, "")
 
 
 def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
@@ -154,11 +195,13 @@ def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
     return cls
 
 
-def adapter_for(module: nn.Module) -> AttentionAdapter | None:
-    """The adapter that reads `module`, or None."""
-    for cls in _ADAPTERS:
-        if cls.reads(module):
-            return cls(module)
+def adapter_for(module: nn.Module, model: nn.Module | None = None, name: str = "") -> AttentionAdapter | None:
+    """The adapter that reads `module` (named `name` in `model`, where known), or None. Later
+    registrations are more specific, so they are asked first (CrossViT's branches use timm's
+    plain Attention, placed on their own grids)."""
+    for cls in reversed(_ADAPTERS):
+        if cls.reads(module) if model is None else cls.reads_in(module, model, name):
+            return cls(module) if model is None else cls.bound(module, model, name)
     return None
 
 

@@ -114,21 +114,57 @@ Consumer = Callable[[AttentionBlock], None]
 
 
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    """The readable attention modules of `model`, in the order the forward runs them."""
-    layers = []
+    """The readable attention modules of `model`, in the order the forward runs them. A
+    layer's index is its place among all the model's attention modules, read or not, so
+    it stays the block index in a model that mixes attention classes (XCiT's channel
+    attention, then class attention)."""
+    return [layer for layer in _attention_modules(model) if isinstance(layer, AttentionLayer)]
+
+
+@dataclass(frozen=True)
+class UnreadLayer:
+    """An attention module no adapter reads, at its layer index, with why (when known)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    why: str
+
+    @property
+    def class_name(self) -> str:
+        return type(self.module).__name__
+
+
+def unread_attention_layers(model: nn.Module) -> list[UnreadLayer]:
+    """The attention modules of `model` that no adapter reads, at their layer indices."""
+    return [layer for layer in _attention_modules(model) if isinstance(layer, UnreadLayer)]
+
+
+def _attention_modules(model: nn.Module) -> list[AttentionLayer | UnreadLayer]:
+    from localitylab.attention.adapters import looks_like_attention, why_unread
+
+    found: list[AttentionLayer | UnreadLayer] = []
+    inside: str | None = None  # the name of the read layer being walked (its submodules are part of it)
     for name, module in model.named_modules():
-        adapter = adapter_for(module)
+        if inside is not None and name.startswith(inside + "."):
+            continue
+        adapter = adapter_for(module, model, name)
         if adapter is not None:
-            layers.append(AttentionLayer(len(layers), name, module, adapter))
-    return layers
+            found.append(AttentionLayer(len(found), name, module, adapter))
+            inside = name
+        elif looks_like_attention(module) and not any(
+                looks_like_attention(child) or adapter_for(child) is not None
+                for child_name, child in module.named_modules() if child_name):
+            found.append(UnreadLayer(len(found), name, module, why_unread(module)))
+    return found
 
 
 def unread_attention_classes(model: nn.Module) -> list[str]:
-    """Class names of modules that look like attention but that no adapter reads."""
-    found = Counter(type(m).__name__ for m in model.modules()
-                    if "attention" in type(m).__name__.lower() and adapter_for(m) is None
-                    and not any(adapter_for(child) for child in m.modules()))
-    return [f"{name} (x{count})" if count > 1 else name for name, count in sorted(found.items())]
+    """Class names of modules that look like attention but that no adapter reads, each with
+    why it cannot be read where that is known."""
+    found = Counter((layer.class_name, layer.why) for layer in unread_attention_layers(model))
+    return [f"{name} (x{count}{': ' + why if why else ''})" if count > 1 else name + (f" ({why})" if why else "")
+            for (name, why), count in sorted(found.items())]
 
 
 def default_query_block(rows: int, heads: int, keys: int, device: torch.device | str = "cpu") -> int:

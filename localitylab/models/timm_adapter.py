@@ -1,8 +1,15 @@
-"""Any timm model as a localitylab model: `timm:NAME` with `--model-kw` and `--weights`.
+"""Any timm model as a localitylab model: `timm:NAME[.TAG]` with `--model-kw`, `--weights`
+and `--pretrained`.
 
-Image size, channels and classes come from the data set unless `--model-kw` sets them.
-Weights are read from local files only (safetensors or a plain state dict loaded with
-`weights_only=True`): nothing is fetched and nothing is unpickled.
+Built untrained (to train it, or as the no-learning baseline), a timm model takes its image
+size, channels and classes from the data set unless `--model-kw` sets them, as training
+does. With weights from elsewhere (`build_timm_pretrained`) it keeps the shapes those
+weights were trained for, and they are loaded the way timm loads them: `--pretrained`
+through its pretrained configs and the Hugging Face hub (the hub's own cache, `HF_HOME`,
+`HF_HUB_OFFLINE`), `--weights FILE` through the same `load_pretrained` on a state dict read
+from a local file (safetensors, or a torch file loaded with `weights_only=True`: nothing is
+unpickled), so timm's checkpoint filters, position-embedding resampling and input-conv
+adaptation apply to both.
 """
 
 from __future__ import annotations
@@ -17,14 +24,36 @@ from localitylab.errors import UserError
 from localitylab.models.spec import ModelSpec
 
 
-def build_timm_model(spec: ModelSpec) -> nn.Module:
+def check_timm_name(name: str) -> None:
+    """A UserError unless timm knows `name` (an architecture, with a pretrained tag if one is given)."""
     import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
 
-    name = spec.name[len("timm:"):]
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:5]
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
         raise UserError(f"unknown timm model {name!r}{hint}")
+    architecture, tag = split_model_name_tag(name)
+    if tag:
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:
+            raise UserError(f"timm has no pretrained tag {tag!r} for {architecture}; tags: "
+                            f"{pretrained_tags(architecture)}") from None
+
+
+def pretrained_tags(architecture: str) -> str:
+    import timm
+
+    names = timm.list_pretrained(f"{architecture}.*")
+    return ", ".join(n.split(".", 1)[1] for n in names) or "none (timm has no pretrained weights for it)"
+
+
+def build_timm_model(spec: ModelSpec) -> nn.Module:
+    import timm
+
+    name = spec.name[len("timm:"):]
+    check_timm_name(name)
     kwargs: dict[str, Any] = dict(in_chans=spec.in_chans, num_classes=spec.num_classes, img_size=spec.img_size)
     kwargs.update(spec.model_kw)
     try:
@@ -82,3 +111,122 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise UserError(f"weights in {path} do not fit the model: " + "; ".join(parts))
     model.load_state_dict(state)
+
+
+# --- weights trained elsewhere -----------------------------------------------------------------
+PRETRAINED = "pretrained"  # `weights` value: timm's own source for the model (the hub, or a URL)
+
+
+def build_timm_pretrained(name: str, weights: str | Path, img_size: int | None = None,
+                          model_kw: dict[str, Any] | None = None) -> nn.Module:
+    """timm model `name` (`arch` or `arch.tag`) with weights trained elsewhere, at the shapes
+    they were trained for: `weights` is PRETRAINED (timm's pretrained config: the Hugging Face
+    hub through its local cache, or the config's URL) or a local file. `img_size` overrides
+    the input size (timm resamples the position embedding); `model_kw` goes to the model.
+
+    Any failure to get or fit the weights is one UserError line."""
+    import timm
+
+    check_timm_name(name)
+    kwargs: dict[str, Any] = dict(model_kw or {})
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    overlay: dict[str, Any] = {}
+    if weights != PRETRAINED:
+        state = read_state_dict(weights)
+        overlay["state_dict"] = state  # timm's load_pretrained takes a state dict as its source
+        classes = file_num_classes(name, state)
+        if classes is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = classes
+            overlay["num_classes"] = classes  # the file's head is the model's: load it, strictly
+    else:
+        _check_has_pretrained(name)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except _loading_errors() as err:
+        raise UserError(_weights_error(name, weights, err)) from err
+
+
+def _loading_errors() -> tuple[type[BaseException], ...]:
+    """What getting and fitting weights raises: a missing cache entry or network (OSError,
+    the hub's errors), tensors that do not fit (RuntimeError), a config timm refuses."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ValueError, KeyError, TypeError)
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        errors += (HfHubHTTPError, OfflineModeIsEnabled)
+    except ImportError:
+        pass
+    return errors
+
+
+def _check_has_pretrained(name: str) -> None:
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        architecture = split_model_name_tag(name)[0]
+        raise UserError(f"timm has no pretrained weights for {name}; pretrained tags of {architecture}: "
+                        f"{pretrained_tags(architecture)}")
+
+
+def file_num_classes(name: str, state: dict[str, torch.Tensor]) -> int | None:
+    """How many classes the classifier in a state dict has (0 for a file without one, such as
+    a self-supervised encoder's), by the classifier name in timm's pretrained config; None
+    when the config names none."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    classifiers = cfg.classifier if cfg is not None else None
+    if not classifiers:
+        return None
+    first = classifiers if isinstance(classifiers, str) else classifiers[0]
+    weight = state.get(f"{first}.weight")
+    return int(weight.shape[0]) if weight is not None else 0
+
+
+def _weights_error(name: str, weights: str | Path, err: Exception) -> str:
+    """One line for a failure of timm's loading: a missing network or cache entry, a file whose
+    tensors do not fit, or anything else timm raised."""
+    text = " ".join(str(err).split())
+    where = "pretrained weights" if weights == PRETRAINED else f"weights in {weights}"
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # timm falls back to URLs without huggingface_hub
+        LocalEntryNotFoundError = OfflineModeIsEnabled = HfHubHTTPError = ()  # noqa: N806
+        constants = None
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        cache = getattr(constants, "HF_HUB_CACHE", "the hub cache")
+        offline = getattr(constants, "HF_HUB_OFFLINE", False)
+        why = ("the hub is offline (HF_HUB_OFFLINE)" if offline
+               else "the hub could not be reached")
+        return (f"timm:{name}: {where} are not in the local hub cache ({cache}) and {why}; "
+                f"download them once with network, or pass --weights FILE")
+    if isinstance(err, HfHubHTTPError):
+        return f"timm:{name}: the hub refused the {where}: {text[:300]}"
+    if isinstance(err, OSError):
+        return f"timm:{name}: {where} could not be fetched: {text[:300]}"
+    if isinstance(err, RuntimeError) and "state_dict" in text:
+        return f"{where} do not fit timm:{name}: {_load_mismatch(text)}"
+    return f"timm:{name}: {where} could not be loaded: {type(err).__name__}: {text[:300]}"
+
+
+def _load_mismatch(text: str) -> str:
+    """A one-line summary of torch's load_state_dict error (missing, unexpected, other shapes)."""
+    import re
+
+    parts = []
+    shapes = re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) "
+                        r"from checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    if shapes:
+        key, got, want = shapes[0]
+        parts.append(f"{len(shapes)} with other shapes (e.g. {key}: file {got}, model {want})")
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.(?: Unexpected|$| size)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.(?: size|$| Missing)")):
+        found = re.search(pattern, text)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+    return "; ".join(parts) or text[:300]

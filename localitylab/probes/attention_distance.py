@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from pydantic import field_validator
 
-from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances
+from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances, unread_attention_layers
 from localitylab.attention.kernels import kernel, weighted_distance
 from localitylab.probes.attention_probe import AttentionProbe
 from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, overlay
@@ -74,25 +74,40 @@ def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
 
 
 def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Tensor], geometry: TokenGeometry,
-                      n_images: int) -> None:
+                      n_images: int, note: str = "", class_query: bool = False) -> None:
     """The table's rows of one layer from per-image means over queries, values[...] being
-    (n_images, heads): first the mean over heads (head empty), then each head."""
+    (n_images, heads): first the mean over heads (head empty), then each head. `geometry` is
+    the grid the layer's tokens live on (the uniform reference and the image side); `note`
+    what the adapter said about the layer. A class-attention layer (its only query is a
+    prefix token, which has no position) has no distance: those rows say so."""
     uniform = geometry.uniform_distance_px()
     side = geometry.image_side
     heads = values["distance"].shape[1]
+
+    def with_note(text: str = "") -> str:
+        return "; ".join(part for part in (note, text) if part)
+
+    no_distance = with_note("the query is the class token, which has no position: no distance")
     for head in (None, *range(heads)):
         def of(key: str) -> torch.Tensor:
             return values[key].mean(dim=1) if head is None else values[key][:, head]
 
+        def distance_row(metric: str, value: torch.Tensor, text: str = "") -> None:
+            if class_query:
+                out.single(metric, None, layer, head, note=no_distance, n_images=n_images)
+            else:
+                out.per_image(metric, value, layer, head, note=with_note(text))
+
         distance = of("distance")
-        out.per_image("mean_distance_px", distance, layer, head)
-        out.per_image("mean_distance_frac", distance / side, layer, head)
-        out.per_image("mean_distance_px_raw", of("distance_raw"), layer, head,
-                      note="sum over grid keys of A d, not renormalised: the public notebooks' convention")
-        out.single("uniform_distance_px", uniform, layer, head, note="uniform attention: geometry alone", n_images=0)
-        out.per_image("locality_ratio", distance / uniform if uniform > 0 else distance * float("nan"), layer, head)
-        out.per_image("prefix_share", of("prefix"), layer, head)
-        out.per_image("entropy_norm", of("entropy"), layer, head)
+        distance_row("mean_distance_px", distance)
+        distance_row("mean_distance_frac", distance / side)
+        distance_row("mean_distance_px_raw", of("distance_raw"),
+                     "sum over grid keys of A d, not renormalised: the public notebooks' convention")
+        out.single("uniform_distance_px", uniform, layer, head, note=with_note("uniform attention: geometry alone"),
+                   n_images=0)
+        distance_row("locality_ratio", distance / uniform if uniform > 0 else distance * float("nan"))
+        out.per_image("prefix_share", of("prefix"), layer, head, note=with_note())
+        out.per_image("entropy_norm", of("entropy"), layer, head, note=with_note())
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -134,7 +149,12 @@ class AttentionDistance(AttentionProbe):
         geometry = inputs.target.geometry
         for layer in self.collect(inputs, lambda block, first_image: block_row_values(block)):
             values = {key: layer.values[key][..., 0] for key in ("distance", "distance_raw", "prefix", "entropy")}
-            add_distance_rows(out, layer.layer.index, values, geometry, inputs.n_images)
+            add_distance_rows(out, layer.layer.index, values, layer.grid or geometry, inputs.n_images, layer.note,
+                              layer.class_query)
+        for unread in unread_attention_layers(inputs.target.model):  # one row each: what it is, why it is not read
+            why = f": {unread.why}" if unread.why else ""
+            out.single("mean_distance_px", None, unread.index, note=f"{unread.class_name} is not read{why}",
+                       n_images=0)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """ViT-paper view: a dot per head against depth, and the locality ratio per layer."""

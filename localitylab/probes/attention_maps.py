@@ -133,7 +133,7 @@ class QueryReduction:
     """Per query slot: attended distance, 3x3-token neighbourhood mass, prefix share; and the
     maps of the first `keep` images."""
 
-    def __init__(self, geometry: TokenGeometry, slot_tokens: list[int], heads: list[int], keep: int,
+    def __init__(self, geometry: TokenGeometry, slot_tokens: list[int], heads: dict[int, int], keep: int,
                  device: torch.device, radius: float):
         self.geometry = geometry
         self.slot_of = {token: slot for slot, token in enumerate(slot_tokens)}
@@ -142,7 +142,8 @@ class QueryReduction:
         self.distances = pixel_distances(slot_centres, centres)  # (slots, T)
         self.window = (self.distances <= radius + 1e-6).to(centres.dtype)  # keys within `radius` pixels
         self.keep = keep
-        self.maps = [torch.zeros(keep, n_heads, len(slot_tokens), geometry.num_grid_tokens) for n_heads in heads]
+        self.maps = {layer: torch.zeros(keep, n_heads, len(slot_tokens), geometry.num_grid_tokens)
+                     for layer, n_heads in heads.items()}  # by layer index
 
     def __call__(self, block: AttentionBlock, first_image: int) -> dict[str, torch.Tensor]:
         slots = [self.slot_of[token] for token in block.query_tokens.tolist()]  # distinct: each slot once per block
@@ -162,6 +163,13 @@ class AttentionMaps(AttentionProbe):
     Options = AttentionMapsOptions
     per_query = True
 
+    def not_applicable(self, target: ProbeTarget) -> str | None:
+        reason = super().not_applicable(target)
+        if reason is None and target.info.grid_for((target.data.img_size,) * 2) is None:
+            why = target.info.layout_note or "its tokens are on no single grid"
+            return f"attention-maps draws each query's attention on the model's one token grid, and {why}"
+        return reason
+
     def check(self, target: ProbeTarget, options: AttentionMapsOptions) -> None:
         parse_queries(options.query, target.geometry)
 
@@ -174,7 +182,7 @@ class AttentionMaps(AttentionProbe):
         target, geometry = inputs.target, inputs.target.geometry
         queries = parse_queries(inputs.options.query, geometry)
         slot_tokens = self.query_tokens(inputs).tolist()
-        heads = [layer.num_heads for layer in attention_layers(target.model)]
+        heads = {layer.index: layer.num_heads for layer in attention_layers(target.model)}
         keep = min(FIGURE_IMAGES, inputs.n_images)
         radius = inputs.options.neighbourhood_px
         radius = geometry.image_side / 4 if radius is None else radius
@@ -199,7 +207,13 @@ class AttentionMaps(AttentionProbe):
                     out.per_image(metric, values.mean(dim=1), layer.layer.index, None, setting, note)
                     for head in range(values.shape[1]):
                         out.per_image(metric, values[:, head], layer.layer.index, head, setting, note)
-        maps = torch.stack(reduction.maps, dim=1)[:keep, :, :, slot_of_query]  # drawing assumes equal head counts
+        read = {layer.layer.index for layer in layers}
+        for layer in attention_layers(target.model):
+            if layer.index not in read:  # its queries are not the model's grid tokens
+                out.single("query_distance_px", None, layer.index, note="attention on another token grid (a window, "
+                           "a stage or a class query): no per-query map", n_images=0)
+        drawn = [reduction.maps[index] for index in sorted(read)] or list(reduction.maps.values())[:1]
+        maps = torch.stack(drawn, dim=1)[:keep, :, :, slot_of_query]  # drawing assumes equal head counts
         maps = maps.reshape(*maps.shape[:4], *geometry.grid)
         return QueryMaps(queries, maps, _what_the_model_sees(target, inputs.images[:keep]), inputs.options.per_head)
 

@@ -304,6 +304,7 @@ class Probe:
     applies_to: ClassVar[str] = "every model"
     Options: ClassVar[type[Settings]] = NoOptions
     summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
+    needs_labels: ClassVar[bool] = False  # measures against the images' labels (accuracies)
     # Images measured when the user names no count: a seeded subset of the test split, or
     # (None) the whole split up to `max_default_images`.
     default_images: ClassVar[int | None] = 128

@@ -139,13 +139,15 @@ def _pair(value) -> tuple:
 def permutable_embedding(model: nn.Module) -> tuple[int, int, int] | None:
     """(patch size, grid rows, grid cols) when the model has one absolute embedding row per
     token that a permutation can move, else None."""
+    from localitylab.models.describe import describe_model
+
     pos_embed = getattr(model, "pos_embed", None)
-    patch_embed = getattr(model, "patch_embed", None)
-    if not isinstance(pos_embed, torch.Tensor) or patch_embed is None or getattr(model, "dynamic_img_size", False):
+    if not isinstance(pos_embed, torch.Tensor) or getattr(model, "dynamic_img_size", False):
         return None
-    grid_h, grid_w = (int(g) for g in patch_embed.grid_size)
-    patch = patch_embed.patch_size
-    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    info = describe_model(model)  # the token spacing (a hybrid's is its backbone's stride), decided there
+    if info.grid is None or not isinstance(info.patch_size, int):
+        return None
+    (grid_h, grid_w), patch = info.grid, info.patch_size
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
     if pos_embed.ndim != 3 or pos_embed.shape[1] != prefix + grid_h * grid_w:
         return None
@@ -264,6 +266,7 @@ class PermutationProbe(Probe):
                "and the position-embedding equivariance certificate")
     applies_to = "every model (accuracies mean most for a trained classifier)"
     Options = PermutationOptions
+    needs_labels = True
     default_images = None  # the whole test split where it is small: accuracies need many images
     summary_columns = (
         SummaryColumn("global_drop", "acc drop, global shuffle",
@@ -276,9 +279,7 @@ class PermutationProbe(Probe):
         target = inputs.target
         height, width = inputs.images.shape[-2:]
         settings = shuffle_settings(height, width, inputs.options.shuffles())
-        caveat = "" if target.checkpoint else "untrained model: accuracies are near chance"
-        if "mae_options" in target.extras:
-            caveat = "MAE encoder: its classifier head is untrained, so accuracies are near chance"
+        caveat = target.accuracy_caveat()
         clean = correct_per_image(inputs, None)
         out.per_image("accuracy", clean, setting="clean", note=caveat)
         for setting in settings:

@@ -39,8 +39,10 @@ class ProbeRequest:
     out: Path | None = None
     model_kw: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
+    pretrained: bool = False  # timm: models: timm's own pretrained weights (the hub, through its cache)
     pos_embed: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # shown after the model's name in the tables ('<model> (<label>)'), as a run folder is
 
 
 @dataclass
@@ -67,11 +69,14 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
                                img_size=request.img_size, seed=request.seed)
     target, dataset = load_target(request.source, request.device, request.data, data_options, request.model_kw,
-                                  request.weights, request.pos_embed, request.seed)
+                                  request.weights, request.pos_embed, request.seed, request.pretrained)
     counts = [request.n_images if request.n_images is not None else probe.images_for(len(dataset.test_images))
               for probe in probes]
     # One seeded order of the test split: each probe's images are its first `count` (nested sets).
     images, labels = select_images(dataset, max(counts), request.seed)
+    images = target.model_images(images)  # a model with its own pipeline: resized as its weights expect
+    if request.label:
+        target.display_name = f"{target.display_name} ({request.label})"
     for probe, parsed in zip(probes, options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
@@ -158,6 +163,8 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
         "model_info": {"params": target.info.params, "patch_size": target.info.patch_size,
                        "tokens_per_image": target.info.tokens_per_image, "pos_embed": target.info.pos_embed},
         "checkpoint": {k: v for k, v in target.checkpoint.items() if k != "versions"},
+        "preprocessing": preprocessing_record(target),
+        "weights": target.weights or None,
     })
     probes = meta.setdefault("probes", {})
     probes[probe] = {
@@ -171,6 +178,19 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
         "artifacts": artifacts or [],  # per-model figures (they need the model, so reports cannot redraw them)
     }
     return write_json(path, meta)
+
+
+def preprocessing_record(target: ProbeTarget) -> dict[str, Any]:
+    """How the probe's images were made into the model's input, for meta.json."""
+    if target.preprocessing is not None:
+        record = target.preprocessing.to_dict()
+        if target.data.name.startswith("folder:"):
+            record["decoding"] = (f"files decoded by the data set at {target.preprocessing.scale_size} px (shorter "
+                                  "side, bilinear with antialiasing, centre square), then the model's transform")
+        return record
+    return {"source": f"data set {target.data.name}" + (" (as in training)" if target.checkpoint else ""),
+            "input_size": [target.data.in_chans, target.data.img_size, target.data.img_size],
+            "mean": list(target.data.mean), "std": list(target.data.std), "permute_seed": target.data.permute_seed}
 
 
 def _from_cli() -> bool:

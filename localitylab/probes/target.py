@@ -1,9 +1,12 @@
 """What a probe looks at: a model with everything needed to feed it and to name it.
 
 A target comes from a localitylab checkpoint (or its run folder), from a registry name
-(`pit-n`, untrained: the baseline of "no learning"), or from `timm:NAME` with optional
-`--weights`. Image shapes and normalisation come from the checkpoint, or else from the
-data set the probe runs on.
+(`pit-n`, untrained: the baseline of "no learning"), or from `timm:NAME[.TAG]`, untrained
+or with weights trained elsewhere (`--pretrained`, `--weights FILE`). Image shapes and
+normalisation come from the checkpoint; for a timm model with weights trained elsewhere,
+from the model's own pipeline (`Preprocessing`: timm's data config and transform, which
+resize every data set's images to what the weights were trained on); else from the data
+set the probe runs on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn as nn
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset, takes_img_size
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
+from localitylab.models.preprocessing import Preprocessing
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
 
@@ -43,13 +47,40 @@ class ProbeTarget:
     # Checkpoint entries beyond the classifier that some probes need (EXTRA_KEYS, e.g. an MAE
     # checkpoint's 'mae_options' and 'mae_state' for mae-reconstruction); empty otherwise.
     extras: dict[str, Any] = field(default_factory=dict)
+    # The model's own input pipeline (a timm model with weights trained elsewhere): data-set
+    # images are resized by it before the probes see them; None: they are fed as they are.
+    preprocessing: Preprocessing | None = None
+    weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from, for meta.json
+    inputs_prepared: bool = False  # images given already as the model takes them (floats): `prepare` only moves them
+
+    def accuracy_caveat(self) -> str:
+        """Why the model's accuracy on this data set may not mean what it says ('' if nothing)."""
+        if "mae_options" in self.extras:
+            return "MAE encoder: its classifier head is untrained, so accuracies are near chance"
+        if self.weights and self.data.class_names:
+            if self.spec.num_classes != self.data.num_classes:
+                return (f"the model has {self.spec.num_classes} classes and {self.data.name} {self.data.num_classes}: "
+                        "its accuracy on these labels does not measure it")
+            return f"accuracies take {self.data.name}'s class indices to be the model's classes"
+        return "" if self.checkpoint or self.weights else "untrained model: accuracies are near chance"
+
+    def model_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images of the data set -> uint8 images as the model takes them (its own
+        pipeline's resize and crop; unchanged for a model built for the data set)."""
+        return images if self.preprocessing is None else self.preprocessing.resize(images)
 
     @property
     def geometry(self) -> "TokenGeometry":
         """Where the model's tokens sit on the input image (transformers with a token grid)."""
         from localitylab.attention import TokenGeometry
 
-        return TokenGeometry(tuple(self.info.grid), int(self.info.patch_size), int(self.info.num_prefix_tokens))
+        side = self.data.img_size
+        grid = self.info.grid_for((side, side))
+        if grid is None:
+            # No one token grid (stages, several grids): the image itself, one pixel per cell, for
+            # the attention adapters that place their own tokens on it (they read its shape).
+            return TokenGeometry((side, side), 1, 0)
+        return TokenGeometry(tuple(grid), self.info.patch_size, int(self.info.num_prefix_tokens))
 
     @property
     def kind(self) -> str:
@@ -63,6 +94,8 @@ class ProbeTarget:
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> what the model takes (permutation and normalisation applied)."""
+        if self.inputs_prepared:
+            return images.to(self.device)
         return self.data.prepare(images.to(self.device))
 
 
@@ -73,10 +106,16 @@ def is_checkpoint_source(source: str) -> bool:
 
 def load_target(source: str, device: str = "auto", data: str | None = None, data_options: DataOptions | None = None,
                 model_kw: dict[str, Any] | None = None, weights: str | None = None,
-                pos_embed: str | None = None, seed: int = 0) -> tuple[ProbeTarget, ImageDataset]:
+                pos_embed: str | None = None, seed: int = 0, pretrained: bool = False) -> tuple[ProbeTarget, ImageDataset]:
     """Resolve a model source and the data set to probe it on."""
     torch_device = resolve_device(device)
     options = data_options or DataOptions()
+    if pretrained and weights:
+        raise UserError("give --pretrained (timm's own weights) or --weights FILE, not both")
+    if pretrained and not source.startswith("timm:"):
+        raise UserError(f"--pretrained applies to timm:NAME models (timm's pretrained weights), not to {source}")
+    if source.startswith("timm:") and (pretrained or weights):
+        return load_timm_target(source, torch_device, data, options, model_kw, weights)
     if is_checkpoint_source(source):
         path = Path(source).expanduser()
         if path.is_dir():
@@ -88,11 +127,7 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
             options = dataclasses.replace(options, img_size=run.data.img_size)
         dataset = load_dataset(dataset_name, options)
         _check_shapes(dataset, run.data)
-        target = ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name, str(path),
-                             torch_device, path.parent,
-                             {"config": run.config, "metrics": run.metrics, "epoch": run.epoch,
-                              "versions": run.versions},
-                             checkpoint_extras(path))
+        target = loaded_target(model, torch_device)
         if model_kw or weights:
             raise UserError("--model-kw and --weights apply to registry and timm: models, not to checkpoints")
         return target, dataset
@@ -112,6 +147,66 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
     target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device)
     _check_shapes(dataset, DataInfo(info.name, spec.img_size, spec.in_chans, info.class_names, info.mean, info.std))
     return target, dataset
+
+
+def loaded_target(model: nn.Module, device: torch.device) -> ProbeTarget:
+    """The target of a model `localitylab.load` returned (its `run` says what it is)."""
+    run = model.run
+    path = Path(run.path) if run.path is not None else None
+    return ProbeTarget(model, run.spec, run.data, describe_model(model), run.display_name,
+                       str(path) if path else run.spec.name, device, path.parent if path else None,
+                       {"config": run.config, "metrics": run.metrics, "epoch": run.epoch, "versions": run.versions},
+                       checkpoint_extras(path) if path else {})
+
+
+def load_timm_target(source: str, device: torch.device, data: str | None, options: DataOptions,
+                     model_kw: dict[str, Any] | None, weights: str | None) -> tuple[ProbeTarget, ImageDataset]:
+    """A timm model with weights trained elsewhere (`weights` a file, or None for timm's
+    pretrained weights), at the shapes they were trained for and fed by its own pipeline.
+    `options.img_size` (--img-size) is the model's input size, given on purpose."""
+    from localitylab.models.registry import parse_model_name
+    from localitylab.models.timm_adapter import PRETRAINED, build_timm_pretrained
+
+    parse_model_name(source)
+    name = source[len("timm:"):]
+    model_kw = dict(model_kw or {})
+    img_size = options.img_size
+    if "img_size" in model_kw:
+        if img_size is not None and int(model_kw["img_size"]) != img_size:
+            raise UserError(f"--img-size {img_size} and --model-kw img_size={model_kw['img_size']} disagree")
+        img_size = int(model_kw.pop("img_size"))
+    model = build_timm_pretrained(name, weights or PRETRAINED, img_size, model_kw).to(device).eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    architecture = cfg.get("architecture") or name.split(".")[0]
+    if weights:
+        display, described = f"timm:{architecture} ({Path(weights).name})", {"file": str(Path(weights).resolve())}
+    else:
+        tagged = f"{architecture}.{cfg['tag']}" if cfg.get("tag") else architecture
+        display = f"timm:{tagged}"
+        described = {"pretrained": tagged, "hf_hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url") or None,
+                     "license": cfg.get("license")}
+    origin = f"{'--weights file' if weights else 'pretrained_cfg'} of timm:{architecture}"
+    preprocessing = Preprocessing.of_model(model, img_size, source=f"timm data config ({origin})"
+                                           + (f", --img-size {img_size}" if img_size else ""))
+    dataset = load_dataset(data or "digits", _decoding_options(data or "digits", options, preprocessing))
+    info = DataInfo(dataset.info.name, preprocessing.img_size, preprocessing.input_size[0],
+                    list(dataset.info.class_names), list(preprocessing.mean), list(preprocessing.std))
+    spec = ModelSpec(display.split(" ")[0], preprocessing.img_size, preprocessing.input_size[0],
+                     int(getattr(model, "num_classes", 0) or 0), None, model_kw)
+    target = ProbeTarget(model, spec, info, describe_model(model), display, source, device,
+                         preprocessing=preprocessing, weights=described)
+    return target, dataset
+
+
+def _decoding_options(dataset_name: str, options: DataOptions, preprocessing: Preprocessing) -> DataOptions:
+    """The data set is read for the model's pipeline: a data set of image files is decoded at
+    the pipeline's resize side (its shorter side to floor(size / crop_pct), centre-cropped to a
+    square), where the pipeline then takes its centre crop; a data set of fixed size is read as
+    it is and resized by the pipeline."""
+    import dataclasses
+
+    size = preprocessing.scale_size if dataset_name.startswith("folder:") else None
+    return dataclasses.replace(options, img_size=size)
 
 
 # Checkpoint keys copied into ProbeTarget.extras when present.

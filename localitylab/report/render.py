@@ -46,6 +46,8 @@ def fmt(value: Any, kind: str = "float") -> str:
     """How a number is shown; the exact value travels in the cell's data-value attribute."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
+    if isinstance(value, str):  # a published qualitative fact
+        return value
     if kind == "pct":
         return f"{100 * value:.1f}%"
     if kind == "int":

@@ -6,6 +6,9 @@ Pieces run one after another, or several at once with `jobs` > 1 (separate proce
 CPU threads divided between them). A piece that fails is reported, the others go on, and a
 re-run does only what is not done.
 
+A `pretrained = true` model (timm's pretrained weights) is not trained: it is probed once,
+into <out>/runs/<label>/probes/.
+
 Layout of the output folder:
     <out>/runs/<label>[-s<seed>][-perm<seed>]/   ckpt.pt, metrics.csv, run.json, probes/
     <out>/report/report.html, report.pdf
@@ -57,10 +60,17 @@ class ProbePiece:
     batch_size: int
     seed: int
     options: dict[str, Any]
+    pretrained: str | None = None  # timm:NAME[.TAG] probed with timm's pretrained weights (no checkpoint)
+    data: str | None = None  # the data set to probe a pretrained model on
 
     @property
     def name(self) -> str:
         return f"probe {self.run_dir.name}"
+
+    @property
+    def ready(self) -> bool:
+        """Is there a model to probe (a checkpoint, or pretrained weights)?"""
+        return self.pretrained is not None or (self.run_dir / "ckpt.pt").is_file()
 
 
 @dataclass
@@ -91,6 +101,11 @@ def make_plan(study: Study, out: str | Path) -> Plan:
     variants = [None] + ([study.permute_pixels] if study.permute_pixels is not None else [])
     by_key: dict[tuple, TrainPiece] = {}
     for entry in study.models:
+        if entry.pretrained:  # not trained; its weights do not depend on the seed
+            probe.append(ProbePiece(out / "runs" / entry.label, study.probes, study.probe_images,
+                                    study.probe_batch_size, 0, study.probe_options, entry.model,
+                                    study.dataset_of(entry)))
+            continue
         for seed in study.seeds:
             for permute in variants:
                 folder = entry.label + (f"-s{seed}" if many_seeds else "") + (f"-perm{permute}" if permute is not None else "")
@@ -165,8 +180,14 @@ def _run_probe(piece: ProbePiece, threads: int | None) -> str:
 
     if threads:
         torch.set_num_threads(threads)
-    request = ProbeRequest(source=str(piece.run_dir / "ckpt.pt"), n_images=piece.images, batch_size=piece.batch_size,
-                           seed=piece.seed, device="auto", options=dict(piece.options))
+    if piece.pretrained:
+        request = ProbeRequest(source=piece.pretrained, pretrained=True, data=piece.data, out=piece.run_dir / "probes",
+                               label=piece.run_dir.name,
+                               n_images=piece.images, batch_size=piece.batch_size, seed=piece.seed, device="auto",
+                               options=dict(piece.options))
+    else:
+        request = ProbeRequest(source=str(piece.run_dir / "ckpt.pt"), n_images=piece.images,
+                               batch_size=piece.batch_size, seed=piece.seed, device="auto", options=dict(piece.options))
     outputs = run_probes(list(piece.probes), request)
     return f"{piece.run_dir.name}: {', '.join(o.probe for o in outputs)}"
 
@@ -208,14 +229,14 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
             ready.remove(piece)
             ledger.record(piece, False, f"its starting point {piece.source.run_dir.name} failed")
         _run_stage(ready, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads), jobs, ledger)
-    trained = [p for p in plan.probe
-               if (p.run_dir / "ckpt.pt").is_file() and f"train {p.run_dir.name}" not in ledger.result.failed]
+    trained = [p for p in plan.probe if p.ready and f"train {p.run_dir.name}" not in ledger.result.failed]
     _run_stage(trained, probe_done, _run_probe, lambda p: (p, threads), jobs, ledger)
 
     from localitylab.report.render import build_report
 
     result = ledger.result
     runs = [p.run_dir for p in plan.train if (p.run_dir / "run.json").is_file()]
+    runs += [p.run_dir / "probes" for p in plan.probe if p.pretrained and (p.run_dir / "probes" / "meta.json").is_file()]
     if runs:
         result.report = build_report(runs, Path(report_dir) if report_dir else plan.report_dir, title=study.title, formats=formats,
                                      expectations=expectations(study, plan))
@@ -302,6 +323,9 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for expected in study.expect:
         wanted = expected["model"]
+        if "probe" in expected:
+            rows.append(probe_expectation(study, plan, expected))
+            continue
         accuracies = []
         for piece in plan.train:
             if piece.permute is not None:
@@ -320,6 +344,37 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
             "source": expected.get("source", "published"),
         })
     return rows
+
+
+def probe_expectation(study: Study, plan: Plan, expected: dict[str, Any]) -> dict[str, Any]:
+    """A published fact beside the number it is about, read from each matching run's probe table
+    (the metric at the chosen layer, reduced over heads; the mean over seeds)."""
+    from localitylab.probes.runner import read_table
+
+    wanted, metric = expected["model"], expected["metric"]
+    layer, heads = expected.get("layer", "last"), expected.get("heads", "mean")
+    values = []
+    folders = [p.run_dir for p in plan.train if p.permute is None
+               and (wanted in (p.entry.label, p.entry.model) or _maps_to(study, wanted, p.entry))]
+    folders += [p.run_dir for p in plan.probe if p.pretrained
+                and (wanted == p.run_dir.name or wanted == p.pretrained or study.model_map.get(wanted) == p.pretrained)]
+    for folder in folders:
+        path = folder / "probes" / f"{expected['probe']}.csv"
+        if not path.is_file():
+            continue
+        table = read_table(path)
+        rows = table[(table["metric"] == metric) & table["value"].notna()]
+        if rows.empty:
+            continue
+        at = {"first": rows["layer"].min(), "last": rows["layer"].max()}.get(layer, layer)
+        per_head = rows.loc[rows["layer"] == at, "value"]
+        if len(per_head):
+            values.append(float(getattr(per_head, heads)()))
+    where = f"{metric}, {'layer ' + str(layer) if isinstance(layer, int) else layer + ' layer'}, {heads} over heads"
+    return {"setting": (expected.get("setting", "") + f" [ours: {where}]").strip(), "model": wanted, "metric": metric,
+            "published": expected["published"], "ours": statistics.mean(values) if values else None,
+            "spread": statistics.stdev(values) if len(values) > 1 else None, "n_seeds": len(values),
+            "source": expected.get("source", "published")}
 
 
 def _maps_to(study: Study, wanted: str, entry: StudyModel) -> bool:
@@ -356,6 +411,8 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
                      "train_pflops": train_flops / 1e15, "done": train_done(piece, study)})
     return {"study": study.name, "title": study.title, "dataset": study.dataset, "scale": study.scale,
             "scales": study.scales, "gpu_hours": study.gpu_hours, "runs": rows, "probes": study.probes,
+            "pretrained": [{"run": p.run_dir.name, "model": p.pretrained, "done": probe_done(p)}
+                           for p in plan.probe if p.pretrained],
             "probe_images": study.probe_images, "total_train_pflops": total / 1e15,
             "device_matmul_gflops": throughput["gflops"], "device": throughput["device"],
             "estimated_hours": total / (throughput["gflops"] * 1e9 * ASSUMED_UTILISATION) / 3600}

@@ -5,10 +5,15 @@ published numbers are. Validated on load; a mistake names the key and its line.
     [recipe]   any `localitylab train` setting (epochs, batch_size, lr, ...)
     [[models]] model (registry name), label, and per-model recipe overrides; task = "mae"
                pre-trains, and init_from = "<label of an earlier model>" starts from its
-               checkpoint (same seed), so a study can pre-train and then fine-tune
+               checkpoint (same seed), so a study can pre-train and then fine-tune; a
+               timm:NAME[.TAG] with pretrained = true is probed with timm's pretrained
+               weights and not trained
     [probes]   run (probe names or ["all"]), images, batch_size, options = {...}
     [report]   title
-    [[expect]] model, metric, published, setting, source: shown as "published" beside "ours"
+    [[expect]] model, metric, published, setting, source: shown as "published" beside "ours";
+               ours is the model's test accuracy, or with probe = "...": the probe's metric
+               at layer ("first", "last" or an index), reduced over heads ("min", "max",
+               "mean"); published may be a number or a sentence (a qualitative fact)
     [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}: a smaller
                variant (e.g. CIFAR -> digits) selected with --scale NAME
 """
@@ -33,10 +38,11 @@ BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
 PROBE_KEYS = {"run", "images", "batch_size", "options"}
-EXPECT_KEYS = {"model", "metric", "published", "setting", "source"}
+EXPECT_KEYS = {"model", "metric", "published", "setting", "source", "probe", "layer", "heads"}
 SCALE_KEYS = {"dataset", "models", "recipe", "probes", "description"}
-# [[models]] keys: the model, its label, its data set, and the training settings a study may set.
-MODEL_KEYS = {"model", "label", "dataset", *STUDY_SETTINGS}
+# [[models]] keys: the model, its label, its data set, whether it is pretrained (probed, not trained),
+# and the training settings a study may set.
+MODEL_KEYS = {"model", "label", "dataset", "pretrained", *STUDY_SETTINGS}
 
 
 @dataclass
@@ -48,6 +54,7 @@ class StudyModel:
     label: str
     recipe: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None  # overrides the study's (e.g. a fixed-sequence-length variant)
+    pretrained: bool = False  # a timm: model probed with timm's pretrained weights, not trained
 
 
 @dataclass
@@ -150,6 +157,8 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         for required in ("model", "published"):
             if required not in entry:
                 raise locator.error(f"[[expect]] entry {index + 1} needs {required!r}")
+        if "probe" in entry:
+            _check_probe_expectation(entry, index, locator)
     seeds = study.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
@@ -246,6 +255,7 @@ def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | No
                   locator: _Locator) -> list[StudyModel]:
     models: list[StudyModel] = []
     labels: set[str] = set()
+    pretrained_labels: set[str] = set()  # not trained here: no checkpoint to start from
     for index, raw in enumerate(entries):
         if not isinstance(raw, dict) or "model" not in raw:
             raise locator.error(f"[[models]] entry {index + 1} needs a 'model' key")
@@ -263,13 +273,23 @@ def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | No
         if label in labels:
             raise locator.error(f"two models share the label {label!r}; give each a distinct 'label'", "label", "models")
         labels.add(label)
-        recipe_part = {k: v for k, v in raw.items() if k not in ("model", "label", "dataset")}
+        pretrained = raw.get("pretrained", False)
+        if not isinstance(pretrained, bool) or (pretrained and not name.startswith("timm:")):
+            raise locator.error(f"[[models]] entry {index + 1}: pretrained = true applies to timm:NAME models (timm's "
+                                f"pretrained weights), got pretrained = {pretrained!r} for {name!r}", "pretrained",
+                                "models")
+        recipe_part = {k: v for k, v in raw.items() if k not in ("model", "label", "dataset", "pretrained")}
+        if pretrained and recipe_part:
+            raise locator.error(f"[[models]] entry {index + 1}: a pretrained model is not trained, so "
+                                f"{sorted(recipe_part)[0]!r} does not apply", sorted(recipe_part)[0], "models")
         source = recipe_part.get("init_from")
-        if source is not None and source not in labels - {label}:
+        if source is not None and (source not in labels - {label} or source in pretrained_labels):
             raise locator.error(
                 f"[[models]] entry {index + 1}: init_from must be the label of an earlier model in this study "
                 f"(one of: {', '.join(sorted(labels - {label})) or 'none'}), got {source!r}", "init_from", "models")
-        models.append(StudyModel(name, label, recipe_part, raw.get("dataset")))
+        models.append(StudyModel(name, label, recipe_part, raw.get("dataset"), pretrained))
+        if pretrained:
+            pretrained_labels.add(label)
     return models
 
 
@@ -302,6 +322,15 @@ def _validate_values(study: Study, locator: _Locator) -> None:
         except UserError as err:
             raise locator.error(str(err), "dataset") from None
     for entry in study.models:
+        if entry.pretrained:  # probed only: a name timm knows, with pretrained weights
+            try:
+                from localitylab.models.timm_adapter import check_timm_name
+
+                parse_model_name(entry.model)
+                check_timm_name(entry.model[len("timm:"):])
+            except UserError as err:
+                raise locator.error(f"model {entry.model!r}: {err}", "model", "models") from None
+            continue
         try:
             parse_model_name(entry.model)
         except UserError as err:
@@ -328,6 +357,24 @@ def _validate_values(study: Study, locator: _Locator) -> None:
         check_probe_options([get_probe(name) for name in chosen], study.probe_options)
     except UserError as err:
         raise locator.error(f"[probes] options: {err}", "options", "probes") from None
+
+
+def _check_probe_expectation(entry: dict[str, Any], index: int, locator: _Locator) -> None:
+    """An [[expect]] row read from a probe's table names the probe, its metric, a layer and a reduction over heads."""
+    from localitylab.probes.registry import probe_names
+
+    where = f"[[expect]] entry {index + 1}"
+    if entry["probe"] not in probe_names():
+        raise locator.error(f"{where}: unknown probe {entry['probe']!r}; valid: {', '.join(probe_names())}", "probe",
+                            "expect")
+    if "metric" not in entry:
+        raise locator.error(f"{where} reads the {entry['probe']} table and needs its 'metric'", None, "expect")
+    layer = entry.get("layer", "last")
+    if layer not in ("first", "last") and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise locator.error(f"{where}: layer must be 'first', 'last' or a block index >= 0, got {layer!r}", "layer",
+                            "expect")
+    if entry.get("heads", "mean") not in ("min", "max", "mean"):
+        raise locator.error(f"{where}: heads must be 'min', 'max' or 'mean', got {entry['heads']!r}", "heads", "expect")
 
 
 def _check_study_values(study: dict[str, Any], locator: _Locator) -> None:

@@ -1,0 +1,163 @@
+"""`localitylab.probe`: a probe on a model in memory, the way researchers work in notebooks.
+
+    import localitylab, timm
+    model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=True)
+    table = localitylab.probe("attention-distance", model, uint8_images)   # a tidy DataFrame
+
+The model is any `nn.Module` the probes can read (a timm model, a fine-tuned ViT of your
+own, a model `localitylab.load` returned); the images are uint8 (N, C, H, W) at any size,
+prepared by the model's own pipeline, or floats already prepared. The same `Probe.run`
+as the command line and the studies does the work; nothing is written unless `figures`
+names a folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from localitylab.data.registry import DataInfo
+from localitylab.errors import UserError
+from localitylab.models.describe import describe_model
+from localitylab.models.preprocessing import Preprocessing
+from localitylab.models.registry import ModelSpec
+from localitylab.probes.registry import get_probe, probe_names
+from localitylab.probes.runner import check_probe_options
+from localitylab.probes.target import ProbeTarget, loaded_target
+
+# preprocessing= values besides a Preprocessing or a DataInfo
+AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
+
+
+def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
+          *, preprocessing: str | Preprocessing | DataInfo = AUTO, options: Mapping[str, Any] | None = None,
+          batch_size: int = 64, seed: int = 0, model_name: str | None = None,
+          figures: str | Path | None = None) -> pd.DataFrame:
+    """Run probe `name` ('all' for every probe) on `model` and return its tidy table.
+
+    images: uint8 (N, C, H, W) (or (N, H, W) grey), or float images already prepared.
+    labels: (N,) class indices, for the probes that measure accuracy (`permutation`).
+    preprocessing: how uint8 images become the model's input —
+        'auto': a `localitylab.load` model's own (its data set's normalisation and
+                permutation); a timm model's own (`'timm'`); float images: 'prepared';
+        'timm': timm's data config for the model (`resolve_model_data_config`), resized
+                and normalised as `create_transform` would;
+        'prepared': the images are the model's input already;
+        a `Preprocessing` (another data config) or a `DataInfo` (normalise only).
+    options: the probe's options, as `--opt key=value` would give them.
+    figures: a folder to draw the probe's figures into; None draws nothing.
+
+    The model runs in eval mode on its own device and is left as it was found; the
+    table's `model` column is `model_name` (default: the model's class name).
+    """
+    names = probe_names() if name == "all" else [name]
+    probes = [get_probe(n) for n in names]
+    images, labels = _as_tensors(images, labels)
+    if labels is None and any(p.needs_labels for p in probes):
+        needing = ", ".join(p.name for p in probes if p.needs_labels)
+        raise UserError(f"{needing} measures accuracy: pass labels=(N,) class indices")
+    if labels is None:
+        labels = torch.zeros(len(images), dtype=torch.long)
+    target = memory_target(model, images, preprocessing, model_name)
+    images = target.model_images(images)
+    tables = []
+    with _eval_mode(model):
+        for one, parsed in zip(probes, check_probe_options(probes, dict(options or {}))):
+            result = one.run(target, images, labels, parsed, batch_size, seed)
+            if figures is not None:
+                folder = Path(figures)
+                one.plot([result.table], folder)
+                if result.applies:
+                    one.figures(target, result.drawing, folder)
+            tables.append(result.table)
+    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+
+
+def memory_target(model: nn.Module, images: torch.Tensor, preprocessing: str | Preprocessing | DataInfo = AUTO,
+                  model_name: str | None = None) -> ProbeTarget:
+    """A ProbeTarget for a model in memory fed with `images` (their dtype and size say what
+    'auto' means)."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    device = _device_of(model)
+    if hasattr(model, "run") and preprocessing in (AUTO, None):
+        target = loaded_target(model, device)
+        if model_name:
+            target.display_name = model_name
+        return target
+    if preprocessing == AUTO:
+        if images.is_floating_point():
+            preprocessing = PREPARED
+        elif isinstance(getattr(model, "pretrained_cfg", None), dict):
+            preprocessing = TIMM
+        else:
+            raise UserError(f"{type(model).__name__} has no input pipeline of its own (no timm pretrained_cfg): "
+                            "pass preprocessing= a Preprocessing or a DataInfo, or images already prepared")
+    display = model_name or type(model).__name__
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    chans, height, width = images.shape[1:]
+    pipeline: Preprocessing | None = None
+    prepared = False
+    if preprocessing == PREPARED:
+        if not images.is_floating_point():
+            raise UserError("preprocessing='prepared' takes float images, the model's input; these are "
+                            f"{images.dtype}")
+        data = DataInfo("images in memory", int(max(height, width)), int(chans), [], [0.0] * chans, [1.0] * chans)
+        prepared = True
+    else:
+        if images.dtype != torch.uint8:
+            raise UserError(f"images to prepare must be uint8 (N, C, H, W), got {images.dtype}; pass "
+                            "preprocessing='prepared' for images that are already the model's input")
+        if preprocessing == TIMM:
+            pipeline = Preprocessing.of_model(model, source=f"timm data config of {type(model).__name__}")
+        elif isinstance(preprocessing, Preprocessing):
+            pipeline = preprocessing
+        elif isinstance(preprocessing, DataInfo):
+            data = preprocessing
+        else:
+            raise UserError(f"preprocessing must be 'auto', 'timm', 'prepared', a Preprocessing or a DataInfo, "
+                            f"got {preprocessing!r}")
+        if pipeline is not None:
+            data = DataInfo("images in memory", pipeline.img_size, pipeline.input_size[0], [], list(pipeline.mean),
+                            list(pipeline.std))
+    spec = ModelSpec(display, data.img_size, data.in_chans, num_classes)
+    return ProbeTarget(model, spec, data, describe_model(model), display, "in memory", device,
+                       preprocessing=pipeline, inputs_prepared=prepared,
+                       weights={"in_memory": type(model).__name__})
+
+
+def _as_tensors(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    images = torch.as_tensor(images)
+    if images.dim() == 3:
+        images = images[:, None]
+    if images.dim() != 4 or len(images) == 0:
+        raise UserError(f"images must be a batch (N, C, H, W) with N >= 1, got shape {tuple(images.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        if len(labels) != len(images):
+            raise UserError(f"{len(labels)} labels for {len(images)} images")
+    return images, labels
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode while probing (no dropout, no drop-path); each module's own mode restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
