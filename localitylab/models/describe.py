@@ -36,6 +36,9 @@ class ModelInfo:
 def describe_model(model: nn.Module) -> ModelInfo:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if hasattr(model, "pos_embed_kind"):  # a model that describes its own tokens (the DiT)
+        return ModelInfo(params, trainable, True, int(model.patch_size), tuple(model.grid_size),
+                         int(model.num_prefix_tokens), model.pos_embed_kind)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "blocks"):
         return ModelInfo(params, trainable, False, None, None, 0, "n/a")

@@ -18,6 +18,7 @@ import torch.nn as nn
 from localitylab.errors import UserError
 
 POS_EMBEDS = ("learn", "sincos", "none")
+POS_EMBED_KINDS = ("pit", "vit", "dit")  # the model kinds that take --pos-embed
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ModelSpec:
     img_size: int
     in_chans: int
     num_classes: int
-    pos_embed: str | None = None  # learn | sincos | none, for pit/vit; None elsewhere
+    pos_embed: str | None = None  # learn | sincos | none, for pit/vit/dit; None elsewhere
     model_kw: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +49,7 @@ class ModelSpec:
 class ModelEntry:
     name: str  # family name, e.g. 'pit-t' or 'vit-t' (the latter takes '/P')
     builder: Callable[[ModelSpec], nn.Module]
-    kind: str  # 'pit' | 'vit' | 'convnet'
+    kind: str  # 'pit' | 'vit' | 'convnet' | 'dit'
     summary: str
     takes_patch: bool = False
     example_patch: int | None = None  # for listings: the patch size shown in the zoo
@@ -122,7 +123,7 @@ def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, po
 
     Registry models take their shapes from the data (and the patch size from the name);
     a `timm:` model may override them with `model_kw` (img_size, in_chans, num_classes).
-    `pos_embed` applies to PiTs and ViTs only; `drop_path` > 0 becomes `drop_path_rate`.
+    `pos_embed` applies to PiTs, ViTs and DiTs only; `drop_path` > 0 becomes `drop_path_rate`.
     """
     kind = model_kind(model)
     model_kw = dict(model_kw or {})
@@ -133,7 +134,7 @@ def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, po
         in_chans = int(model_kw.pop("in_chans", in_chans))
         num_classes = int(model_kw.pop("num_classes", num_classes))
         return ModelSpec(model, img_size, in_chans, num_classes, None, model_kw)
-    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in ("pit", "vit") else None, model_kw)
+    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in POS_EMBED_KINDS else None, model_kw)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -161,4 +162,4 @@ def _ensure_families_loaded() -> None:
     global _families_loaded
     if not _families_loaded:
         _families_loaded = True
-        from localitylab.models import resnet, vit  # noqa: F401
+        from localitylab.models import dit, resnet, vit  # noqa: F401
