@@ -16,11 +16,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from localitylab.attention import TokenGeometry, attention_layers, read_attention
+from localitylab.attention import CallGeometry, TokenGeometry, attention_layers, read_attention, softmax_pieces
 from localitylab.errors import UserError
 from localitylab.models.pos_embed import sincos_2d
 from localitylab.probes import Measurements, get_probe, load_target
-from localitylab.probes.attention_distance import DistanceReduction, add_distance_rows, attention_row_values
+from localitylab.probes.attention_distance import add_distance_rows, attention_row_values, block_row_values
 from localitylab.probes.attention_maps import parse_queries
 from localitylab.probes.pe_similarity import distance_spearman, linear_r2, topology_r2
 from localitylab.probes.target import select_images
@@ -36,16 +36,25 @@ def modules(target) -> list:
     return [layer.module for layer in attention_layers(target.model)]
 
 
+def whole_sequence(geometry: TokenGeometry, images: int) -> CallGeometry:
+    """The call geometry of a self-attention over the model's whole token sequence."""
+    prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
+    centres = geometry.centres(dtype=torch.float64)
+    return CallGeometry(torch.arange(geometry.num_tokens), torch.cat([prefix, centres]), centres,
+                        geometry.num_prefix_tokens, torch.arange(images))
+
+
 def feed(geometry: TokenGeometry, probs_for_rows, heads: int, block: int) -> pd.DataFrame:
     """Run the probe's reduction over all grid queries in blocks, with probabilities from a
-    function (given to it as logits, as the reader does: log 0 = -inf is a masked key), and
-    turn the per-image means over queries into the probe's rows."""
-    reduce = DistanceReduction(geometry, "cpu")
+    function (given as logits, as the reader does: log 0 = -inf is a masked key), and turn
+    the per-image means over queries into the probe's rows."""
+    where = whole_sequence(geometry, images=2)
     rows = torch.arange(geometry.num_prefix_tokens, geometry.num_tokens)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(rows), block):
         block_rows = rows[start:start + block]
-        for key, values in reduce(0, block_rows, probs_for_rows(block_rows, heads).log(), None).items():
+        pieces, _ = softmax_pieces(0, probs_for_rows(block_rows, heads).log(), where, block_rows)
+        for key, values in block_row_values(pieces).items():
             parts.setdefault(key, []).append(values.double())
     per_image = {key: torch.cat(values, dim=2).mean(dim=2) for key, values in parts.items()}  # (images, heads)
     out = Measurements()
@@ -185,22 +194,33 @@ def test_streamed_equals_materialised_attention(targets, digits_images, name):
 
 
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
-def test_probing_leaves_logits_and_modules_unchanged(targets, digits_images, name):
+@pytest.mark.parametrize("queries", [None, "one token"])
+def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits_images, name, queries):
+    """The reader computes each block's attention once, for the probe and for the module: the
+    model's output equals an unprobed forward to float rounding, whether every row or one
+    row is read (the others then go to the original kernel); everything is restored after."""
+    import torch.nn.functional as F
+
     target = targets[name]
     x = target.prepare(digits_images[0])
     layers = attention_layers(target.model)
+    original, fused = F.scaled_dot_product_attention, [layer.module.fused_attn for layer in layers]
+    rows = None if queries is None else torch.tensor([target.geometry.num_prefix_tokens + 5])
     with torch.no_grad():
         before = target.model(x)
         calls = []
-        with read_attention(layers, lambda layer, rows, logits: calls.append(layer), target.info.num_prefix_tokens):
+        with read_attention(layers, lambda block: calls.append(block.layer), target.geometry, rows):
             during = target.model(x)
         after = target.model(x)
-    assert torch.equal(before, during) and torch.equal(before, after)
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, after)
     assert sorted(set(calls)) == list(range(len(layers)))
     with pytest.raises(RuntimeError, match="boom"):
-        with read_attention(layers, lambda *a: None, target.info.num_prefix_tokens):
+        with read_attention(layers, lambda block: None, target.geometry):
             raise RuntimeError("boom")
-    assert all(not layer.module._forward_pre_hooks for layer in layers)  # restored on error too
+    assert F.scaled_dot_product_attention is original  # restored on error too
+    assert [layer.module.fused_attn for layer in layers] == fused
+    assert all(not layer.module._forward_pre_hooks and not layer.module._forward_hooks for layer in layers)
 
 
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2"])
@@ -211,18 +231,6 @@ def test_results_do_not_depend_on_batch_or_query_block(targets, digits_images, n
     for batch_size, block in ((1, None), (4, 1), (3, 7), (6, 1000)):
         other = streamed_metrics(target, images, batch_size=batch_size, query_block=block)
         np.testing.assert_allclose(other.values, reference.loc[other.index].values, rtol=1e-5, atol=1e-6)
-
-
-def test_large_grids_compute_distances_per_block_to_the_same_result(targets, digits_images, monkeypatch):
-    """Above 4,096 grid tokens the distance table is not kept; each block's are computed."""
-    import localitylab.probes.attention_distance as attention_distance
-
-    target = targets["pit-n"]
-    images = digits_images[0]
-    reference = streamed_metrics(target, images, batch_size=4, query_block=5)
-    monkeypatch.setattr(attention_distance, "DISTANCE_TABLE_ELEMENTS", 0)
-    per_block = streamed_metrics(target, images, batch_size=4, query_block=5)
-    np.testing.assert_array_equal(per_block.values, reference.loc[per_block.index].values)
 
 
 def test_query_block_option_is_checked(targets, digits_images):
@@ -327,13 +335,12 @@ def test_attention_maps_agree_with_attention_distance(targets, digits_images):
     # Pixels (0, 2c) and (0, 2c+1) share a token, so this is the mean over tokens of row 0.
     geometry = target.geometry
     rows = torch.arange(1, 1 + geometry.grid[1])
-    reduce = DistanceReduction(geometry, "cpu")
     direct = {}
 
-    def consume(layer, block_rows, logits):  # one block: the 4 tokens of row 0
-        direct[layer] = reduce(layer, block_rows, logits, None)["distance"].double().mean(dim=(0, 2))
+    def consume(block):  # one block: the 4 tokens of row 0
+        direct[block.layer] = block_row_values(block)["distance"].double().mean(dim=(0, 2))
 
-    with torch.no_grad(), read_attention(attention_layers(target.model), consume, 1, query_tokens=rows):
+    with torch.no_grad(), read_attention(attention_layers(target.model), consume, geometry, rows):
         target.model(target.prepare(images))
     for (layer, head), value in mean_over_queries.items():
         assert value == pytest.approx(float(direct[layer][head]), rel=1e-5)

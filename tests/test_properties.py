@@ -27,7 +27,8 @@ from localitylab.attention import TokenGeometry
 from localitylab.data.permutation import (global_permutation, invert_permutation, local_window_permutation,
                                           mean_displacement, patch_shuffle_permutation, permutation_for_setting,
                                           permute_pixels, random_permutation, swap_permutation)
-from localitylab.probes.attention_distance import attention_row_values, attention_row_values_from_logits
+from localitylab.attention import CallGeometry, softmax_pieces
+from localitylab.probes.attention_distance import attention_row_values, block_row_values
 from localitylab.probes.permutation import shuffle_settings
 from localitylab.probes.registry import get_probe
 
@@ -170,8 +171,9 @@ def test_attention_distance_metrics_lie_in_their_ranges(block):
 @FAST
 @given(attention_blocks(), st.floats(0.0, 0.5), seeds)
 def test_values_from_logits_equal_the_values_from_the_softmax(block, masked_fraction, seed):
-    """The streamed path reduces logits (no softmax, no log per key); the definition reduces
-    the softmax. Masked keys (-inf logits) included, as long as each row keeps a grid key."""
+    """The probe reduces the reader's softmax pieces (no softmax, no log per key); the
+    definition reduces the softmax. Masked keys (-inf logits) included, as long as each row
+    keeps a grid key."""
     geometry, probs, rows = block
     logits = probs.log()
     generator = torch.Generator().manual_seed(seed)
@@ -179,8 +181,10 @@ def test_values_from_logits_equal_the_values_from_the_softmax(block, masked_frac
     masked[..., geometry.num_prefix_tokens] = False  # one grid key always allowed
     logits = logits.masked_fill(masked, float("-inf"))
     centres = geometry.centres(dtype=torch.float64)
-    distances = torch.cdist(centres[rows], centres)
-    from_logits = attention_row_values_from_logits(logits, distances, geometry.num_prefix_tokens)
+    prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
+    where = CallGeometry(torch.arange(geometry.num_tokens), torch.cat([prefix, centres]), centres,
+                         geometry.num_prefix_tokens, torch.arange(len(logits)))
+    from_logits = block_row_values(softmax_pieces(0, logits, where, rows + geometry.num_prefix_tokens)[0])
     reference = attention_row_values(logits.softmax(dim=-1), centres[rows], centres, geometry.num_prefix_tokens)
     for key in ("distance", "prefix", "entropy"):
         assert from_logits[key].shape == reference[key].shape == probs.shape[:3]

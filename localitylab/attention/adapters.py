@@ -1,84 +1,160 @@
-"""One small adapter per attention implementation: how that module forms its attention logits.
+"""One small adapter per attention implementation: how to read that module's attention.
 
-An adapter reads the inputs a module's forward receives and returns the scaled queries,
-the keys and whatever the module adds to the logits (a mask, a bias), exactly as the
-module computes them; the reader (`reader.py`) forms blocks of logit rows from that. The
-probes never know which implementation they read. Adding a family (rotary, relative
-bias, windows, ...) is one subclass here and one `@register_adapter` line.
+The reader (`reader.py`) sees the attention a module really computes by intercepting its
+call to `torch.nn.functional.scaled_dot_product_attention`: the q, k and v it passes
+(after its projections, qk-norm, rotary embedding...) and its mask or bias. An adapter
+says the rest, which only it knows:
 
+- `reading()`: how to make the module take that path for the duration of a probe (timm's
+  modules: `fused_attn = True`; their manual path computes the same softmax);
+- `call_geometry(call, geometry)`: where each query row and each key column of that call
+  sits in input pixels, which keys are prefix tokens ([cls], registers), and which image
+  each batch row of the call belongs to.
+
+The probes never know which implementation they read. Adding a family (relative bias,
+windows, spatial reduction, ...) is one subclass here with one `@register_adapter` line.
 An adapter matches a module by its exact forward: a subclass that overrides `forward`
 computes something else, so it is not read with its parent's adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
+from timm.layers.attention import Attention as _TimmAttention
+
+from localitylab.attention.geometry import TokenGeometry, pixel_distances
+from localitylab.errors import UserError
 
 
 @dataclass
-class QueryKeys:
-    """What one forward of an attention module attends with: everything its logits are made of."""
+class SdpaCall:
+    """The arguments of one `scaled_dot_product_attention` call, as the module made it."""
 
-    q: torch.Tensor  # (B, heads, N, head_dim), already scaled as the module scales it
-    k: torch.Tensor  # (B, heads, N_keys, head_dim)
-    attn_mask: torch.Tensor | None = None  # bool (True = allowed) or additive, broadcastable to (B, heads, N, N_keys)
+    q: torch.Tensor  # (R, heads, Nq, head_dim)
+    k: torch.Tensor  # (R, heads or kv heads, Nk, head_dim)
+    v: torch.Tensor  # (R, heads or kv heads, Nk, value_dim)
+    attn_mask: torch.Tensor | None = None  # bool (True = attend) or additive, broadcastable to (R, heads, Nq, Nk)
+    dropout_p: float = 0.0
     is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+
+    @classmethod
+    def of(cls, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False) -> "SdpaCall":
+        return cls(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale, bool(enable_gqa))
 
     @property
-    def num_heads(self) -> int:
-        return self.q.shape[1]
+    def scale_factor(self) -> float:
+        return 1.0 / math.sqrt(self.q.shape[-1]) if self.scale is None else float(self.scale)
 
     @property
     def num_queries(self) -> int:
-        return self.q.shape[2]
+        return self.q.shape[-2]
 
     @property
     def num_keys(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-2]
 
-    def scores(self, rows: torch.Tensor) -> torch.Tensor:
-        """Attention logits (B, heads, len(rows), N_keys) of the query tokens `rows`, masked as
-        the module masks them (-inf where a key is not allowed)."""
-        scores = self.q[:, :, rows] @ self.k.transpose(-2, -1)
-        tokens = self.num_keys
-        if self.is_causal:  # as timm's resolve_self_attn_mask, for these rows only
-            keys = torch.arange(tokens, device=scores.device)
-            scores = scores.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
+    def keys_and_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v with one head per query head (grouped-query attention repeated out)."""
+        if self.enable_gqa and self.k.shape[-3] != self.q.shape[-3]:
+            repeat = self.q.shape[-3] // self.k.shape[-3]
+            return self.k.repeat_interleave(repeat, -3), self.v.repeat_interleave(repeat, -3)
+        return self.k, self.v
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention logits (R, heads, len(rows), Nk) of the query rows `rows`, masked as
+        the call masks them (-inf where a key is not allowed), as SDPA defines them."""
+        keys, _ = self.keys_and_values()
+        logits = (self.q[..., rows, :] * self.scale_factor) @ keys.transpose(-2, -1)
+        if self.is_causal:
+            allowed = torch.arange(self.num_keys, device=logits.device)[None, :] <= rows[:, None]
+            logits = logits.masked_fill(~allowed, float("-inf"))
         elif self.attn_mask is not None:
             mask = self.attn_mask
             if mask.dim() >= 2 and mask.shape[-2] == self.num_queries:
                 mask = mask[..., rows, :]
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:
-                scores = scores + mask
-        return scores
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        return logits
+
+
+# Distances from every query to every key are kept whole up to this many (128 MiB in fp32).
+DISTANCE_TABLE_ELEMENTS = 2**25
+
+
+@dataclass(eq=False)
+class CallGeometry:
+    """Where the rows and columns of one attention call sit on the input image.
+
+    The reader keeps one per layer and call shape, so the distances it hands out are
+    computed once: the whole query-to-key table when it is small, else each block's rows.
+    """
+
+    query_tokens: torch.Tensor  # (Nq,) each query row's index in the model's token order (prefix first)
+    query_centres: torch.Tensor  # (Nq, 2) pixel centres of the query rows (NaN for prefix tokens)
+    key_centres: torch.Tensor  # (Nk - num_prefix_keys, 2) pixel centres of the non-prefix keys
+    num_prefix_keys: int  # keys [0, num_prefix_keys) are prefix tokens
+    images: torch.Tensor  # (R,) the image (within the forward's batch) of each batch row of the call
+
+    def __post_init__(self) -> None:
+        self._tables: dict[torch.dtype, torch.Tensor] = {}
+
+    def grid_rows(self) -> torch.Tensor:
+        """The query rows that are not prefix tokens."""
+        return torch.nonzero(~torch.isnan(self.query_centres[:, 0])).flatten()
+
+    def distances(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(len(rows), Nk - P) pixel distances from the query rows `rows` to the grid keys."""
+        if len(self.query_centres) * len(self.key_centres) > DISTANCE_TABLE_ELEMENTS:
+            return pixel_distances(self.query_centres[rows], self.key_centres).to(dtype)
+        if dtype not in self._tables:
+            self._tables[dtype] = pixel_distances(self.query_centres, self.key_centres).to(dtype)
+        return self._tables[dtype][rows]
 
 
 class AttentionAdapter:
-    """Base: `module_forward` is the forward this adapter knows how to mirror."""
+    """Base: subclasses set `name` and `module_type` (the forward they know), and override
+    `reading` and `call_geometry` where the default (a self-attention over the model's
+    whole token sequence, prefix first) is not what the module does."""
 
     name: ClassVar[str] = ""
-    module_forward: ClassVar[Any] = None  # the function object of the forward it mirrors
+    module_type: ClassVar[type[nn.Module] | None] = None
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
     @classmethod
     def reads(cls, module: nn.Module) -> bool:
-        return cls.module_forward is not None and getattr(type(module), "forward", None) is cls.module_forward
+        return (cls.module_type is not None and isinstance(module, cls.module_type)
+                and type(module).forward is cls.module_type.forward)
 
     @property
     def num_heads(self) -> int:
         return int(self.module.num_heads)
 
-    def query_keys(self, args: tuple, kwargs: dict[str, Any]) -> QueryKeys:
-        """The module's q (scaled), k and mask, from the arguments its forward was called with."""
-        raise NotImplementedError
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """While active, the module computes its attention through SDPA."""
+        yield
+
+    def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        tokens = geometry.num_tokens
+        if call.num_queries != tokens or call.num_keys != tokens:
+            raise UserError(f"the model attends over {call.num_keys} tokens, but its grid {geometry.grid} and "
+                            f"{geometry.num_prefix_tokens} prefix tokens make {tokens}; "
+                            "attention probes need one token per grid cell")
+        device = call.q.device
+        centres = geometry.centres(device, torch.float64)
+        prefix = torch.full((geometry.num_prefix_tokens, 2), float("nan"), dtype=torch.float64, device=device)
+        return CallGeometry(torch.arange(tokens, device=device), torch.cat([prefix, centres]), centres,
+                            geometry.num_prefix_tokens, torch.arange(call.q.shape[0], device=device))
 
 
 _ADAPTERS: list[type[AttentionAdapter]] = []
@@ -103,29 +179,30 @@ def adapter_names() -> list[str]:
     return [cls.name for cls in _ADAPTERS]
 
 
+@contextlib.contextmanager
+def fused(module: nn.Module) -> Iterator[None]:
+    """timm modules: take the `F.scaled_dot_product_attention` path while active."""
+    saved = module.fused_attn
+    module.fused_attn = True
+    try:
+        yield
+    finally:
+        module.fused_attn = saved
+
+
 # --- timm's plain Attention (ViT, DeiT, our PiTs and ViTs) --------------------------------------
-from timm.layers.attention import Attention as _TimmAttention  # noqa: E402
-
-
 @register_adapter
 class TimmAttention(AttentionAdapter):
     """timm's `Attention`: qkv projection, q_norm / k_norm, scale, optional mask; `norm` and
     `gate` act after attention @ v and do not change the attention itself."""
 
     name = "timm-attention"
-    module_forward = _TimmAttention.forward
+    module_type = _TimmAttention
 
-    @classmethod
-    def reads(cls, module: nn.Module) -> bool:
-        return isinstance(module, _TimmAttention) and type(module).forward is _TimmAttention.forward
+    def reading(self):
+        return fused(self.module)
 
-    def query_keys(self, args: tuple, kwargs: dict[str, Any]) -> QueryKeys:
-        module = self.module
-        x = args[0] if args else kwargs["x"]
-        attn_mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
-        is_causal = args[2] if len(args) > 2 else kwargs.get("is_causal", False)
-        batch, tokens, _ = x.shape
-        qkv = module.qkv(x).reshape(batch, tokens, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, _ = qkv.unbind(0)
-        q, k = module.q_norm(q), module.k_norm(k)
-        return QueryKeys(q * module.scale, k, attn_mask, bool(is_causal))
+
+def sdpa_arguments(args: tuple, kwargs: dict[str, Any]) -> SdpaCall:
+    """An `SdpaCall` from the arguments `scaled_dot_product_attention` was called with."""
+    return SdpaCall.of(*args, **kwargs)

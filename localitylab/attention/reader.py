@@ -1,10 +1,16 @@
-"""Read a model's attention as it runs: the logits of every readable layer, streamed over
-blocks of query rows, so no layer's N x N map ever exists in memory (a PiT on a 224 x 224
-image has 50,177 tokens: one full fp32 map of one layer would be 40 GB).
+"""Read a model's attention as it runs, at the cost of one forward pass.
 
-Forward pre-hooks on each attention module ask its adapter for q and k as the module forms
-them and hand `consume(layer, rows, logits)` one block of rows at a time. The module's own
-forward is left alone, so the model's outputs are unchanged.
+While `read_attention` is active, every readable attention module (one with an adapter)
+computes its attention through `torch.nn.functional.scaled_dot_product_attention`, and
+that call is answered here: the query rows a probe reads are computed in blocks, each
+block's softmax pieces go to the probe's `consume(block)`, and the same pieces give that
+block's rows of the output (softmax @ v), so the attention is computed once and feeds both
+the module and the probe. Rows the probe does not read go to the original SDPA kernel.
+No layer's N x N map ever exists: memory grows with N x block (a PiT on a 224 x 224 image
+has 50,177 tokens; one full fp32 map of one layer would be 40 GB).
+
+The module's output equals its unprobed output to float rounding (checked in the tests),
+and everything is restored on exit, error or not.
 """
 
 from __future__ import annotations
@@ -16,18 +22,17 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from localitylab.attention.adapters import AttentionAdapter, adapter_for
+from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, adapter_for
+from localitylab.attention.geometry import TokenGeometry
+from localitylab.errors import UserError
 
-# The default query block holds at most this many attention logits (batch x heads x rows x
-# keys), a few such temporaries per block; memory grows with N x block. On a CPU 4 MiB blocks
-# stay in cache: 2.5-3.4x faster than 64 MiB ones (benchmarks/RESULTS.md). A GPU streams
-# large blocks at full bandwidth and pays per kernel launch, so it keeps 64 MiB ones.
+# The default query block holds at most this many attention logits (rows of the call x
+# heads x block rows x keys), a few such temporaries per block; memory grows with N x block.
+# On a CPU 4 MiB blocks stay in cache: 2.5-3.4x faster than 64 MiB ones (benchmarks/RESULTS.md).
+# A GPU streams large blocks at full bandwidth and pays per kernel launch: 64 MiB ones.
 BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
-
-# consume(layer, rows, logits): rows are token indices (prefix included); logits are
-# (B, heads, len(rows), N_keys), masked keys at -inf.
-Consumer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,69 @@ class AttentionLayer:
     @property
     def num_heads(self) -> int:
         return self.adapter.num_heads
+
+
+@dataclass
+class AttentionBlock:
+    """One block of query rows of one layer's attention, in the pieces every reduction needs.
+
+    With s the logits, P prefix keys first and m the largest grid logit of each row:
+    `grid_weights` w = exp(s_grid - m) (0 for masked keys) and `grid_total` Z = sum w, so the
+    attention renormalised over grid keys is A' = w / Z (PROBES.md); `weighted_logits` =
+    sum_k w s (masked keys left out); `prefix_lse` = logsumexp of the prefix logits (None
+    without prefix keys). Consumers must not modify these tensors in place.
+    """
+
+    layer: int
+    logits: torch.Tensor  # (R, heads, b, Nk), float32 or float64
+    grid_weights: torch.Tensor  # (R, heads, b, Nk - P)
+    grid_total: torch.Tensor  # (R, heads, b)
+    grid_max: torch.Tensor  # (R, heads, b, 1)
+    weighted_logits: torch.Tensor  # (R, heads, b)
+    prefix_lse: torch.Tensor | None  # (R, heads, b)
+    rows: torch.Tensor  # (b,) the block's query rows in the call
+    where: CallGeometry
+
+    @property
+    def query_tokens(self) -> torch.Tensor:
+        """(b,) token indices (prefix included) of the block's query rows."""
+        return self.where.query_tokens[self.rows]
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.where.images
+
+    def distances(self) -> torch.Tensor:
+        """(b, Nk - P) pixel distances from the block's queries to the grid keys."""
+        return self.where.distances(self.rows, self.grid_weights.dtype)
+
+    @property
+    def log_total(self) -> torch.Tensor:
+        """logsumexp over every key, (R, heads, b)."""
+        grid_lse = self.grid_max.squeeze(-1) + self.grid_total.log()
+        return grid_lse if self.prefix_lse is None else torch.logaddexp(grid_lse, self.prefix_lse)
+
+    def prefix_share(self) -> torch.Tensor:
+        """The softmax mass on the prefix keys, (R, heads, b)."""
+        if self.prefix_lse is None:
+            return torch.zeros_like(self.grid_total)
+        return (self.prefix_lse - self.log_total).exp()
+
+    def entropy(self) -> torch.Tensor:
+        """-sum A' log A' over the grid keys, (R, heads, b): log A' = s - m - log Z, so it is
+        log Z + m - sum(w s) / Z."""
+        return self.grid_total.log() + self.grid_max.squeeze(-1) - self.weighted_logits / self.grid_total
+
+    def renormalised(self) -> torch.Tensor:
+        """A' (R, heads, b, Nk - P): the attention renormalised over the grid keys."""
+        return self.grid_weights / self.grid_total.unsqueeze(-1)
+
+    def probs(self) -> torch.Tensor:
+        """The softmax over every key (R, heads, b, Nk)."""
+        return (self.logits - self.log_total.unsqueeze(-1)).exp()
+
+
+Consumer = Callable[[AttentionBlock], None]
 
 
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:
@@ -62,38 +130,121 @@ def unread_attention_classes(model: nn.Module) -> list[str]:
     return [f"{name} (x{count})" if count > 1 else name for name, count in sorted(found.items())]
 
 
-def default_query_block(batch: int, heads: int, tokens: int, device: torch.device | str = "cpu") -> int:
+def default_query_block(rows: int, heads: int, keys: int, device: torch.device | str = "cpu") -> int:
     elements = BLOCK_ELEMENTS.get(torch.device(device).type, BLOCK_ELEMENTS["cuda"])
-    return max(1, elements // max(1, batch * heads * tokens))
+    return max(1, elements // max(1, rows * heads * keys))
+
+
+def softmax_pieces(layer: int, logits: torch.Tensor, where: CallGeometry, rows: torch.Tensor,
+                   stacked: torch.Tensor | None = None, value_dim: int = 0,
+                   queries: torch.Tensor | None = None) -> tuple[AttentionBlock, torch.Tensor | None]:
+    """An `AttentionBlock` from one block of logits, with one exponential per grid logit,
+    and the block's weights @ values.
+
+    `stacked` is the call's grid [values | keys | 1] (R, heads, T, value_dim + key_dim + 1):
+    one matmul reads the weights once and gives the output's numerator w @ v, the weighted
+    keys (so that sum_k w s = q . sum_k w k when the logits are q . k alone: `queries`, the
+    scaled query rows) and Z. With a mask or bias on the logits (`queries` None), sum_k w s
+    is summed directly.
+    """
+    prefix = where.num_prefix_keys
+    grid = logits[..., prefix:]
+    grid_max = grid.amax(dim=-1, keepdim=True)
+    weights = (grid - grid_max).exp_()
+    numerator, weighted_keys = None, None
+    if stacked is None:
+        total = weights.sum(dim=-1)
+    else:
+        product = weights @ stacked
+        total, numerator, weighted_keys = product[..., -1], product[..., :value_dim], product[..., value_dim:-1]
+    if queries is not None and weighted_keys is not None:
+        weighted_logits = (queries * weighted_keys).sum(dim=-1)
+    else:  # masked keys: weight 0 times logit -inf would be NaN
+        weighted_logits = (weights * grid.nan_to_num(neginf=0.0)).sum(dim=-1)
+    prefix_lse = logits[..., :prefix].logsumexp(dim=-1) if prefix else None
+    block = AttentionBlock(layer, logits, weights, total, grid_max, weighted_logits, prefix_lse, rows, where)
+    return block, numerator
+
+
+def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, consume: Consumer,
+           query_block: int | None, original: Callable) -> torch.Tensor:
+    """The call's output; the rows `rows` computed here in blocks and handed to `consume`."""
+    if call.dropout_p > 0:
+        raise UserError("attention probes read a model in eval mode; this attention call applies dropout")
+    keys, values = call.keys_and_values()
+    batch, heads, num_queries, _ = call.q.shape
+    out = call.q.new_empty(batch, heads, num_queries, values.shape[-1])
+    dtype = call.q.dtype if call.q.dtype in (torch.float32, torch.float64) else torch.float32
+    read = torch.zeros(num_queries, dtype=torch.bool, device=call.q.device)
+    read[rows] = True
+    others = torch.nonzero(~read).flatten()
+    if len(others):
+        if call.is_causal:  # a subset of rows cannot take is_causal: read every row here instead
+            rows = torch.arange(num_queries, device=call.q.device)
+        else:
+            mask = call.attn_mask
+            if mask is not None and mask.dim() >= 2 and mask.shape[-2] == num_queries:
+                mask = mask[..., others, :]
+            out[..., others, :] = original(call.q[..., others, :], call.k, call.v, attn_mask=mask,
+                                           scale=call.scale, enable_gqa=call.enable_gqa)
+    prefix = where.num_prefix_keys
+    plain = call.attn_mask is None and not call.is_causal  # the logits are q . k alone
+    value_grid, value_prefix = values[..., prefix:, :].to(dtype), values[..., :prefix, :].to(dtype)
+    columns = [value_grid] + ([keys[..., prefix:, :].to(dtype).expand(*value_grid.shape[:-1], -1)] if plain else [])
+    stacked = torch.cat([*columns, value_grid.new_ones(*value_grid.shape[:-1], 1)], dim=-1)
+    block = query_block or default_query_block(batch, heads, call.num_keys, call.q.device)
+    for start in range(0, len(rows), block):
+        block_rows = rows[start:start + block]
+        queries = (call.q[..., block_rows, :] * call.scale_factor).to(dtype) if plain else None
+        pieces, numerator = softmax_pieces(layer, call.logits(block_rows).to(dtype), where, block_rows, stacked,
+                                           value_grid.shape[-1], queries)
+        consume(pieces)
+        # softmax @ v = exp(m - lse) * (w @ v_grid) + exp(s_prefix - lse) @ v_prefix
+        log_total = pieces.log_total.unsqueeze(-1)
+        result = (pieces.grid_max - log_total).exp() * numerator
+        if prefix:
+            result = result + (pieces.logits[..., :prefix] - log_total).exp() @ value_prefix
+        out[..., block_rows, :] = result.to(out.dtype)
+    return out
 
 
 @contextlib.contextmanager
-def read_attention(layers: list[AttentionLayer], consume: Consumer, num_prefix_tokens: int,
+def read_attention(layers: list[AttentionLayer], consume: Consumer, geometry: TokenGeometry,
                    query_tokens: torch.Tensor | None = None, query_block: int | None = None) -> Iterator[None]:
-    """While active, every forward of `layers[l].module` also calls `consume(l, rows, logits)`
-    for blocks of query rows: all non-prefix tokens, or `query_tokens`. The hooks are removed
-    on exit, error or not; the modules' own computation is untouched."""
+    """While active, each forward of `layers[l].module` answers its attention call here and
+    hands `consume` the blocks of the query rows read: every grid token, or the tokens
+    `query_tokens`. Everything is restored on exit."""
+    original = F.scaled_dot_product_attention
+    current: list[AttentionLayer] = []
+    geometries: dict[tuple, CallGeometry] = {}  # per layer and call shape: distances computed once
 
-    def make_hook(layer: AttentionLayer):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            attended = layer.adapter.query_keys(args, kwargs)
-            batch, heads, tokens = attended.q.shape[:3]
-            device = attended.q.device
-            rows = (torch.arange(num_prefix_tokens, tokens, device=device) if query_tokens is None
-                    else query_tokens.to(device))
-            block = query_block or default_query_block(batch, heads, attended.num_keys, device)
-            for start in range(0, len(rows), block):
-                block_rows = rows[start:start + block]
-                consume(layer.index, block_rows, attended.scores(block_rows))
-            return None
+    def sdpa(*args, **kwargs) -> torch.Tensor:
+        if not current:  # an attention call outside the layers read
+            return original(*args, **kwargs)
+        layer = current[-1]
+        call = SdpaCall.of(*args, **kwargs)
+        key = (layer.index, tuple(call.q.shape), tuple(call.k.shape), call.q.device)
+        if key not in geometries:
+            geometries[key] = layer.adapter.call_geometry(call, geometry)
+        where = geometries[key]
+        if query_tokens is None:
+            rows = where.grid_rows()
+        else:
+            wanted = query_tokens.to(where.query_tokens.device)
+            rows = torch.nonzero(torch.isin(where.query_tokens, wanted)).flatten()
+        return attend(layer.index, call, where, rows, consume, query_block, original)
 
-        return hook
+    def enter(layer: AttentionLayer):
+        return lambda module, args: current.append(layer)
 
-    handles = []
-    try:
+    def leave(module, args, output):
+        current.pop()
+
+    with contextlib.ExitStack() as stack:
         for layer in layers:
-            handles.append(layer.module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+            stack.enter_context(layer.adapter.reading())
+            stack.callback(layer.module.register_forward_pre_hook(enter(layer)).remove)
+            stack.callback(layer.module.register_forward_hook(leave).remove)
+        F.scaled_dot_product_attention = sdpa
+        stack.callback(setattr, F, "scaled_dot_product_attention", original)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

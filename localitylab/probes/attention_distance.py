@@ -5,7 +5,8 @@ The ViT paper's "mean attention distance" (Dosovitskiy et al. 2021, Fig. 7; Ragh
 by dividing by the same quantity for uniform attention (`locality_ratio`).
 
 The attention is exactly the model's, read through its adapter (`localitylab.attention`)
-over blocks of query rows, so no layer's N x N map exists in memory. Per image, layer and
+over blocks of query rows inside the model's own forward pass (computed once, for the
+model and the probe), so no layer's N x N map exists in memory. Per image, layer and
 head: the mean over its queries of the attended distance, the prefix share and the
 normalised entropy; the table's values are their means over images.
 
@@ -23,14 +24,11 @@ import pandas as pd
 import torch
 from pydantic import field_validator
 
-from localitylab.attention import TokenGeometry, pixel_distances
+from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances
 from localitylab.probes.attention_probe import AttentionProbe
-from localitylab.probes.base import Batch, Measurements, ProbeInputs, SummaryColumn, overlay
+from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.settings import Settings
-
-# The distances from every grid token to every other are kept whole up to this many.
-DISTANCE_TABLE_ELEMENTS = 2**24
 
 METRICS = ("mean_distance_px", "mean_distance_frac", "uniform_distance_px", "locality_ratio", "prefix_share",
            "entropy_norm")
@@ -43,8 +41,8 @@ def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_c
 
     probs: (B, heads, b, P + T) softmax rows; query_centres (b, 2) and key_centres (T, 2) in
     pixels. Returns (B, heads, b) values: the attended distance d of each row, its prefix
-    share and its normalised entropy. The probe streams `attention_row_values_from_logits`,
-    which is checked against this one.
+    share and its normalised entropy. The probe reduces the reader's blocks with
+    `block_row_values`, which is checked against this one.
     """
     prefix_share = probs[..., :num_prefix_tokens].sum(dim=-1)
     grid_probs = probs[..., num_prefix_tokens:]
@@ -57,64 +55,16 @@ def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_c
     return {"distance": attended, "prefix": prefix_share, "entropy": entropy}
 
 
-def attention_row_values_from_logits(logits: torch.Tensor, distances: torch.Tensor,
-                                     num_prefix_tokens: int) -> dict[str, torch.Tensor]:
-    """`attention_row_values` from the logits, without forming the softmax: the same values,
-    in fewer passes over the (B, heads, b, N) block and no logarithm per key.
-
-    logits: (B, heads, b, P + T) masked logits; distances: (b, T) pixel distances from each
-    query to every grid key. With w = exp(s - max_grid s) over the grid keys and Z = sum w,
-    A' = w / Z, so the distance is sum(w d) / Z, and since log A' = (s - max) - log Z the
-    entropy is log Z - sum(w (s - max)) / Z. The prefix share is exp(logsumexp over prefix
-    keys - logsumexp over all keys).
+def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
+    """`attention_row_values` from the reader's softmax pieces, without forming the softmax:
+    with w = exp(s - max_grid s) over the grid keys and Z = sum w, A' = w / Z, so the
+    distance is sum(w d) / Z (one pass over the block), the entropy comes from Z, the max
+    and sum(w s) (`AttentionBlock.entropy`), the prefix share from two logsumexps.
     """
-    grid = logits[..., num_prefix_tokens:]
-    grid_max = grid.amax(dim=-1, keepdim=True)
-    shifted = grid - grid_max
-    weights = shifted.exp()
-    total = weights.sum(dim=-1)
-    attended = (weights * distances).sum(dim=-1) / total
-    shifted.nan_to_num_(neginf=0.0)  # masked keys: weight 0 times logit -inf would be NaN
-    entropy = total.log() - (weights * shifted).sum(dim=-1) / total
-    num_keys = distances.shape[-1]
-    entropy = entropy / math.log(num_keys) if num_keys > 1 else torch.full_like(entropy, float("nan"))
-    if num_prefix_tokens:
-        grid_lse = grid_max.squeeze(-1) + total.log()
-        prefix_lse = logits[..., :num_prefix_tokens].logsumexp(dim=-1)
-        prefix_share = (prefix_lse - torch.logaddexp(prefix_lse, grid_lse)).exp()
-    else:
-        prefix_share = torch.zeros_like(total)
-    return {"distance": attended, "prefix": prefix_share, "entropy": entropy}
-
-
-class DistanceReduction:
-    """The per-row distance, prefix share and entropy of blocks of logits (the probe's reduction).
-
-    Every layer and batch asks for the same rows' pixel distances: the whole table is kept
-    (per dtype) when it is small, up to 4,096 grid tokens; else the centres, and each
-    block's distances are computed as it comes."""
-
-    def __init__(self, geometry: TokenGeometry, device: torch.device | str):
-        self.geometry = geometry
-        self.device = device
-        self.keep_table = geometry.num_grid_tokens**2 <= DISTANCE_TABLE_ELEMENTS
-        self.cache: dict[torch.dtype, torch.Tensor] = {}
-
-    def __call__(self, layer: int, rows: torch.Tensor, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()  # bf16 / fp16 logits: reduce in fp32
-        distances = self.distances(rows - self.geometry.num_prefix_tokens, logits.dtype)
-        return attention_row_values_from_logits(logits, distances, self.geometry.num_prefix_tokens)
-
-    def distances(self, grid_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, T) pixel distances from the grid tokens `grid_rows` to every grid token."""
-        if dtype not in self.cache:
-            centres = self.geometry.centres(self.device, dtype)
-            self.cache[dtype] = pixel_distances(centres, centres) if self.keep_table else centres
-        if self.keep_table:
-            return self.cache[dtype][grid_rows]
-        centres = self.cache[dtype]
-        return pixel_distances(centres[grid_rows], centres)
+    attended = (block.grid_weights * block.distances()).sum(dim=-1) / block.grid_total
+    num_keys = block.grid_weights.shape[-1]
+    entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))
+    return {"distance": attended, "prefix": block.prefix_share(), "entropy": entropy}
 
 
 def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Tensor], geometry: TokenGeometry,
@@ -170,7 +120,7 @@ class AttentionDistance(AttentionProbe):
 
     def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
         geometry = inputs.target.geometry
-        for layer in self.collect(inputs, DistanceReduction(geometry, inputs.target.device)):
+        for layer in self.collect(inputs, lambda block, first_image: block_row_values(block)):
             values = {key: layer.values[key][..., 0] for key in ("distance", "prefix", "entropy")}
             add_distance_rows(out, layer.layer.index, values, geometry, inputs.n_images)
 

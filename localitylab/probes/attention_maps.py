@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 from pydantic import field_validator
 
-from localitylab.attention import TokenGeometry, attention_layers, pixel_distances
+from localitylab.attention import AttentionBlock, TokenGeometry, attention_layers, pixel_distances
 from localitylab.errors import UserError
 from localitylab.probes.attention_probe import AttentionProbe
-from localitylab.probes.base import Batch, Measurements, ProbeInputs, overlay
+from localitylab.probes.base import Measurements, ProbeInputs, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
 from localitylab.settings import Settings
@@ -134,17 +134,15 @@ class QueryReduction:
         self.keep = keep
         self.maps = [torch.zeros(keep, n_heads, len(slot_tokens), geometry.num_grid_tokens) for n_heads in heads]
 
-    def __call__(self, layer: int, rows: torch.Tensor, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        slots = [self.slot_of[token] for token in rows.tolist()]  # distinct: each slot once per block
-        probs = logits.softmax(dim=-1)
-        prefix = probs[..., :self.geometry.num_prefix_tokens].sum(dim=-1)  # (B, heads, rows)
-        grid = probs[..., self.geometry.num_prefix_tokens:]
-        grid = grid / grid.sum(dim=-1, keepdim=True)  # A', (B, heads, rows, T)
-        wanted = self.keep - batch.start
+    def __call__(self, block: AttentionBlock, first_image: int) -> dict[str, torch.Tensor]:
+        slots = [self.slot_of[token] for token in block.query_tokens.tolist()]  # distinct: each slot once per block
+        grid = block.renormalised()  # A', (B, heads, rows, T)
+        wanted = self.keep - first_image
         if wanted > 0:
-            self.maps[layer][batch.start:batch.start + len(grid[:wanted]), :, slots] = grid[:wanted].float().cpu()
+            kept = grid[:wanted].float().cpu()
+            self.maps[block.layer][first_image:first_image + len(kept), :, slots] = kept
         return {"distance": (grid * self.distances[slots].to(grid)).sum(dim=-1),
-                "neighbourhood": (grid * self.window[slots].to(grid)).sum(dim=-1), "prefix": prefix}
+                "neighbourhood": (grid * self.window[slots].to(grid)).sum(dim=-1), "prefix": block.prefix_share()}
 
 
 @register_probe

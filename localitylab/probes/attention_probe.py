@@ -11,9 +11,8 @@ from typing import Callable, ClassVar
 
 import torch
 
-from localitylab.attention import AttentionLayer, TokenGeometry, attention_layers, read_attention, unread_attention_classes
-from localitylab.errors import UserError
-from localitylab.probes.base import Batch, Probe, ProbeInputs
+from localitylab.attention import AttentionBlock, AttentionLayer, attention_layers, read_attention, unread_attention_classes
+from localitylab.probes.base import Probe, ProbeInputs
 from localitylab.probes.target import ProbeTarget
 
 
@@ -30,13 +29,6 @@ def no_attention_reason(target: ProbeTarget) -> str | None:
     return None
 
 
-def check_token_count(logits: torch.Tensor, geometry: TokenGeometry) -> None:
-    if logits.shape[-1] != geometry.num_tokens:
-        raise UserError(f"the model attends over {logits.shape[-1]} tokens, but its grid {geometry.grid} and "
-                        f"{geometry.num_prefix_tokens} prefix tokens make {geometry.num_tokens}; "
-                        "attention probes need one token per grid cell")
-
-
 @dataclass
 class LayerValues:
     """Per-image values of one layer: {name: (n_images, heads, rows)} (rows = 1 when averaged)."""
@@ -45,8 +37,9 @@ class LayerValues:
     values: dict[str, torch.Tensor]
 
 
-# reduce(layer, rows, logits, batch) -> {name: (B, heads, len(rows)) values} for one block of query rows.
-Reduction = Callable[[int, torch.Tensor, torch.Tensor, Batch], dict[str, torch.Tensor]]
+# reduce(block, first_image) -> {name: (R, heads, block rows) values} for one block of query rows;
+# first_image is the index, among the probe's images, of the forward batch's first image.
+Reduction = Callable[[AttentionBlock, int], dict[str, torch.Tensor]]
 
 
 class AttentionProbe(Probe):
@@ -70,38 +63,36 @@ class AttentionProbe(Probe):
     def collect(self, inputs: ProbeInputs, reduce: Reduction) -> list[LayerValues]:
         """Run the model over the images once and reduce every readable layer's attention.
 
-        Returns, per layer the forward reached, float64 (n_images, heads, R) values: R = the
-        number of query rows with `per_query`, else 1 (the mean over every query row).
+        Returns, per layer the forward reached, float64 (n_images, heads, Q) values: Q = the
+        number of query tokens with `per_query`, else 1 (the mean over every query row).
         """
         target = inputs.target
         geometry = target.geometry
         layers = attention_layers(target.model)
         queries = self.query_tokens(inputs)
-        if queries is not None:
-            queries = queries.to(target.device)
         n_rows = len(queries) if queries is not None else geometry.num_grid_tokens
         slot_of = {int(t): s for s, t in enumerate(queries.tolist())} if queries is not None else None
         collected: dict[int, dict[str, list[torch.Tensor]]] = {}
         in_batch: dict[int, dict[str, torch.Tensor]] = {}
-        current: list[Batch] = []
+        batch_of: list = []
 
-        def consume(layer: int, rows: torch.Tensor, logits: torch.Tensor) -> None:
-            check_token_count(logits, geometry)
-            buffers = in_batch.setdefault(layer, {})
-            for name, values in reduce(layer, rows, logits, current[0]).items():
+        def consume(block: AttentionBlock) -> None:
+            batch = batch_of[0]
+            buffers = in_batch.setdefault(block.layer, {})
+            for name, values in reduce(block, batch.start).items():
                 values = values.double()
+                if len(values) != len(batch) or not torch.equal(block.images, torch.arange(len(batch), device=block.images.device)):
+                    values = values.new_zeros(len(batch), *values.shape[1:]).index_add_(0, block.images, values)
+                if name not in buffers:
+                    buffers[name] = values.new_zeros(*values.shape[:2], n_rows if self.per_query else 1)
                 if self.per_query:
-                    if name not in buffers:
-                        buffers[name] = values.new_zeros(*values.shape[:2], n_rows)
-                    buffers[name][..., [slot_of[int(r)] for r in rows.tolist()]] = values
+                    buffers[name][..., [slot_of[int(t)] for t in block.query_tokens.tolist()]] += values
                 else:
-                    summed = values.sum(dim=2, keepdim=True)
-                    buffers[name] = summed if name not in buffers else buffers[name] + summed
+                    buffers[name] += values.sum(dim=2, keepdim=True)
 
-        with read_attention(layers, consume, geometry.num_prefix_tokens, query_tokens=queries,
-                            query_block=self.query_block(inputs)):
+        with read_attention(layers, consume, geometry, query_tokens=queries, query_block=self.query_block(inputs)):
             for batch in inputs.batches():
-                current[:] = [batch]
+                batch_of[:] = [batch]
                 in_batch.clear()
                 target.model(batch.inputs)
                 for layer, buffers in in_batch.items():
