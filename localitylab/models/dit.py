@@ -173,7 +173,8 @@ def _register(size: str) -> None:
     desc = f"width {dims['width']}, {dims['depth']} blocks, {dims['heads']} heads"
 
     @register_model(f"dit-{size}", kind="dit", summary=f"class-conditional diffusion transformer (DiT), PxP tokens; "
-                                                       f"{desc}", takes_patch=True, example_patch=2)
+                                                       f"{desc}", takes_patch=True, example_patch=2,
+                    pos_embed=DEFAULT_POS_EMBED)
     def _dit(spec: ModelSpec) -> nn.Module:
         _, patch = parse_model_name(spec.name)
         return build_dit(spec, size, patch)

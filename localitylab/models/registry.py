@@ -53,21 +53,32 @@ class ModelEntry:
     summary: str
     takes_patch: bool = False
     example_patch: int | None = None  # for listings: the patch size shown in the zoo
+    pos_embed: str | None = None  # the family's default position embedding; None: it takes none
 
 
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None):
-    """Decorator: add a builder to the registry under `name`."""
+def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None,
+                   pos_embed: str | None = None):
+    """Decorator: add a builder to the registry under `name` (`pos_embed`: the default
+    position embedding of a family that takes --pos-embed)."""
 
     def wrap(builder: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelEntry(name, builder, kind, summary, takes_patch, example_patch)
+        _MODELS[name] = ModelEntry(name, builder, kind, summary, takes_patch, example_patch, pos_embed)
         return builder
 
     return wrap
+
+
+def default_pos_embed(name: str) -> str | None:
+    """The position embedding a registry model gets without --pos-embed ('learn' for PiTs and
+    ViTs, 'sincos' for DiTs); None for a model that takes none (ConvNets, timm:)."""
+    family, _ = parse_model_name(name)
+    entry = _MODELS.get(family)
+    return entry.pos_embed if entry is not None else None
 
 
 def model_entries() -> list[ModelEntry]:

@@ -75,12 +75,14 @@ def _register(size: str) -> None:
     dims = WIDTHS[size]
     desc = f"width {dims['embed_dim']}, {dims['depth']} blocks, {dims['num_heads']} heads"
 
-    @register_model(f"pit-{size}", kind="pit", summary=f"Pixel Transformer, one token per pixel; {desc}")
+    @register_model(f"pit-{size}", kind="pit", summary=f"Pixel Transformer, one token per pixel; {desc}",
+                    pos_embed="learn")
     def _pit(spec: ModelSpec) -> nn.Module:
         return build_vision_transformer(spec, size, 1)
 
     @register_model(
-        f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2
+        f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2,
+        pos_embed="learn",
     )
     def _vit(spec: ModelSpec) -> nn.Module:
         _, patch = parse_model_name(spec.name)

@@ -130,9 +130,10 @@ class AttentionDistance(AttentionProbe):
 
         from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
 
-        frame = overlay(tables, lambda f: f["head"].notna())
+        paths = plot_noise_levels(tables, out_dir)
+        frame = overlay(tables, lambda f: f["head"].notna() & ~f["setting"].str.startswith("t="))
         if frame is None:
-            return []
+            return paths
         apply_style()
         models = sorted(frame["model"].unique())
         colours, markers = model_colours(models), model_markers(models)
@@ -161,4 +162,51 @@ class AttentionDistance(AttentionProbe):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
                        framealpha=0.8)
-        return [save_figure(fig, Path(out_dir) / "attention-distance.png")]
+        return [save_figure(fig, Path(out_dir) / "attention-distance.png"), *paths]
+
+
+def noise_level_frame(tables: list[pd.DataFrame]) -> pd.DataFrame | None:
+    """A denoiser's locality ratio per model, layer and noise level (the mean over heads):
+    columns model, layer, timestep, value; None when no table has noise levels."""
+    frame = overlay(tables, lambda f: (f["metric"] == "locality_ratio") & f["head"].notna()
+                    & f["setting"].str.match(r"^t=\d+$"))
+    if frame is None:
+        return None
+    frame = frame.assign(timestep=frame["setting"].str[2:].astype(int), layer=frame["layer"].astype(int))
+    return frame.groupby(["model", "layer", "timestep"], as_index=False)["value"].mean()
+
+
+def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
+    """Locality ratio against the noise level, one panel per layer, models overlaid."""
+    import matplotlib.pyplot as plt
+
+    from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+
+    frame = noise_level_frame(tables)
+    if frame is None:
+        return []
+    apply_style()
+    layers = sorted(frame["layer"].unique())
+    models = sorted(frame["model"].unique())
+    colours, markers = model_colours(models), model_markers(models)
+    columns = min(len(layers), 6)
+    rows = -(-len(layers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.6, 2.4 * rows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, layer in zip(axes.flat, layers):
+        for model in models:
+            line = frame[(frame["model"] == model) & (frame["layer"] == layer)].sort_values("timestep")
+            ax.plot(line["timestep"], line["value"], color=colours[model], marker=markers[model], label=model)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_title(f"layer {layer}", fontsize="small")
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("locality ratio")
+    for ax in axes[-1]:
+        ax.set_xlabel("timestep t (noise level)")
+    axes.flat[0].legend(fontsize="x-small", loc="best", framealpha=0.8)
+    fig.suptitle("Denoiser attention: distance / uniform distance against noise (1 = no preference)",
+                 fontsize="medium")
+    return [save_figure(fig, Path(out_dir) / "attention-distance-noise.png")]

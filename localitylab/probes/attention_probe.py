@@ -23,7 +23,7 @@ def no_attention_reason(target: ProbeTarget) -> str | None:
         if unread:
             return (f"attention modules {', '.join(unread)} found, but no attention adapter reads them: "
                     "attention probes do not apply")
-        return "no timm Attention modules (a ConvNet or another attention type): attention distance does not apply"
+        return "no timm or diffusers Attention modules (a ConvNet or another attention type): attention distance does not apply"
     if target.info.grid is None or target.info.patch_size is None:
         return "attention modules found, but the model has no patch_embed token grid to place tokens on"
     return None
@@ -46,11 +46,12 @@ class AttentionProbe(Probe):
     """Subclasses set `per_query` (keep each query row apart, or average over them), choose
     the query rows (`query_tokens`) and pass `collect` the reduction of one block of rows."""
 
-    applies_to = "transformers with timm Attention (pit-*, vit-*/P, timm ViT/DeiT)"
+    applies_to = "transformers with timm Attention (pit-*, vit-*/P, timm ViT/DeiT) and DiTs (dit-*/P)"
     per_query: ClassVar[bool] = False
+    on_denoiser = "per-level"
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        return no_attention_reason(target)
+        return super().not_applicable(target) or no_attention_reason(target)
 
     def query_tokens(self, inputs: ProbeInputs) -> torch.Tensor | None:
         """Token indices (prefix included) of the queries read; None: every non-prefix token."""
@@ -94,7 +95,7 @@ class AttentionProbe(Probe):
             for batch in inputs.batches():
                 batch_of[:] = [batch]
                 in_batch.clear()
-                target.model(batch.inputs)
+                target.model(*batch.model_args())
                 for layer, buffers in in_batch.items():
                     into = collected.setdefault(layer, {})
                     for name, values in buffers.items():
