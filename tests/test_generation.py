@@ -83,3 +83,96 @@ def test_the_untrained_reference_is_what_an_untrained_dit_samples():
                         null_class=dit.null_class)
     assert torch.equal(reference.images, from_dit)
     assert torch.equal(ZeroNoise()(torch.ones(2, 1, 4, 4), None, None), torch.zeros(2, 1, 4, 4))
+
+
+# --- FID, sFID and IS with Inception weights the user supplies ----------------------------------
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A state dict of torch-fidelity's Inception-v3 with random weights: the code path of the
+    real weights, which are never downloaded in tests."""
+    from torch_fidelity import feature_extractor_inceptionv3 as module
+
+    cls = module.FeatureExtractorInceptionV3
+    saved_load, saved_url = cls.load_state_dict, module.load_state_dict_from_url
+    cls.load_state_dict = lambda self, state, *args, **kwargs: None
+    module.load_state_dict_from_url = lambda *args, **kwargs: {}
+    try:
+        torch.manual_seed(0)
+        random_net = cls("random", ["2048"])
+    finally:
+        cls.load_state_dict, module.load_state_dict_from_url = saved_load, saved_url
+    path = tmp_path_factory.mktemp("inception") / "inception.pt"
+    torch.save(random_net.state_dict(), path)
+    return path
+
+
+def test_inception_metrics_from_a_weights_file(inception_file):
+    """Inception-v3 at 299 x 299 is 6 GFLOPs an image: two images per set keep this short."""
+    from localitylab.generation.inception import inception_features, inception_rows, inception_score, load_inception
+    from localitylab.generation.quality import Source
+
+    extractor = load_inception(inception_file)
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    other = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    table = inception_rows(extractor, reference, [Source("same", reference, torch.zeros(2)),
+                                                  Source("other", other, torch.zeros(2))], batch_size=4)
+    value = table.set_index(["model", "metric"])["value"]
+    assert value["same", "fid"] == pytest.approx(0.0, abs=1e-6) and value["same", "sfid"] == pytest.approx(0.0, abs=1e-6)
+    assert value["other", "fid"] > 0 and value["other", "sfid"] > 0 and value["other", "inception_score"] >= 1.0
+    features = inception_features(extractor, reference[:1])
+    assert features["spatial"].shape == (1, 7 * 17 * 17) and features["pool"].shape == (1, 2048)
+    assert features["logits"].shape == (1, 1008)
+    # The score: exp E KL(p(y|x) || p(y)); one prediction for every image carries no information.
+    same_logits = torch.randn(1, 1008).expand(20, -1)
+    assert inception_score(same_logits)[0] == pytest.approx(1.0)
+    # Two equally likely, certain and different predictions: KL = log 2, so the score is 2.
+    certain = torch.full((20, 1008), -30.0)  # probabilities e^-30: zero to 1e-12, yet no 0 * log 0
+    certain[::2, 0], certain[1::2, 1] = 0.0, 0.0
+    assert inception_score(certain, splits=1)[0] == pytest.approx(2.0)
+
+
+def test_inception_weights_that_are_not_are_user_errors(tmp_path):
+    from localitylab.generation.inception import load_inception
+
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="does not hold the Inception-v3 weights"):
+        load_inception(tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_inception(tmp_path / "missing.pt")
+
+
+# --- sampling a run and evaluating its samples --------------------------------------------------
+def test_sample_an_untrained_dit_and_evaluate_its_samples(tmp_path, digits_space, trained_runs):
+    from localitylab.generation.runs import EvaluateRequest, SampleRequest, evaluate_samples, sample_run
+
+    samples, folder = sample_run(SampleRequest("dit-n/2", n=20, steps=3, seed=1, data="digits", device="cpu",
+                                               out=tmp_path / "s"))
+    assert folder == tmp_path / "s" and (folder / "samples.npz").is_file() and (folder / "samples.png").is_file()
+    assert samples.labels.tolist() == [i % 10 for i in range(20)] and samples.meta["data"] == "digits"
+    table, csv = evaluate_samples(EvaluateRequest(str(folder), str(trained_runs["resnet-n"].run_dir), device="cpu"))
+    assert csv == folder / "sample-quality.csv" and csv.is_file()
+    value = table.set_index(["model", "metric"])["value"]
+    # An untrained DiT predicts zero noise: its samples are the untrained reference, exactly.
+    assert value["dit-n/2 (untrained)", "fd_resnet-n"] == value[UNTRAINED, "fd_resnet-n"]
+    assert set(table["model"]) == {"dit-n/2 (untrained)", FLOOR, UNTRAINED, NOISE}
+
+
+def test_sample_and_evaluate_refuse_what_they_cannot_use(tmp_path, trained_runs):
+    from localitylab.generation.runs import EvaluateRequest, SampleRequest, evaluate_samples, sample_run
+
+    classifier = str(trained_runs["resnet-n"].run_dir)
+    with pytest.raises(UserError, match="not a diffusion model"):
+        sample_run(SampleRequest(classifier, n=2, device="cpu", out=tmp_path / "a"))
+    with pytest.raises(UserError, match="unknown sampler 'euler'"):
+        sample_run(SampleRequest("dit-n/2", sampler="euler", data="digits", out=tmp_path / "b"))
+    with pytest.raises(UserError, match="--steps must be between 1 and 1000"):
+        sample_run(SampleRequest("dit-n/2", steps=0, n=2, data="digits", device="cpu", out=tmp_path / "c"))
+    samples, folder = sample_run(SampleRequest("dit-n/4", n=4, steps=2, data="digits", device="cpu",
+                                               out=tmp_path / "d"))
+    with pytest.raises(UserError, match="is a diffusion model"):
+        evaluate_samples(EvaluateRequest(str(folder), "dit-n/2", against="digits", device="cpu"))
+    with pytest.raises(UserError, match="trained classifier"):
+        evaluate_samples(EvaluateRequest(str(folder), "resnet-n", against="digits", device="cpu"))
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporary file left
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
