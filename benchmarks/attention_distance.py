@@ -1,23 +1,27 @@
-"""attention-distance, streamed versus fully materialised: peak memory and time.
+"""attention-distance against a plain forward pass, and against fully materialised maps:
+time, the ratio probe / forward, and peak memory.
 
 Each case runs in a fresh Python process, so its peak resident memory (VmHWM) is its own:
 `baseline_mb` is the peak after the model and image exist, `peak_mb` the peak after the
-probe ran, and `probe_mb` their difference, the memory the method needed.
+method ran, and `probe_mb` their difference, the memory the method needed.
 
-- streamed: the attention-distance probe, reducing blocks of query rows inside forward
-  pre-hooks (localitylab's way);
+- streamed: the attention-distance probe, whose reader computes each block of attention
+  once inside the model's own forward (localitylab's way); the same process first times a
+  plain forward of the same model on the same image (`forward_seconds`, same threads and
+  dtype), so `ratio` = seconds / forward_seconds is measured under the same conditions;
 - materialised: the usual way, timm's `AttentionExtract` holding every layer's full
   softmax map (fused attention off), then the metrics from those maps.
 
-Untrained pit-n (4 blocks, 4 heads, width 64) on one random 3-channel image per case at
-32, 64, 128 (and, streamed only, 224) pixels: 1,025 / 4,097 / 16,385 / 50,177 tokens. The
-materialised method needs N^2 x heads x layers x 4 bytes for the maps alone (17 GB at 128
-pixels, 161 GB at 224), so a case whose maps would not fit in 60% of the available memory
-is skipped and says so.
+Models, untrained, one random 3-channel image per case at 32, 64, 128 and 224 pixels
+(1,025 / 4,097 / 16,385 / 50,177 tokens): pit-n (4 blocks, 4 heads, width 64) and PiT-T
+(`timm:vit_tiny_patch16_224` with patch_size=1: 12 blocks, 3 heads, width 192). The
+materialised method needs N^2 x heads x layers x 4 bytes for the maps alone (17 GB for pit-n
+at 128 pixels), so it runs for pit-n where that fits in 60% of the available memory.
 
 Time is the median of several runs after an uncounted warm-up run where a run is cheap
 (<= 64 pixels: 1 + 3), two runs at 128 pixels and one at 224 (each takes minutes on a
-CPU); the model's forward is always run once before the baseline. --quick: 32 pixels only.
+CPU); the model's forward is always run once before the baseline. --quick: pit-n at 32
+pixels only.
 
     .venv/bin/python -m benchmarks.attention_distance [--quick]
 """
@@ -33,9 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = (32, 64, 128)
-STREAMED_ONLY_SIZES = (224,)
-MODEL = "pit-n"
+SIZES = (32, 64, 128, 224)
+MODELS = ("pit-n", "pit-t")
+MODEL = "pit-n"  # the one the materialised method runs on
 LAYERS, HEADS = 4, 4  # pit-n
 
 
@@ -63,7 +67,7 @@ def materialised_map_bytes(img_size: int) -> int:
     return tokens * tokens * HEADS * LAYERS * 4
 
 
-def _target(img_size: int):
+def _target(model_name: str, img_size: int):
     import torch
 
     from localitylab.data.registry import DataInfo
@@ -72,10 +76,14 @@ def _target(img_size: int):
     from localitylab.probes.target import ProbeTarget
 
     torch.manual_seed(0)
-    spec = ModelSpec(MODEL, img_size, 3, 10, "learn")
+    if model_name == "pit-t":  # PiT-T through timm, as a user would name it
+        spec = ModelSpec("timm:vit_tiny_patch16_224", img_size, 3, 10, None, {"patch_size": 1})
+    else:
+        spec = ModelSpec(model_name, img_size, 3, 10, "learn")
     model = build_model(spec).eval()
     data = DataInfo("random", img_size, 3, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
-    target = ProbeTarget(model, spec, data, describe_model(model), f"{MODEL} (untrained)", MODEL, torch.device("cpu"))
+    target = ProbeTarget(model, spec, data, describe_model(model), f"{model_name} (untrained)", model_name,
+                         torch.device("cpu"))
     images = torch.randint(0, 256, (1, 3, img_size, img_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     return target, images
@@ -104,37 +112,54 @@ def _materialised_distances(target, images) -> list[float]:
     return result
 
 
-def run_case(mode: str, img_size: int, warmup: int = 0, repeats: int = 1) -> dict:
+def run_case(mode: str, img_size: int, warmup: int = 0, repeats: int = 1, model_name: str = MODEL) -> dict:
     """One measurement, in this process (call it in a fresh one): `warmup` uncounted runs of
-    the method, then the median time of `repeats`; the peak is the largest of them all."""
+    the method, then the median time of `repeats`; the peak is the largest of them all. The
+    streamed method first times a plain forward the same way."""
     import statistics
 
     import torch
 
     from localitylab.probes.registry import get_probe
 
-    target, images = _target(img_size)
-    target.model(target.prepare(images))  # warm up allocator and kernels before the baseline
+    target, images = _target(model_name, img_size)
+    inputs = target.prepare(images)
+    with torch.no_grad():
+        target.model(inputs)  # warm up allocator and kernels before the baseline
     baseline = _peak_mb()
 
-    def once() -> list[float]:
+    def timed(function) -> list[float]:
+        for _ in range(warmup):
+            function()
+        seconds = []
+        for _ in range(max(1, repeats)):
+            started = time.perf_counter()
+            function()
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    forward_seconds = None
+    if mode == "streamed":
+        with torch.no_grad():
+            forward_seconds = statistics.median(timed(lambda: target.model(inputs)))
+    result: dict = {}
+
+    def once() -> None:
         if mode == "streamed":
             table = get_probe("attention-distance").run(target, images, torch.zeros(1, dtype=torch.long), batch_size=1).table
-            return table.loc[table["metric"] == "mean_distance_px", "value"].tolist()
-        return _materialised_distances(target, images)
+            rows = table[(table["metric"] == "mean_distance_px") & table["head"].notna()]
+            result["distances"] = rows["value"].tolist()
+        else:
+            result["distances"] = _materialised_distances(target, images)
 
-    for _ in range(warmup):
-        once()
-    seconds = []
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        distances = once()
-        seconds.append(time.perf_counter() - started)
+    seconds = timed(once)
     peak = _peak_mb()
-    return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
-            "seconds": statistics.median(seconds), "seconds_runs": seconds, "runs": len(seconds),
-            "warmup_runs": warmup, "baseline_mb": baseline, "peak_mb": peak, "probe_mb": peak - baseline,
-            "threads": torch.get_num_threads(), "mean_distance_px": distances, "note": ""}
+    median = statistics.median(seconds)
+    return {"model": model_name, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
+            "seconds": median, "seconds_runs": seconds, "runs": len(seconds), "warmup_runs": warmup,
+            "forward_seconds": forward_seconds, "ratio": median / forward_seconds if forward_seconds else None,
+            "baseline_mb": baseline, "peak_mb": peak, "probe_mb": peak - baseline,
+            "threads": torch.get_num_threads(), "mean_distance_px": result["distances"], "note": ""}
 
 
 def runs_for(img_size: int) -> tuple[int, int]:
@@ -146,42 +171,45 @@ def runs_for(img_size: int) -> tuple[int, int]:
     return 0, 1
 
 
-def _in_subprocess(mode: str, img_size: int) -> dict:
+def _in_subprocess(mode: str, img_size: int, model_name: str = MODEL) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     warmup, repeats = runs_for(img_size)
     result = subprocess.run([sys.executable, "-m", "benchmarks.attention_distance", "--case", mode, str(img_size),
-                             "--runs", str(warmup), str(repeats)],
+                             "--model", model_name, "--runs", str(warmup), str(repeats)],
                             capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"{mode} at {img_size}px failed: {result.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{model_name} {mode} at {img_size}px failed: {result.stderr.strip()[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _skipped(mode: str, img_size: int, why: str) -> dict:
-    return {"model": MODEL, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
-            "seconds": None, "seconds_runs": [], "runs": 0, "warmup_runs": 0, "baseline_mb": None, "peak_mb": None,
-            "probe_mb": None, "threads": None,
-            "mean_distance_px": None, "note": why}
+def _skipped(mode: str, img_size: int, why: str, model_name: str = MODEL) -> dict:
+    return {"model": model_name, "img_size": img_size, "tokens": img_size * img_size + 1, "method": mode,
+            "seconds": None, "seconds_runs": [], "runs": 0, "warmup_runs": 0, "forward_seconds": None, "ratio": None,
+            "baseline_mb": None, "peak_mb": None, "probe_mb": None, "threads": None, "mean_distance_px": None,
+            "note": why}
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Every case, each in its own process; quick: 32 pixels only."""
-    sizes = SIZES[:1] if quick else SIZES
+    """Every case, each in its own process; quick: pit-n at 32 pixels only."""
     rows = []
-    for img_size in sizes + (() if quick else STREAMED_ONLY_SIZES):
-        streamed = _in_subprocess("streamed", img_size)
-        rows.append(streamed)
-        need = materialised_map_bytes(img_size)
-        if img_size in STREAMED_ONLY_SIZES or need > 0.6 * _available_bytes():
-            rows.append(_skipped("materialised", img_size,
-                                 f"skipped: the maps alone need {need / 2**30:.1f} GiB "
-                                 f"({img_size * img_size + 1}^2 x {HEADS} heads x {LAYERS} layers x 4 B); "
-                                 f"{_available_bytes() / 2**30:.1f} GiB available"))
-            continue
-        materialised = _in_subprocess("materialised", img_size)
-        difference = max(abs(a - b) for a, b in zip(streamed["mean_distance_px"], materialised["mean_distance_px"]))
-        materialised["note"] = f"max |difference| from streamed {difference:.1e} px"
-        rows.append(materialised)
+    for model_name in MODELS[:1] if quick else MODELS:
+        for img_size in SIZES[:1] if quick else SIZES:
+            streamed = _in_subprocess("streamed", img_size, model_name)
+            rows.append(streamed)
+            if model_name != MODEL:
+                continue
+            need = materialised_map_bytes(img_size)
+            if need > 0.6 * _available_bytes():
+                rows.append(_skipped("materialised", img_size,
+                                     f"skipped: the maps alone need {need / 2**30:.1f} GiB "
+                                     f"({img_size * img_size + 1}^2 x {HEADS} heads x {LAYERS} layers x 4 B); "
+                                     f"{_available_bytes() / 2**30:.1f} GiB available"))
+                continue
+            materialised = _in_subprocess("materialised", img_size)
+            difference = max(abs(a - b) for a, b in zip(streamed["mean_distance_px"],
+                                                        materialised["mean_distance_px"]))
+            materialised["note"] = f"max |difference| from streamed {difference:.1e} px"
+            rows.append(materialised)
     return rows
 
 
@@ -189,12 +217,12 @@ def print_table(rows: list[dict]) -> None:
     def fmt(value, spec):
         return format(value, spec) if value is not None else "-"
 
-    print(f"{'model':<6} {'pixels':>6} {'tokens':>7} {'method':<13} {'runs':>4} {'seconds':>8} {'peak MB':>8} "
-          f"{'probe MB':>9}  note")
+    print(f"{'model':<6} {'pixels':>6} {'tokens':>7} {'method':<13} {'runs':>4} {'seconds':>8} {'forward':>8} "
+          f"{'ratio':>6} {'peak MB':>8} {'probe MB':>9}  note")
     for row in rows:
         print(f"{row['model']:<6} {row['img_size']:>6} {row['tokens']:>7} {row['method']:<13} {row['runs']:>4} "
-              f"{fmt(row['seconds'], '8.2f')} {fmt(row['peak_mb'], '8.0f')} {fmt(row['probe_mb'], '9.0f')}  "
-              f"{row['note']}")
+              f"{fmt(row['seconds'], '8.2f')} {fmt(row.get('forward_seconds'), '8.2f')} {fmt(row.get('ratio'), '6.2f')} "
+              f"{fmt(row['peak_mb'], '8.0f')} {fmt(row['probe_mb'], '9.0f')}  {row['note']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", nargs=2, metavar=("METHOD", "PIXELS"), help=argparse.SUPPRESS)
     parser.add_argument("--runs", nargs=2, type=int, default=(0, 1), metavar=("WARMUP", "TIMED"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=MODEL, choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), *args.runs)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), *args.runs, model_name=args.model)))
         return 0
     print_table(run(quick=args.quick))
     return 0

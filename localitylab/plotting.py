@@ -42,6 +42,35 @@ def model_markers(names: Iterable[str]) -> dict[str, str]:
     return {name: MARKERS[i % len(MARKERS)] for i, name in enumerate(unique)}
 
 
+def errorbar(ax, x, rows, **style) -> None:
+    """A line through rows' values with their 95% intervals (ci_low, ci_high) as bars;
+    rows without an interval get no bar."""
+    import numpy as np
+
+    values = rows["value"].to_numpy(dtype=float)
+    low = np.nan_to_num(values - rows["ci_low"].to_numpy(dtype=float), nan=0.0).clip(min=0)
+    high = np.nan_to_num(rows["ci_high"].to_numpy(dtype=float) - values, nan=0.0).clip(min=0)
+    ax.errorbar(np.asarray(x, dtype=float), values, yerr=np.vstack([low, high]), capsize=3, elinewidth=1, **style)
+
+
+def grouped_bars(ax, frame, category: str, order: list[str], colours: dict, horizontal: bool = False) -> None:
+    """One bar per (category, model) with the row's 95% interval as an error bar where it has one."""
+    import numpy as np
+
+    models = sorted(frame["model"].unique())
+    width = 0.8 / max(1, len(models))
+    for index, model in enumerate(models):
+        rows = frame[frame["model"] == model].set_index(category).reindex(order)
+        positions = np.arange(len(order)) - 0.4 + width * (index + 0.5)
+        values = rows["value"].to_numpy(dtype=float)
+        low = np.nan_to_num(values - rows["ci_low"].to_numpy(dtype=float), nan=0.0).clip(min=0)
+        high = np.nan_to_num(rows["ci_high"].to_numpy(dtype=float) - values, nan=0.0).clip(min=0)
+        draw = ax.barh if horizontal else ax.bar
+        errors = {"xerr" if horizontal else "yerr": np.vstack([low, high])}
+        draw(positions, values, width, color=colours[model], label=model, capsize=3, **errors)
+    (ax.set_yticks if horizontal else ax.set_xticks)(np.arange(len(order)), order)
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Write a figure atomically (format from the suffix) and close it."""
     path = Path(path)

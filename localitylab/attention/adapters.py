@@ -144,6 +144,11 @@ class AttentionAdapter:
         """While active, the module computes its attention through SDPA."""
         yield
 
+    def geometry_key(self, call: SdpaCall) -> tuple:
+        """Calls with equal keys have equal geometry, so the reader computes it (and its
+        distance table) once: by default, every module of this class at these shapes."""
+        return type(self).__name__, tuple(call.q.shape), tuple(call.k.shape), str(call.q.device)
+
     def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
         tokens = geometry.num_tokens
         if call.num_queries != tokens or call.num_keys != tokens:

@@ -216,14 +216,14 @@ def read_attention(layers: list[AttentionLayer], consume: Consumer, geometry: To
     `query_tokens`. Everything is restored on exit."""
     original = F.scaled_dot_product_attention
     current: list[AttentionLayer] = []
-    geometries: dict[tuple, CallGeometry] = {}  # per layer and call shape: distances computed once
+    geometries: dict[tuple, CallGeometry] = {}  # per adapter's geometry key: distances computed once
 
     def sdpa(*args, **kwargs) -> torch.Tensor:
         if not current:  # an attention call outside the layers read
             return original(*args, **kwargs)
         layer = current[-1]
         call = SdpaCall.of(*args, **kwargs)
-        key = (layer.index, tuple(call.q.shape), tuple(call.k.shape), call.q.device)
+        key = layer.adapter.geometry_key(call)
         if key not in geometries:
             geometries[key] = layer.adapter.call_geometry(call, geometry)
         where = geometries[key]

@@ -123,7 +123,7 @@ def reference_sources(dataset: ImageDataset, samples: SampleSet, untrained: bool
 
 
 def sample_quality(space: FeatureSpace, reference: torch.Tensor, sources: list[Source],
-                   k: int = PRECISION_RECALL_K) -> pd.DataFrame:
+                   k: int = PRECISION_RECALL_K, seed: int = 0) -> pd.DataFrame:
     """The tidy table (one row per source and metric) of every source against `reference` images."""
     space.check(reference, torch.zeros(0, dtype=torch.long), "the reference images")
     reference_features, _ = space.outputs(reference)
@@ -140,6 +140,7 @@ def sample_quality(space: FeatureSpace, reference: torch.Tensor, sources: list[S
         rows.single(f"recall_{space.name}", recall, setting=setting, note=f"k={k}", n_images=n)
         rows.per_image(f"class_accuracy_{space.name}", (predicted == source.labels.cpu()).double(), setting=setting,
                        note="the classifier's class against the conditioning label")
+        rows.add_intervals(seed)  # the accuracy's 95% bootstrap interval over images
         frames.append(rows.to_frame(source.name, PROBE))
     return pd.concat(frames, ignore_index=True)
 

@@ -45,14 +45,30 @@ def describe_model(model: nn.Module) -> ModelInfo:
     patch = patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     grid = tuple(int(g) for g in patch_embed.grid_size)
-    pos = getattr(model, "pos_embed", None)
-    if pos is None:
-        pos_kind = "none"
-    elif not pos.requires_grad:
-        pos_kind = "sincos"
-    else:
-        pos_kind = "learn"
+    pos_kind = position_embedding_kind(model, grid)
     return ModelInfo(params, trainable, True, int(patch), grid, int(getattr(model, "num_prefix_tokens", 0)), pos_kind)
+
+
+def position_embedding_kind(model: nn.Module, grid: tuple[int, int]) -> str:
+    """'none', 'learn', 'sincos' (the fixed 2-D table, frozen) or 'frozen' (a learned table
+    that is not trained in this run, e.g. under --linear-probe): frozen alone is not sin-cos."""
+    import torch
+
+    from localitylab.models.pos_embed import sincos_2d
+
+    pos = getattr(model, "pos_embed", None)
+    if not isinstance(pos, torch.Tensor):
+        return "none"
+    if pos.requires_grad:
+        return "learn"
+    rows = grid[0] * grid[1]
+    if pos.is_meta or pos.dim() != 3 or pos.shape[1] < rows:
+        return "frozen"  # no values to compare (a model built on the meta device)
+    table = pos.detach()[0, -rows:].float().cpu()
+    if table.shape[-1] % 4 == 0:
+        if torch.allclose(table, sincos_2d(table.shape[-1], *grid), atol=1e-6):
+            return "sincos"
+    return "frozen"
 
 
 @contextlib.contextmanager

@@ -30,8 +30,8 @@ from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, ov
 from localitylab.probes.registry import register_probe
 from localitylab.settings import Settings
 
-METRICS = ("mean_distance_px", "mean_distance_frac", "uniform_distance_px", "locality_ratio", "prefix_share",
-           "entropy_norm")
+METRICS = ("mean_distance_px", "mean_distance_frac", "mean_distance_px_raw", "uniform_distance_px", "locality_ratio",
+           "prefix_share", "entropy_norm")
 
 
 # --- reduction of one block of rows -------------------------------------------------------------
@@ -64,23 +64,31 @@ def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
     attended = (block.grid_weights * block.distances()).sum(dim=-1) / block.grid_total
     num_keys = block.grid_weights.shape[-1]
     entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))
-    return {"distance": attended, "prefix": block.prefix_share(), "entropy": entropy}
+    prefix = block.prefix_share()
+    # Without renormalising: sum over grid keys of A d = A'-distance times the grid's share.
+    return {"distance": attended, "distance_raw": attended * (1 - prefix), "prefix": prefix, "entropy": entropy}
 
 
 def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Tensor], geometry: TokenGeometry,
                       n_images: int) -> None:
-    """The table's rows of one layer, from per-image means over queries: values['distance'],
-    ['prefix'], ['entropy'] are (n_images, heads)."""
+    """The table's rows of one layer from per-image means over queries, values[...] being
+    (n_images, heads): first the mean over heads (head empty), then each head."""
     uniform = geometry.uniform_distance_px()
     side = geometry.image_side
-    for head in range(values["distance"].shape[1]):
-        distance = values["distance"][:, head]
+    heads = values["distance"].shape[1]
+    for head in (None, *range(heads)):
+        def of(key: str) -> torch.Tensor:
+            return values[key].mean(dim=1) if head is None else values[key][:, head]
+
+        distance = of("distance")
         out.per_image("mean_distance_px", distance, layer, head)
         out.per_image("mean_distance_frac", distance / side, layer, head)
-        out.single("uniform_distance_px", uniform, layer, head, n_images=n_images)
+        out.per_image("mean_distance_px_raw", of("distance_raw"), layer, head,
+                      note="sum over grid keys of A d, not renormalised: the public notebooks' convention")
+        out.single("uniform_distance_px", uniform, layer, head, note="uniform attention: geometry alone", n_images=0)
         out.per_image("locality_ratio", distance / uniform if uniform > 0 else distance * float("nan"), layer, head)
-        out.per_image("prefix_share", values["prefix"][:, head], layer, head)
-        out.per_image("entropy_norm", values["entropy"][:, head], layer, head)
+        out.per_image("prefix_share", of("prefix"), layer, head)
+        out.per_image("entropy_norm", of("entropy"), layer, head)
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -121,17 +129,20 @@ class AttentionDistance(AttentionProbe):
     def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
         geometry = inputs.target.geometry
         for layer in self.collect(inputs, lambda block, first_image: block_row_values(block)):
-            values = {key: layer.values[key][..., 0] for key in ("distance", "prefix", "entropy")}
+            values = {key: layer.values[key][..., 0] for key in ("distance", "distance_raw", "prefix", "entropy")}
             add_distance_rows(out, layer.layer.index, values, geometry, inputs.n_images)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """ViT-paper view: a dot per head against depth, and the locality ratio per layer."""
         import matplotlib.pyplot as plt
 
-        from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+        from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
 
         paths = plot_noise_levels(tables, out_dir)
-        frame = overlay(tables, lambda f: f["head"].notna() & ~f["setting"].str.startswith("t="))
+        frame = overlay(tables)
+        frame = None if frame is None else frame[~frame["setting"].str.startswith("t=")]
+        if frame is not None and frame.empty:
+            frame = None
         if frame is None:
             return paths
         apply_style()
@@ -141,23 +152,26 @@ class AttentionDistance(AttentionProbe):
         fig, (ax_dist, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
         for offset, model in zip(offsets, models):
             rows = frame[frame["model"] == model]
-            dist = rows[rows["metric"] == "mean_distance_px"]
+            heads = rows[rows["head"].notna()]
+            dist = heads[heads["metric"] == "mean_distance_px"]
             ax_dist.scatter(dist["layer"].astype(float) + offset, dist["value"], color=colours[model],
                             marker=markers[model], s=22, alpha=0.85, label=model)
             uniform = rows.loc[rows["metric"] == "uniform_distance_px", "value"]
             if len(uniform):
                 ax_dist.axhline(float(uniform.iloc[0]), color=colours[model], linestyle=":", linewidth=1)
-            ratio = rows[rows["metric"] == "locality_ratio"]
+            ratio = heads[heads["metric"] == "locality_ratio"]
             ax_ratio.scatter(ratio["layer"].astype(float) + offset, ratio["value"], color=colours[model],
                              marker=markers[model], s=12, alpha=0.35)
-            per_layer = ratio.groupby("layer")["value"].mean()
-            ax_ratio.plot(per_layer.index.astype(float) + offset, per_layer.values, color=colours[model],
-                          marker=markers[model], label=model)
+            whole = rows[(rows["metric"] == "locality_ratio") & rows["head"].isna()].sort_values("layer")
+            if whole.empty:  # a table from before head means were written
+                whole = ratio.groupby("layer", as_index=False)["value"].mean().assign(ci_low=np.nan, ci_high=np.nan)
+            errorbar(ax_ratio, whole["layer"].astype(float) + offset, whole, color=colours[model],
+                     marker=markers[model], label=model)
         ax_dist.set(xlabel="layer (block)", ylabel="mean attention distance (pixels)",
                     title="Attention distance per head")
         ax_ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax_ratio.set(xlabel="layer (block)", ylabel="distance / uniform distance",
-                     title="Locality ratio (1 = no preference)")
+                     title="Locality ratio, mean over heads (bars: 95% CI)")
         for ax in (ax_dist, ax_ratio):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
@@ -166,21 +180,22 @@ class AttentionDistance(AttentionProbe):
 
 
 def noise_level_frame(tables: list[pd.DataFrame]) -> pd.DataFrame | None:
-    """A denoiser's locality ratio per model, layer and noise level (the mean over heads):
-    columns model, layer, timestep, value; None when no table has noise levels."""
-    frame = overlay(tables, lambda f: (f["metric"] == "locality_ratio") & f["head"].notna()
+    """A denoiser's locality ratio (the mean over heads, with its interval) per model, layer
+    and noise level: columns model, layer, timestep, value, ci_low, ci_high; None when no
+    table has noise levels."""
+    frame = overlay(tables, lambda f: (f["metric"] == "locality_ratio") & f["head"].isna()
                     & f["setting"].str.match(r"^t=\d+$"))
     if frame is None:
         return None
     frame = frame.assign(timestep=frame["setting"].str[2:].astype(int), layer=frame["layer"].astype(int))
-    return frame.groupby(["model", "layer", "timestep"], as_index=False)["value"].mean()
+    return frame[["model", "layer", "timestep", "value", "ci_low", "ci_high"]].sort_values(["model", "layer", "timestep"])
 
 
 def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
     """Locality ratio against the noise level, one panel per layer, models overlaid."""
     import matplotlib.pyplot as plt
 
-    from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+    from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
 
     frame = noise_level_frame(tables)
     if frame is None:
@@ -195,8 +210,8 @@ def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
                              sharex=True, sharey=True)
     for ax, layer in zip(axes.flat, layers):
         for model in models:
-            line = frame[(frame["model"] == model) & (frame["layer"] == layer)].sort_values("timestep")
-            ax.plot(line["timestep"], line["value"], color=colours[model], marker=markers[model], label=model)
+            line = frame[(frame["model"] == model) & (frame["layer"] == layer)]
+            errorbar(ax, line["timestep"], line, color=colours[model], marker=markers[model], label=model)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_title(f"layer {layer}", fontsize="small")
@@ -207,6 +222,7 @@ def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
     for ax in axes[-1]:
         ax.set_xlabel("timestep t (noise level)")
     axes.flat[0].legend(fontsize="x-small", loc="best", framealpha=0.8)
-    fig.suptitle("Denoiser attention: distance / uniform distance against noise (1 = no preference)",
+    fig.suptitle("Denoiser attention: distance / uniform distance against noise, mean over heads "
+                 "(1 = no preference; bars: 95% CI)",
                  fontsize="medium")
     return [save_figure(fig, Path(out_dir) / "attention-distance-noise.png")]

@@ -14,8 +14,10 @@ non-prefix keys as in PROBES.md:
 - `query_distance_px`: sum_k A'[q,k] * |c_q - c_k|, the attended distance of this query;
 - `uniform_query_distance_px` (layer and head empty): the same for uniform attention, the
   geometry-only baseline for this query position;
-- `neighbourhood_mass`: A' mass on the 3x3 tokens around the query token (itself
-  included), against `uniform_neighbourhood_mass` = their count / #tokens (layer, head empty);
+- `neighbourhood_mass`: A' mass on the keys whose centres lie within `neighbourhood_px`
+  pixels of the query's centre (itself included; default a quarter of the image side, the
+  same disc in pixels whatever the patch size), against `uniform_neighbourhood_mass` =
+  their count / #tokens (layer, head empty);
 - `prefix_share`: the attention the query gives the [cls] / register tokens.
 
 Figures: per query, a grid of the first few test images by layer, each map (head mean;
@@ -88,6 +90,16 @@ def parse_flag(value: Any, name: str) -> bool:
 class AttentionMapsOptions(Settings):
     query: Any = None  # 'row,col' pixel coordinates, ';' between several; default: the image centre
     per_head: bool = False  # also draw every head
+    neighbourhood_px: float | None = None  # radius of the neighbourhood in pixels; default: image side / 4
+
+    @field_validator("neighbourhood_px", mode="before")
+    @classmethod
+    def _radius(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"neighbourhood_px must be a number of pixels >= 0, got {value!r}")
+        return float(value)
 
     @field_validator("query", mode="before")
     @classmethod
@@ -122,15 +134,13 @@ class QueryReduction:
     maps of the first `keep` images."""
 
     def __init__(self, geometry: TokenGeometry, slot_tokens: list[int], heads: list[int], keep: int,
-                 device: torch.device):
+                 device: torch.device, radius: float):
         self.geometry = geometry
         self.slot_of = {token: slot for slot, token in enumerate(slot_tokens)}
         centres = geometry.centres(device)
         slot_centres = centres[torch.tensor(slot_tokens, device=device) - geometry.num_prefix_tokens]
-        # The 3x3 token window around each slot's token (Chebyshev distance <= 1 token).
-        steps = (centres[None, :, :] - slot_centres[:, None, :]).abs().amax(dim=-1) / geometry.patch_size
-        self.window = (steps <= 1.0 + 1e-6).to(centres.dtype)  # (slots, T)
-        self.distances = pixel_distances(slot_centres, centres)
+        self.distances = pixel_distances(slot_centres, centres)  # (slots, T)
+        self.window = (self.distances <= radius + 1e-6).to(centres.dtype)  # keys within `radius` pixels
         self.keep = keep
         self.maps = [torch.zeros(keep, n_heads, len(slot_tokens), geometry.num_grid_tokens) for n_heads in heads]
 
@@ -166,26 +176,29 @@ class AttentionMaps(AttentionProbe):
         slot_tokens = self.query_tokens(inputs).tolist()
         heads = [layer.num_heads for layer in attention_layers(target.model)]
         keep = min(FIGURE_IMAGES, inputs.n_images)
-        reduction = QueryReduction(geometry, slot_tokens, heads, keep, target.device)
+        radius = inputs.options.neighbourhood_px
+        radius = geometry.image_side / 4 if radius is None else radius
+        reduction = QueryReduction(geometry, slot_tokens, heads, keep, target.device, radius)
         layers = self.collect(inputs, reduction)
         slot_of_query = [slot_tokens.index(geometry.token_of_pixel(r, c)) for r, c in queries]
         centres = geometry.centres(dtype=torch.float64)
         for (row, col), slot in zip(queries, slot_of_query):
             setting = f"query={row},{col}"
             token_centre = centres[geometry.token_of_pixel(row, col) - geometry.num_prefix_tokens]
-            offsets = centres - token_centre
-            uniform = float(offsets.norm(dim=1).mean())
-            in_window = int(((offsets.abs().amax(dim=1) / geometry.patch_size) <= 1.0 + 1e-6).sum())
-            out.single("uniform_query_distance_px", uniform, setting=setting, n_images=inputs.n_images)
-            out.single("uniform_neighbourhood_mass", in_window / geometry.num_grid_tokens, setting=setting,
-                       n_images=inputs.n_images)
+            offsets = (centres - token_centre).norm(dim=1)
+            within = f"keys within {radius:g} px of the query"
+            out.single("uniform_query_distance_px", float(offsets.mean()), setting=setting,
+                       note="uniform attention: geometry alone", n_images=0)
+            out.single("uniform_neighbourhood_mass", int((offsets <= radius + 1e-6).sum()) / geometry.num_grid_tokens,
+                       setting=setting, note=f"uniform attention on the {within}", n_images=0)
             for layer in layers:
                 for metric, key in (("query_distance_px", "distance"), ("neighbourhood_mass", "neighbourhood"),
                                     ("prefix_share", "prefix")):
                     values = layer.values[key][..., slot]  # (images, heads)
+                    note = within if key == "neighbourhood" else ""
+                    out.per_image(metric, values.mean(dim=1), layer.layer.index, None, setting, note)
                     for head in range(values.shape[1]):
-                        out.per_image(metric, values[:, head], layer.layer.index, head, setting)
-                    out.per_image(metric, values.mean(dim=1), layer.layer.index, None, setting)
+                        out.per_image(metric, values[:, head], layer.layer.index, head, setting, note)
         maps = torch.stack(reduction.maps, dim=1)[:keep, :, :, slot_of_query]  # drawing assumes equal head counts
         maps = maps.reshape(*maps.shape[:4], *geometry.grid)
         return QueryMaps(queries, maps, _what_the_model_sees(target, inputs.images[:keep]), inputs.options.per_head)
@@ -207,20 +220,25 @@ class AttentionMaps(AttentionProbe):
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """Attended distance (head mean) of each query against depth, models overlaid."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
 
         frame = overlay(tables, lambda f: (f["metric"] == "query_distance_px") & f["head"].isna())
         if frame is None:
             return []
         apply_style()
-        frame = frame.assign(layer=frame["layer"].astype(float))
         fig, ax = plt.subplots(figsize=(6, 4))
-        sns.lineplot(data=frame, x="layer", y="value", hue="model", style="setting", markers=True,
-                     palette=model_colours(frame["model"]), ax=ax)
-        ax.set(xlabel="layer (block)", ylabel="attended distance (pixels)", title="Attention distance of the query")
+        colours = model_colours(frame["model"])
+        styles = ["-", "--", ":", "-."]
+        for (model, setting), rows in frame.groupby(["model", "setting"], sort=True):
+            style = styles[sorted(frame["setting"].unique()).index(setting) % len(styles)]
+            rows = rows.sort_values("layer")
+            errorbar(ax, rows["layer"], rows, color=colours[model], linestyle=style, marker="o",
+                     label=f"{model}, {setting}")
+        ax.set(xlabel="layer (block)", ylabel="attended distance (pixels)",
+               title="Attention distance of the query (bars: 95% CI)")
         ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize="small")
         return [save_figure(fig, Path(out_dir) / "attention-maps-distance.png")]
 
 

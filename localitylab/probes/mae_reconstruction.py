@@ -43,10 +43,16 @@ MASK_COLOUR = (0.62, 0.68, 0.78)  # the masked pixels in the figure: a blue-grey
 METRICS = ("masked_mse", "mean_baseline_mse", "relative_mse")
 
 
-def _ratio(error: torch.Tensor, baseline: torch.Tensor) -> float | None:
-    """relative_mse: mean error / mean baseline over the images (a ratio of means)."""
-    mean_baseline = float(baseline.mean())
-    return float(error.mean()) / mean_baseline if mean_baseline > 0 else None
+def _relative(out: Measurements, error: torch.Tensor, baseline: torch.Tensor, setting: str, note: str) -> None:
+    """relative_mse: mean error / mean baseline over the images, a ratio of means whose
+    interval comes from resampling the images."""
+    errors, baselines = error.double().numpy(), baseline.double().numpy()
+    value = errors.mean() / baselines.mean() if baselines.mean() > 0 else None
+
+    def resample(indices: np.ndarray) -> np.ndarray:
+        return (errors[indices].mean(axis=-1) / baselines[indices].mean(axis=-1))[None]
+
+    out.statistics([dict(metric="relative_mse", value=value, setting=setting, note=note)], resample, len(errors))
 
 
 def mae_reason(target: ProbeTarget) -> str | None:
@@ -154,7 +160,7 @@ class MaeReconstruction(Probe):
             note = f"{base_note}; masks from torch.Generator().manual_seed({seed})"
             out.per_image("masked_mse", error, setting=setting, note=note)
             out.per_image("mean_baseline_mse", baseline, setting=setting, note=note)
-            out.single("relative_mse", _ratio(error, baseline), setting=setting, note=note, n_images=inputs.n_images)
+            _relative(out, error, baseline, setting, note)
         per_draw = [float(e.mean()) for e in errors]
         spread = f"; std over draws {np.std(per_draw):.3g}" if draws > 1 else ""
         seeds = f"seed {inputs.seed}" if draws == 1 else f"seeds {inputs.seed}..{inputs.seed + draws - 1}"
@@ -163,7 +169,7 @@ class MaeReconstruction(Probe):
         error, baseline = torch.stack(errors).mean(0), torch.stack(baselines).mean(0)
         out.per_image("masked_mse", error, setting=setting, note=note + spread)
         out.per_image("mean_baseline_mse", baseline, setting=setting, note=note)
-        out.single("relative_mse", _ratio(error, baseline), setting=setting, note=note, n_images=inputs.n_images)
+        _relative(out, error, baseline, setting, note)
         return self.reconstruction(inputs, mae)
 
     @staticmethod
@@ -224,18 +230,17 @@ class MaeReconstruction(Probe):
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         """relative_mse (averaged over mask draws) per model."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
 
         frame = overlay(tables, lambda f: (f["metric"] == "relative_mse") & ~f["setting"].astype(str).str.contains("-seed-"))
         if frame is None:
             return []
         apply_style()
         fig, ax = plt.subplots(figsize=(5.5, 1.2 + 0.45 * frame["model"].nunique()))
-        sns.barplot(data=frame, y="model", x="value", hue="model", palette=model_colours(frame["model"]),
-                    legend=False, ax=ax)
+        grouped_bars(ax, frame, "metric", ["relative_mse"], model_colours(frame["model"]), horizontal=True)
+        ax.legend(fontsize="small")
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
         ax.set(xlabel="masked-token MSE / MSE of the mean colour (lower is better)", ylabel="",
-               title="MAE reconstruction of masked tokens")
+               title="MAE reconstruction of masked tokens (bars: 95% CI)")
         return [save_figure(fig, Path(out_dir) / "mae-reconstruction-relative-mse.png")]

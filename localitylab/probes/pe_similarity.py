@@ -1,7 +1,10 @@
 """pe-similarity: does the learned position embedding encode the 2-D grid? (PROBES.md)
 
 Reads only the table P (one row per non-prefix token; timm puts the prefix rows first
-unless `no_embed_class`), never images, so every row has n_images = 0.
+unless `no_embed_class`), never images, so every row has n_images = 0 and no interval: a
+property of the weights (studies give its spread over training seeds). Each row's note
+gives the score of a fixed 2-D sin-cos table on the same grid, the scale to read it against
+(a perfect table scores 0.99 on 8x8 but about 0.5 on 1x32).
 
 - `pe_distance_spearman`: Spearman correlation of the cosine similarity S[i, j] with
   -|c_i - c_j| over pairs i < j (a fixed-seed sample of MAX_PAIRS pairs when there are
@@ -32,11 +35,14 @@ import pandas as pd
 import torch
 
 from localitylab.attention import TokenGeometry
+from localitylab.models.pos_embed import sincos_2d
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
 
 MAX_PAIRS = 200_000
+# The width of the sin-cos table whose scores each row's note gives as the grid's reference.
+SINCOS_REFERENCE_DIM = 64
 MAX_TOPOLOGY_ROWS = 400
 FOLDS = 5
 REFERENCES_PER_SIDE = 8
@@ -165,10 +171,14 @@ class PeSimilarity(Probe):
     def measure(self, inputs: ProbeInputs, out: Measurements) -> torch.Tensor:
         geometry = inputs.target.geometry
         table = position_table(inputs.target.model, geometry)
+        reference = sincos_2d(SINCOS_REFERENCE_DIM, *geometry.grid)
         for metric, score in (("pe_distance_spearman", distance_spearman), ("pe_topology_r2", topology_r2),
                               ("pe_linear_r2", linear_r2)):
             value, note = score(table, geometry, inputs.seed)
-            out.single(metric, value, note=note, n_images=0)
+            perfect, _ = score(reference, geometry, inputs.seed)
+            scale = (f"a fixed 2-D sin-cos table on this {geometry.grid[0]}x{geometry.grid[1]} grid scores "
+                     f"{perfect:.3g}")
+            out.single(metric, value, note="; ".join(part for part in (note, scale) if part), n_images=0)
         return table
 
     def figures(self, target: ProbeTarget, table: torch.Tensor, out_dir: Path) -> list[Path]:
@@ -203,19 +213,18 @@ class PeSimilarity(Probe):
         return [save_figure(fig, Path(out_dir) / "pe-similarity.png")]
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """The three scores side by side, one bar per model."""
+        """The three scores side by side, one bar per model (bars: the spread over seeds where
+        a report combines several; a single model's scores have no interval)."""
         import matplotlib.pyplot as plt
-        import seaborn as sns
 
-        from localitylab.plotting import apply_style, model_colours, save_figure
+        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
 
         frame = overlay(tables, lambda f: f["metric"].isin(METRICS))
         if frame is None:
             return []
         apply_style()
         fig, ax = plt.subplots(figsize=(2 + 1.6 * len(METRICS), 3.8))
-        sns.barplot(data=frame, x="metric", y="value", hue="model", order=list(METRICS),
-                    palette=model_colours(frame["model"]), ax=ax)
+        grouped_bars(ax, frame, "metric", list(METRICS), model_colours(frame["model"]))
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set(xlabel="", ylabel="score (1 = the grid, 0 = none)", title="Position embedding vs the 2-D grid",
                ylim=(min(-0.1, float(frame["value"].min()) - 0.05), 1.05))

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 import torch.nn as nn
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from localitylab.data.permutation import (distance_label, global_permutation, mean_displacement, parse_distance,
                                           permutation_for_setting, permute_pixels, setting_seed, tile_permutation)
@@ -50,6 +50,7 @@ DEFAULT_TILE_GRIDS = (2, 4)
 # Swap counts as fractions of H*W: the PiT paper's T = 25K at 224x224 is about 0.5 H*W.
 DEFAULT_SWAP_FRACTIONS = (0.125, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_SWAP_DISTANCES: tuple[float, ...] = (2.0, math.inf)
+DEFAULT_DRAWS = 3
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -91,6 +92,48 @@ def permuted_position_copy(model: nn.Module, token_permutation: torch.Tensor) ->
         rows = twin.pos_embed[:, prefix:]
         twin.pos_embed[:, prefix:] = rows[:, token_permutation.to(rows.device)]
     return twin
+
+
+# Module classes and attributes that carry position outside the absolute table.
+POSITION_MARKERS = {
+    "rotary position embedding": ("rope", "rotary", "rot_pos"),
+    "relative position bias": ("relative_position", "rel_pos", "relpos"),
+    "window attention": ("window",),
+    "gated positional self-attention": ("gpsa", "rel_indices"),
+}
+
+
+def position_outside_table(model: nn.Module) -> str | None:
+    """Why a permutation of the embedding rows cannot move all of `model`'s position
+    information, or None when the absolute table holds all of it (a plain ViT)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "backbone", None) is not None:
+        return "a convolutional stem (hybrid ViT) sees pixel positions before the embedding"
+    for name, module in model.named_modules():
+        words = (type(module).__name__.lower(), *(attr.lower() for attr in vars(module)),
+                 *(n.lower() for n, _ in module.named_parameters(recurse=False)),
+                 *(n.lower() for n, _ in module.named_buffers(recurse=False)))
+        for what, markers in POSITION_MARKERS.items():
+            if any(marker in word for marker in markers for word in words) and not _unused(module, markers):
+                return f"{what} ({type(module).__name__} at {name or 'the model'}) is not in the permuted table"
+        if isinstance(module, nn.Conv2d) and module is not getattr(patch_embed, "proj", None):
+            return f"a convolution over the token grid ({name}) sees neighbouring tokens"
+        if isinstance(module, nn.Conv2d) and (tuple(module.kernel_size) != tuple(module.stride) or
+                                              any(p != 0 for p in _pair(module.padding))):
+            return f"the patch embedding ({name}) overlaps or pads, so it sees pixel positions"
+    return None
+
+
+def _unused(module: nn.Module, markers: tuple[str, ...]) -> bool:
+    """Attributes such as `rope = None` name a feature the module does not use."""
+    for attr, value in vars(module).items():
+        if any(marker in attr.lower() for marker in markers) and value is None:
+            return True
+    return False
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def permutable_embedding(model: nn.Module) -> tuple[int, int, int] | None:
@@ -140,7 +183,12 @@ def equivariance_rows(inputs: ProbeInputs, out: Measurements) -> None:
     pixel_seed = setting_seed(inputs.seed, "equivariance-pixel")
     pixel_pi = global_permutation(height, width, pixel_seed)
     embedding = permutable_embedding(model)
-    if embedding is not None:
+    refusal = position_outside_table(model) if getattr(model, "patch_embed", None) is not None else None
+    if refusal is not None:
+        for metric in ("equivariance_max_abs", "equivariance_rel"):
+            out.single(metric, None, setting="equivariance", n_images=0,
+                       note=f"no certificate: {refusal}, so permuting the embedding rows cannot test equivariance")
+    elif embedding is not None:
         patch, grid_h, grid_w = embedding
         if patch == 1:
             add("equivariance-pixel", pixel_pi, permuted_position_copy(model, pixel_pi),
@@ -167,14 +215,30 @@ class PermutationOptions(Settings):
     tile_grids: Any = DEFAULT_TILE_GRIDS  # patch-shuffle-g grids
     swap_fractions: Any = DEFAULT_SWAP_FRACTIONS  # swap counts T as fractions of H*W
     swap_distances: Any = DEFAULT_SWAP_DISTANCES  # swap distances d in pixels ('inf': any pair)
+    draws: int = DEFAULT_DRAWS  # permutations drawn per setting; the intervals cover draws and images
+
+    @field_validator("draws", mode="before")
+    @classmethod
+    def _draws(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--opt draws must be a whole number >= 1, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _values(self) -> "PermutationOptions":
         try:
-            shuffle_settings(8, 8, self.model_dump())  # the values' checks do not depend on the image size
+            shuffle_settings(8, 8, self.shuffles())  # the values' checks do not depend on the image size
         except UserError as err:
             raise ValueError(str(err)) from None
         return self
+
+    def shuffles(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"draws"})
+
+
+def draw_seeds(seed: int, setting: str, draws: int) -> list[int]:
+    """The seeds of a setting's draws: the first is the setting's own seed (`setting_seed`)."""
+    return [setting_seed(seed, setting if draw == 0 else f"{setting}#{draw}") for draw in range(draws)]
 
 
 @torch.no_grad()
@@ -200,6 +264,7 @@ class PermutationProbe(Probe):
                "and the position-embedding equivariance certificate")
     applies_to = "every classifier (accuracies mean most for a trained one)"
     Options = PermutationOptions
+    default_images = None  # the whole test split where it is small: accuracies need many images
     denoiser_reason = ("it measures class accuracy; for generation, train with --permute-pixels and compare "
                        "the samples' quality (evaluate-samples)")
     summary_columns = (
@@ -212,23 +277,26 @@ class PermutationProbe(Probe):
     def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
         target = inputs.target
         height, width = inputs.images.shape[-2:]
-        settings = shuffle_settings(height, width, inputs.options.model_dump())
+        settings = shuffle_settings(height, width, inputs.options.shuffles())
         caveat = "" if target.checkpoint else "untrained model: accuracies are near chance"
         if "mae_options" in target.extras:
             caveat = "MAE encoder: its classifier head is untrained, so accuracies are near chance"
         clean = correct_per_image(inputs, None)
         out.per_image("accuracy", clean, setting="clean", note=caveat)
         for setting in settings:
-            seed = setting_seed(inputs.seed, setting)
-            permutation = permutation_for_setting(setting, height, width, seed)
-            correct = correct_per_image(inputs, permutation)
-            note = f"seed={seed}; permutation_for_setting({setting!r}, {height}, {width}, {seed})"
+            seeds = draw_seeds(inputs.seed, setting, inputs.options.draws)
+            permutations = [permutation_for_setting(setting, height, width, seed) for seed in seeds]
+            correct = torch.stack([correct_per_image(inputs, permutation) for permutation in permutations])
+            per_draw = correct.mean(dim=1)
+            note = (f"seeds={seeds}: permutation_for_setting({setting!r}, {height}, {width}, seed) for each; "
+                    f"accuracy per draw {', '.join(f'{a:.3f}' for a in per_draw.tolist())}"
+                    + (f" (sd {float(per_draw.std()):.3f})" if len(seeds) > 1 else ""))
             if caveat:
                 note += f"; {caveat}"
             out.per_image("accuracy", correct, setting=setting, note=note)
-            out.per_image("accuracy_drop", clean - correct, setting=setting, note=note)
-            out.single("mean_displacement_px", mean_displacement(permutation, height, width), setting=setting,
-                       note=note, n_images=inputs.n_images)
+            out.per_image("accuracy_drop", clean[None, :] - correct, setting=setting, note=note + "; paired per image")
+            displacement = sum(mean_displacement(p, height, width) for p in permutations) / len(permutations)
+            out.single("mean_displacement_px", displacement, setting=setting, note=note, n_images=0)
         equivariance_rows(inputs, out)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
@@ -245,48 +313,50 @@ def _family(setting: str) -> str:
 
 
 def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
-    """Left: accuracy against the number of swaps T (one line per model and distance d).
-    Right: accuracy against the mean pixel displacement of every shuffle, models overlaid."""
+    """Left: accuracy against the number of test-time swaps T (one line per model and
+    distance d). Right: accuracy against the mean pixel displacement of every shuffle,
+    models overlaid. Bars: 95% intervals over images and permutation draws."""
     import matplotlib.pyplot as plt
 
-    from localitylab.plotting import apply_style, model_colours, save_figure
+    from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
 
     apply_style()
-    accuracy = frame[frame["metric"] == "accuracy"].set_index(["model", "setting"])["value"]
+    accuracy = frame[frame["metric"] == "accuracy"].set_index(["model", "setting"])
     displacement = frame[frame["metric"] == "mean_displacement_px"].set_index(["model", "setting"])["value"]
     models = sorted(frame["model"].unique())
     colours = model_colours(models)
     fig, (swaps_ax, strength_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     line_styles = ["-", "--", ":", "-."]
-    family_markers = {"global": "X", "local": "s", "patch-shuffle": "^"}
+    family_markers = {"global": "X", "local": "s", "patch-shuffle": "^", "swaps": "o"}
     for model in models:
         colour = colours[model]
-        clean = accuracy.get((model, "clean"))
-        settings = [s for (m, s) in accuracy.index if m == model and s != "clean"]
-        distances = sorted({s.rsplit("-", 1)[1] for s in settings if s.startswith("swaps-")},
-                           key=lambda d: math.inf if d == "inf" else float(d))
+        rows = accuracy.loc[model]
+        clean = rows.loc["clean", "value"] if "clean" in rows.index else None
+        swaps = rows[rows.index.str.startswith("swaps-")]
+        distances = sorted({s.rsplit("-", 1)[1] for s in swaps.index}, key=lambda d: math.inf if d == "inf" else float(d))
         for i, distance in enumerate(distances):
-            sweep = sorted((int(s.split("-")[1]), accuracy[(model, s)]) for s in settings
-                           if s.startswith("swaps-") and s.rsplit("-", 1)[1] == distance)
-            if clean is not None:
-                sweep = [(0, clean)] + [p for p in sweep if p[0] > 0]
-            swaps_ax.plot([t for t, _ in sweep], [a for _, a in sweep], line_styles[i % len(line_styles)],
-                          marker="o", color=colour, label=f"{model}, d={distance}")
+            sweep = swaps[swaps.index.str.endswith(f"-{distance}")].copy()
+            sweep["swaps"] = [int(s.split("-")[1]) for s in sweep.index]
+            if "clean" in rows.index:
+                sweep = pd.concat([rows.loc[["clean"]].assign(swaps=0), sweep[sweep["swaps"] > 0]])
+            sweep = sweep.sort_values("swaps")
+            errorbar(swaps_ax, sweep["swaps"], sweep, color=colour, linestyle=line_styles[i % len(line_styles)],
+                     marker="o", label=f"{model}, d={distance}")
         for family, marker in family_markers.items():
-            points = sorted((displacement[(model, s)], accuracy[(model, s)]) for s in settings
-                            if _family(s) == family and (model, s) in displacement.index)
-            if points:
-                strength_ax.plot([x for x, _ in points], [y for _, y in points], "-", marker=marker, color=colour,
-                                 label=f"{model}: {family}", markersize=7)
-        swap_points = sorted((displacement[(model, s)], accuracy[(model, s)]) for s in settings
-                             if s.startswith("swaps-") and (model, s) in displacement.index)
-        if swap_points:
-            strength_ax.scatter([x for x, _ in swap_points], [y for _, y in swap_points], color=colour, marker="o",
-                                s=14, alpha=0.7, label=f"{model}: swaps")
+            points = rows[[(_family(s) == family or (family == "swaps" and s.startswith("swaps-")))
+                           and (model, s) in displacement.index for s in rows.index]]
+            if points.empty:
+                continue
+            x = [displacement[(model, s)] for s in points.index]
+            order = sorted(range(len(x)), key=x.__getitem__)
+            errorbar(strength_ax, [x[i] for i in order], points.iloc[order], color=colour, marker=marker,
+                     linestyle="-" if family != "swaps" else "none", markersize=6 if family != "swaps" else 4,
+                     alpha=1.0 if family != "swaps" else 0.7, label=f"{model}: {family}")
         if clean is not None:
             strength_ax.axhline(clean, color=colour, linewidth=0.8, alpha=0.5)
     swaps_ax.set_xscale("symlog", linthresh=1)
-    swaps_ax.set(xlabel="pixel swaps T", ylabel="test accuracy", title="Random swaps (PiT protocol)", ylim=(0, 1.02))
+    swaps_ax.set(xlabel="pixel swaps T at test time", ylabel="test accuracy", title="Random swaps (bars: 95% CI)",
+                 ylim=(0, 1.02))
     strength_ax.set(xlabel="mean pixel displacement (px)", ylabel="test accuracy",
                     title="Accuracy against shuffle strength", ylim=(0, 1.02))
     swaps_ax.legend(fontsize=7, loc="lower left")

@@ -28,6 +28,7 @@ When a model carries a training pixel permutation, maps live on the grid the mod
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch.nn as nn
 from pydantic import field_validator
 
 from localitylab.errors import UserError
+from localitylab.models.anchors import GridAnchor, conv_arithmetic
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
@@ -58,7 +60,8 @@ def _is_stage(module_name: str) -> bool:
 
 
 def layer_feature_maps(model: nn.Module) -> FeatureFn:
-    """A function x -> [NCHW output of every block / stage], the model's own forward."""
+    """A function x -> [NCHW output of every block / stage], the model's own forward (its
+    `model` attribute is the model, whose convolution arithmetic places the locations)."""
     if isinstance(model, nn.Sequential):
         def sequential(x: torch.Tensor) -> list[torch.Tensor]:
             outputs = []
@@ -67,6 +70,7 @@ def layer_feature_maps(model: nn.Module) -> FeatureFn:
                 outputs.append(x)
             return outputs
 
+        sequential.model = model
         return sequential
     if hasattr(model, "forward_intermediates"):
         names = [info["module"] for info in getattr(model, "feature_info", []) if isinstance(info, dict)]
@@ -75,6 +79,7 @@ def layer_feature_maps(model: nn.Module) -> FeatureFn:
         def intermediates(x: torch.Tensor) -> list[torch.Tensor]:
             return list(model.forward_intermediates(x, indices=indices, intermediates_only=True, output_fmt="NCHW"))
 
+        intermediates.model = model
         return intermediates
     raise UserError(f"{type(model).__name__} has no forward_intermediates and is not an nn.Sequential; "
                     "the receptive-field probe needs per-layer feature maps (valid: timm models, nn.Sequential)")
@@ -82,29 +87,37 @@ def layer_feature_maps(model: nn.Module) -> FeatureFn:
 
 # --- geometry -------------------------------------------------------------------------------
 
-def centre_location(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int, tuple[float, float]]:
-    """(row, col) of the feature location holding the image's centre pixel, and its centre in pixels."""
-    row = (height // 2) * grid_h // height
-    col = (width // 2) * grid_w // width
-    return row, col, ((row + 0.5) * height / grid_h, (col + 0.5) * width / grid_w)
+def centre_location(height: int, width: int, grid_h: int, grid_w: int,
+                    anchor: GridAnchor | None = None) -> tuple[int, int, tuple[float, float]]:
+    """(row, col) of the feature location nearest the image's centre pixel (H//2, W//2), and
+    its pixel anchor. With the convolution arithmetic's `anchor` that is the centre of the
+    location's receptive field (PROBES.md); without, the centre of its cell on an evenly
+    stretched grid, ((i + 0.5) H / h, ...)."""
+    if anchor is None:
+        anchor = GridAnchor((0.5 * height / grid_h, 0.5 * width / grid_w), (height / grid_h, width / grid_w))
+    row, col = anchor.nearest(height // 2 + 0.5, width // 2 + 0.5, grid_h, grid_w)
+    return row, col, anchor.centre(row, col)
 
 
 def mass_radius(mass: torch.Tensor, centre: tuple[float, float], fraction: float) -> float:
     """Radius of the smallest disc around `centre` (pixel units) holding `fraction` of the
     map's mass; pixel (r, c) sits at (r + 0.5, c + 0.5). NaN for an all-zero map."""
-    height, width = mass.shape[-2:]
-    rows = torch.arange(height, dtype=torch.float64)[:, None] + 0.5
-    cols = torch.arange(width, dtype=torch.float64)[None, :] + 0.5
-    distance = torch.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).flatten()
-    weights = mass.detach().double().cpu().flatten()
-    total = float(weights.sum())
-    if not total > 0:
-        return math.nan
-    order = torch.argsort(distance, stable=True)
-    cumulative = torch.cumsum(weights[order], 0) / total
+    radii = mass_radii(mass.detach().double().cpu().reshape(1, -1).numpy(), mass.shape[-2:], centre, fraction)
+    return float(radii[0])
+
+
+def mass_radii(maps: np.ndarray, shape: tuple[int, int], centre: tuple[float, float], fraction: float) -> np.ndarray:
+    """`mass_radius` of each row of (B, H*W) maps at once (NaN for an all-zero map)."""
+    height, width = shape
+    rows = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    cols = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    distance = np.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).ravel()
+    order = np.argsort(distance, kind="stable")
+    totals = maps.sum(axis=1)
+    cumulative = np.cumsum(maps[:, order], axis=1) / np.where(totals > 0, totals, 1.0)[:, None]
     # Tolerance: a uniform map's cumulative mass hits 0.5 exactly, up to float rounding.
-    index = int(torch.searchsorted(cumulative, torch.tensor([fraction - 1e-9], dtype=torch.float64)))
-    return float(distance[order][min(index, len(order) - 1)])
+    index = (cumulative < fraction - 1e-9).sum(axis=1).clip(max=len(order) - 1)
+    return np.where(totals > 0, distance[order][index], np.nan)
 
 
 def centroid(mass: torch.Tensor) -> tuple[float, float]:
@@ -120,22 +133,27 @@ def centroid(mass: torch.Tensor) -> tuple[float, float]:
 def input_gradients(features: FeatureFn, inputs: torch.Tensor,
                     batch_size: int) -> tuple[torch.Tensor, list[tuple[float, float]]]:
     """(N, L, H, W) float32 |gradient| of each layer's centre feature with respect to each
-    image's pixels, summed over input channels, and the centre in pixels of the feature
-    location each layer was read at. One forward per batch and one backward per layer: the
-    images of a batch are independent in eval mode, so the gradient of the batch sum holds
-    every image's own gradient."""
+    image's pixels, summed over input channels, and the pixel anchor of the feature location
+    each layer was read at (the convolution arithmetic's, `localitylab.models.anchors`). One
+    forward per batch and one backward per layer: the images of a batch are independent in
+    eval mode, so the gradient of the batch sum holds every image's own gradient."""
     height, width = inputs.shape[-2:]
     per_image: list[torch.Tensor] = []
     centres: list[tuple[float, float]] = []
+    model = getattr(features, "model", None)
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start:start + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            maps = features(batch)
+            recording = conv_arithmetic(model, (height, width)) if model is not None else contextlib.nullcontext()
+            with recording as arithmetic:
+                maps = features(batch)
             gradients = []
             for index, feature_map in enumerate(maps):
                 if feature_map.ndim != 4:
                     raise ValueError(f"layer {index} gave a {feature_map.ndim}-D output; NCHW maps are needed")
-                row, col, centre = centre_location(height, width, feature_map.shape[-2], feature_map.shape[-1])
+                grid_h, grid_w = feature_map.shape[-2:]
+                anchor = arithmetic.anchor(grid_h, grid_w) if arithmetic is not None else None
+                row, col, centre = centre_location(height, width, grid_h, grid_w, anchor)
                 if start == 0:
                     centres.append(centre)
                 selected = feature_map[:, :, row, col].sum()
@@ -154,6 +172,28 @@ def erf_maps(gradients: torch.Tensor, batch_size: int) -> torch.Tensor:
         totals += gradients[start:start + batch_size].sum(0).double()
     sums = totals.sum(dim=(1, 2), keepdim=True)
     return torch.where(sums > 0, totals / sums.clamp_min(1e-300), torch.zeros_like(totals))
+
+
+def erf_radii_resampler(gradients: torch.Tensor, centres: list[tuple[float, float]], side: int):
+    """For the bootstrap: the r50 and r90 radii (px, then / side) of every layer's ERF on
+    resampled images, in the order `measure` lists them. The ERF of a resample is the sum of
+    its images' gradient maps (with multiplicity), normalised."""
+    count, layers, height, width = gradients.shape
+    flat = gradients.double().reshape(count, layers, height * width).numpy()
+
+    def resample(indices: np.ndarray) -> np.ndarray:
+        indices = np.atleast_2d(indices)
+        weights = np.zeros((len(indices), count))
+        np.add.at(weights, (np.arange(len(indices))[:, None], indices), 1.0)
+        radii = []
+        for layer, centre in enumerate(centres):
+            summed = weights @ flat[:, layer]  # (B, H*W): the resample's ERF, unnormalised
+            for percent in (50, 90):
+                radius = mass_radii(summed, (height, width), centre, percent / 100)
+                radii += [radius, radius / side]
+        return np.stack(radii)
+
+    return resample
 
 
 def effective_receptive_fields(features: FeatureFn, inputs: torch.Tensor,
@@ -236,16 +276,19 @@ class ReceptiveFieldProbe(Probe):
         side = max(height, width)
         note = "on the model's permuted input grid" if target.data.permutation is not None else ""
         uniform = torch.ones(height, width)
+        statistics = []
         for layer, (erf, centre) in enumerate(zip(maps, centres)):
             layer_note = note if erf.sum() > 0 else "the gradient vanished at this layer"
             for percent in (50, 90):
                 radius = mass_radius(erf, centre, percent / 100)
+                statistics += [dict(metric=f"erf_r{percent}_px", value=radius, layer=layer, note=layer_note),
+                               dict(metric=f"erf_r{percent}_frac", value=radius / side, layer=layer, note=layer_note)]
+        out.statistics(statistics, erf_radii_resampler(gradients, centres, side), inputs.n_images)
+        for layer, centre in enumerate(centres):  # a uniform map's radii: geometry alone, no interval
+            for percent in (50, 90):
                 reference = mass_radius(uniform, centre, percent / 100)
-                out.single(f"erf_r{percent}_px", radius, layer=layer, note=layer_note, n_images=inputs.n_images)
-                out.single(f"erf_r{percent}_frac", radius / side, layer=layer, note=layer_note,
-                           n_images=inputs.n_images)
-                out.single(f"uniform_r{percent}_px", reference, layer=layer, n_images=inputs.n_images)
-                out.single(f"uniform_r{percent}_frac", reference / side, layer=layer, n_images=inputs.n_images)
+                out.single(f"uniform_r{percent}_px", reference, layer=layer, n_images=0)
+                out.single(f"uniform_r{percent}_frac", reference / side, layer=layer, n_images=0)
         ig_steps = inputs.options.ig_steps
         for method in ("saliency", "integrated-gradients"):
             attributions = attribution_maps(target.model, prepared, inputs.labels, method, inputs.batch_size, ig_steps)
@@ -276,7 +319,7 @@ def plot_radius_by_depth(frame: pd.DataFrame, path: Path) -> Path:
     """ERF r50 and r90 against depth, models overlaid; dashed: a uniform map's radius."""
     import matplotlib.pyplot as plt
 
-    from localitylab.plotting import apply_style, model_colours, model_markers, save_figure
+    from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
 
     apply_style()
     frame = frame[frame["layer"].notna()]
@@ -288,10 +331,10 @@ def plot_radius_by_depth(frame: pd.DataFrame, path: Path) -> Path:
             rows = frame[frame["model"] == model]
             erf = rows[rows["metric"] == f"erf_r{percent}_px"].sort_values("layer")
             uniform = rows[rows["metric"] == f"uniform_r{percent}_px"].sort_values("layer")
-            ax.plot(erf["layer"].astype(int), erf["value"], marker=markers[model], color=colours[model], label=model)
+            errorbar(ax, erf["layer"], erf, marker=markers[model], color=colours[model], label=model)
             ax.plot(uniform["layer"].astype(int), uniform["value"], "--", color=colours[model], alpha=0.5,
                     linewidth=1)
-        ax.set(xlabel="layer (block / stage)", title=f"ERF radius holding {percent}% of the mass")
+        ax.set(xlabel="layer (block / stage)", title=f"ERF radius holding {percent}% of the mass (bars: 95% CI)")
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("radius (px); dashed: uniform map")
     axes[0].legend(fontsize=8)

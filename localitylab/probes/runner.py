@@ -32,7 +32,7 @@ class ProbeRequest:
     data: str | None = None
     data_dir: str | None = None
     img_size: int | None = None
-    n_images: int = 128
+    n_images: int | None = None  # None: each probe's own default (`Probe.default_images`)
     batch_size: int = 64
     device: str = "auto"
     seed: int = 0
@@ -67,16 +67,19 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
                                img_size=request.img_size, seed=request.seed)
     target, dataset = load_target(request.source, request.device, request.data, data_options, request.model_kw,
                                   request.weights, request.pos_embed, request.seed)
-    images, labels = select_images(dataset, request.n_images, request.seed)
+    counts = [request.n_images or probe.images_for(len(dataset.test_images)) for probe in probes]
+    # One seeded order of the test split: each probe's images are its first `count` (nested sets).
+    images, labels = select_images(dataset, max(counts), request.seed)
     check_timesteps(target, request.timesteps)
     for probe, parsed in zip(probes, options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
     out_dir = make_folder(Path(request.out) if request.out is not None else target.default_out_dir())
     outputs = []
-    for probe, parsed in zip(probes, options):
+    for probe, parsed, count in zip(probes, options, counts):
         started = time.perf_counter()
-        result = probe.run(target, images, labels, parsed, request.batch_size, request.seed, request.timesteps)
+        result = probe.run(target, images[:count], labels[:count], parsed, request.batch_size, request.seed,
+                           request.timesteps)
         csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
         figures = probe.plot([result.table], out_dir)
         model_figures = []
@@ -86,7 +89,7 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
         elif result.applies:
             model_figures = probe.figures(target, result.drawing, out_dir)
         seconds = time.perf_counter() - started
-        record_meta(out_dir, probe.name, target, dataset.name, request, len(images), seconds,
+        record_meta(out_dir, probe.name, target, dataset.name, request, min(count, len(images)), seconds,
                     [str(p.relative_to(out_dir)) for p in model_figures], list(result.level_drawings) or None)
         outputs.append(ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds))
     return outputs
@@ -116,7 +119,8 @@ def write_table(table: pd.DataFrame, path: Path) -> Path:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a probe table back with the schema's types."""
+    """Read a probe table back with the schema's types. Tables written before intervals
+    existed (no ci_low / ci_high) read with those cells empty."""
     from localitylab.probes.base import COLUMNS, typed_frame
 
     path = Path(path)
@@ -124,15 +128,21 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise UserError(f"table not found: {path}")
     try:
         table = pd.read_csv(path, dtype={"model": str, "probe": str, "metric": str, "setting": str, "note": str},
-                            keep_default_na=False, na_values={"value": [""], "layer": [""], "head": [""], "n_images": [""]})
+                            keep_default_na=False, na_values={column: [""] for column in NUMERIC_COLUMNS})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise UserError(f"{path} is not a probe table: {err}") from None
+    for column in ("ci_low", "ci_high"):
+        if column not in table.columns:
+            table[column] = float("nan")
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{path} is not a probe table: no column {missing[0]!r}")
-    for column in ("layer", "head", "n_images", "value"):
+    for column in NUMERIC_COLUMNS:
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    return typed_frame(table)
+    return typed_frame(table[[*COLUMNS, *(c for c in table.columns if c not in COLUMNS)]])
+
+
+NUMERIC_COLUMNS = ("value", "ci_low", "ci_high", "layer", "head", "n_images")
 
 
 def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,

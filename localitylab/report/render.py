@@ -20,7 +20,7 @@ import pandas as pd
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
-from localitylab.report.summary import columns, reading, summary_row
+from localitylab.report.summary import columns, group_by_seed, locality_answer, reading, summary_row
 
 FORMATS = ("html", "pdf")
 
@@ -57,6 +57,17 @@ def fmt(value: Any, kind: str = "float") -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def interval_text(estimate, kind: str = "float") -> str:
+    """What stands under a summary number: its 95% interval, or ± its spread over seeds."""
+    if estimate is None:
+        return ""
+    if estimate.seeds > 1 and estimate.spread is not None:
+        return f"± {fmt(estimate.spread, kind)} sd, {estimate.seeds} seeds"
+    if estimate.has_interval:
+        return f"[{fmt(estimate.low, kind)}, {fmt(estimate.high, kind)}]"
+    return ""
+
+
 def image_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
@@ -76,6 +87,7 @@ def _table_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSection]:
     from localitylab.plotting import apply_style
     from localitylab.probes.registry import get_probe, probe_names
+    from localitylab.report.summary import group_by_seed, over_seeds_table
 
     apply_style()
     names = probe_names() + sorted({p for r in records for p in r.tables if p not in probe_names()})
@@ -87,7 +99,9 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         except UserError:
             probe, summary = None, "(a probe this version of localitylab does not know)"
         section = ProbeSection(name, summary)
-        tables = [r.tables[name] for r in records if name in r.tables]
+        # A model trained with several seeds is drawn once: the mean over seeds, its t interval as bars.
+        tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
+                  for group in group_by_seed(records) if any(name in r.tables for r in group.records)]
         if probe is not None and tables:
             out = figure_dir / name
             out.mkdir(parents=True, exist_ok=True)
@@ -130,18 +144,22 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
                   expectations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from localitylab import __version__
 
-    rows = {r.name: summary_row(r, records) for r in records}
+    groups = group_by_seed(records)
+    rows = {group.name: summary_row(group, records) for group in groups}
     summary = []
     shown = columns()
-    for record in records:
+    for group in groups:
         cells = []
         for column in shown:
-            value = rows[record.name][column.key]
+            estimate = rows[group.name][column.key]
             missing_cmd = None
-            if value is None and column.probe is not None and column.probe not in record.tables:
-                missing_cmd = probe_command(column.probe, record)
-            cells.append({"key": column.key, "text": fmt(value, column.kind), "value": value, "missing": missing_cmd})
-        summary.append({"model": record.name, "cells": cells})
+            if estimate is None and column.probe is not None and column.probe not in group.first.tables:
+                missing_cmd = probe_command(column.probe, group.first)
+            cells.append({"key": column.key, "text": fmt(estimate.value if estimate else None, column.kind),
+                          "value": estimate.value if estimate else None, "interval": interval_text(estimate, column.kind),
+                          "low": estimate.low if estimate else None, "high": estimate.high if estimate else None,
+                          "missing": missing_cmd})
+        summary.append({"model": group.name, "cells": cells, "seeds": len(group.records)})
     sections = _probe_sections(records, figure_dir)
     missing = [(s.name, model, cmd) for s in sections for model, cmd in s.missing]
     return {
@@ -151,6 +169,7 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "columns": shown,
         "summary": summary,
         "reading": reading(rows),
+        "answer": locality_answer(groups),
         "sections": sections,
         "records": records,
         "training_figure": _training_figure(records, figure_dir),

@@ -1,13 +1,19 @@
-"""The summary table: one row per model, answering "which model learned how much locality".
+"""The summary: one row per model (runs that differ only in their training seed are one row,
+mean ± spread over seeds), a one-sentence answer to the title question, and sentences that
+rank models only where the 95% intervals separate them.
 
-Each value is read from a table on disk; where the table or the row is missing the value
-is None and the report shows it as missing, with the command that would produce it.
+Each value is read from a table on disk; where the table or the row is missing the value is
+None and the report shows it as missing, with the command that would produce it.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, replace
 from typing import Any
+
+import pandas as pd
 
 from localitylab.probes.base import SummaryColumn
 from localitylab.report.collect import RunRecord
@@ -34,6 +40,100 @@ TRAINING_COLUMNS = (
 PAIR_COLUMNS = (
     Column("perm_gap", "train-time perm. gap", "clean-trained accuracy - accuracy of the same recipe trained on permuted pixels", None),
 )
+# Config entries that do not make two runs different experiments.
+NOT_THE_RECIPE = ("out", "resume", "device", "compile", "amp", "data_dir", "download", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number with its 95% interval where one exists: over images for one run, over
+    training seeds (a t interval of their mean) for several; `spread` is the standard
+    deviation over seeds."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+    spread: float | None = None
+    seeds: int = 1
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
+
+
+def over_seeds(estimates: list[Estimate]) -> Estimate | None:
+    """The mean over seeds, their standard deviation and the t interval of the mean."""
+    values = [e.value for e in estimates if e is not None and math.isfinite(e.value)]
+    if not values:
+        return None
+    if len(values) == 1:
+        return estimates[0]
+    from scipy.stats import t
+
+    mean, spread = statistics.fmean(values), statistics.stdev(values)
+    half = t.ppf(0.975, len(values) - 1) * spread / math.sqrt(len(values))
+    return Estimate(mean, mean - half, mean + half, spread, len(values))
+
+
+def over_seeds_table(tables: list[pd.DataFrame], name: str) -> pd.DataFrame:
+    """One probe table for a model trained with several seeds: each row's mean over the
+    seeds, with the t interval of that mean; a single table is returned as it is."""
+    if len(tables) == 1:
+        return tables[0]
+    from scipy.stats import t
+
+    keys = ["probe", "metric", "layer", "head", "setting"]
+    stacked = pd.concat(tables, ignore_index=True)
+    grouped = stacked.groupby(keys, dropna=False, sort=False)
+    frame = grouped.agg(value=("value", "mean"), spread=("value", "std"), seeds=("value", "count"),
+                        n_images=("n_images", "first"), note=("note", "first")).reset_index()
+    half = t.ppf(0.975, (frame["seeds"] - 1).clip(lower=1)) * frame["spread"] / frame["seeds"].clip(lower=1) ** 0.5
+    several = frame["seeds"] > 1
+    frame["ci_low"] = (frame["value"] - half).where(several)
+    frame["ci_high"] = (frame["value"] + half).where(several)
+    frame["model"] = name
+    return frame[list(tables[0].columns)]
+
+
+@dataclass
+class ModelGroup:
+    """Runs of one recipe that differ only in their training seed (or a single run)."""
+
+    records: list[RunRecord]
+
+    @property
+    def name(self) -> str:
+        if len(self.records) == 1:
+            return self.records[0].name
+        return f"{self.records[0].spec.get('name', '?')} ({len(self.records)} seeds: " \
+               f"{', '.join(r.path.name for r in self.records)})"
+
+    @property
+    def first(self) -> RunRecord:
+        return self.records[0]
+
+
+def recipe_key(record: RunRecord, *ignored: str) -> tuple:
+    """What must match for two runs to be the same experiment (up to `ignored` settings)."""
+    config = {k: v for k, v in record.config.items() if k not in NOT_THE_RECIPE + ignored}
+    return (record.spec.get("name"), record.data, repr(sorted(config.items())))
+
+
+def group_by_seed(records: list[RunRecord]) -> list[ModelGroup]:
+    """Runs whose recipes differ only in `seed` become one group; copies of one run (the
+    same seed twice) and untrained models stay apart."""
+    keyed: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        key = recipe_key(record, "seed") if record.trained else ("untrained", record.name)
+        keyed.setdefault(key, []).append(record)
+    groups = []
+    for members in keyed.values():
+        seeds = [m.config.get("seed") for m in members]
+        if len(members) > 1 and len(set(seeds)) == len(seeds):
+            groups.append(ModelGroup(sorted(members, key=lambda m: m.config.get("seed"))))
+        else:
+            groups += [ModelGroup([member]) for member in members]
+    return groups
 
 
 def probe_columns() -> list[SummaryColumn]:
@@ -48,48 +148,115 @@ def columns() -> list[Column]:
     return [*TRAINING_COLUMNS, *probe_part, *PAIR_COLUMNS]
 
 
-def summary_row(record: RunRecord, records: list[RunRecord]) -> dict[str, Any]:
+def _run_values(record: RunRecord, records: list[RunRecord]) -> dict[str, Estimate | None]:
     flops = record.model_info.get("flops_per_image")
-    row: dict[str, Any] = {
-        "accuracy": record.accuracy,
-        "params": record.model_info.get("params"),
-        "tokens": record.model_info.get("tokens_per_image"),
-        "flops": flops / 1e9 if flops else None,
-    }
+    plain = {"accuracy": record.accuracy, "params": record.model_info.get("params"),
+             "tokens": record.model_info.get("tokens_per_image"), "flops": flops / 1e9 if flops else None,
+             "perm_gap": permutation_gap(record, records)}
+    row: dict[str, Estimate | None] = {k: None if v is None else Estimate(v) for k, v in plain.items()}
     for column in probe_columns():
-        skipped = record.config.get("task") in column.skip_tasks
-        row[column.key] = None if skipped else column.read(record.tables.get(column.probe))
-    row["perm_gap"] = permutation_gap(record, records)
+        read = None if record.config.get("task") in column.skip_tasks else column.read(record.tables.get(column.probe))
+        row[column.key] = None if read is None else Estimate(*read)
     return row
 
 
-def recipe_key(record: RunRecord) -> tuple:
-    """What must match for two runs to differ only in --permute-pixels."""
-    config = {k: v for k, v in record.config.items()
-              if k not in ("permute_pixels", "out", "resume", "device", "compile", "data_dir", "download")}
-    return (record.spec.get("name"), record.data, repr(sorted(config.items())))
+def summary_row(group: ModelGroup | RunRecord, records: list[RunRecord]) -> dict[str, Estimate | None]:
+    """Every column's estimate for one model: its run's, or the mean over its seeds."""
+    members = group.records if isinstance(group, ModelGroup) else [group]
+    per_run = [_run_values(record, records) for record in members]
+    if len(per_run) == 1:
+        return per_run[0]
+    return {key: over_seeds([run[key] for run in per_run if run[key] is not None]) for key in per_run[0]}
 
 
 def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None:
-    """Clean accuracy - permuted accuracy, shown on the clean run, where both runs exist."""
+    """Clean accuracy - permuted accuracy, shown on the clean run, where both runs exist
+    (the same recipe and seed, trained once on natural and once on permuted pixels)."""
     if not record.trained or record.permute_seed is not None or record.accuracy is None:
         return None
     for other in records:
-        if other.permute_seed is not None and other.accuracy is not None and recipe_key(other) == recipe_key(record):
+        if (other.permute_seed is not None and other.accuracy is not None
+                and recipe_key(other, "permute_pixels") == recipe_key(record, "permute_pixels")):
             return record.accuracy - other.accuracy
     return None
 
 
-def reading(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """A few plain sentences ranking the models by each locality measure that has one."""
+# --- what the numbers support ----------------------------------------------------------------------
+def fmt_estimate(estimate: Estimate, digits: int = 3) -> str:
+    text = f"{estimate.value:.{digits}g}"
+    if estimate.seeds > 1 and estimate.spread is not None:
+        text += f" ± {estimate.spread:.2g} (sd, {estimate.seeds} seeds)"
+    elif estimate.has_interval:
+        text += f" [{estimate.low:.{digits}g}, {estimate.high:.{digits}g}]"
+    return text
+
+
+def reading(rows: dict[str, dict[str, Estimate | None]]) -> list[str]:
+    """One sentence per locality measure: a model is named first only where its 95% interval
+    separates from every other model's; otherwise the models are indistinguishable."""
     sentences = []
     for column in probe_columns():
         if not column.sentence:
             continue
-        pick = min if column.better == "low" else max
         values = {name: row[column.key] for name, row in rows.items() if row.get(column.key) is not None}
-        if len(values) >= 2:
-            best = pick(values, key=values.get)
-            other = ", ".join(f"{n} {v:.3g}" for n, v in sorted(values.items(), key=lambda kv: kv[1]) if n != best)
-            sentences.append(f"{best} {column.sentence}: {values[best]:.3g} (others: {other}).")
+        if len(values) < 2:
+            continue
+        low_is_better = column.better == "low"
+        ordered = sorted(values.items(), key=lambda kv: kv[1].value, reverse=not low_is_better)
+        best_name, best = ordered[0]
+        listed = "; ".join(f"{n} {fmt_estimate(e)}" for n, e in ordered)
+        if not all(e.has_interval for e in values.values()):
+            sentences.append(f"{column.label}: {listed}. Not ranked: without an interval for every model (one "
+                             f"training seed and a property of the weights) a difference cannot be told from chance.")
+            continue
+        others = [e for name, e in ordered[1:]]
+        separated = all(best.high < o.low for o in others) if low_is_better else all(best.low > o.high for o in others)
+        if separated:
+            sentences.append(f"{best_name} {column.sentence}, separated from every other model by the 95% "
+                             f"intervals: {listed}.")
+        else:
+            sentences.append(f"{column.label}: the models are indistinguishable within the 95% intervals ({listed}).")
     return sentences
+
+
+def locality_answer(groups: list[ModelGroup]) -> str:
+    """One sentence answering "how much locality did each model learn?" from the locality
+    ratio of every layer: a layer attends locally where its interval lies below 1."""
+    local, wider, measured, unmeasured = {}, {}, [], []
+    for group in groups:
+        per_layer = _ratio_per_layer(group)
+        if not per_layer:
+            unmeasured.append(group.name)
+            continue
+        measured.append(group.name)
+        local[group.name] = [layer for layer, e in per_layer.items() if e.has_interval and e.high < 1]
+        wider[group.name] = [layer for layer, e in per_layer.items() if e.has_interval and e.low > 1]
+    if not measured:
+        return "No model here has attention to measure; see the receptive fields and the permutation tests."
+    tail = f" ({', '.join(unmeasured)}: no attention to measure.)" if unmeasured else ""
+    if not any(local.values()):
+        return ("No model attends more locally than uniform attention would, within the 95% intervals of its "
+                f"locality ratios.{tail}")
+    parts = [f"{name} in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+             for name, layers in local.items() if layers]
+    rest = [name for name, layers in local.items() if not layers]
+    text = "Attending more locally than uniform attention would (locality ratio below 1, 95% interval): " \
+           + "; ".join(parts) + "."
+    if rest:
+        text += f" Not in any layer: {', '.join(rest)}."
+    return text + tail
+
+
+def _ratio_per_layer(group: ModelGroup) -> dict[int, Estimate]:
+    """Layer -> the head-mean locality ratio, over the group's seeds."""
+    per_layer: dict[int, list[Estimate]] = {}
+    for record in group.records:
+        table = record.tables.get("attention-distance")
+        if table is None:
+            continue
+        rows = table[(table["metric"] == "locality_ratio") & table["head"].isna() & table["value"].notna()]
+        for row in rows.itertuples():
+            low = None if pd.isna(row.ci_low) else float(row.ci_low)
+            high = None if pd.isna(row.ci_high) else float(row.ci_high)
+            per_layer.setdefault(int(row.layer), []).append(Estimate(float(row.value), low, high))
+    return {layer: over_seeds(estimates) for layer, estimates in sorted(per_layer.items())}
