@@ -176,3 +176,24 @@ def test_sample_and_evaluate_refuse_what_they_cannot_use(tmp_path, trained_runs)
         evaluate_samples(EvaluateRequest(str(folder), "resnet-n", against="digits", device="cpu"))
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporary file left
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_report_shows_samples_their_quality_and_locality_against_noise(tmp_path, trained_runs):
+    from localitylab.generation.runs import EvaluateRequest, SampleRequest, evaluate_samples, sample_run
+    from localitylab.probes.runner import ProbeRequest, run_probes
+    from localitylab.report.render import build_report
+
+    folders = []
+    for name in ("dit-n/2", "dit-n/4"):
+        folder = tmp_path / name.replace("/", "-p")
+        run_probes(["attention-distance"], ProbeRequest(name, data="digits", n_images=4, device="cpu", out=folder,
+                                                        timesteps=[999, 100, 10]))
+        sample_run(SampleRequest(name, n=20, steps=2, data="digits", device="cpu", out=folder / "samples"))
+        evaluate_samples(EvaluateRequest(str(folder / "samples"), str(trained_runs["resnet-n"].run_dir),
+                                         device="cpu"))
+        folders.append(folder)
+    html = build_report(folders, tmp_path / "report", formats=("html",))["html"].read_text()
+    generation = html[html.index('<section id="generation"'):html.index("</section>", html.index('id="generation"'))]
+    assert generation.count("<img") == 2 and generation.count(f">{FLOOR}<") == 4  # the floor once per metric
+    assert generation.count(">fd_resnet-n<") == 2 + 3  # two models, three references
+    assert "attention distance noise" in html  # locality ratio against the noise level, models overlaid
