@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.layers.attention import Attention as _TimmAttention
 
-from localitylab.attention.geometry import TokenGeometry, pixel_distances
+from localitylab.attention.geometry import TokenGeometry
 from localitylab.errors import UserError
 
 
@@ -85,17 +85,10 @@ class SdpaCall:
         return logits
 
 
-# Distances from every query to every key are kept whole up to this many (128 MiB in fp32).
-DISTANCE_TABLE_ELEMENTS = 2**25
-
-
 @dataclass(eq=False)
 class CallGeometry:
-    """Where the rows and columns of one attention call sit on the input image.
-
-    The reader keeps one per layer and call shape, so the distances it hands out are
-    computed once: the whole query-to-key table when it is small, else each block's rows.
-    """
+    """Where the rows and columns of one attention call sit on the input image (the reader
+    keeps one per adapter geometry key, `AttentionAdapter.geometry_key`)."""
 
     query_tokens: torch.Tensor  # (Nq,) each query row's index in the model's token order (prefix first)
     query_centres: torch.Tensor  # (Nq, 2) pixel centres of the query rows (NaN for prefix tokens)
@@ -103,20 +96,9 @@ class CallGeometry:
     num_prefix_keys: int  # keys [0, num_prefix_keys) are prefix tokens
     images: torch.Tensor  # (R,) the image (within the forward's batch) of each batch row of the call
 
-    def __post_init__(self) -> None:
-        self._tables: dict[torch.dtype, torch.Tensor] = {}
-
     def grid_rows(self) -> torch.Tensor:
         """The query rows that are not prefix tokens."""
         return torch.nonzero(~torch.isnan(self.query_centres[:, 0])).flatten()
-
-    def distances(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(len(rows), Nk - P) pixel distances from the query rows `rows` to the grid keys."""
-        if len(self.query_centres) * len(self.key_centres) > DISTANCE_TABLE_ELEMENTS:
-            return pixel_distances(self.query_centres[rows], self.key_centres).to(dtype)
-        if dtype not in self._tables:
-            self._tables[dtype] = pixel_distances(self.query_centres, self.key_centres).to(dtype)
-        return self._tables[dtype][rows]
 
 
 class AttentionAdapter:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, adapter_for
 from localitylab.attention.geometry import TokenGeometry
+from localitylab.attention.kernels import grid_pieces, kernel
 from localitylab.errors import UserError
 
 # The default query block holds at most this many attention logits (rows of the call x
@@ -55,9 +56,9 @@ class AttentionBlock:
 
     With s the logits, P prefix keys first and m the largest grid logit of each row:
     `grid_weights` w = exp(s_grid - m) (0 for masked keys) and `grid_total` Z = sum w, so the
-    attention renormalised over grid keys is A' = w / Z (PROBES.md); `weighted_logits` =
-    sum_k w s (masked keys left out); `prefix_lse` = logsumexp of the prefix logits (None
-    without prefix keys). Consumers must not modify these tensors in place.
+    attention renormalised over grid keys is A' = w / Z (PROBES.md); `weighted_shifted` =
+    sum_k w (s - m) (masked keys left out); `prefix_lse` = logsumexp of the prefix logits
+    (None without prefix keys). Consumers must not modify these tensors in place.
     """
 
     layer: int
@@ -65,7 +66,7 @@ class AttentionBlock:
     grid_weights: torch.Tensor  # (R, heads, b, Nk - P)
     grid_total: torch.Tensor  # (R, heads, b)
     grid_max: torch.Tensor  # (R, heads, b, 1)
-    weighted_logits: torch.Tensor  # (R, heads, b)
+    weighted_shifted: torch.Tensor  # (R, heads, b)
     prefix_lse: torch.Tensor | None  # (R, heads, b)
     rows: torch.Tensor  # (b,) the block's query rows in the call
     where: CallGeometry
@@ -78,10 +79,6 @@ class AttentionBlock:
     @property
     def images(self) -> torch.Tensor:
         return self.where.images
-
-    def distances(self) -> torch.Tensor:
-        """(b, Nk - P) pixel distances from the block's queries to the grid keys."""
-        return self.where.distances(self.rows, self.grid_weights.dtype)
 
     @property
     def log_total(self) -> torch.Tensor:
@@ -96,9 +93,13 @@ class AttentionBlock:
         return (self.prefix_lse - self.log_total).exp()
 
     def entropy(self) -> torch.Tensor:
-        """-sum A' log A' over the grid keys, (R, heads, b): log A' = s - m - log Z, so it is
-        log Z + m - sum(w s) / Z."""
-        return self.grid_total.log() + self.grid_max.squeeze(-1) - self.weighted_logits / self.grid_total
+        """-sum A' log A' over the grid keys, (R, heads, b): log A' = (s - m) - log Z, so it
+        is log Z - sum(w (s - m)) / Z."""
+        return self.grid_total.log() - self.weighted_shifted / self.grid_total
+
+    @property
+    def query_centres(self) -> torch.Tensor:
+        return self.where.query_centres[self.rows]
 
     def renormalised(self) -> torch.Tensor:
         """A' (R, heads, b, Nk - P): the attention renormalised over the grid keys."""
@@ -136,34 +137,16 @@ def default_query_block(rows: int, heads: int, keys: int, device: torch.device |
 
 
 def softmax_pieces(layer: int, logits: torch.Tensor, where: CallGeometry, rows: torch.Tensor,
-                   stacked: torch.Tensor | None = None, value_dim: int = 0,
-                   queries: torch.Tensor | None = None) -> tuple[AttentionBlock, torch.Tensor | None]:
-    """An `AttentionBlock` from one block of logits, with one exponential per grid logit,
-    and the block's weights @ values.
-
-    `stacked` is the call's grid [values | keys | 1] (R, heads, T, value_dim + key_dim + 1):
-    one matmul reads the weights once and gives the output's numerator w @ v, the weighted
-    keys (so that sum_k w s = q . sum_k w k when the logits are q . k alone: `queries`, the
-    scaled query rows) and Z. With a mask or bias on the logits (`queries` None), sum_k w s
-    is summed directly.
-    """
+                   values: torch.Tensor | None = None) -> tuple[AttentionBlock, torch.Tensor | None]:
+    """An `AttentionBlock` from one block of logits (one exponential per grid logit, in the
+    fused passes of `kernels.grid_pieces`) and, given the call's grid `values`, the block's
+    weights @ values, the numerator of its rows of the output."""
     prefix = where.num_prefix_keys
     grid = logits[..., prefix:]
-    grid_max = grid.amax(dim=-1, keepdim=True)
-    weights = (grid - grid_max).exp_()
-    numerator, weighted_keys = None, None
-    if stacked is None:
-        total = weights.sum(dim=-1)
-    else:
-        product = weights @ stacked
-        total, numerator, weighted_keys = product[..., -1], product[..., :value_dim], product[..., value_dim:-1]
-    if queries is not None and weighted_keys is not None:
-        weighted_logits = (queries * weighted_keys).sum(dim=-1)
-    else:  # masked keys: weight 0 times logit -inf would be NaN
-        weighted_logits = (weights * grid.nan_to_num(neginf=0.0)).sum(dim=-1)
+    weights, grid_max, total, weighted = kernel(grid_pieces, grid.shape[-1])(grid)
+    numerator = weights @ values if values is not None else None
     prefix_lse = logits[..., :prefix].logsumexp(dim=-1) if prefix else None
-    block = AttentionBlock(layer, logits, weights, total, grid_max, weighted_logits, prefix_lse, rows, where)
-    return block, numerator
+    return AttentionBlock(layer, logits, weights, total, grid_max, weighted, prefix_lse, rows, where), numerator
 
 
 def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, consume: Consumer,
@@ -188,16 +171,11 @@ def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, 
             out[..., others, :] = original(call.q[..., others, :], call.k, call.v, attn_mask=mask,
                                            scale=call.scale, enable_gqa=call.enable_gqa)
     prefix = where.num_prefix_keys
-    plain = call.attn_mask is None and not call.is_causal  # the logits are q . k alone
     value_grid, value_prefix = values[..., prefix:, :].to(dtype), values[..., :prefix, :].to(dtype)
-    columns = [value_grid] + ([keys[..., prefix:, :].to(dtype).expand(*value_grid.shape[:-1], -1)] if plain else [])
-    stacked = torch.cat([*columns, value_grid.new_ones(*value_grid.shape[:-1], 1)], dim=-1)
     block = query_block or default_query_block(batch, heads, call.num_keys, call.q.device)
     for start in range(0, len(rows), block):
         block_rows = rows[start:start + block]
-        queries = (call.q[..., block_rows, :] * call.scale_factor).to(dtype) if plain else None
-        pieces, numerator = softmax_pieces(layer, call.logits(block_rows).to(dtype), where, block_rows, stacked,
-                                           value_grid.shape[-1], queries)
+        pieces, numerator = softmax_pieces(layer, call.logits(block_rows).to(dtype), where, block_rows, value_grid)
         consume(pieces)
         # softmax @ v = exp(m - lse) * (w @ v_grid) + exp(s_prefix - lse) @ v_prefix
         log_total = pieces.log_total.unsqueeze(-1)

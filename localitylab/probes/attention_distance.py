@@ -25,6 +25,7 @@ import torch
 from pydantic import field_validator
 
 from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances
+from localitylab.attention.kernels import kernel, weighted_distance
 from localitylab.probes.attention_probe import AttentionProbe
 from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, overlay
 from localitylab.probes.registry import register_probe
@@ -58,11 +59,14 @@ def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_c
 def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
     """`attention_row_values` from the reader's softmax pieces, without forming the softmax:
     with w = exp(s - max_grid s) over the grid keys and Z = sum w, A' = w / Z, so the
-    distance is sum(w d) / Z (one pass over the block), the entropy comes from Z, the max
-    and sum(w s) (`AttentionBlock.entropy`), the prefix share from two logsumexps.
+    distance is sum(w d) / Z (one pass over the block, the distances computed in place),
+    the entropy comes from Z and sum w (s - m) (`AttentionBlock.entropy`), the prefix share
+    from two logsumexps.
     """
-    attended = (block.grid_weights * block.distances()).sum(dim=-1) / block.grid_total
-    num_keys = block.grid_weights.shape[-1]
+    weights = block.grid_weights
+    centres = block.query_centres.to(weights.dtype), block.where.key_centres.to(weights.dtype)
+    attended = kernel(weighted_distance, weights.shape[-1])(weights, *centres) / block.grid_total
+    num_keys = weights.shape[-1]
     entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))
     prefix = block.prefix_share()
     # Without renormalising: sum over grid keys of A d = A'-distance times the grid's share.

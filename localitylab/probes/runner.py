@@ -63,11 +63,14 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
         check_folder(request.out)
     if request.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.n_images is not None and request.n_images < 1:
+        raise UserError(f"--images must be at least 1, got {request.n_images}")
     data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
                                img_size=request.img_size, seed=request.seed)
     target, dataset = load_target(request.source, request.device, request.data, data_options, request.model_kw,
                                   request.weights, request.pos_embed, request.seed)
-    counts = [request.n_images or probe.images_for(len(dataset.test_images)) for probe in probes]
+    counts = [request.n_images if request.n_images is not None else probe.images_for(len(dataset.test_images))
+              for probe in probes]
     # One seeded order of the test split: each probe's images are its first `count` (nested sets).
     images, labels = select_images(dataset, max(counts), request.seed)
     check_timesteps(target, request.timesteps)

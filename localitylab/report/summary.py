@@ -222,28 +222,35 @@ def reading(rows: dict[str, dict[str, Estimate | None]]) -> list[str]:
 def locality_answer(groups: list[ModelGroup]) -> str:
     """One sentence answering "how much locality did each model learn?" from the locality
     ratio of every layer: a layer attends locally where its interval lies below 1."""
-    local, wider, measured, unmeasured = {}, {}, [], []
+    local, measured, unmeasured, single_seed = {}, [], [], False
     for group in groups:
         per_layer = _ratio_per_layer(group)
         if not per_layer:
             unmeasured.append(group.name)
             continue
         measured.append(group.name)
-        local[group.name] = [layer for layer, e in per_layer.items() if e.has_interval and e.high < 1]
-        wider[group.name] = [layer for layer, e in per_layer.items() if e.has_interval and e.low > 1]
+        single_seed |= len(group.records) == 1
+        local[group.name] = {layer: e for layer, e in per_layer.items() if e.has_interval and e.high < 1}
     if not measured:
         return "No model here has attention to measure; see the receptive fields and the permutation tests."
     tail = f" ({', '.join(unmeasured)}: no attention to measure.)" if unmeasured else ""
     if not any(local.values()):
         return ("No model attends more locally than uniform attention would, within the 95% intervals of its "
                 f"locality ratios.{tail}")
-    parts = [f"{name} in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
-             for name, layers in local.items() if layers]
+    parts = []
+    for name, layers in local.items():
+        if layers:
+            ratios = [e.value for e in layers.values()]
+            span = f"{min(ratios):.3g}" if len(ratios) == 1 else f"{min(ratios):.3g}-{max(ratios):.3g}"
+            parts.append(f"{name} in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} "
+                         f"(ratio {span})")
     rest = [name for name, layers in local.items() if not layers]
     text = "Attending more locally than uniform attention would (locality ratio below 1, 95% interval): " \
            + "; ".join(parts) + "."
     if rest:
         text += f" Not in any layer: {', '.join(rest)}."
+    if single_seed:
+        text += " Intervals are over images for each trained model, not over training seeds."
     return text + tail
 
 
