@@ -154,3 +154,17 @@ def test_model_kw_sets_the_dimensions():
     assert info.grid == (2, 2)
     small = dit("dit-n/4", width=32, depth=2, heads=2)
     assert len(small.blocks) == 2 and small.blocks[0].attn1.heads == 2
+
+
+def test_forward_flops_equal_a_count_by_hand():
+    """count_flops runs a denoiser with a noise level and a label, and sees every matmul."""
+    from localitylab.models.describe import count_flops
+
+    side, chans, width, depth, patch, classes = 8, 1, 64, 4, 2, 10
+    tokens = (side // patch) ** 2
+    embed = 2 * tokens * chans * patch * patch * width
+    conditioning = 2 * (256 * width + width * width)  # the timestep MLP, once per block and once at the end
+    per_block = 2 * width * 6 * width + 2 * tokens * width * width * (3 + 1 + 4 + 4) + 2 * (2 * tokens * tokens * width)
+    final = 2 * width * 2 * width + 2 * tokens * width * patch * patch * chans
+    model = dit("dit-n/2", img=side, chans=chans, classes=classes)
+    assert count_flops(model, chans, side) == embed + (depth + 1) * conditioning + depth * per_block + final

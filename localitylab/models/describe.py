@@ -93,8 +93,11 @@ def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    images = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    # A model that takes more than images (a denoiser: noise level and label) says what.
+    inputs = model.example_inputs(images) if hasattr(model, "example_inputs") else (images,)
     with torch.no_grad(), flop_counter() as counter:
-        model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+        model(*inputs)
     model.train(was_training)
     return int(counter.get_total_flops())
 

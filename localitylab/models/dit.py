@@ -117,6 +117,11 @@ class DiffusionTransformer(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.transformer_blocks
 
+    def example_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, timesteps, labels) for a forward pass on `images` (FLOP counts, shapes)."""
+        zeros = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        return images, zeros, zeros
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.transformer(noisy, timestep=timesteps, class_labels=labels, return_dict=False)[0]
 
