@@ -9,7 +9,7 @@ import torch
 from localitylab.data.registry import load_dataset
 from localitylab.errors import UserError
 from localitylab.generation.quality import (FLOOR, NOISE, UNTRAINED, ZeroNoise, feature_space, reference_sources,
-                                            sample_quality, sample_source)
+                                            sample_quality, sample_sources)
 from localitylab.generation.samples import GRID_NAME, SampleSet, grid_array, read_samples, write_samples
 
 
@@ -43,6 +43,15 @@ def test_a_file_that_is_not_a_sample_set_is_a_user_error(tmp_path):
         read_samples(tmp_path / "elsewhere")
 
 
+def test_samples_are_also_measured_at_the_floors_count():
+    samples = SampleSet(torch.zeros(50, 1, 8, 8, dtype=torch.uint8), torch.arange(50) % 10,
+                        {"model": "m", "sampler": "ddim", "steps": 5, "guidance": 1.0})
+    whole, first = sample_sources(samples, floor_count=20)
+    assert len(whole.images) == 50 and len(first.images) == 20 and first.setting == "ddim, 5 steps, guidance 1, first 20"
+    assert torch.bincount(first.labels).tolist() == [2] * 10
+    assert len(sample_sources(samples, floor_count=50)) == 1
+
+
 @pytest.fixture(scope="module")
 def digits_space(trained_runs):
     from localitylab.probes.target import load_target
@@ -59,7 +68,7 @@ def test_the_reference_rows_bracket_the_scale(digits_space):
     untrained_like = SampleSet(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), labels,
                                {"model": "blank", "sampler": "ddim", "steps": 10, "guidance": 1.0, "seed": 0})
     table = sample_quality(space, dataset.train_images,
-                           [sample_source(untrained_like), *reference_sources(dataset, untrained_like)])
+                           [*sample_sources(untrained_like), *reference_sources(dataset, untrained_like)])
     value = table.set_index(["model", "metric"])["value"]
     fd, accuracy = "fd_resnet-n", "class_accuracy_resnet-n"
     assert value[FLOOR, fd] < 0.05 * min(value[NOISE, fd], value[UNTRAINED, fd])

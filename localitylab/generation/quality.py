@@ -98,8 +98,17 @@ class Source:
     note: str = ""
 
 
-def sample_source(samples: SampleSet) -> Source:
-    return Source(str(samples.meta.get("model", "samples")), samples.images, samples.labels, samples.setting)
+def sample_sources(samples: SampleSet, floor_count: int | None = None) -> list[Source]:
+    """The samples, and (when there are more of them than `floor_count`, the test split's
+    size) their first `floor_count` too: a Fréchet distance to compare with the floor's at
+    an equal count (the labels are balanced, so the first ones are too)."""
+    name, setting = str(samples.meta.get("model", "samples")), samples.setting
+    sources = [Source(name, samples.images, samples.labels, setting)]
+    if floor_count is not None and len(samples.images) > floor_count:
+        sources.append(Source(name, samples.images[:floor_count], samples.labels[:floor_count],
+                              f"{setting}, first {floor_count}" if setting else f"first {floor_count}",
+                              "as many samples as the test split has images: compare with the floor"))
+    return sources
 
 
 def reference_sources(dataset: ImageDataset, samples: SampleSet, untrained: bool = True) -> list[Source]:

@@ -18,8 +18,7 @@ from localitylab.data.permutation import invert_permutation, permute_pixels
 from localitylab.data.registry import DataOptions, load_dataset
 from localitylab.diffusion.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, balanced_labels, generate
 from localitylab.errors import UserError
-from localitylab.generation.quality import (PROBE, feature_space, reference_sources, sample_quality,
-                                            sample_source)
+from localitylab.generation.quality import PROBE, feature_space, reference_sources, sample_quality, sample_sources
 from localitylab.generation.samples import ARRAY_NAME, SampleSet, read_samples, write_samples
 from localitylab.io import check_folder, make_folder, write_json
 
@@ -129,7 +128,8 @@ def evaluate_samples(request: EvaluateRequest) -> tuple[pd.DataFrame, Path]:
         raise UserError(f"--classifier {request.classifier}: give a trained classifier's run folder or checkpoint; "
                         "an untrained network's features measure nothing")
     space = feature_space(classifier)
-    sources = [sample_source(samples), *reference_sources(dataset, samples, request.untrained_reference)]
+    sources = [*sample_sources(samples, len(dataset.test_images)),
+               *reference_sources(dataset, samples, request.untrained_reference)]
     table = sample_quality(space, dataset.train_images, sources)
     if request.inception_weights:
         from localitylab.generation.inception import inception_rows, load_inception
