@@ -210,8 +210,8 @@ def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
     colours, markers = model_colours(models), model_markers(models)
     columns = min(len(layers), 6)
     rows = -(-len(layers) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.6, 2.4 * rows + 0.6), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.6, 2.4 * rows + 0.8), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
     for ax, layer in zip(axes.flat, layers):
         for model in models:
             line = frame[(frame["model"] == model) & (frame["layer"] == layer)]

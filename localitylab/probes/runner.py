@@ -88,7 +88,7 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
         model_figures = []
         if result.level_drawings:  # a denoiser's figures: one folder per noise level
             for timestep, drawing in result.level_drawings.items():
-                model_figures += probe.figures(target, drawing, make_folder(out_dir / f"t{timestep}"))
+                model_figures += probe.figures(target, drawing, out_dir / f"t{timestep}")  # made when written
         elif result.applies:
             model_figures = probe.figures(target, result.drawing, out_dir)
         seconds = time.perf_counter() - started
