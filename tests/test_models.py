@@ -46,6 +46,10 @@ def test_every_registry_model_builds_and_runs_forward():
             build(name, meta=True)  # large ones: shapes only
             continue
         model = build(name, img=16, chans=3, classes=7)
+        if entry.kind == "dit":  # a denoiser: (noisy images, timesteps, labels) -> predicted noise
+            noisy = torch.randn(2, 3, 16, 16)
+            assert model(noisy, torch.tensor([0, 999]), torch.tensor([0, 6])).shape == noisy.shape
+            continue
         assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
 
 

@@ -233,6 +233,48 @@ class TimmAttention(AttentionAdapter):
         return fused(self.module)
 
 
+# --- diffusers' Attention (DiT, and the transformers of diffusers' pipelines) -------------------
+@register_adapter
+class DiffusersAttention(AttentionAdapter):
+    """diffusers' `Attention` as a self-attention over the token grid (a DiT's `attn1`): its
+    processor projects q, k, v, applies norm_q / norm_k, and `AttnProcessor2_0` calls SDPA.
+    While read, a module whose processor is diffusers' plain `AttnProcessor` (the same
+    attention, computed by `baddbmm` and softmax) takes `AttnProcessor2_0` instead; any
+    other processor (a custom one) is refused, since what it computes is unknown."""
+
+    name = "diffusers-attention"
+
+    @classmethod
+    def reads(cls, module: nn.Module) -> bool:
+        import sys
+
+        if "diffusers" not in sys.modules:  # no diffusers module can exist; do not import it
+            return False
+        from diffusers.models.attention_processor import Attention
+
+        return (isinstance(module, Attention) and type(module).forward is Attention.forward
+                and not module.is_cross_attention)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.heads)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        saved = self.module.processor
+        if type(saved) is AttnProcessor:
+            self.module.processor = AttnProcessor2_0()
+        elif type(saved) is not AttnProcessor2_0:
+            raise UserError(f"diffusers attention with the processor {type(saved).__name__} cannot be read; "
+                            "attention probes read AttnProcessor2_0 (diffusers' default) and AttnProcessor")
+        try:
+            yield
+        finally:
+            self.module.processor = saved
+
+
 def sdpa_arguments(args: tuple, kwargs: dict[str, Any]) -> SdpaCall:
     """An `SdpaCall` from the arguments `scaled_dot_product_attention` was called with."""
     return SdpaCall.of(*args, **kwargs)

@@ -54,6 +54,9 @@ class ModelDescription:
 def describe_model(model: nn.Module) -> ModelDescription:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if hasattr(model, "pos_embed_kind"):  # a model that describes its own tokens (the DiT)
+        return ModelDescription(params, trainable, True, int(model.patch_size), tuple(model.grid_size),
+                         int(model.num_prefix_tokens), model.pos_embed_kind)
     encoder = getattr(model, "encoder", None)
     if getattr(model, "patch_embed", None) is None and isinstance(encoder, nn.Module) \
             and getattr(encoder, "patch_embed", None) is not None and hasattr(encoder, "blocks"):
@@ -173,8 +176,11 @@ def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    images = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    # A model that takes more than images (a denoiser: noise level and label) says what.
+    inputs = model.example_inputs(images) if hasattr(model, "example_inputs") else (images,)
     with torch.no_grad(), flop_counter() as counter:
-        model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+        model(*inputs)
     model.train(was_training)
     return int(counter.get_total_flops())
 

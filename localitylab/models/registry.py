@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from localitylab.errors import UserError
-from localitylab.models.spec import POS_EMBEDS, ModelSpec, split_model_name
+from localitylab.models.spec import POS_EMBED_KINDS, POS_EMBEDS, ModelSpec, split_model_name
 from localitylab.models.timm_adapter import build_timm_model
 
-__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "model_entries", "model_kind", "parse_model_name",
+__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "default_pos_embed", "model_entries", "model_kind", "parse_model_name",
            "register_model", "spec_for_data", "valid_names_hint"]
 
 
@@ -25,25 +25,36 @@ __all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "model_entrie
 class ModelEntry:
     name: str  # family name, e.g. 'pit-t' or 'vit-t' (the latter takes '/P')
     builder: Callable[[ModelSpec], nn.Module]
-    kind: str  # 'pit' | 'vit' | 'convnet'
+    kind: str  # 'pit' | 'vit' | 'convnet' | 'dit'
     summary: str
     takes_patch: bool = False
     example_patch: int | None = None  # for listings: the patch size shown in the zoo
+    pos_embed: str | None = None  # the family's default position embedding; None: it takes none
 
 
 _MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None):
-    """Decorator: add a builder to the registry under `name`."""
+def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None,
+                   pos_embed: str | None = None):
+    """Decorator: add a builder to the registry under `name` (`pos_embed`: the default
+    position embedding of a family that takes --pos-embed)."""
 
     def wrap(builder: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelEntry(name, builder, kind, summary, takes_patch, example_patch)
+        _MODELS[name] = ModelEntry(name, builder, kind, summary, takes_patch, example_patch, pos_embed)
         return builder
 
     return wrap
+
+
+def default_pos_embed(name: str) -> str | None:
+    """The position embedding a registry model gets without --pos-embed ('learn' for PiTs and
+    ViTs, 'sincos' for DiTs); None for a model that takes none (ConvNets, timm:)."""
+    family, _ = parse_model_name(name)
+    entry = _MODELS.get(family)
+    return entry.pos_embed if entry is not None else None
 
 
 def model_entries() -> list[ModelEntry]:
@@ -92,7 +103,7 @@ def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, po
 
     Registry models take their shapes from the data (and the patch size from the name);
     a `timm:` model may override them with `model_kw` (img_size, in_chans, num_classes).
-    `pos_embed` applies to PiTs and ViTs only; `drop_path` > 0 becomes `drop_path_rate`.
+    `pos_embed` applies to PiTs, ViTs and DiTs only; `drop_path` > 0 becomes `drop_path_rate`.
     """
     kind = model_kind(model)
     model_kw = dict(model_kw or {})
@@ -103,7 +114,7 @@ def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, po
         in_chans = int(model_kw.pop("in_chans", in_chans))
         num_classes = int(model_kw.pop("num_classes", num_classes))
         return ModelSpec(model, img_size, in_chans, num_classes, None, model_kw)
-    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in ("pit", "vit") else None, model_kw)
+    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in POS_EMBED_KINDS else None, model_kw)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POS_EMBEDS = ("learn", "sincos", "none")
+POS_EMBED_KINDS = ("pit", "vit", "dit")  # the model kinds that take --pos-embed
 
 _PATCH = re.compile(r"^(?P<family>[a-z0-9-]+)/(?P<patch>\d+)$")
 
@@ -31,7 +32,7 @@ class ModelSpec:
     img_size: int
     in_chans: int
     num_classes: int
-    pos_embed: str | None = None  # learn | sincos | none, for pit/vit; None elsewhere
+    pos_embed: str | None = None  # learn | sincos | none, for pit/vit/dit; None elsewhere
     model_kw: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from localitylab.errors import UserError
-from localitylab.models.pos_embed import sincos_2d
+from localitylab.models.pos_embed import sincos_2d, token_options
 from localitylab.models.registry import register_model
-from localitylab.models.spec import POS_EMBEDS, ModelSpec
+from localitylab.models.spec import ModelSpec
 
 # Widths from the PiT paper (t/s/b follow DeiT); n (nano) is ours, sized so an epoch on
 # digits takes a second or two on 2 CPU cores.
@@ -27,12 +27,6 @@ WIDTHS = {
     "s": dict(embed_dim=384, depth=12, num_heads=6),
     "b": dict(embed_dim=768, depth=12, num_heads=12),
 }
-# Learned position embeddings start at the scale of the pixel embedding, not timm's 0.02.
-# timm leaves patch_embed.proj (a Conv2d) at PyTorch's default init, whose output has std
-# ~0.58 for unit-variance input whatever the patch size; a 0.02 table is then invisible to
-# attention and a PiT sits on a plateau for many epochs (digits, pit-n: 50% test accuracy
-# after 20 epochs at 0.02, 90% after 5 at 1.0). Set --model-kw pos_embed_std=0.02 for timm's.
-POS_EMBED_STD = 1.0
 
 # The timm entry point each width is built from (its dimensions are overridden anyway).
 _TIMM_BASE = {"n": "vit_tiny_patch16_224", "t": "vit_tiny_patch16_224", "s": "vit_small_patch16_224", "b": "vit_base_patch16_224"}
@@ -41,14 +35,7 @@ _TIMM_BASE = {"n": "vit_tiny_patch16_224", "t": "vit_tiny_patch16_224", "s": "vi
 def build_vision_transformer(spec: ModelSpec, size: str, patch_size: int) -> nn.Module:
     import timm
 
-    if spec.img_size % patch_size:
-        raise UserError(
-            f"image size {spec.img_size} is not divisible by patch size {patch_size}; "
-            f"valid patch sizes: {', '.join(str(p) for p in range(1, spec.img_size + 1) if spec.img_size % p == 0)}"
-        )
-    pos_embed = spec.pos_embed or "learn"
-    if pos_embed not in POS_EMBEDS:
-        raise UserError(f"unknown position embedding {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
+    pos_embed, pos_embed_std, extra = token_options(spec, patch_size, default_pos_embed="learn")
     kwargs = dict(WIDTHS[size])
     kwargs.update(
         patch_size=patch_size,
@@ -59,12 +46,6 @@ def build_vision_transformer(spec: ModelSpec, size: str, patch_size: int) -> nn.
         global_pool="token",
         pos_embed="none" if pos_embed == "none" else "learn",
     )
-    extra = dict(spec.model_kw)
-    raw_std = extra.pop("pos_embed_std", POS_EMBED_STD)
-    try:
-        pos_embed_std = float(raw_std)
-    except (TypeError, ValueError):
-        raise UserError(f"{spec.name}: pos_embed_std must be a number, got {raw_std!r}") from None
     kwargs.update(extra)
     try:
         model = timm.create_model(_TIMM_BASE[size], pretrained=False, **kwargs)
@@ -95,12 +76,14 @@ def _register(size: str) -> None:
     dims = WIDTHS[size]
     desc = f"width {dims['embed_dim']}, {dims['depth']} blocks, {dims['num_heads']} heads"
 
-    @register_model(f"pit-{size}", kind="pit", summary=f"Pixel Transformer, one token per pixel; {desc}")
+    @register_model(f"pit-{size}", kind="pit", summary=f"Pixel Transformer, one token per pixel; {desc}",
+                    pos_embed="learn")
     def _pit(spec: ModelSpec) -> nn.Module:
         return build_vision_transformer(spec, size, 1)
 
     @register_model(
-        f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2
+        f"vit-{size}", kind="vit", summary=f"ViT with PxP patches; {desc}", takes_patch=True, example_patch=2,
+        pos_embed="learn",
     )
     def _vit(spec: ModelSpec) -> nn.Module:
         return build_vision_transformer(spec, size, spec.patch)

@@ -12,7 +12,7 @@ def zoo_rows(img_size: int = 32, in_chans: int = 3, num_classes: int = 100) -> l
     rows = []
     for entry in model_entries():
         name = f"{entry.name}/{entry.example_patch}" if entry.takes_patch else entry.name
-        spec = ModelSpec(name, img_size, in_chans, num_classes, "learn" if entry.kind in ("pit", "vit") else None)
+        spec = ModelSpec(name, img_size, in_chans, num_classes, entry.pos_embed)
         # Built on the meta device: shapes and counts without allocating or initialising weights.
         with torch.device("meta"):
             described = describe_model(build_model(spec))

@@ -162,9 +162,13 @@ class AttentionDistance(AttentionProbe):
 
         from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
 
+        paths = plot_noise_levels(tables, out_dir)
         frame = overlay(tables)
+        frame = None if frame is None else frame[~frame["setting"].str.startswith("t=")]
+        if frame is not None and frame.empty:
+            frame = None
         if frame is None:
-            return []
+            return paths
         apply_style()
         models = sorted(frame["model"].unique())
         colours, markers = model_colours(models), model_markers(models)
@@ -196,4 +200,53 @@ class AttentionDistance(AttentionProbe):
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
                        framealpha=0.8)
-        return [save_figure(fig, Path(out_dir) / "attention-distance.png")]
+        return [save_figure(fig, Path(out_dir) / "attention-distance.png"), *paths]
+
+
+def noise_level_frame(tables: list[pd.DataFrame]) -> pd.DataFrame | None:
+    """A denoiser's locality ratio (the mean over heads, with its interval) per model, layer
+    and noise level: columns model, layer, timestep, value, ci_low, ci_high; None when no
+    table has noise levels."""
+    frame = overlay(tables, lambda f: (f["metric"] == "locality_ratio") & f["head"].isna()
+                    & f["setting"].str.match(r"^t=\d+$"))
+    if frame is None:
+        return None
+    frame = frame.assign(timestep=frame["setting"].str[2:].astype(int), layer=frame["layer"].astype(int))
+    return frame[["model", "layer", "timestep", "value", "ci_low", "ci_high"]].sort_values(["model", "layer", "timestep"])
+
+
+def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
+    """Locality ratio against the noise level, one panel per layer, models overlaid."""
+    import matplotlib.pyplot as plt
+
+    from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
+
+    frame = noise_level_frame(tables)
+    if frame is None:
+        return []
+    apply_style()
+    layers = sorted(frame["layer"].unique())
+    models = sorted(frame["model"].unique())
+    colours, markers = model_colours(models), model_markers(models)
+    columns = min(len(layers), 6)
+    rows = -(-len(layers) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.6, 2.4 * rows + 0.8), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    for ax, layer in zip(axes.flat, layers):
+        for model in models:
+            line = frame[(frame["model"] == model) & (frame["layer"] == layer)]
+            errorbar(ax, line["timestep"], line, color=colours[model], marker=markers[model], label=model)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_title(f"layer {layer}", fontsize="small")
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("locality ratio")
+    for ax in axes[-1]:
+        ax.set_xlabel("timestep t (noise level)")
+    axes.flat[0].legend(fontsize="x-small", loc="best", framealpha=0.8)
+    fig.suptitle("Denoiser attention: distance / uniform distance against noise, mean over heads "
+                 "(1 = no preference; bars: 95% CI)",
+                 fontsize="medium")
+    return [save_figure(fig, Path(out_dir) / "attention-distance-noise.png")]

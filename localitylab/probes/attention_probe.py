@@ -55,11 +55,12 @@ class AttentionProbe(Probe):
     """Subclasses set `per_query` (keep each query row apart, or average over them), choose
     the query rows (`query_tokens`) and pass `collect` the reduction of one block of rows."""
 
-    applies_to = "transformers whose attention an adapter reads (pit-*, vit-*/P, timm's ViT families)"
+    applies_to = "transformers whose attention an adapter reads (pit-*, vit-*/P, timm's ViT families, dit-*/P)"
     per_query: ClassVar[bool] = False
+    on_denoiser = "per-level"
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        return no_attention_reason(target)
+        return super().not_applicable(target) or no_attention_reason(target)
 
     def query_tokens(self, inputs: ProbeInputs) -> torch.Tensor | None:
         """Token indices (prefix included) of the queries read; None: every non-prefix token."""
@@ -112,7 +113,7 @@ class AttentionProbe(Probe):
                 batch_of[:] = [batch]
                 in_batch.clear()
                 counts.clear()
-                target.model(batch.inputs)
+                target.model(*batch.model_args())
                 for layer, buffers in in_batch.items():
                     into = collected.setdefault(layer, {})
                     rows = counts[layer].clamp_min(1).view(-1, 1, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -93,16 +93,24 @@ class Measurements:
       with a function giving it on resampled images; the same bootstrap gives its interval.
     - `single`: anything else (a property of the weights, a geometry-only reference): no
       interval over images.
+
+    While `level` is set (a denoiser's noise level, 't=500'), every row's setting starts with it.
     """
 
     def __init__(self) -> None:
         self.rows: list[Measurement] = []
+        self.level: str | None = None
+
+    def _setting(self, setting: str | None) -> str | None:
+        if self.level is None:
+            return setting
+        return f"{self.level}, {setting}" if setting else self.level
 
     def per_image(self, metric: str, values: torch.Tensor | np.ndarray | list, layer: int | None = None,
                   head: int | None = None, setting: str | None = None, note: str = "") -> None:
         array = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
         array = array.astype(np.float64)
-        self.rows.append(Measurement(metric, layer, head, setting, note,
+        self.rows.append(Measurement(metric, layer, head, self._setting(setting), note,
                                      per_image=array if array.ndim == 2 else array.ravel()))
 
     def statistics(self, rows: list[dict[str, Any]], resample: Resample, n_images: int) -> None:
@@ -111,14 +119,15 @@ class Measurements:
         gives all of them, in that order, on resampled images."""
         for output, row in enumerate(rows):
             value = row.get("value")
-            self.rows.append(Measurement(row["metric"], row.get("layer"), row.get("head"), row.get("setting"),
-                                         row.get("note", ""), single=None if value is None else float(value),
+            self.rows.append(Measurement(row["metric"], row.get("layer"), row.get("head"),
+                                         self._setting(row.get("setting")), row.get("note", ""),
+                                         single=None if value is None else float(value),
                                          n_images=n_images, resample=resample, output=output))
 
     def single(self, metric: str, value: float | None, layer: int | None = None, head: int | None = None,
                setting: str | None = None, note: str = "", n_images: int | None = None) -> None:
-        self.rows.append(Measurement(metric, layer, head, setting, note, single=None if value is None else float(value),
-                                     n_images=n_images))
+        self.rows.append(Measurement(metric, layer, head, self._setting(setting), note,
+                                     single=None if value is None else float(value), n_images=n_images))
 
     def add_intervals(self, seed: int) -> None:
         """The 95% interval of every row that has one, from one generator seeded by `seed`."""
@@ -203,10 +212,16 @@ class Batch:
     start: int  # index of the first image of the batch among the probe's images
     images: torch.Tensor  # uint8, on the target's device
     labels: torch.Tensor
-    inputs: torch.Tensor  # prepared: what the model takes
+    inputs: torch.Tensor  # prepared: what the model takes (for a denoiser: noised to `timesteps`)
+    timesteps: torch.Tensor | None = None  # a denoiser's noise level, one per image; None for a classifier
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def model_args(self) -> tuple[torch.Tensor, ...]:
+        """What the model is called with: the inputs, and for a denoiser the noise level and
+        the images' own labels as its condition (no guidance)."""
+        return (self.inputs,) if self.timesteps is None else (self.inputs, self.timesteps, self.labels)
 
 
 @dataclass
@@ -219,6 +234,7 @@ class ProbeInputs:
     options: Settings
     batch_size: int = 64
     seed: int = 0
+    timestep: int | None = None  # a denoiser's noise level the images are taken to
 
     @property
     def n_images(self) -> int:
@@ -235,7 +251,10 @@ class ProbeInputs:
             images = self.images[start:stop].to(device)
             if transform is not None:
                 images = transform(images)
-            yield Batch(start, images, self.labels[start:stop].to(device), self.target.prepare(images))
+            inputs, labels, timesteps = self.target.prepare(images), self.labels[start:stop].to(device), None
+            if self.timestep is not None:
+                inputs, timesteps = self.target.denoising.noised(inputs, self.timestep, self.seed, start)
+            yield Batch(start, images, labels, inputs, timesteps)
 
 
 @dataclass
@@ -246,6 +265,7 @@ class ProbeResult:
     table: pd.DataFrame
     applies: bool
     drawing: Any = None  # whatever `figures` needs (maps, tables of weights); None when it does not apply
+    level_drawings: dict[int, Any] = field(default_factory=dict)  # a denoiser's: one drawing per noise level
 
 
 # --- what a report reads from a probe's table ----------------------------------------------
@@ -305,6 +325,11 @@ class Probe:
     Options: ClassVar[type[Settings]] = NoOptions
     summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
     needs_labels: ClassVar[bool] = False  # measures against the images' labels (accuracies)
+    # How the probe reads a denoiser (a DiT: `target.denoising` set): 'per-level' measures
+    # once per noise level (`timesteps`, PROBES.md), 'weights' once (it reads the weights
+    # alone); None: it does not apply, and `denoiser_reason` says why.
+    on_denoiser: ClassVar[str | None] = None
+    denoiser_reason: ClassVar[str] = "it reads a classifier's prediction"
     # Images measured when the user names no count: a seeded subset of the test split, or
     # (None) the whole split up to `max_default_images`.
     default_images: ClassVar[int | None] = 128
@@ -327,7 +352,10 @@ class Probe:
         return parse_settings(self.Options, dict(options or {}), "--opt")
 
     def not_applicable(self, target: "ProbeTarget") -> str | None:
-        """Why this probe does not apply to `target`, or None if it does."""
+        """Why this probe does not apply to `target`, or None if it does (subclasses that add
+        reasons of their own ask this one first)."""
+        if target.denoising is not None and self.on_denoiser is None:
+            return f"{target.spec.name} is a denoiser and {self.name} does not apply to one: {self.denoiser_reason}"
         return None
 
     def check(self, target: "ProbeTarget", options: Settings) -> None:
@@ -348,21 +376,33 @@ class Probe:
 
     # --- the pipeline ---------------------------------------------------------------------
     def run(self, target: "ProbeTarget", images: torch.Tensor, labels: torch.Tensor,
-            options: Mapping[str, Any] | Settings | None = None, batch_size: int = 64, seed: int = 0) -> ProbeResult:
-        """Measure `target` on uint8 `images`: the table, and what the figures are drawn from."""
+            options: Mapping[str, Any] | Settings | None = None, batch_size: int = 64, seed: int = 0,
+            timesteps: Sequence[int] | None = None) -> ProbeResult:
+        """Measure `target` on uint8 `images`: the table, and what the figures are drawn from.
+        A denoiser is measured at each noise level of `timesteps` (its defaults when None),
+        the rows of level t with `setting` 't=<t>', and the figures drawn per level."""
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         parsed = self.parse_options(options)
         out = Measurements()
         reason = self.not_applicable(target)
-        drawing = None
+        drawing, level_drawings = None, {}
         if reason:
             out.single("applies", None, note=reason, n_images=len(images))
+        elif target.denoising is not None and self.on_denoiser == "per-level":
+            self.check(target, parsed)
+            for timestep in target.denoising.levels(timesteps):
+                out.level = f"t={timestep}"
+                level_drawings[timestep] = self.measure(
+                    ProbeInputs(target, images, labels, parsed, batch_size, seed, timestep), out)
+            out.level = None
+            out.add_intervals(seed)
         else:
             self.check(target, parsed)
             drawing = self.measure(ProbeInputs(target, images, labels, parsed, batch_size, seed), out)
             out.add_intervals(seed)
-        return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing)
+        return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing,
+                           level_drawings)
 
 
 def overlay(tables: list[pd.DataFrame], keep: Callable[[pd.DataFrame], pd.Series] | None = None) -> pd.DataFrame | None:

@@ -135,9 +135,10 @@ class MaeReconstruction(Probe):
                "against predicting the mean colour; masked input / reconstruction / original figure")
     applies_to = "MAE-pre-trained pit-* and vit-*/P checkpoints"
     Options = MaeReconstructionOptions
+    denoiser_reason = "it reconstructs masked pixels with an MAE-pretrained pit-* or vit-*/P encoder"
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        return mae_reason(target)
+        return super().not_applicable(target) or mae_reason(target)
 
     def measure(self, inputs: ProbeInputs, out: Measurements) -> Reconstruction:
         from localitylab.models.mae import mask_ratio_note

@@ -153,7 +153,8 @@ def similarity_reason(target: ProbeTarget) -> str | None:
 class PeSimilarity(Probe):
     name = "pe-similarity"
     summary = "How well the position embedding encodes the grid: rank correlation, 2-D topology, linear read-out"
-    applies_to = "models with an absolute position embedding (pit-*, vit-*/P, timm ViT/DeiT)"
+    applies_to = "models with an absolute position embedding (pit-*, vit-*/P, dit-*/P, timm ViT/DeiT)"
+    on_denoiser = "weights"  # the table alone: one measurement, whatever the noise level
     summary_columns = (
         SummaryColumn("pe_spearman", "PE Spearman",
                       "Spearman correlation of position-embedding cosine similarity with -distance",
@@ -165,7 +166,7 @@ class PeSimilarity(Probe):
     )
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        return similarity_reason(target)
+        return super().not_applicable(target) or similarity_reason(target)
 
     def measure(self, inputs: ProbeInputs, out: Measurements) -> torch.Tensor:
         geometry = inputs.target.geometry

@@ -264,10 +264,12 @@ class PermutationProbe(Probe):
     name = "permutation"
     summary = ("Accuracy under test-time pixel shuffles (global, local-k, swaps-T-d, patch-shuffle-g) "
                "and the position-embedding equivariance certificate")
-    applies_to = "every model (accuracies mean most for a trained classifier)"
+    applies_to = "every classifier (accuracies mean most for a trained one)"
     Options = PermutationOptions
     needs_labels = True
     default_images = None  # the whole test split where it is small: accuracies need many images
+    denoiser_reason = ("it measures class accuracy; for generation, train with --permute-pixels and compare "
+                       "the samples' quality (evaluate-samples)")
     summary_columns = (
         SummaryColumn("global_drop", "acc drop, global shuffle",
                       "test accuracy lost under one fixed global pixel permutation", "accuracy_drop",

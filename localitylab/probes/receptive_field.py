@@ -251,8 +251,9 @@ class ReceptiveFieldProbe(Probe):
     name = "receptive-field"
     summary = ("Effective receptive field per block/stage (gradient of the centre feature w.r.t. input pixels): "
                "r50/r90 radii vs a uniform map; captum attribution radii")
-    applies_to = "every model with per-layer feature maps (timm forward_intermediates)"
+    applies_to = "every classifier with per-layer feature maps (timm forward_intermediates)"
     Options = ReceptiveFieldOptions
+    denoiser_reason = "it differentiates a classifier's features; denoisers are not measured yet"
     summary_columns = (
         SummaryColumn("erf_r50", "ERF r50 (frac)",
                       "radius holding 50% of the effective receptive field of the last layer, / image side",
@@ -261,8 +262,9 @@ class ReceptiveFieldProbe(Probe):
     )
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        if isinstance(target.model, nn.Sequential) or hasattr(target.model, "forward_intermediates"):
-            return None
+        reason = super().not_applicable(target)
+        if reason or isinstance(target.model, nn.Sequential) or hasattr(target.model, "forward_intermediates"):
+            return reason
         return f"{type(target.model).__name__} has no forward_intermediates: no per-layer feature maps"
 
     def measure(self, inputs: ProbeInputs, out: Measurements) -> ErfDrawing:

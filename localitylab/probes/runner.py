@@ -23,7 +23,7 @@ from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
 from localitylab.probes.registry import get_probe, probe_names
-from localitylab.probes.target import ProbeTarget, load_target, select_images
+from localitylab.probes.target import ProbeTarget, check_timesteps, load_target, select_images
 
 
 @dataclass
@@ -43,6 +43,7 @@ class ProbeRequest:
     pos_embed: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # shown after the model's name in the tables ('<model> (<label>)'), as a run folder is
+    timesteps: list[int] | None = None  # a denoiser's noise levels (None: its defaults)
 
 
 @dataclass
@@ -77,6 +78,7 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     images = target.model_images(images)  # a model with its own pipeline: resized as its weights expect
     if request.label:
         target.display_name = f"{target.display_name} ({request.label})"
+    check_timesteps(target, request.timesteps)
     for probe, parsed in zip(probes, options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
@@ -84,13 +86,19 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     outputs = []
     for probe, parsed, count in zip(probes, options, counts):
         started = time.perf_counter()
-        result = probe.run(target, images[:count], labels[:count], parsed, request.batch_size, request.seed)
+        result = probe.run(target, images[:count], labels[:count], parsed, request.batch_size, request.seed,
+                           request.timesteps)
         csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
         figures = probe.plot([result.table], out_dir)
-        model_figures = probe.figures(target, result.drawing, out_dir) if result.applies else []
+        model_figures = []
+        if result.level_drawings:  # a denoiser's figures: one folder per noise level
+            for timestep, drawing in result.level_drawings.items():
+                model_figures += probe.figures(target, drawing, out_dir / f"t{timestep}")  # made when written
+        elif result.applies:
+            model_figures = probe.figures(target, result.drawing, out_dir)
         seconds = time.perf_counter() - started
         record_meta(out_dir, probe.name, target, dataset.name, request, min(count, len(images)), seconds,
-                    [p.name for p in model_figures])
+                    [str(p.relative_to(out_dir)) for p in model_figures], list(result.level_drawings) or None)
         outputs.append(ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds))
     return outputs
 
@@ -146,7 +154,8 @@ NUMERIC_COLUMNS = ("value", "ci_low", "ci_high", "layer", "head", "n_images")
 
 
 def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,
-                n_images: int, seconds: float, artifacts: list[str] | None = None) -> Path:
+                n_images: int, seconds: float, artifacts: list[str] | None = None,
+                timesteps: list[int] | None = None) -> Path:
     from localitylab.train.checkpoint import versions
 
     path = out_dir / "meta.json"
@@ -170,6 +179,7 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
     probes[probe] = {
         "data": data_name, "split": "test", "n_images": n_images, "images_requested": request.n_images,
         "seed": request.seed,
+        "timesteps": timesteps,  # the noise levels a denoiser was measured at; None otherwise
         "batch_size": request.batch_size, "options": request.options, "device": str(target.device),
         "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
         "versions": versions(), **code_version(),

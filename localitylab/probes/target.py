@@ -15,7 +15,7 @@ import dataclasses
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,13 +24,71 @@ from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.preprocessing import Preprocessing
-from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
+from localitylab.models.registry import ModelSpec, build_model, default_pos_embed, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
 
 if TYPE_CHECKING:
     from localitylab.attention import TokenGeometry
+    from localitylab.diffusion.objective import DiffusionObjective
 from localitylab.device import resolve_device
 from localitylab.io import safe_name
+
+
+@dataclass
+class Denoising:
+    """How a probe runs a denoiser (PROBES.md, Diffusion transformers): its images on the
+    diffusion scale, noised to a level t of the model's own schedule with noise drawn per
+    image from the probe's seed (the same noise at every level), and conditioned on their
+    labels, guidance off."""
+
+    objective: DiffusionObjective
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.objective.schedule.num_timesteps
+
+    def default_timesteps(self) -> list[int]:
+        """999, 500, 100, 10 on a 1,000-step schedule: pure noise to nearly clean."""
+        steps = self.num_timesteps
+        return sorted({steps - 1, steps // 2, steps // 10, steps // 100}, reverse=True)
+
+    def levels(self, timesteps: Sequence[int] | None) -> list[int]:
+        """The noise levels to probe: `timesteps` checked against the schedule, or the defaults."""
+        if timesteps is None:
+            return self.default_timesteps()
+        levels = [int(t) for t in timesteps]
+        bad = [t for t in levels if not 0 <= t < self.num_timesteps]
+        if bad or not levels:
+            raise UserError(f"--timesteps must be integers from 0 to {self.num_timesteps - 1} (the model's schedule), "
+                            f"got {', '.join(map(str, bad)) or 'none'}")
+        return list(dict.fromkeys(levels))  # in the order given, each once
+
+    def noised(self, clean: torch.Tensor, timestep: int, seed: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) for the probe's images `first`, `first + 1`, ... on the diffusion scale."""
+        from localitylab.diffusion.sampling import initial_noise
+
+        noise = initial_noise(tuple(clean.shape[1:]), seed, range(first, first + len(clean))).to(clean)
+        timesteps = torch.full((len(clean),), timestep, dtype=torch.long, device=clean.device)
+        return self.objective.add_noise(clean, noise, timesteps), timesteps
+
+
+def denoising_for(spec: ModelSpec, extras: dict[str, Any]) -> Denoising | None:
+    """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other models."""
+    if model_kind(spec.name) != "dit":
+        return None
+    from localitylab.diffusion.objective import DiffusionObjective
+
+    options = extras.get("diffusion_options")
+    return Denoising(DiffusionObjective.from_options(options) if options else DiffusionObjective())
+
+
+def check_timesteps(target: "ProbeTarget", timesteps: Sequence[int] | None) -> None:
+    """A UserError for --timesteps on a model that is not a denoiser, or outside its schedule."""
+    if timesteps is None:
+        return
+    if target.denoising is None:
+        raise UserError(f"--timesteps applies to diffusion models (dit-*/P); {target.spec.name} is not one")
+    target.denoising.levels(timesteps)
 
 
 @dataclass
@@ -52,6 +110,11 @@ class ProbeTarget:
     preprocessing: Preprocessing | None = None
     weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from, for meta.json
     inputs_prepared: bool = False  # images given already as the model takes them (floats): `prepare` only moves them
+    denoising: Denoising | None = None  # set for a denoiser (a DiT): how to feed it
+
+    def __post_init__(self) -> None:
+        if self.denoising is None:
+            self.denoising = denoising_for(self.spec, self.extras)
 
     def accuracy_caveat(self) -> str:
         """Why the model's accuracy on this data set may not mean what it says ('' if nothing)."""
@@ -84,7 +147,7 @@ class ProbeTarget:
 
     @property
     def kind(self) -> str:
-        """'pit', 'vit', 'convnet' or 'timm'."""
+        """'pit', 'vit', 'dit', 'convnet' or 'timm'."""
         return model_kind(self.spec.name)
 
     def default_out_dir(self) -> Path:
@@ -93,10 +156,20 @@ class ProbeTarget:
         return Path("probes") / safe_name(self.spec.name.replace("/", "-p").replace(":", "-"))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> what the model takes (permutation and normalisation applied)."""
+        """uint8 images -> what the model takes (permutation and normalisation applied; for a
+        denoiser, the permutation and the diffusion scale [-1, 1], before any noise)."""
+        images = images.to(self.device)
         if self.inputs_prepared:
-            return images.to(self.device)
-        return self.data.prepare(images.to(self.device))
+            return images
+        if self.denoising is None:
+            return self.data.prepare(images)
+        from localitylab.diffusion.objective import to_diffusion_scale
+
+        if self.data.permutation is not None:
+            from localitylab.data.permutation import permute_pixels
+
+            images = permute_pixels(images, self.data.permutation.to(images.device))
+        return to_diffusion_scale(images)
 
 
 def is_checkpoint_source(source: str) -> bool:
@@ -135,7 +208,7 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
     # A registry name or timm:NAME, built here: shapes from the data set, as training does.
     dataset = load_dataset(data or "digits", options)
     info = dataset.info
-    spec = spec_for_data(source, info.img_size, info.in_chans, info.num_classes, pos_embed or "learn", model_kw)
+    spec = spec_for_data(source, info.img_size, info.in_chans, info.num_classes, pos_embed or default_pos_embed(source) or "learn", model_kw)
     torch.manual_seed(seed)
     model = build_model(spec)
     if weights:
@@ -210,7 +283,7 @@ def _decoding_options(dataset_name: str, options: DataOptions, preprocessing: Pr
 
 
 # Checkpoint keys copied into ProbeTarget.extras when present.
-EXTRA_KEYS = ("mae_options", "mae_state")
+EXTRA_KEYS = ("mae_options", "mae_state", "diffusion_options")
 
 
 def checkpoint_extras(path: Path) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class RunRecord:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     probe_meta: dict[str, Any] = field(default_factory=dict)  # meta.json["probes"]
     artifacts: dict[str, list[Path]] = field(default_factory=dict)  # per-model figures by probe
+    # A diffusion run's samples (<run>/samples/): the sample-quality table, the grid, and how they were drawn.
+    sample_quality: pd.DataFrame | None = None
+    sample_grid: Path | None = None
+    sample_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trained(self) -> bool:
@@ -88,7 +92,20 @@ def collect_run(path: str | Path) -> RunRecord:
             record.tables[csv_path.stem] = table
         for probe, entry in record.probe_meta.items():
             record.artifacts[probe] = [probe_dir / name for name in entry.get("artifacts", []) if (probe_dir / name).is_file()]
+    _collect_samples(record, path / "samples")
     return record
+
+
+def _collect_samples(record: RunRecord, folder: Path) -> None:
+    """What `localitylab sample` and `evaluate-samples` wrote into a run's samples folder."""
+    from localitylab.probes.runner import read_table
+
+    if (folder / "samples.png").is_file():
+        record.sample_grid = folder / "samples.png"
+    if (folder / "sample-quality.csv").is_file():
+        record.sample_quality = read_table(folder / "sample-quality.csv")
+    if (folder / "sample-quality.json").is_file():
+        record.sample_meta = _read_json(folder / "sample-quality.json")
 
 
 def collect_runs(paths: list[str | Path]) -> list[RunRecord]:

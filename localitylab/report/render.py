@@ -86,6 +86,56 @@ def _table_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class GenerationSection:
+    """Diffusion runs: their sample grids, the sample-quality rows with the reference rows
+    (each distinct reference row once), and the commands for what is missing."""
+
+    grids: list[tuple[str, Figure]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.grids or self.rows or self.missing)
+
+
+def _generation_section(records: list[RunRecord]) -> GenerationSection:
+    from localitylab.models.registry import model_kind
+
+    section = GenerationSection()
+    tables, seen = [], set()
+    for record in records:
+        name = record.spec.get("name", "")
+        diffusion = bool(name) and not name.startswith("timm:") and _kind(model_kind, name) == "dit"
+        if record.sample_grid is not None:
+            caption = record.sample_meta.get("sample_meta", {})
+            setting = (f"{caption.get('sampler')}, {caption.get('steps')} steps, guidance {caption.get('guidance')}, "
+                       f"seed {caption.get('seed')}" if caption else "one row per class")
+            section.grids.append((record.name, Figure("samples", image_uri(record.sample_grid), setting)))
+        elif diffusion:
+            section.missing.append((record.name, f"localitylab sample {record.path}"))
+        if record.sample_quality is not None:
+            for row in _table_rows(record.sample_quality):
+                key = (row["model"], row["metric"], row["setting"], row["n_images"], row["value"])
+                if row["model"].startswith("reference:") and key in seen:
+                    continue
+                seen.add(key)
+                tables.append(row)
+        elif diffusion and record.sample_grid is not None:
+            section.missing.append((record.name, f"localitylab evaluate-samples {record.path} --classifier RUN"))
+    order = {"fd": 0, "precision": 1, "recall": 2, "class": 3, "fid": 4, "sfid": 5, "inception": 6}
+    section.rows = sorted(tables, key=lambda r: (order.get(r["metric"].split("_")[0], 9), r["metric"],
+                                                 r["model"].startswith("reference:"), r["model"]))
+    return section
+
+
+def _kind(model_kind, name: str) -> str | None:
+    try:
+        return model_kind(name)
+    except UserError:  # a model this version does not know
+        return None
+
+
 def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSection]:
     from localitylab.plotting import apply_style
     from localitylab.probes.registry import get_probe, probe_names
@@ -173,6 +223,7 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "reading": reading(rows),
         "answer": locality_answer(groups),
         "sections": sections,
+        "generation": _generation_section(records),
         "records": records,
         "training_figure": _training_figure(records, figure_dir),
         "missing": missing,
