@@ -72,9 +72,18 @@ class Denoising:
         return self.objective.add_noise(clean, noise, timesteps), timesteps
 
 
+def kind_of(name: str) -> str:
+    """The registry kind of a model name; 'module' for a model handed in from memory, whose
+    name is its class's (`localitylab.probe`), not a registry name."""
+    try:
+        return model_kind(name)
+    except UserError:
+        return "module"
+
+
 def denoising_for(spec: ModelSpec, extras: dict[str, Any]) -> Denoising | None:
     """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other models."""
-    if model_kind(spec.name) != "dit":
+    if kind_of(spec.name) != "dit":
         return None
     from localitylab.diffusion.objective import DiffusionObjective
 
@@ -147,8 +156,8 @@ class ProbeTarget:
 
     @property
     def kind(self) -> str:
-        """'pit', 'vit', 'dit', 'convnet' or 'timm'."""
-        return model_kind(self.spec.name)
+        """'pit', 'vit', 'dit', 'convnet', 'timm' or 'module' (a model in memory, named by its class)."""
+        return kind_of(self.spec.name)
 
     def default_out_dir(self) -> Path:
         if self.run_dir is not None:
