@@ -11,7 +11,7 @@ Both run the same number of epochs over the same data at the same batch size; ea
 timed from the first batch request to the last optimiser step, the first epoch is warm-up
 (worker start-up, allocator) and the figure is the median images/s of the later ones.
 
-    .venv/bin/python -m benchmarks.usual_way [--quick]   # ours and the usual way, nano + CIFAR shape
+    .venv/bin/python -m benchmarks.train_throughput [--quick]   # ours and the usual way, side by side
 """
 
 from __future__ import annotations
@@ -97,20 +97,3 @@ def usual_way(model: str, dataset: str = "digits", batch_size: int = 128, epochs
     finally:
         del loader  # shuts persistent workers down before the next measurement
     return rates
-
-
-def run(quick: bool = False) -> list[dict]:
-    """Ours and the usual way, each model measured back to back (see train_throughput)."""
-    from benchmarks import train_throughput
-
-    return train_throughput.comparison(train_throughput.run(quick))
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.usual_way")
-    parser.add_argument("--quick", action="store_true")
-    for row in run(parser.parse_args().quick):
-        print(f"{row['model']:<9} {row['data']:<15} ours {row['ours_images_per_s']:>8.1f} img/s   "
-              f"usual {row['usual_images_per_s']:>8.1f} img/s   ratio {row['ratio']:.2f}")
