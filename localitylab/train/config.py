@@ -100,7 +100,8 @@ class TrainConfig(Settings):
     model_config = ConfigDict(protected_namespaces=())  # model_kw is a setting, not pydantic's
 
     model: str = setting(..., "pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME", in_study=False)
-    dataset: str = setting(..., "digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH", in_study=False)
+    dataset: str = setting(..., "digits, mnist, cifar10, ..., hf:NAME[:CONFIG], folder:PATH, shapes-S: "
+                                "`localitylab datasets` lists them", in_study=False)
     out: Path | None = setting(None, "Run folder (default runs/<model>-<dataset>).", defines_run=False,
                                in_study=False, strict=False)
     # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training); the
@@ -138,9 +139,10 @@ class TrainConfig(Settings):
                                    defines_run=False, path=True)
     download: bool = setting(False, "Fetch an official archive if it is missing (checks its MD5).", defines_run=False)
     img_size: int | None = setting(None, "Image size for folder: and generated data sets.")
-    image_column: str | None = setting(None, "hf: data sets: the column of images (default: the one Image column).")
-    label_column: str | None = setting(None, "hf: data sets: the column of labels (default: the one ClassLabel column, "
-                                             "else 'label' or 'labels').")
+    image_column: str | None = setting(None, "hf: data sets: the column of images (default: the Image column; "
+                                             "of several, 'image' or 'img').")
+    label_column: str | None = setting(None, "hf: data sets: the column of labels (default: the ClassLabel column, "
+                                             "else 'label' or 'labels'; of several, 'label' or 'labels').")
     cache: bool = setting(True, "Keep decoded folder:, hf:, tiny-imagenet and imagenet images in the cache "
                                 "(--no-cache: decode afresh, write nothing).", defines_run=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", defines_run=False, in_study=False)
