@@ -75,7 +75,8 @@ def test_flip_crop_cache_and_columns_reach_the_data():
     info = prepare_data(TrainConfig("resnet-n", "digits", epochs=1, hflip=True, crop_padding=2)).info
     assert (info.hflip, info.crop_padding) == (True, 2)
     # Left unset: the data set's default, which differs by data set.
-    assert TrainConfig("resnet-n", "cifar10").hflip is True and TrainConfig("resnet-n", "digits").hflip is False
+    assert prepare_data(TrainConfig("resnet-n", "digits", epochs=1)).info.hflip is False
+    assert prepare_data(TrainConfig("resnet-n", "shapes-8", epochs=1)).info.hflip is True
     assert TrainConfig("resnet-n", "cifar10").batch_size == 128 and TrainConfig("resnet-n", "digits").batch_size == 32
 
 

@@ -66,8 +66,10 @@ Logger = Annotated[str, check(lambda v: v in LOGGERS, f"{{flag}} must be {' or '
 # The recipe: the settings `train` prints at start and run.json records with their source.
 RECIPE = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
           "mixup", "cutmix", "drop_path", "crop_padding", "hflip")
-# The recipe settings a data set has a default for (`localitylab.data.DataDefaults`).
+# The recipe settings a data set has a default for (`localitylab.data.DataDefaults`); the
+# config holds the first two, the loaded data set the others (`DataInfo.crop_padding`, `.hflip`).
 FROM_DATA_SET = ("batch_size", "warmup_epochs", "crop_padding", "hflip")
+FILLED_HERE = ("batch_size", "warmup_epochs")
 # Where a recipe value came from: given by the user (command line, Python, a study file), the
 # data set's default, the global default, or the run being resumed.
 USER, DATA_SET, DEFAULT, RESUMED = "user", "data set", "default", "resumed run"
@@ -186,11 +188,12 @@ class TrainConfig(Settings):
     @model_validator(mode="before")
     @classmethod
     def _recipe_defaults(cls, data: Any) -> Any:
-        """Unset recipe settings take the data set's default (batch size, warm-up, flips; the
-        crop is resolved at load, where the image size is known) or the global one, and
-        `recipe_from` says which. A value given (not None) is the user's, unless `recipe_from`
-        was passed: then it names the user's (the command line's typed options) and the rest
-        are defaults. Made again from its own dict, a config keeps its sources."""
+        """Unset recipe settings take the data set's default (batch size and warm-up here; the
+        crop and flip where the data set is loaded, which also knows the image size) or the
+        global one, and `recipe_from` says which. A value given (not None) is the user's,
+        unless `recipe_from` was passed: then it names the user's (the command line's typed
+        options) and the rest are defaults. Made again from its own dict, a config keeps its
+        sources."""
         if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
             return data
         data, told = dict(data), data.get("recipe_from")
@@ -203,12 +206,8 @@ class TrainConfig(Settings):
             elif told is None and given:
                 sources[name] = USER
             elif name in FROM_DATA_SET and not given:
-                if data_set is None:
-                    from localitylab.data.registry import dataset_defaults  # torch: not at --help
-
-                    data_set = dataset_defaults(data["dataset"])
-                if name != "crop_padding":  # resolved with the image size, at load
-                    data[name] = getattr(data_set, name)
+                if name in FILLED_HERE:  # the crop and flip are the loaded data set's (DataInfo)
+                    data[name] = getattr(data_set or (data_set := _data_defaults(data["dataset"])), name)
                 sources[name] = DATA_SET
             else:
                 sources[name] = DEFAULT
@@ -328,6 +327,17 @@ def default_run_name(config: TrainConfig) -> str:
     if config.permute_pixels is not None:
         name += f"-perm{config.permute_pixels}"
     return safe_name(name)
+
+
+def _data_defaults(dataset: str) -> Any:
+    """The data set's DataDefaults; the global ones for a name the registry does not know (its
+    load says so, with the valid names, as before a config knew its data set's defaults)."""
+    from localitylab.data.registry import DataDefaults, dataset_defaults  # torch: not at --help
+
+    try:
+        return dataset_defaults(dataset)
+    except UserError:
+        return DataDefaults()
 
 
 def recipe_record(config: TrainConfig, crop_padding: int, hflip: bool) -> dict[str, dict[str, Any]]:
