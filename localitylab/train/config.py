@@ -1,11 +1,13 @@
 """The training recipe: every setting of `localitylab train`, with its default and why.
 
 Default recipe (DeiT's, as used for ViTs trained from scratch, scaled to small data):
-AdamW, lr 1e-3 at batch 128, weight decay 0.05 (none on biases, norms, position
-embeddings and [cls]), 5 epochs of linear warm-up from 1e-6, cosine decay to 1e-5 per step,
-label smoothing 0.1, gradient clipping at norm 1.0, random crop with padding (1/8 of the
-side) and horizontal flips where the data set allows; mixup/cutmix and drop-path are off
-by default and available as options. The PiT paper (arXiv 2406.09415) trains its CIFAR
+AdamW, lr 1e-3, weight decay 0.05 (none on biases, norms, position embeddings and [cls]),
+linear warm-up from 1e-6, cosine decay to 1e-5 per step, label smoothing 0.1, gradient
+clipping at norm 1.0; mixup/cutmix and drop-path are off by default and available as
+options. Batch size, warm-up length, random-crop padding and horizontal flips left unset are
+the data set's (`DataDefaults`: batch 128, 5 warm-up epochs, 1/8 of the side, flips where a
+mirror image keeps its class; digits: batch 32, one warm-up epoch, no crop, no flips), and
+`recipe_from` records where each value came from. The PiT paper (arXiv 2406.09415) trains its CIFAR
 models far longer (the 2,400-epoch recipe); its exact augmentation settings are not
 reproduced here: `studies/pit_vs_vit_cifar100.toml` documents what is known and what is not.
 
