@@ -135,11 +135,10 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets
 
     options = DataOptions(data_dir=data_dir)
     table = Table(title="localitylab data sets")
-    for column in ("name", "what", "here?"):
+    for column in ("name", "what", "here?", "defaults (for what you leave unset)"):
         table.add_column(column)
     for entry in dataset_entries():
-        name = f"{entry.name}:PATH" if entry.prefix else f"{entry.name}-S" if entry.sized else entry.name
-        table.add_row(name, entry.summary, entry.availability(options))
+        table.add_row(entry.pattern, entry.summary, entry.availability(options), entry.defaults_for(entry.pattern).describe())
     Console().print(table)
 
 

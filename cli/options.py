@@ -57,15 +57,21 @@ def training_options(name: str):
 
     def decorate(function):
         @functools.wraps(function)
-        def run(**values):
+        def run(context: typer.Context, **values):
             nproc, quiet = values.pop("nproc"), values.pop("quiet")
-            values = {key: from_command_line.get(key, lambda v: v)(value) for key, value in values.items()}
+            # Only what the user typed: the rest takes the data set's default or the global one,
+            # and the run records which (TrainConfig.recipe_from).
+            typed = {key for key in values if context.get_parameter_source(key).name != "DEFAULT"}
+            values = {key: from_command_line.get(key, lambda v: v)(value) for key, value in values.items()
+                      if key in typed}
             return function(command.config(values), nproc, quiet)
 
-        run.__signature__ = inspect.Signature([
-            inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for option, annotation, default in parameters])
-        run.__annotations__ = {option: annotation for option, annotation, _ in parameters}
+        run.__signature__ = inspect.Signature(
+            [inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+            + [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+               for option, annotation, default in parameters])
+        run.__annotations__ = {"context": typer.Context,
+                               **{option: annotation for option, annotation, _ in parameters}}
         return run
 
     return decorate

@@ -41,6 +41,74 @@ def make_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an OS lock (flock) on `folder` while a run writes it; a second holder is refused
+    at once with one line naming the first (its command, pid and host, from the lock file).
+
+    The kernel releases the lock when its process ends, however it ends (SIGKILL too), so a
+    lock file a killed run left behind blocks nothing. On release the lock file is removed
+    (while still held: a process that opened it meanwhile sees that the file it locked is no
+    longer the folder's and tries again), and so is the folder if this call created it and
+    nothing was written into it."""
+    import fcntl
+    import socket
+    import time
+
+    from localitylab.errors import UserError
+
+    folder = Path(folder)
+    created = next((part for part in reversed((folder, *folder.parents)) if not part.exists()), None)
+    folder = make_folder(folder)
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise UserError(f"cannot lock the folder {folder}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"{folder} is in use by {holder}; wait for that run to end, or choose another folder"
+                            ) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file as it let go: lock the folder's new one
+    try:
+        about = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(about) + "\n").encode(), 0)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+        if created is not None:
+            for part in (folder, *folder.parents):
+                with contextlib.suppress(OSError):
+                    part.rmdir()  # only if empty: nothing was written
+                if part == created:
+                    break
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid 123 on host (localitylab train ...), since ...' from a held lock file."""
+    try:
+        about = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+        return (f"pid {about['pid']} on {about['host']} ({about['command']}), since {about['since']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (starting)"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""

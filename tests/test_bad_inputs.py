@@ -231,6 +231,8 @@ CASES = [
     Case("drop-path-above-one", "--drop-path 2", [*TRAIN, "--drop-path", "2"], "--drop-path", before_data=True),
     Case("mixup-negative", "--mixup -1", [*TRAIN, "--mixup", "-1"], "--mixup", before_data=True),
     Case("clip-grad-negative", "--clip-grad -1", [*TRAIN, "--clip-grad", "-1"], "--clip-grad", before_data=True),
+    Case("log-unknown", "--log with a tracker that does not exist", [*TRAIN, "--log", "csv"],
+         "--log must be tensorboard or wandb, got 'csv'", before_data=True),
     Case("model-kw-no-equals", "--model-kw without '='", [*TRAIN, "--model-kw", "depth"], "--model-kw expects key=value"),
     Case("model-kw-unknown-key", "--model-kw with a key the model does not take",
          [*TRAIN, "--model-kw", "no_such_arg=1"], "no_such_arg"),

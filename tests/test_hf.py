@@ -211,3 +211,25 @@ def test_hf_needs_train_and_a_labelled_test_split(tmp_path, hf_offline):
         load_dataset(f"hf:{tmp_path / 'one-split'}")
     with pytest.raises(UserError, match="hf: needs a data set"):
         load_dataset("hf:")
+
+
+def test_an_hf_run_is_probed_and_evaluated_on_the_columns_it_was_trained_with(tmp_path, hf_offline, monkeypatch):
+    from localitylab.probes.target import load_target
+    from localitylab.train import TrainConfig, train
+    from localitylab.train.evaluation import evaluate_checkpoint
+
+    coarse = datasets.ClassLabel(names=["small", "large"])
+    train_split, _ = make_split(12, 0, extra={"coarse_label": (coarse, [i % 2 for i in range(12)])})
+    test_split, _ = make_split(4, 1, extra={"coarse_label": (coarse, [1, 1, 0, 1])})
+    datasets.DatasetDict({"train": train_split, "test": test_split}).save_to_disk(tmp_path / "two-labels")
+    name = f"hf:{tmp_path / 'two-labels'}"
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "decoded"))
+    run = train(TrainConfig("resnet-n", name, label_column="coarse_label", cache=False, epochs=1, device="cpu",
+                            out=tmp_path / "run"))
+    assert not (tmp_path / "decoded").exists()  # --no-cache: decoded afresh, nothing kept
+    # Left to itself the data set's label is `label` (3 classes); the run named coarse_label (2).
+    assert load_dataset(name, DataOptions(cache=False)).info.class_names == ["ant", "bee", "cat"]
+    _, probed = load_target(str(run.run_dir), device="cpu")
+    assert probed.info.class_names == ["small", "large"] and probed.test_labels.tolist() == [1, 1, 0, 1]
+    evaluated = evaluate_checkpoint(run.checkpoint, device="cpu")
+    assert evaluated["accuracy"] == pytest.approx(run.final["test_acc"]) and evaluated["n_images"] == 4

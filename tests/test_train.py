@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 
@@ -25,6 +26,10 @@ from tests.conftest import NANO_MODELS
 def test_nano_models_learn_digits(trained_runs, name):
     result = trained_runs[name]
     assert result.final["test_acc"] >= 0.90, result.history
+    # with digits' own recipe: only the epochs were given (`train MODEL digits --epochs 15`)
+    recipe = json.loads((result.run_dir / "run.json").read_text())["recipe"]
+    assert {key for key, entry in recipe.items() if entry["from"] == "user"} == {"epochs"}
+    assert recipe["batch_size"] == {"value": 32, "from": "data set"}
     rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(result.history) + 1))
     assert float(rows[-1]["test_acc"]) == pytest.approx(result.final["test_acc"])

@@ -57,8 +57,8 @@ class DataDefaults:
 
     def describe(self) -> str:
         crop = "1/8 of the side" if self.crop_padding is None else f"{self.crop_padding} px"
-        return (f"batch {self.batch_size}, warm-up {self.warmup_epochs:g} epochs, crop {crop}, "
-                f"{'flips' if self.hflip else 'no flips'}")
+        epochs = f"{self.warmup_epochs:g} epoch{'' if self.warmup_epochs == 1 else 's'}"
+        return f"batch {self.batch_size}, warm-up {epochs}, crop {crop}, {'flips' if self.hflip else 'no flips'}"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn as nn
 
-from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset, takes_img_size
+from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.preprocessing import Preprocessing
@@ -205,9 +205,7 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
         model = load(path, torch_device)
         run = model.run
         dataset_name = data or run.data.name
-        if options.img_size is None and takes_img_size(dataset_name):  # resized as in training
-            options = dataclasses.replace(options, img_size=run.data.img_size)
-        dataset = load_dataset(dataset_name, options)
+        dataset = load_dataset(dataset_name, run.data_options(dataset_name, options))
         _check_shapes(dataset, run.data)
         target = loaded_target(model, torch_device)
         if model_kw or weights:
@@ -285,7 +283,6 @@ def _decoding_options(dataset_name: str, options: DataOptions, preprocessing: Pr
     the pipeline's resize side (its shorter side to floor(size / crop_pct), centre-cropped to a
     square), where the pipeline then takes its centre crop; a data set of fixed size is read as
     it is and resized by the pipeline."""
-    import dataclasses
 
     size = preprocessing.scale_size if dataset_name.startswith("folder:") else None
     return dataclasses.replace(options, img_size=size)

@@ -25,7 +25,7 @@ import io
 import torch
 import torch.nn as nn
 
-from localitylab.data.registry import DataInfo
+from localitylab.data.registry import DataInfo, DataOptions, takes_img_size
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, safe_torch_load, write_json, write_text
 from localitylab.models.registry import ModelSpec, build_model
@@ -72,6 +72,7 @@ def run_record(payload: dict[str, Any]) -> dict[str, Any]:
         "metrics": payload["metrics"], "model_info": payload["model_info"], "task": payload["task"],
         "permute_seed": payload["data"]["permute_seed"], "epochs_done": payload["epoch"],
         "command": TrainConfig(**payload["config"]).command(), "init_from": payload["init_from"],
+        "recipe": payload.get("recipe"),
         "versions": versions(), **payload["code_version"],
     }
 
@@ -118,6 +119,19 @@ class TrainedRun:
     def display_name(self) -> str:
         """'pit-n (pit-n-digits)': the registry name plus the run folder."""
         return f"{self.spec.name} ({self.run_name})" if self.path is not None else self.spec.name
+
+    def data_options(self, dataset: str, options: DataOptions) -> DataOptions:
+        """How to read `dataset` for this model, as its run read it where `options` do not
+        say otherwise: resized to the run's image size, and its own data set from the hf:
+        columns the run named."""
+        import dataclasses
+
+        if options.img_size is None and takes_img_size(dataset):
+            options = dataclasses.replace(options, img_size=self.data.img_size)
+        if dataset == self.data.name:
+            options = dataclasses.replace(options, image_column=options.image_column or self.config.get("image_column"),
+                                          label_column=options.label_column or self.config.get("label_column"))
+        return options
 
 
 def model_from_checkpoint(data: dict[str, Any], path: Path | None = None) -> tuple[nn.Module, TrainedRun]:

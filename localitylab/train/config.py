@@ -1,11 +1,13 @@
 """The training recipe: every setting of `localitylab train`, with its default and why.
 
 Default recipe (DeiT's, as used for ViTs trained from scratch, scaled to small data):
-AdamW, lr 1e-3 at batch 128, weight decay 0.05 (none on biases, norms, position
-embeddings and [cls]), 5 epochs of linear warm-up from 1e-6, cosine decay to 1e-5 per step,
-label smoothing 0.1, gradient clipping at norm 1.0, random crop with padding (1/8 of the
-side) and horizontal flips where the data set allows; mixup/cutmix and drop-path are off
-by default and available as options. The PiT paper (arXiv 2406.09415) trains its CIFAR
+AdamW, lr 1e-3, weight decay 0.05 (none on biases, norms, position embeddings and [cls]),
+linear warm-up from 1e-6, cosine decay to 1e-5 per step, label smoothing 0.1, gradient
+clipping at norm 1.0; mixup/cutmix and drop-path are off by default and available as
+options. Batch size, warm-up length, random-crop padding and horizontal flips left unset are
+the data set's (`DataDefaults`: batch 128, 5 warm-up epochs, 1/8 of the side, flips where a
+mirror image keeps its class; digits: batch 32, one warm-up epoch, no crop, no flips), and
+`recipe_from` records where each value came from. The PiT paper (arXiv 2406.09415) trains its CIFAR
 models far longer (the 2,400-epoch recipe); its exact augmentation settings are not
 reproduced here: `studies/pit_vs_vit_cifar100.toml` documents what is known and what is not.
 
@@ -60,6 +62,19 @@ BetweenZeroAndOne = Annotated[float, check(lambda v: 0 < v < 1, "{flag} must be 
 DropRate = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} is a probability of dropping a block: in [0, 1), got {value}")]
 AutoOnOff = Annotated[str, check(lambda v: v in ("auto", "on", "off"), "{flag} must be auto, on or off, got {repr}")]
 Task = Annotated[str, check(lambda v: v in TASKS, f"unknown task {{repr}}; valid: {', '.join(TASKS)}")]
+LOGGERS = ("tensorboard", "wandb")
+Logger = Annotated[str, check(lambda v: v in LOGGERS, f"{{flag}} must be {' or '.join(LOGGERS)}, got {{repr}}")]
+
+# The recipe: the settings `train` prints at start and run.json records with their source.
+RECIPE = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
+          "mixup", "cutmix", "drop_path", "crop_padding", "hflip")
+# The recipe settings a data set has a default for (`localitylab.data.DataDefaults`); the
+# config holds the first two, the loaded data set the others (`DataInfo.crop_padding`, `.hflip`).
+FROM_DATA_SET = ("batch_size", "warmup_epochs", "crop_padding", "hflip")
+FILLED_HERE = ("batch_size", "warmup_epochs")
+# Where a recipe value came from: given by the user (command line, Python, a study file), the
+# data set's default, the global default, or the run being resumed.
+USER, DATA_SET, DEFAULT, RESUMED = "user", "data set", "default", "resumed run"
 
 
 def setting(default: Any, help: str, *, commands: tuple[str, ...] = (TRAIN, PRETRAIN), defines_run: bool = True,
@@ -89,7 +104,8 @@ class TrainConfig(Settings):
     model_config = ConfigDict(protected_namespaces=())  # model_kw is a setting, not pydantic's
 
     model: str = setting(..., "pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME", in_study=False)
-    dataset: str = setting(..., "digits, cifar10, cifar100, shapes-S, nonlocal-S, folder:PATH", in_study=False)
+    dataset: str = setting(..., "digits, mnist, cifar10, ..., hf:NAME[:CONFIG], folder:PATH, shapes-S: "
+                                "`localitylab datasets` lists them", in_study=False)
     out: Path | None = setting(None, "Run folder (default runs/<model>-<dataset>).", defines_run=False,
                                in_study=False, strict=False)
     # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training); the
@@ -104,17 +120,18 @@ class TrainConfig(Settings):
         None, "Per-token normalised targets (default: on for ViT patches, off for one-pixel PiT tokens).",
         commands=(PRETRAIN,))
     epochs: AtLeastOne = setting(100, "Training epochs.")
-    batch_size: AtLeastOne = setting(128, "Images per step.")
+    batch_size: AtLeastOne | None = setting(None, "Images per step (default: the data set's recipe).")
     lr: Positive = setting(1e-3, "Peak learning rate (AdamW).")
     min_lr: AtLeastZero = setting(1e-5, "Learning rate at the end of the cosine.")
     weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls).")
-    warmup_epochs: AtLeastZero = setting(5.0, "Linear warm-up length in epochs.")
+    warmup_epochs: AtLeastZero | None = setting(None, "Linear warm-up length in epochs (default: the data set's recipe).")
     label_smoothing: FromZeroBelowOne = setting(0.1, "Label smoothing.", commands=(TRAIN,))
     clip_grad: AtLeastZero | None = setting(1.0, "Gradient-norm clipping (0 = off).", off=0)
     mixup: AtLeastZero = setting(0.0, "Mixup alpha (timm; 0 = off).", commands=(TRAIN,))
     cutmix: AtLeastZero = setting(0.0, "CutMix alpha (timm; 0 = off).", commands=(TRAIN,))
     drop_path: DropRate = setting(0.0, "Stochastic depth rate.", commands=(TRAIN,))
     crop_padding: WholeAtLeastZero | None = setting(None, "Random-crop padding in pixels (default: the data set's).")
+    hflip: bool | None = setting(None, "Random horizontal flips in training (default: the data set's).")
     pos_embed: str = setting("learn", "Position embedding for pit/vit: learn, sincos (fixed) or none.")
     model_kw: dict[str, Any] = setting({}, "key=value passed to the model (repeatable).", strict=False)
     weights: str | None = setting(None, "Initial weights (safetensors or state dict) for timm: models.",
@@ -126,6 +143,12 @@ class TrainConfig(Settings):
                                    defines_run=False, path=True)
     download: bool = setting(False, "Fetch an official archive if it is missing (checks its MD5).", defines_run=False)
     img_size: int | None = setting(None, "Image size for folder: and generated data sets.")
+    image_column: str | None = setting(None, "hf: data sets: the column of images (default: the Image column; "
+                                             "of several, 'image' or 'img').")
+    label_column: str | None = setting(None, "hf: data sets: the column of labels (default: the ClassLabel column, "
+                                             "else 'label' or 'labels'; of several, 'label' or 'labels').")
+    cache: bool = setting(True, "Keep decoded folder:, hf:, tiny-imagenet and imagenet images in the cache "
+                                "(--no-cache: decode afresh, write nothing).", defines_run=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", defines_run=False, in_study=False)
     compile: AutoOnOff = setting("auto", "torch.compile: auto (on CUDA), on or off.", defines_run=False)
     amp: AutoOnOff = setting("auto", "bf16 autocast: auto (on CUDA), on or off.", defines_run=False)
@@ -137,6 +160,12 @@ class TrainConfig(Settings):
                                  commands=(TRAIN,))
     resume: bool = setting(False, "Continue the run in --out from its last checkpoint.", defines_run=False,
                            in_study=False)
+    log: Logger | None = setting(None, "Also log the figures to tensorboard (<run folder>/tensorboard) or wandb.",
+                                 defines_run=False)
+    # Where each recipe value came from (RECIPE_SOURCES); filled when the config is made, kept
+    # when it is made again from its own dict (a job file, run.json).
+    recipe_from: dict[str, str] | None = setting(None, "Where each recipe value came from.", commands=(),
+                                                 defines_run=False, in_study=False, strict=False)
 
     def __init__(self, model: str | None = None, dataset: str | None = None, /, **settings: Any) -> None:
         """TrainConfig(model, dataset, **settings); model and dataset may be given by name too."""
@@ -157,6 +186,35 @@ class TrainConfig(Settings):
             except UserError as err:
                 raise ValueError(str(err)) from None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        """Unset recipe settings take the data set's default (batch size and warm-up here; the
+        crop and flip where the data set is loaded, which also knows the image size) or the
+        global one, and `recipe_from` says which. A value given (not None) is the user's,
+        unless `recipe_from` was passed: then it names the user's (the command line's typed
+        options) and the rest are defaults. Made again from its own dict, a config keeps its
+        sources."""
+        if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
+            return data
+        data, told = dict(data), data.get("recipe_from")
+        sources: dict[str, str] = {}
+        data_set = None
+        for name in RECIPE:
+            given = data.get(name) is not None
+            if told is not None and name in told:
+                sources[name] = told[name]
+            elif told is None and given:
+                sources[name] = USER
+            elif name in FROM_DATA_SET and not given:
+                if name in FILLED_HERE:  # the crop and flip are the loaded data set's (DataInfo)
+                    data[name] = getattr(data_set or (data_set := _data_defaults(data["dataset"])), name)
+                sources[name] = DATA_SET
+            else:
+                sources[name] = DEFAULT
+        data["recipe_from"] = sources
+        return data
 
     # --- checks of settings together ---------------------------------------------------------------
     @model_validator(mode="after")
@@ -246,9 +304,10 @@ class TrainCommand:
         return self.help.get(name, TrainConfig.model_fields[name].description or "")
 
     def config(self, values: dict[str, Any]) -> TrainConfig:
-        """The config for the options as given on the command line."""
-        fixed = {name: value for name, value in self.defaults.items() if name not in self.options}
-        return TrainConfig(**{**fixed, **values, "task": self.task})
+        """The config for the options the user typed on the command line; the rest take the
+        command's defaults, the data set's or the global ones."""
+        typed = {name: USER for name in RECIPE if name in values}
+        return TrainConfig(**{**self.defaults, **values, "task": self.task, "recipe_from": typed})
 
 
 COMMANDS = {
@@ -270,3 +329,35 @@ def default_run_name(config: TrainConfig) -> str:
     if config.permute_pixels is not None:
         name += f"-perm{config.permute_pixels}"
     return safe_name(name)
+
+
+def _data_defaults(dataset: str) -> Any:
+    """The data set's DataDefaults; the global ones for a name the registry does not know (its
+    load says so, with the valid names, as before a config knew its data set's defaults)."""
+    from localitylab.data.registry import DataDefaults, dataset_defaults  # torch: not at --help
+
+    try:
+        return dataset_defaults(dataset)
+    except UserError:
+        return DataDefaults()
+
+
+def recipe_record(config: TrainConfig, crop_padding: int, hflip: bool) -> dict[str, dict[str, Any]]:
+    """{setting: {"value", "from"}} for every recipe setting, as the run used it: the crop and
+    flip as the loaded data set resolved them (`DataInfo.crop_padding`, `.hflip`)."""
+    values = {name: getattr(config, name) for name in RECIPE} | {"crop_padding": crop_padding, "hflip": hflip}
+    sources = config.recipe_from or {}
+    return {name: {"value": values[name], "from": sources.get(name, DEFAULT)} for name in RECIPE}
+
+
+def describe_recipe(record: dict[str, dict[str, Any]], dataset: str) -> str:
+    """One line: the recipe's values grouped by where they came from."""
+    names = {USER: "given", DATA_SET: f"defaults of {dataset}", DEFAULT: "defaults", RESUMED: "from the resumed run"}
+    groups: dict[str, list[str]] = {}
+    for name, entry in record.items():
+        value = entry["value"]
+        shown = ("on" if value else "off") if isinstance(value, bool) else "off" if value is None else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+        groups.setdefault(entry["from"], []).append(f"{name} {shown}")
+    return "recipe: " + "; ".join(f"{', '.join(items)} ({names.get(source, source)})"
+                                  for source, items in groups.items())

@@ -35,8 +35,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_di
         )
     info = model.run.data
     name = data or info.name
-    dataset = load_dataset(name, DataOptions(data_dir=Path(data_dir) if data_dir else None,
-                                             img_size=img_size or (info.img_size if name.startswith("folder:") else None)))
+    dataset = load_dataset(name, model.run.data_options(name, DataOptions(data_dir=Path(data_dir) if data_dir else None,
+                                                                         img_size=img_size)))
     images, labels = dataset.split(split)
     shape = (info.in_chans, info.img_size, info.img_size)
     if tuple(images.shape[1:]) != shape:

@@ -32,18 +32,19 @@ from localitylab.data.permutation import permute_pixels, random_permutation
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.device import resolve_device
 from localitylab.errors import RunStopped, UserError
-from localitylab.io import check_folder, code_version
+from localitylab.io import code_version, folder_lock
 from localitylab.models.describe import model_summary
 from localitylab.models.registry import ModelSpec, build_model, model_kind, spec_for_data
 from localitylab.models.timm_adapter import load_weights
 from localitylab.train import distributed
 from localitylab.train.checkpoint import read_checkpoint, write_run
-from localitylab.train.config import TrainConfig
+from localitylab.train.config import DATA_SET, FROM_DATA_SET, RESUMED, TrainConfig, describe_recipe, recipe_record
 from localitylab.train.init_from import InitReport, freeze_all_but_head, init_from_checkpoint
 from localitylab.train.progress import Reporter
 from localitylab.train.state import TrainState
 from localitylab.train.stopping import StopRequests
 from localitylab.train.tasks import Task, make_task, sums_to_means
+from localitylab.train.trackers import Tracker, check_tracker, make_tracker
 
 
 @dataclass
@@ -61,7 +62,12 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Train as `config` says: on one process, or as one rank of a torchrun job."""
     ranks = distributed.from_environment(resolve_device(config.device))
     try:
-        return _train(config, reporter if ranks.is_main else None, ranks)
+        check_tracker(config.log)
+        # The process that writes the run folder holds it (a file in the way fails now, not
+        # after an epoch); a second run on it stops at once.
+        holding = folder_lock(config.run_dir(), config.command()) if ranks.is_main else contextlib.nullcontext()
+        with holding:
+            return _train(config, reporter if ranks.is_main else None, ranks)
     finally:
         ranks.close()
 
@@ -70,9 +76,9 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
     reporter, device = reporter or Reporter(), ranks.device
     distributed.check_batch_divides(config.batch_size, ranks.world_size)
     use_amp, use_compile = switched_on(config.amp, device), switched_on(config.compile, device)
-    run_dir = check_folder(config.run_dir())  # a file in the way fails now, not after an epoch
+    run_dir = config.run_dir()
     checkpoint = run_dir / "ckpt.pt"
-    resumed = _checkpoint_to_resume(config, checkpoint)
+    config, resumed = _checkpoint_to_resume(config, checkpoint)
     if ranks.is_main:
         _remove_torn_writes(run_dir)
 
@@ -90,9 +96,12 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
     init_report = _initial_weights(model, config, resumed, reporter)
     task = make_task(config, info)
     module = task.module(model).to(device)
+    recipe = recipe_record(config, info.crop_padding, info.hflip)
+    reporter.message(describe_recipe(recipe, config.dataset))  # once the model is built: the run will start
     described = {"model_spec": spec.to_dict(), "data": info.to_dict(), "config": config.to_dict(),
                  "model_info": model_summary(model, spec.in_chans, spec.img_size),
-                 "init_from": init_report.to_dict() if init_report else None, "code_version": code_version()}
+                 "init_from": init_report.to_dict() if init_report else None, "code_version": code_version(),
+                 "recipe": recipe}
     module = _fast_layout(module, config, ranks)
     optimizer, scheduler = _optimiser(module, config, len(train_x))
     steps_per_epoch = batches_per_epoch(len(train_x), config.batch_size)
@@ -108,8 +117,10 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
 
     # --- the epochs: batch i of epoch e draws everything random from (seed, e, i) -----------
     report_every = max(1, steps_per_epoch // 20)
+    tracker = make_tracker(config.log, run_dir, config.to_dict(), describe_recipe(recipe, config.dataset)) \
+        if ranks.is_main else Tracker()
     reporter.start(config.epochs, steps_per_epoch, state.epoch + 1)
-    with StopRequests() as stop, contextlib.closing(reporter):
+    with StopRequests() as stop, contextlib.closing(reporter), contextlib.closing(tracker):
         while state.epoch < config.epochs:
             seed = epoch_seed(config.seed, state.epoch + 1)
             module.train(not config.linear_probe)  # linear probing: frozen features, eval mode
@@ -133,7 +144,10 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                 scheduler.step_update(state.step)
                 state.add(loss, correct, len(labels))
                 reporting = state.batch % report_every == 0
-                reporter.step(state.epoch + 1, state.batch, float(loss.detach()) if reporting else None)
+                shown = float(loss.detach()) if reporting else None
+                reporter.step(state.epoch + 1, state.batch, shown)
+                if reporting:
+                    tracker.step(state.step, {"train_loss": shown, "lr": optimizer.param_groups[0]["lr"]})
                 # One process reads its flag every step; ranks agree at report points.
                 if (reporting and ranks.any(stop.requested)) if ranks.enabled else stop.requested:
                     state.check_finite(ranks, steps_per_epoch, checkpoint)
@@ -151,6 +165,7 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                                   "test_acc": test["accuracy"] if task.reports_accuracy else None})
             _save(run_dir, described, model, optimizer, task, module, state, ranks)
             reporter.epoch_end(state.history[-1])
+            tracker.epoch(state.history[-1])
     return TrainResult(run_dir, checkpoint, state.history)
 
 
@@ -184,12 +199,16 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def data_options(config: TrainConfig) -> DataOptions:
+    """How a run's data set is read: its files, size, flips and crop (None: the data set's
+    default), the cache, and the hf: columns."""
+    return DataOptions(data_dir=Path(config.data_dir) if config.data_dir else None, download=config.download,
+                       img_size=config.img_size, seed=config.seed, hflip=config.hflip, crop_padding=config.crop_padding,
+                       cache=config.cache, image_column=config.image_column, label_column=config.label_column)
+
+
 def prepare_data(config: TrainConfig) -> ImageDataset:
-    options = DataOptions(data_dir=Path(config.data_dir) if config.data_dir else None, download=config.download,
-                          img_size=config.img_size, seed=config.seed)
-    dataset = load_dataset(config.dataset, options)
-    if config.crop_padding is not None:
-        dataset.info.crop_padding = config.crop_padding
+    dataset = load_dataset(config.dataset, data_options(config))
     if config.permute_pixels is not None:
         size = dataset.info.img_size
         dataset.info.permutation = random_permutation(size * size, config.permute_pixels)
@@ -231,14 +250,23 @@ def _forward(module: nn.Module, ranks: distributed.Distributed, use_compile: boo
     return forward
 
 
-def _checkpoint_to_resume(config: TrainConfig, ckpt_path: Path) -> dict[str, Any] | None:
+def _checkpoint_to_resume(config: TrainConfig, ckpt_path: Path) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to run with and the checkpoint to resume, if any. A resumed run keeps the
+    values it was trained with where the user left a setting to the data set's default (the
+    default may have changed since, as batch size and warm-up on digits did)."""
     if not ckpt_path.exists():
-        return None
+        return config, None
     if not config.resume:
         raise UserError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
     resumed = read_checkpoint(ckpt_path)
-    _check_same_run(resumed.get("config", {}), config, ckpt_path)
-    return resumed
+    saved = resumed.get("config", {})
+    kept = {name: saved[name] for name in FROM_DATA_SET
+            if (config.recipe_from or {}).get(name) == DATA_SET and saved.get(name) is not None}
+    if kept:
+        sources = {**(config.recipe_from or {}), **{name: RESUMED for name in kept}}
+        config = TrainConfig(**{**config.to_dict(), **kept, "recipe_from": sources})
+    _check_same_run(saved, config, ckpt_path)
+    return config, resumed
 
 
 def _remove_torn_writes(run_dir: Path) -> None:
