@@ -22,5 +22,11 @@ from localitylab.data.registry import (
     takes_img_size,
 )
 
+# The loaders register themselves when imported; every import of localitylab.data.* runs this
+# file first, so the registry is full before anything looks a name up.
+from localitylab.data import (  # noqa: E402,F401  isort: skip
+    cifar, digits, folder, generated, huggingface, imagenet, mnist, stl10, svhn, tiny_imagenet,
+)
+
 __all__ = ["DataDefaults", "DataInfo", "DataOptions", "DataShape", "ImageDataset", "dataset_defaults",
            "dataset_entries", "known_shape", "load_dataset", "make_dataset", "register_dataset", "takes_img_size"]

@@ -246,13 +246,11 @@ def register_dataset(name: str, summary: str, availability: Callable[[DataOption
 
 
 def dataset_entries() -> list[DatasetEntry]:
-    _ensure_loaded()
-    return list(_DATASETS.values())
+    return _listed()
 
 
 def valid_dataset_hint() -> str:
-    _ensure_loaded()
-    return ", ".join(e.pattern for e in _DATASETS.values())
+    return ", ".join(e.pattern for e in _listed())
 
 
 _SIZED = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<size>\d+)$")
@@ -261,7 +259,6 @@ _SIZED = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<size>\d+)$")
 def _resolve(name: str) -> tuple[DatasetEntry, str | int | None]:
     """The entry a user-typed name belongs to, with its argument: the PATH of a prefix name,
     the size S of a sized one, None for a fixed name. Loads nothing."""
-    _ensure_loaded()
     if ":" in name:
         family, arg = name.split(":", 1)
         entry = _DATASETS.get(family)
@@ -344,23 +341,12 @@ def _fixed_size(dataset: ImageDataset, options: DataOptions) -> ImageDataset:
     return dataset
 
 
-_families_loaded = False
 # How listings and error messages order the built-in data sets: small to large, then your own
 # data, then the generated sets. Sets registered elsewhere (benchmarks) follow.
 LISTING_ORDER = ("digits", "mnist", "fashion-mnist", "svhn", "cifar10", "cifar100", "stl10", "tiny-imagenet", "imagenet",
                  "hf", "folder", "shapes", "nonlocal")
 
 
-def _ensure_loaded() -> None:
-    # The loaders register themselves on import; import them on first use, not at start-up.
-    global _families_loaded
-    if not _families_loaded:
-        _families_loaded = True
-        from localitylab.data import (  # noqa: F401
-            cifar, digits, folder, generated, huggingface, imagenet, mnist, stl10, svhn, tiny_imagenet,
-        )
-
-        rank = {name: i for i, name in enumerate(LISTING_ORDER)}
-        ordered = sorted(_DATASETS.items(), key=lambda item: rank.get(item[0], len(rank)))
-        _DATASETS.clear()
-        _DATASETS.update(ordered)
+def _listed() -> list[DatasetEntry]:
+    rank = {name: i for i, name in enumerate(LISTING_ORDER)}
+    return sorted(_DATASETS.values(), key=lambda entry: rank.get(entry.name, len(rank)))
