@@ -292,7 +292,7 @@ class TrainCommand:
         if command.name != self.name:
             raise UserError(f"--task {task} is not started by `localitylab {self.name}`; "
                             f"use `localitylab {command.name}`")
-        return TrainConfig(**{**command.defaults, **values, "task": command.task})
+        return TrainConfig(**{**command.defaults, **values, "task": task})
 
 
 # A diffusion run's defaults where they differ from a classifier's (DiT, Peebles & Xie 2023):
