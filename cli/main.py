@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from cli.errors import run_cli
-from cli.options import parse_model_kw, training_options
+from cli.options import parse_model_kw, parse_timesteps, training_options
 
 app = typer.Typer(
     name="localitylab",
@@ -73,7 +73,7 @@ def _run_training(config, nproc: int, quiet: bool) -> None:
         return
     final = train(config, make_reporter(quiet)).final
     if final:
-        distributed.print_main(final_message(config.run_dir() / "ckpt.pt", final))
+        distributed.print_main(final_message(config.run_dir() / "ckpt.pt", final, config.task))
 
 
 @app.command("eval")
@@ -164,6 +164,8 @@ def probe(
     query: Optional[str] = typer.Option(None, help="attention-maps: query pixels 'row,col' (';' between several)."),
     per_head: bool = typer.Option(False, help="attention-maps: draw every head, not only their mean."),
     opt: Optional[List[str]] = typer.Option(None, "--opt", help="Probe option key=value (repeatable)."),
+    timesteps: Optional[str] = typer.Option(None, help="A diffusion model's noise levels to probe at, e.g. "
+                                            "999,500,100,10 (its defaults when not given)."),
 ) -> None:
     """Run a locality probe and write its table, figures and meta.json.
 
@@ -187,6 +189,7 @@ def probe(
         source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, n_images=images,
         batch_size=batch_size, device=device, seed=seed, out=out, model_kw=parse_model_kw(model_kw),
         weights=str(weights) if weights else None, pretrained=pretrained, pos_embed=pos_embed, options=options,
+        timesteps=parse_timesteps(timesteps),
     )
     for output in run_probes([name], request):
         note = ""
@@ -195,6 +198,79 @@ def probe(
         print(f"{output.probe}: {len(output.table)} rows -> {output.csv}{note}")
         for figure in output.figures:
             print(f"  figure: {figure}")
+
+
+@app.command()
+def sample(
+    source: str = typer.Argument(..., help="A diffusion run (folder or ckpt.pt, trained with --task diffusion), "
+                                 "or dit-*/P (untrained, with --data)."),
+    n: int = typer.Option(1000, "--n", help="How many samples (class-balanced: image i has label i mod classes)."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = the conditional model alone)."),
+    steps: int = typer.Option(25, help="Sampler steps."),
+    sampler: str = typer.Option("dpm-solver", help="dpm-solver (DPM-Solver++, 2nd order) or ddim."),
+    seed: int = typer.Option(0, help="Seed: image i's starting noise comes from (seed, i)."),
+    batch_size: int = typer.Option(256, help="Images per sampler pass."),
+    data: Optional[str] = typer.Option(None, help="For dit-*/P: the data set that gives its shapes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default <run folder>/samples)."),
+) -> None:
+    """Sample a diffusion run: samples.npz (uint8 images, labels, how they were drawn) and a
+    samples.png grid, one row per class; both written atomically.
+
+    Example: localitylab sample runs/dit-n-p1-digits --n 1000 --guidance 2.0
+    """
+    from localitylab.generation.runs import SampleRequest, sample_run
+
+    samples, folder = sample_run(SampleRequest(source, n=n, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
+                                               batch_size=batch_size, device=device, data=data, out=out))
+    print(f"{len(samples.images)} samples ({samples.setting}, seed {seed}) -> {folder / 'samples.npz'}")
+    print(f"  grid: {folder / 'samples.png'}")
+
+
+@app.command("evaluate-samples")
+def evaluate_samples_cmd(
+    samples: Path = typer.Argument(..., help="A sample set: samples.npz, its folder, or a run folder with samples/."),
+    classifier: Optional[str] = typer.Option(None, help="A classifier run (folder or ckpt.pt) trained on the same "
+                                             "data, e.g. resnet-n: the feature space of fd_/precision_/recall_."),
+    against: Optional[str] = typer.Option(None, help="The data set (default: the one the samples' model learned)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where data sets live."),
+    inception_weights: Optional[Path] = typer.Option(None, help="Inception-v3 weights file (torch-fidelity's): "
+                                                     "adds FID, sFID and IS."),
+    untrained_reference: bool = typer.Option(True, help="Sample the untrained-DiT reference row too."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the sample set's)."),
+) -> None:
+    """Measure a sample set against a data set's train split: the Fréchet distance, precision,
+    recall and class accuracy in a trained classifier's features, with reference rows (the
+    test split, an untrained DiT, noise); FID, sFID and IS with --inception-weights.
+
+    Example: localitylab evaluate-samples runs/dit-n-p1-digits --classifier runs/resnet-n-digits
+    """
+    from localitylab.errors import UserError
+    from localitylab.generation.runs import EvaluateRequest, evaluate_samples
+
+    if classifier is None:
+        raise UserError("evaluate-samples needs --classifier RUN: a classifier trained on the same data "
+                        "(e.g. localitylab train resnet-n digits), whose features the distances are measured in")
+    table, csv = evaluate_samples(EvaluateRequest(
+        str(samples), classifier, against=against, data_dir=str(data_dir) if data_dir else None, device=device,
+        untrained_reference=untrained_reference, inception_weights=str(inception_weights) if inception_weights else None,
+        out=out))
+    _print_quality(table)
+    print(f"-> {csv}")
+
+
+def _print_quality(table) -> None:
+    """One line per sample source: its metrics (with the class accuracy's 95% interval)."""
+    for (model, setting), rows in table.groupby(["model", "setting"], sort=False, dropna=False):
+        parts = []
+        for row in rows.itertuples():
+            text = f"{row.metric} {row.value:.4g}"
+            if row.ci_low == row.ci_low and row.ci_low is not None:  # not NaN
+                text += f" [{row.ci_low:.3g}, {row.ci_high:.3g}]"
+            parts.append(text)
+        n = rows["n_images"].iloc[0]
+        print(f"{model}{f' ({setting})' if setting else ''}, {n} images: {'; '.join(parts)}")
 
 
 def _print_probe_list() -> None:

@@ -13,6 +13,21 @@ def parse_model_kw(items: list[str] | None, flag: str = "--model-kw") -> dict[st
     return parse_key_values(items, flag)
 
 
+def parse_timesteps(text: str | None) -> list[int] | None:
+    """'999,500,100,10' -> [999, 500, 100, 10]; None stays None (the model's defaults)."""
+    if text is None:
+        return None
+    from localitylab.errors import UserError
+
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--timesteps must be integers separated by commas, e.g. 999,500,100,10; got {text!r}") from None
+    if not levels:
+        raise UserError("--timesteps needs at least one noise level, e.g. 999,500,100,10")
+    return levels
+
+
 def training_options(name: str):
     """Decorator for a command that starts a run (`train`, `pretrain mae`): its arguments and
     options are TrainConfig's fields that the command offers (type, default, help from the
@@ -61,9 +76,8 @@ def training_options(name: str):
             nproc, quiet = values.pop("nproc"), values.pop("quiet")
             # Only what the user typed: the rest takes the data set's default or the global one,
             # and the run records which (TrainConfig.recipe_from).
-            typed = {key for key in values if context.get_parameter_source(key).name != "DEFAULT"}
             values = {key: from_command_line.get(key, lambda v: v)(value) for key, value in values.items()
-                      if key in typed}
+                      if _given(context, key)}
             return function(command.config(values), nproc, quiet)
 
         run.__signature__ = inspect.Signature(
@@ -75,3 +89,9 @@ def training_options(name: str):
         return run
 
     return decorate
+
+
+def _given(ctx, name: str) -> bool:
+    """Was option `name` typed (or its argument given), rather than left at its default?"""
+    source = ctx.get_parameter_source(name)
+    return source is None or source.name != "DEFAULT"

@@ -36,6 +36,18 @@ def trained_runs(tmp_path_factory):
     return results
 
 
+# A nano DiT trained as a denoiser through the same loop, the suite's one diffusion run: dit-n/4
+# (four 4x4 patches of an 8x8 digit) is the cheapest DiT whose samples a classifier reads as
+# their labels after a short run.
+DIT_RECIPE = dict(task="diffusion", epochs=20, batch_size=32, lr=4e-3, warmup_epochs=1, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_dit(tmp_path_factory):
+    """TrainResult of dit-n/4 trained with --task diffusion on digits."""
+    return train(TrainConfig("dit-n/4", "digits", out=tmp_path_factory.mktemp("runs") / "dit-n-p4", **DIT_RECIPE))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_image_cache(tmp_path_factory):
     """The decoded-image cache of this test session, never the user's (subprocesses inherit it)."""

@@ -96,6 +96,15 @@ def make_fixtures(fx: Path) -> None:
     (fx / "hf-json").mkdir()
     (fx / "hf-json" / "train.jsonl").write_text('{"image": "a.png", "label": 0}\n')
 
+    # An (untrained) diffusion run: a dit-n/2 checkpoint as `train --task diffusion` writes it.
+    from localitylab.diffusion.objective import DiffusionObjective
+
+    dit_spec = ModelSpec("dit-n/2", 8, 1, 10, "sincos")
+    save_checkpoint(fx / "dit-run" / "ckpt.pt", {
+        "model_spec": dit_spec.to_dict(), "model_state": build_model(dit_spec).state_dict(),
+        "data": load_dataset("digits").info.to_dict(), "config": {"task": "diffusion"}, "epoch": 0,
+        "task": "diffusion", "diffusion_options": DiffusionObjective().options()})
+
     (fx / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
     (fx / "permutation.csv").write_text(
         "model,probe,metric,layer,head,setting,value,n_images,note\n"
@@ -170,6 +179,15 @@ def _test_vit_weights(tmp: Path) -> None:
     from tests.hub_cache import write_weights_file
 
     write_weights_file(tmp / "test_vit.safetensors")
+
+
+def _sample_set(tmp: Path) -> None:
+    import torch
+
+    from localitylab.generation.samples import SampleSet, write_samples
+
+    write_samples(tmp / "samples", SampleSet(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(20) % 10,
+                                             {"model": "dit-n/2", "data": "digits"}))
 
 
 def _pretrained_registry_study(tmp: Path) -> None:
@@ -407,6 +425,54 @@ CASES = [
     Case("study-out-holds-a-study", "study run into a folder that holds a study, without --resume",
          ["study", "run", "{tmp}/study.toml", "--out", "{out}"], "already holds a study; pass --resume",
          setup=_existing_study),
+    # diffusion: training, sampling, evaluating samples, probing at noise levels
+    Case("train-diffusion-classifier-model", "--task diffusion for a model that is not a DiT",
+         [*TRAIN, "--task", "diffusion"], "--task diffusion trains a diffusion transformer", before_data=True),
+    Case("train-dit-as-classifier", "a DiT trained without --task diffusion",
+         ["train", "dit-n/2", "digits", "--epochs", "1", "--out", "{out}"],
+         "dit-n/2 is a diffusion transformer: train it with --task diffusion", before_data=True),
+    Case("train-task-mae", "train --task mae (pre-training has its own command)", [*TRAIN, "--task", "mae"],
+         "use `localitylab pretrain mae`", before_data=True),
+    Case("train-unknown-task", "an unknown --task", [*TRAIN, "--task", "segment"], "unknown task 'segment'",
+         before_data=True),
+    Case("label-dropout-for-a-classifier", "--label-dropout without --task diffusion", [*TRAIN, "--label-dropout", "0.2"],
+         "--label-dropout applies to --task diffusion only", before_data=True),
+    Case("diffusion-with-mixup", "--mixup for a diffusion run",
+         ["train", "dit-n/2", "digits", "--task", "diffusion", "--mixup", "0.8", "--epochs", "1", "--out", "{out}"],
+         "--task diffusion takes no --linear-probe, --mixup, --cutmix or --drop-path", before_data=True),
+    Case("eval-diffusion-run", "eval of a diffusion run (it classifies nothing)", ["eval", "{fx}/dit-run/ckpt.pt"],
+         "is a diffusion run: it classifies nothing"),
+    Case("sample-a-classifier", "sample from a classifier run", ["sample", "{fx}/run", "--n", "4", "--out", "{out}"],
+         "resnet-n is not a diffusion model"),
+    Case("sample-unknown-sampler", "sample --sampler euler",
+         ["sample", "{fx}/dit-run", "--sampler", "euler", "--out", "{out}"], "unknown sampler 'euler'; valid: ddim, dpm-solver"),
+    Case("sample-steps-zero", "sample --steps 0", ["sample", "{fx}/dit-run", "--steps", "0", "--out", "{out}"],
+         "--steps must be between 1 and 1000"),
+    Case("sample-n-zero", "sample --n 0", ["sample", "{fx}/dit-run", "--n", "0", "--out", "{out}"],
+         "--n must be at least 1"),
+    Case("sample-guidance-below-one", "sample --guidance 0.5", ["sample", "{fx}/dit-run", "--guidance", "0.5", "--out", "{out}"],
+         "--guidance must be at least 1"),
+    Case("evaluate-samples-no-classifier", "evaluate-samples without --classifier",
+         ["evaluate-samples", "{tmp}/samples", "--out", "{out}"], "evaluate-samples needs --classifier RUN",
+         setup=_sample_set),
+    Case("evaluate-samples-missing", "evaluate-samples of a folder with no sample set",
+         ["evaluate-samples", "{tmp}/empty", "--classifier", "{fx}/run", "--out", "{out}"], "no sample set at",
+         setup=_empty_folder),
+    Case("evaluate-samples-dit-classifier", "evaluate-samples with a diffusion run as the classifier",
+         ["evaluate-samples", "{tmp}/samples", "--classifier", "{fx}/dit-run", "--out", "{out}"],
+         "dit-n/2 is a diffusion model; --classifier needs a classifier run", setup=_sample_set),
+    Case("evaluate-samples-untrained-classifier", "evaluate-samples with an untrained classifier",
+         ["evaluate-samples", "{tmp}/samples", "--classifier", "resnet-n", "--out", "{out}"],
+         "give a trained classifier's run folder", setup=_sample_set),
+    Case("probe-timesteps-for-a-classifier", "probe --timesteps on a model that is not a denoiser",
+         ["probe", "attention-distance", "{fx}/run", "--timesteps", "10", "--out", "{out}"],
+         "--timesteps applies to diffusion models"),
+    Case("probe-timesteps-not-integers", "probe --timesteps that are not integers",
+         ["probe", "attention-distance", "{fx}/dit-run", "--timesteps", "high,low", "--out", "{out}"],
+         "--timesteps must be integers separated by commas"),
+    Case("probe-timesteps-outside-schedule", "probe --timesteps past the model's schedule",
+         ["probe", "attention-distance", "{fx}/dit-run", "--timesteps", "1000", "--out", "{out}"],
+         "--timesteps must be integers from 0 to 999"),
 ]
 
 
@@ -548,10 +614,11 @@ Paths in the commands: `run/ckpt.pt` is a localitylab checkpoint of `resnet-n` o
 only `.txt` files, a `.png` that is not an image, different classes in train and val), and
 `bomb/` and `truncated/` are `images/` plus one bad file (a decompression bomb, a JPEG cut
 short); `hf-json/` is a folder of JSON lines;
+`dit-run/ckpt.pt` an untrained `dit-n/2` saved as a diffusion run on digits;
 `other-model.pt` holds resnet-n weights under the name pit-n; `foreign.pt` is a plain
 `torch.save` of a dict; `malicious.pt` / `malicious.pkl` would run a shell command if
 unpickled (nothing runs); `a-file` is a file; `study.toml` is a small valid study with the
-one change the row describes; `out` is the output folder.
+one change the row describes; `samples` a sample set on digits; `out` is the output folder.
 
 Rows marked *pending* are not handled yet: the last column says what happens today and the
 fix it needs; the case is an expected failure (`xfail`) in the tests until the fix lands.

@@ -36,7 +36,7 @@ def test_every_shipped_study_validates_at_every_scale():
         study = load_study(path)
         for scale in study.scales:
             small = load_study(path, scale)
-            assert all(m.model.endswith(("-n", "-n/2", "-n/4", "-n/8")) for m in small.models), (path, scale)
+            assert all(m.model.endswith(("-n", "-n/1", "-n/2", "-n/4", "-n/8")) for m in small.models), (path, scale)
         if study.dataset.startswith("cifar"):
             assert study.scales and study.gpu_hours, f"{path.name}: a CIFAR study needs a scale and its GPU-hours"
             assert study.expect, f"{path.name}: a CIFAR study states the published numbers"
@@ -62,6 +62,9 @@ def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
     # the shrunk suite runs one probe per run; the demo, which `make demo` runs in full, runs them all
     if path.name != "demo.toml":
         study.probes = study.probes[:1] if study.probes != ["all"] else ["permutation"]
+    if study.samples:  # a diffusion study: one seed, and a few samples in two steps, say the stage runs
+        study.seeds = study.seeds[:1]
+        study.samples = {**study.samples, "n": 20, "steps": 2}
     plan = make_plan(study, tmp_path)
     for piece in plan.train:
         trained = trained_pieces.get(_defined_by(piece.config(study)))
@@ -76,7 +79,11 @@ def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
     for piece in plan.probe:
         tables = list((piece.run_dir / "probes").glob("*.csv"))
         assert tables, piece.run_dir
+    for piece in plan.sample:
+        assert (piece.run_dir / "samples" / "samples.npz").is_file() and (piece.run_dir / "samples" / "sample-quality.csv").is_file()
     page = result.report["html"].read_text()
+    if plan.sample:
+        assert page.count(">fd_resnet-n<") >= len(plan.sample)  # the generation section, filled
     for piece in plan.train:
         assert piece.run_dir.name in page
     if study.expect:

@@ -9,8 +9,13 @@ re-run does only what is not done.
 A `pretrained = true` model (timm's pretrained weights) is not trained: it is probed once,
 into <out>/runs/<label>/probes/.
 
+With a [samples] table, every diffusion run is then sampled into <run>/samples/ and, with a
+classifier, its samples measured there (the classifier run of the same seed, trained on the
+natural pixel order: a permuted run's samples are put back in natural order first), which is
+what the report's generation section reads.
+
 Layout of the output folder:
-    <out>/runs/<label>[-s<seed>][-perm<seed>]/   ckpt.pt, metrics.csv, run.json, probes/
+    <out>/runs/<label>[-s<seed>][-perm<seed>]/   ckpt.pt, metrics.csv, run.json, probes/, samples/
     <out>/report/report.html, report.pdf
     <out>/study.json                            the plan and the state of each piece
 """
@@ -29,7 +34,7 @@ from typing import Any, Callable
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name, write_json
-from localitylab.studies.spec import StudyModel, Study
+from localitylab.studies.spec import StudyModel, Study, diffusion_labels
 
 
 @dataclass
@@ -74,11 +79,37 @@ class ProbePiece:
 
 
 @dataclass
+class SamplePiece:
+    """Sample a diffusion run and, with a classifier run, measure the samples (`localitylab
+    sample` then `evaluate-samples`), into <run>/samples/."""
+
+    run_dir: Path
+    settings: dict[str, Any]  # [samples]: n, guidance, steps, sampler, batch_size, inception_weights
+    classifier: Path | None = None  # the classifier's run folder
+
+    @property
+    def name(self) -> str:
+        return f"sample {self.run_dir.name}"
+
+    @property
+    def ready(self) -> bool:
+        return (self.run_dir / "ckpt.pt").is_file()
+
+    def request(self):
+        from localitylab.generation.runs import SampleRequest
+
+        keys = ("n", "guidance", "steps", "sampler", "batch_size")
+        return SampleRequest(str(self.run_dir / "ckpt.pt"), device="auto",
+                             **{k: self.settings[k] for k in keys if k in self.settings})
+
+
+@dataclass
 class Plan:
     study: Study
     out: Path
     train: list[TrainPiece]
     probe: list[ProbePiece]
+    sample: list[SamplePiece] = field(default_factory=list)
 
     @property
     def report_dir(self) -> Path:
@@ -115,7 +146,18 @@ def make_plan(study: Study, out: str | Path) -> Plan:
                 train.append(piece)
                 probe.append(ProbePiece(piece.run_dir, study.probes, study.probe_images, study.probe_batch_size,
                                         0, study.probe_options))
-    return Plan(study, out, train, probe)
+    return Plan(study, out, train, probe, _sample_pieces(study, train, by_key))
+
+
+def _sample_pieces(study: Study, train: list[TrainPiece], by_key: dict[tuple, TrainPiece]) -> list[SamplePiece]:
+    if not study.samples:
+        return []
+    settings = {k: v for k, v in study.samples.items() if k != "classifier"}
+    classifier = study.samples.get("classifier")
+    diffusion = diffusion_labels(study)
+    return [SamplePiece(piece.run_dir, settings,
+                        by_key[(classifier, piece.seed, None)].run_dir if classifier is not None else None)
+            for piece in train if piece.entry.label in diffusion]
 
 
 # --- is a piece done? ----------------------------------------------------------------------
@@ -159,6 +201,32 @@ def probe_done(piece: ProbePiece) -> bool:
     return True
 
 
+def sample_done(piece: SamplePiece) -> bool:
+    """The samples are there, drawn as the study asks, and measured with its classifier."""
+    import json
+
+    folder = piece.run_dir / "samples"
+    wanted = piece.request()
+    try:
+        from localitylab.generation.samples import read_samples
+
+        meta = read_samples(folder).meta
+    except UserError:
+        return False
+    drawn = {k: meta.get(k) for k in ("n", "guidance", "steps", "sampler", "seed")}
+    if drawn != {"n": wanted.n, "guidance": wanted.guidance, "steps": wanted.steps, "sampler": wanted.sampler,
+                 "seed": wanted.seed}:
+        return False
+    if piece.classifier is None:
+        return True
+    try:
+        measured = json.loads((folder / "sample-quality.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (measured.get("classifier_source") == str(piece.classifier)
+            and measured.get("inception_weights") == piece.settings.get("inception_weights"))
+
+
 # --- running a piece (in this process or a worker) ---------------------------------------
 def _run_train(study: Study, piece: TrainPiece, threads: int | None) -> str:
     import torch
@@ -190,6 +258,23 @@ def _run_probe(piece: ProbePiece, threads: int | None) -> str:
                                batch_size=piece.batch_size, seed=piece.seed, device="auto", options=dict(piece.options))
     outputs = run_probes(list(piece.probes), request)
     return f"{piece.run_dir.name}: {', '.join(o.probe for o in outputs)}"
+
+
+def _run_sample(piece: SamplePiece, threads: int | None) -> str:
+    import torch
+
+    from localitylab.generation.runs import EvaluateRequest, evaluate_samples, sample_run
+
+    if threads:
+        torch.set_num_threads(threads)
+    samples, folder = sample_run(piece.request())
+    if piece.classifier is None:
+        return f"{piece.run_dir.name}: {len(samples.images)} samples (no classifier to measure them with)"
+    table, _ = evaluate_samples(EvaluateRequest(str(folder), str(piece.classifier), device="auto",
+                                                inception_weights=piece.settings.get("inception_weights")))
+    ours = table[(table["model"] == samples.meta["model"]) & (table["setting"] == samples.setting)]
+    values = ", ".join(f"{row.metric} {row.value:.4g}" for row in ours.itertuples())
+    return f"{piece.run_dir.name}: {len(samples.images)} samples; {values}"
 
 
 def _call(function: Callable[..., str], *args: Any) -> tuple[bool, str]:
@@ -231,6 +316,10 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
         _run_stage(ready, lambda p: train_done(p, study), _run_train, lambda p: (study, p, threads), jobs, ledger)
     trained = [p for p in plan.probe if p.ready and f"train {p.run_dir.name}" not in ledger.result.failed]
     _run_stage(trained, probe_done, _run_probe, lambda p: (p, threads), jobs, ledger)
+    failed = ledger.result.failed
+    samplable = [p for p in plan.sample if p.ready and f"train {p.run_dir.name}" not in failed
+                 and (p.classifier is None or f"train {p.classifier.name}" not in failed)]
+    _run_stage(samplable, sample_done, _run_sample, lambda p: (p, threads), jobs, ledger)
 
     from localitylab.report.render import build_report
 
@@ -260,7 +349,7 @@ class _Ledger:
         """Pieces finished (done, skipped or failed) of all pieces, and the time so far."""
         plan, result = self.result.plan, self.result
         finished = len(result.done) + len(result.skipped) + len(result.failed)
-        return f"[{finished}/{len(plan.train) + len(plan.probe)} {time.perf_counter() - self.started:.0f}s]"
+        return f"[{finished}/{len(plan.train) + len(plan.probe) + len(plan.sample)} {time.perf_counter() - self.started:.0f}s]"
 
     def skip(self, piece) -> None:
         self.result.skipped.append(piece.name)
@@ -311,7 +400,7 @@ def _run_stage(pieces: list, is_done: Callable, function: Callable[..., str], ma
 def _write_state(plan: Plan, result: StudyResult) -> None:
     write_json(plan.out / "study.json", {
         "study": str(plan.study.path), "name": plan.study.name, "scale": plan.study.scale,
-        "pieces": [p.name for p in plan.train + plan.probe],
+        "pieces": [p.name for p in plan.train + plan.probe + plan.sample],
         "done": result.done, "skipped": result.skipped, "failed": result.failed,
     })
 
@@ -326,6 +415,9 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
         if "probe" in expected:
             rows.append(probe_expectation(study, plan, expected))
             continue
+        if is_sample_metric(expected.get("metric", "")):
+            rows.append(sample_expectation(study, plan, expected))
+            continue
         accuracies = []
         for piece in plan.train:
             if piece.permute is not None:
@@ -333,7 +425,7 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
             if wanted not in (piece.entry.label, piece.entry.model) and not _maps_to(study, wanted, piece.entry):
                 continue
             run_json = piece.run_dir / "run.json"
-            if run_json.is_file():
+            if run_json.is_file() and json.loads(run_json.read_text())["metrics"].get("test_acc") is not None:
                 accuracies.append(json.loads(run_json.read_text())["metrics"]["test_acc"])
         ours = statistics.mean(accuracies) if accuracies else None
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else None
@@ -373,6 +465,42 @@ def probe_expectation(study: Study, plan: Plan, expected: dict[str, Any]) -> dic
     where = f"{metric}, {'layer ' + str(layer) if isinstance(layer, int) else layer + ' layer'}, {heads} over heads"
     return {"setting": (expected.get("setting", "") + f" [ours: {where}]").strip(), "model": wanted, "metric": metric,
             "published": expected["published"], "ours": statistics.mean(values) if values else None,
+            "spread": statistics.stdev(values) if len(values) > 1 else None, "n_seeds": len(values),
+            "source": expected.get("source", "published")}
+
+
+SAMPLE_METRICS = ("fid", "sfid", "inception_score")
+SAMPLE_METRIC_PREFIXES = ("fd_", "precision_", "recall_", "class_accuracy_")
+
+
+def is_sample_metric(metric: str) -> bool:
+    return metric in SAMPLE_METRICS or metric.startswith(SAMPLE_METRIC_PREFIXES)
+
+
+def sample_expectation(study: Study, plan: Plan, expected: dict[str, Any]) -> dict[str, Any]:
+    """A published sample-quality figure beside the same metric of our samples (<run>/samples/
+    sample-quality.csv, the samples' own row over all of them; the mean over seeds). FID, sFID
+    and IS are ours only when the study gives Inception weights."""
+    from localitylab.probes.runner import read_table
+
+    wanted, metric = expected["model"], expected["metric"]
+    values = []
+    for piece in plan.train:
+        if piece.permute is not None or not (wanted in (piece.entry.label, piece.entry.model)
+                                             or _maps_to(study, wanted, piece.entry)):
+            continue
+        path = piece.run_dir / "samples" / "sample-quality.csv"
+        if not path.is_file():
+            continue
+        table = read_table(path)
+        rows = table[(table["metric"] == metric) & ~table["model"].str.startswith("reference:")
+                     & ~table["setting"].fillna("").str.contains("first ") & table["value"].notna()]
+        if len(rows):
+            values.append(float(rows["value"].iloc[0]))
+    return {"setting": f"{metric}: " + expected.get("setting", "") + (f" (ours at scale '{study.scale}': {study.dataset})"
+                                                                     if study.scale else ""),
+            "model": wanted, "metric": metric, "published": expected["published"],
+            "ours": statistics.mean(values) if values else None,
             "spread": statistics.stdev(values) if len(values) > 1 else None, "n_seeds": len(values),
             "source": expected.get("source", "published")}
 

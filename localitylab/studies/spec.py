@@ -9,12 +9,17 @@ published numbers are. Validated on load; a mistake names the key and its line.
                timm:NAME[.TAG] with pretrained = true is probed with timm's pretrained
                weights and not trained
     [probes]   run (probe names or ["all"]), images, batch_size, options = {...}
+    [samples]  n, guidance, steps, sampler, batch_size, classifier = "<label of a classifier in
+               this study>", inception_weights = "FILE": every diffusion run (task =
+               "diffusion") is sampled and, with a classifier, its samples measured
+               (`localitylab sample` and `evaluate-samples`) so the report's generation
+               section is filled
     [report]   title
     [[expect]] model, metric, published, setting, source: shown as "published" beside "ours";
                ours is the model's test accuracy, or with probe = "...": the probe's metric
                at layer ("first", "last" or an index), reduced over heads ("min", "max",
                "mean"); published may be a number or a sentence (a qualitative fact)
-    [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}: a smaller
+    [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}, samples = {...}, seeds: a smaller
                variant (e.g. CIFAR -> digits) selected with --scale NAME
 """
 
@@ -38,8 +43,9 @@ BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
 PROBE_KEYS = {"run", "images", "batch_size", "options"}
+SAMPLE_KEYS = {"n", "guidance", "steps", "sampler", "batch_size", "classifier", "inception_weights"}
 EXPECT_KEYS = {"model", "metric", "published", "setting", "source", "probe", "layer", "heads"}
-SCALE_KEYS = {"dataset", "models", "recipe", "probes", "description"}
+SCALE_KEYS = {"dataset", "models", "recipe", "probes", "samples", "seeds", "description"}
 # [[models]] keys: the model, its label, its data set, whether it is pretrained (probed, not trained),
 # and the training settings a study may set.
 MODEL_KEYS = {"model", "label", "dataset", "pretrained", *STUDY_SETTINGS}
@@ -79,6 +85,7 @@ class Study:
     scales: list[str] = field(default_factory=list)
     scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
     model_map: dict[str, str] = field(default_factory=dict)  # a scale's substitutions, e.g. pit-t -> pit-n
+    samples: dict[str, Any] = field(default_factory=dict)  # [samples]: how diffusion runs are sampled; {} for none
 
     def train_settings(self, entry: StudyModel, seed: int, permute: int | None, out: Path,
                        init_from: Path | None = None) -> dict[str, Any]:
@@ -150,6 +157,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     _check_layout(data, locator)
     study = data["study"]
     dataset, model_map, scale_recipe, probes_raw = _scaled(data, scale, path, locator)
+    samples = _samples(data, scale, locator)
     models = _study_models(data["models"], model_map, scale, locator)
     expect = data.get("expect", [])
     for index, entry in enumerate(expect):
@@ -160,6 +168,8 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         if "probe" in entry:
             _check_probe_expectation(entry, index, locator)
     seeds = study.get("seeds", [0])
+    if scale is not None and "seeds" in data["scale"][scale]:  # a scale may run more seeds (they are cheap there)
+        seeds = data["scale"][scale]["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
     probes = _probe_names(probes_raw, locator)
@@ -172,8 +182,10 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         probe_batch_size=int(probes_raw.get("batch_size", 64)), probe_options=dict(probes_raw.get("options", {})),
         expect=[dict(e) for e in expect], gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")),
         scale=scale, scales=list(data.get("scale", {})), scale_recipe=scale_recipe, model_map=model_map,
+        samples=samples,
     )
     _validate_values(result, locator)
+    _validate_samples(result, locator)
     return result
 
 
@@ -194,7 +206,8 @@ def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
 
 def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
     """The tables the file has, their keys and kinds: [study], [recipe], [[models]], [[expect]], [scale.NAME]."""
-    _check_keys(data, {"study", "recipe", "models", "probes", "report", "expect", "scale"}, "the file", locator, None)
+    _check_keys(data, {"study", "recipe", "models", "probes", "samples", "report", "expect", "scale"}, "the file", locator,
+                None)
     study = data.get("study")
     if not isinstance(study, dict):
         raise locator.error("needs a [study] table with at least name and dataset")
@@ -203,7 +216,7 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
         if required not in study:
             raise locator.error(f"[study] needs {required!r}")
     _check_study_values(study, locator)
-    for table in ("recipe", "probes", "report"):
+    for table in ("recipe", "probes", "samples", "report"):
         if not isinstance(data.get(table, {}), dict):
             raise locator.error(f"'{table}' must be a [{table}] table, got {data[table]!r}", table)
     _check_keys(data.get("recipe", {}), STUDY_SETTINGS, "[recipe]", locator, "recipe")
@@ -220,7 +233,7 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
         if not isinstance(scale_table, dict):
             raise locator.error(f"'scale.{scale_name}' must be a [scale.{scale_name}] table, got {scale_table!r}", "scale")
         _check_keys(scale_table, SCALE_KEYS, f"[scale.{scale_name}]", locator, f"scale.{scale_name}")
-        for table in ("models", "recipe", "probes"):
+        for table in ("models", "recipe", "probes", "samples"):
             if not isinstance(scale_table.get(table, {}), dict):
                 raise locator.error(f"[scale.{scale_name}] {table} must be a table, got {scale_table[table]!r}", table,
                                     f"scale.{scale_name}")
@@ -249,6 +262,17 @@ def _scaled(data: dict[str, Any], scale: str | None, path: Path,
     probes_raw.update(chosen.get("probes", {}))
     # "" in models leaves a model out at this scale
     return chosen.get("dataset", dataset), dict(chosen.get("models", {})), dict(chosen.get("recipe", {})), probes_raw
+
+
+def _samples(data: dict[str, Any], scale: str | None, locator: _Locator) -> dict[str, Any]:
+    """[samples], with [scale.NAME] samples over it; keys checked (values by `_validate_samples`)."""
+    samples = dict(data.get("samples", {}))
+    _check_keys(samples, SAMPLE_KEYS, "[samples]", locator, "samples")
+    if scale is not None and "samples" in data.get("scale", {}).get(scale, {}):
+        chosen = data["scale"][scale]["samples"]
+        _check_keys(chosen, SAMPLE_KEYS, f"[scale.{scale}] samples", locator, f"scale.{scale}")
+        samples.update(chosen)
+    return samples
 
 
 def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | None,
@@ -357,6 +381,45 @@ def _validate_values(study: Study, locator: _Locator) -> None:
         check_probe_options([get_probe(name) for name in chosen], study.probe_options)
     except UserError as err:
         raise locator.error(f"[probes] options: {err}", "options", "probes") from None
+
+
+def diffusion_labels(study: Study) -> set[str]:
+    """The labels of the study's diffusion models (task = "diffusion", in their recipe or the study's)."""
+    return {e.label for e in study.models
+            if not e.pretrained and {**study.recipe, **e.recipe, **study.scale_recipe}.get("task") == "diffusion"}
+
+
+def _validate_samples(study: Study, locator: _Locator) -> None:
+    """[samples]: values `localitylab sample` accepts, and a classifier that this study trains."""
+    from localitylab.generation.runs import SampleRequest, check_sample_request
+
+    samples = study.samples
+    if not samples:
+        return
+    if not diffusion_labels(study):
+        raise locator.error("[samples] applies to diffusion models (task = \"diffusion\"); this study has none",
+                            None, "samples")
+    kinds = {"n": int, "steps": int, "batch_size": int, "guidance": (int, float), "sampler": str,
+             "classifier": str, "inception_weights": str}
+    for key, value in samples.items():
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            raise locator.error(f"[samples] {key} has the wrong type: {value!r}", key, "samples")
+    request = SampleRequest("unused", **{k: samples[k] for k in ("n", "steps", "sampler", "batch_size") if k in samples})
+    if "guidance" in samples:
+        request.guidance = float(samples["guidance"])
+    try:
+        check_sample_request(request)
+        if not 1 <= request.steps <= 1000:
+            raise UserError(f"steps must be between 1 and 1000, got {request.steps}")
+    except UserError as err:
+        raise locator.error(f"[samples] {str(err).lstrip('-')}", None, "samples") from None
+    classifier = samples.get("classifier")
+    if classifier is not None:
+        classifiers = {e.label for e in study.models if not e.pretrained} - diffusion_labels(study)
+        if classifier not in classifiers:
+            raise locator.error(f"[samples] classifier must be the label of a classifier this study trains (one of: "
+                                f"{', '.join(sorted(classifiers)) or 'none'}), got {classifier!r}", "classifier",
+                                "samples")
 
 
 def _check_probe_expectation(entry: dict[str, Any], index: int, locator: _Locator) -> None:

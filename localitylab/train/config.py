@@ -31,7 +31,7 @@ from localitylab.errors import UserError
 from localitylab.io import safe_name
 from localitylab.settings import InvalidSettings, Settings, parse_key_values
 
-TASKS = ("classify", "mae")
+TASKS = ("classify", "mae", "diffusion")
 TRAIN, PRETRAIN = "train", "pretrain mae"  # the commands that start a run, as typed
 
 
@@ -73,8 +73,8 @@ RECIPE = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs
 FROM_DATA_SET = ("batch_size", "warmup_epochs", "crop_padding", "hflip")
 FILLED_HERE = ("batch_size", "warmup_epochs")
 # Where a recipe value came from: given by the user (command line, Python, a study file), the
-# data set's default, the global default, or the run being resumed.
-USER, DATA_SET, DEFAULT, RESUMED = "user", "data set", "default", "resumed run"
+# data set's default, the task's (a diffusion run's), the global default, or the run being resumed.
+USER, DATA_SET, TASK, DEFAULT, RESUMED = "user", "data set", "task", "default", "resumed run"
 
 
 def setting(default: Any, help: str, *, commands: tuple[str, ...] = (TRAIN, PRETRAIN), defines_run: bool = True,
@@ -103,14 +103,18 @@ class TrainConfig(Settings):
 
     model_config = ConfigDict(protected_namespaces=())  # model_kw is a setting, not pydantic's
 
-    model: str = setting(..., "pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18} or timm:NAME", in_study=False)
+    model: str = setting(..., "pit-{n,t,s,b}, vit-{n,t,s,b}/P, resnet-{n,18}, dit-{n,s,b,l,xl}/P or timm:NAME", in_study=False)
     dataset: str = setting(..., "digits, mnist, cifar10, ..., hf:NAME[:CONFIG], folder:PATH, shapes-S: "
                                 "`localitylab datasets` lists them", in_study=False)
     out: Path | None = setting(None, "Run folder (default runs/<model>-<dataset>).", defines_run=False,
                                in_study=False, strict=False)
-    # What the run optimises: "classify", or "mae" (masked-autoencoder pre-training); the
-    # command decides it (`train` or `pretrain mae`).
-    task: Task = setting("classify", "classify or mae", commands=())
+    # What the run optimises: "classify" or "diffusion" (`train --task`), or "mae"
+    # (masked-autoencoder pre-training, `pretrain mae`).
+    task: Task = setting("classify", "classify, or diffusion (noise prediction, for dit-*/P models).",
+                         commands=(TRAIN,))
+    label_dropout: FromZeroBelowOne = setting(
+        0.1, "--task diffusion: share of labels dropped to the null class (classifier-free guidance).",
+        commands=(TRAIN,))
     mask_ratio: BetweenZeroAndOne = setting(0.75, "Fraction of tokens masked per image (a PiT token is a pixel).",
                                             commands=(PRETRAIN,))
     decoder_dim: int | None = setting(None, "Decoder width (default: scaled to the encoder).", commands=(PRETRAIN,))
@@ -123,16 +127,18 @@ class TrainConfig(Settings):
     batch_size: AtLeastOne | None = setting(None, "Images per step (default: the data set's recipe).")
     lr: Positive = setting(1e-3, "Peak learning rate (AdamW).")
     min_lr: AtLeastZero = setting(1e-5, "Learning rate at the end of the cosine.")
-    weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls).")
+    weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls; --task diffusion: 0).")
     warmup_epochs: AtLeastZero | None = setting(None, "Linear warm-up length in epochs (default: the data set's recipe).")
     label_smoothing: FromZeroBelowOne = setting(0.1, "Label smoothing.", commands=(TRAIN,))
     clip_grad: AtLeastZero | None = setting(1.0, "Gradient-norm clipping (0 = off).", off=0)
     mixup: AtLeastZero = setting(0.0, "Mixup alpha (timm; 0 = off).", commands=(TRAIN,))
     cutmix: AtLeastZero = setting(0.0, "CutMix alpha (timm; 0 = off).", commands=(TRAIN,))
     drop_path: DropRate = setting(0.0, "Stochastic depth rate.", commands=(TRAIN,))
-    crop_padding: WholeAtLeastZero | None = setting(None, "Random-crop padding in pixels (default: the data set's).")
+    crop_padding: WholeAtLeastZero | None = setting(
+        None, "Random-crop padding in pixels (default: the data set's; none for --task diffusion).")
     hflip: bool | None = setting(None, "Random horizontal flips in training (default: the data set's).")
-    pos_embed: str = setting("learn", "Position embedding for pit/vit: learn, sincos (fixed) or none.")
+    pos_embed: str = setting("learn", "Position embedding for pit/vit/dit: learn, sincos (fixed) or none "
+                                      "(--task diffusion: sincos, DiT's).")
     model_kw: dict[str, Any] = setting({}, "key=value passed to the model (repeatable).", strict=False)
     weights: str | None = setting(None, "Initial weights (safetensors or state dict) for timm: models.",
                                   commands=(TRAIN,), defines_run=False, path=True)
@@ -199,12 +205,19 @@ class TrainConfig(Settings):
         if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
             return data
         data, told = dict(data), data.get("recipe_from")
+        # A task's own defaults (TASK_DEFAULTS: a diffusion run's) for the settings not given,
+        # from Python, a study file or the command line alike.
+        task_defaults = TASK_DEFAULTS.get(data.get("task"), {})
+        filled = {name for name in task_defaults if data.get(name) is None}
+        data.update({name: task_defaults[name] for name in filled})
         sources: dict[str, str] = {}
         data_set = None
         for name in RECIPE:
             given = data.get(name) is not None
             if told is not None and name in told:
                 sources[name] = told[name]
+            elif name in task_defaults and (name in filled or told is not None):
+                sources[name] = TASK
             elif told is None and given:
                 sources[name] = USER
             elif name in FROM_DATA_SET and not given:
@@ -223,9 +236,32 @@ class TrainConfig(Settings):
             raise ValueError("--linear-probe trains a head on frozen features: give the features with --init-from")
         if self.task == "mae" and (self.linear_probe or self.mixup or self.cutmix):
             raise ValueError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
+        if self.task == "diffusion" and (self.linear_probe or self.mixup or self.cutmix or self.drop_path):
+            raise ValueError("--task diffusion takes no --linear-probe, --mixup, --cutmix or --drop-path")
+        if self.task != "diffusion" and self.label_dropout != TrainConfig.model_fields["label_dropout"].default:
+            raise ValueError("--label-dropout applies to --task diffusion only")
+        self._check_model_fits_task()
         return self
 
+    def _check_model_fits_task(self) -> None:
+        """A DiT trains only as a denoiser, and only a DiT does (its forward takes a timestep and a label)."""
+        from localitylab.models.registry import model_kind
+
+        try:
+            kind = model_kind(self.model)
+        except (UserError, KeyError):
+            return  # an unknown name: building the model says what is valid
+        if self.task == "diffusion" and kind != "dit":
+            raise ValueError(f"--task diffusion trains a diffusion transformer (dit-{{n,s,b,l,xl}}/P); "
+                             f"{self.model} is not one")
+        if kind == "dit" and self.task != "diffusion":
+            raise ValueError(f"{self.model} is a diffusion transformer: train it with --task diffusion")
+
     # --- views ---------------------------------------------------------------------------------------
+    def diffusion_options(self) -> dict[str, Any]:
+        """The diffusion objective's keyword arguments (the schedule is DDPM's linear 1,000 steps)."""
+        return {"label_dropout": self.label_dropout}
+
     def mae_options(self) -> dict[str, Any]:
         """The MAE module's keyword arguments; unset ones take the module's defaults."""
         options = {"mask_ratio": self.mask_ratio, "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
@@ -305,13 +341,27 @@ class TrainCommand:
 
     def config(self, values: dict[str, Any]) -> TrainConfig:
         """The config for the options the user typed on the command line; the rest take the
-        command's defaults, the data set's or the global ones."""
+        command's defaults, the data set's or the global ones. `train --task diffusion` is the
+        diffusion command's."""
+        task = values.get("task", self.task)
+        command = COMMANDS.get(task, self)
+        if command.name != self.name:
+            raise UserError(f"--task {task} is not started by `localitylab {self.name}`; "
+                            f"use `localitylab {command.name}`")
         typed = {name: USER for name in RECIPE if name in values}
-        return TrainConfig(**{**self.defaults, **values, "task": self.task, "recipe_from": typed})
+        return TrainConfig(**{**command.defaults, **values, "task": task, "recipe_from": typed})
 
+
+# A diffusion run's defaults where they differ from a classifier's (DiT, Peebles & Xie 2023):
+# DiT's fixed sin-cos table, no weight decay, no random crops (a generator learns whatever the
+# augmentation shows it: shifted images with padded borders) and no label smoothing (there is
+# no classifier). Learning rate and schedule stay the toolkit's (warm-up and cosine from 1e-3:
+# DiT's constant 1e-4 at batch 256 is tuned for ImageNet latents over 400k steps).
+TASK_DEFAULTS = {"diffusion": {"pos_embed": "sincos", "weight_decay": 0.0, "crop_padding": 0, "label_smoothing": 0.0}}
 
 COMMANDS = {
     "classify": TrainCommand(TRAIN, "classify"),
+    "diffusion": TrainCommand(TRAIN, "diffusion", defaults=TASK_DEFAULTS["diffusion"]),
     "mae": TrainCommand(PRETRAIN, "mae", defaults={"clip_grad": None, "label_smoothing": 0.0}, help={
         "model": "pit-{n,t,s,b} or vit-{n,t,s,b}/P",
         "out": "Run folder (default runs/mae-<model>-<dataset>).",
@@ -352,7 +402,7 @@ def recipe_record(config: TrainConfig, crop_padding: int, hflip: bool) -> dict[s
 
 def describe_recipe(record: dict[str, dict[str, Any]], dataset: str) -> str:
     """One line: the recipe's values grouped by where they came from."""
-    names = {USER: "given", DATA_SET: f"defaults of {dataset}", DEFAULT: "defaults", RESUMED: "from the resumed run"}
+    names = {USER: "given", DATA_SET: f"defaults of {dataset}", TASK: "defaults of the task", DEFAULT: "defaults", RESUMED: "from the resumed run"}
     groups: dict[str, list[str]] = {}
     for name, entry in record.items():
         value = entry["value"]

@@ -33,6 +33,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_di
             f"{checkpoint} is an MAE pre-training run: its classifier head was never trained. Fine-tune it first: "
             f"localitylab train {model.run.spec.name} {model.run.data.name} --init-from {checkpoint}"
         )
+    if model.run.config.get("task") == "diffusion":
+        raise UserError(f"{checkpoint} is a diffusion run: it classifies nothing. Measure its samples: localitylab "
+                        f"sample {Path(checkpoint).parent}, then localitylab evaluate-samples {Path(checkpoint).parent}")
     info = model.run.data
     name = data or info.name
     dataset = load_dataset(name, model.run.data_options(name, DataOptions(data_dir=Path(data_dir) if data_dir else None,

@@ -1,11 +1,11 @@
 """The training loop, readable top to bottom. One loop for every task (classification,
-MAE pre-training) and for one process or many (torchrun + DDP).
+MAE pre-training, diffusion) and for one process or many (torchrun + DDP).
 
-    data on the device (uint8) -> per-step crop/flip -> [pixel permutation] -> normalise
+    data on the device (uint8) -> per-step crop/flip -> [pixel permutation] -> normalise (the task's scale)
     -> this rank's shard -> task loss (bf16 autocast on CUDA) -> backward -> clip -> AdamW
     -> per-step warm-up + cosine -> evaluate each epoch -> checkpoint + metrics.csv
 
-Reproducibility: batch i of epoch e draws its crops, flips, masks and dropout from seeds
+Reproducibility: batch i of epoch e draws its crops, flips, masks, noise and dropout from seeds
 derived from (seed, e, i) alone. A run resumed from any checkpoint, whether written at the
 end of an epoch or mid-epoch on SIGINT/SIGTERM, replays the remaining steps exactly as an
 uninterrupted run would: bit-identical weights on CPU.
@@ -133,7 +133,7 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                     images = permute_pixels(images, permutation)
                 images, labels = ranks.shard(images), ranks.shard(labels)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, correct = task.loss(forward, info.normalise(images), labels,
+                    loss, correct = task.loss(forward, task.inputs(info, images), labels,
                                               batch_generator(device, seed, i, ranks.rank))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

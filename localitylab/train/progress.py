@@ -92,10 +92,13 @@ def make_reporter(quiet: bool) -> Reporter:
     return PlainReporter() if quiet or not sys.stderr.isatty() else RichReporter()
 
 
-def final_message(checkpoint: Any, final: dict[str, Any]) -> str:
+LOSS_NAMES = {"mae": "reconstruction", "diffusion": "denoising"}
+
+
+def final_message(checkpoint: Any, final: dict[str, Any], task: str = "mae") -> str:
     """The line a finished run prints: where its checkpoint is and how good it is."""
     if final.get("test_acc") is not None:
         measure = f"test accuracy {final['test_acc']:.4f}"
     else:
-        measure = f"test reconstruction loss {final['test_loss']:.4f}"
+        measure = f"test {LOSS_NAMES.get(task, task)} loss {final['test_loss']:.4f}"
     return f"{checkpoint}: {measure} after {final['epoch']} epochs"

@@ -5,6 +5,11 @@ module trains, what its loss is, how it is evaluated and what it adds to the che
 - `MaskedAutoencoding`: MAE pre-training of a PiT or ViT encoder; the loss is the
   reconstruction error on the masked tokens. The checkpoint's `model_state` is the encoder
   alone, so every probe, `--init-from` and `localitylab.load()` read it as an ordinary model.
+- `Denoising`: a DiT's noise prediction (`localitylab.diffusion`: DDPM's linear 1,000-step
+  schedule, labels dropped to the null class for classifier-free guidance); images on the
+  diffusion scale [-1, 1]. The test loss is the same objective on the test split with every
+  label kept and the same noise and timesteps every epoch. The checkpoint carries
+  `diffusion_options` (the schedule), from which probes and samplers rebuild it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class Task:
     def module(self, model: nn.Module) -> nn.Module:
         """The module the optimiser trains (the model itself, or a wrapper around it)."""
         return model
+
+    def inputs(self, info: DataInfo, images: torch.Tensor) -> torch.Tensor:
+        """uint8 training images (already permuted, if the run permutes) -> what `loss` takes."""
+        return info.normalise(images)
 
     def loss(self, forward: Callable, inputs: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -145,5 +154,64 @@ class MaskedAutoencoding(Task):
         module.load_decoder_state_dict(checkpoint["mae_state"])
 
 
+class Denoising(Task):
+    name = "diffusion"
+    reports_accuracy = False
+    # The test loss draws its timesteps and noise for each run of EVAL_DRAWS test images from
+    # a CPU generator seeded by (seed, index of the run): the same draws every epoch, on any
+    # device and at any --eval-batch-size.
+    EVAL_DRAWS = 256
+
+    def __init__(self, config: TrainConfig, info: DataInfo) -> None:
+        from localitylab.diffusion.objective import DiffusionObjective
+
+        self.objective = DiffusionObjective(label_dropout=config.label_dropout)
+        self.null_class = info.num_classes  # the DiT's extra label row (models/dit.py)
+        self.seed = config.seed
+
+    def inputs(self, info, images):
+        from localitylab.diffusion.objective import to_diffusion_scale
+
+        return to_diffusion_scale(images)
+
+    def loss(self, forward, inputs, labels, generator):
+        return self.objective.loss(forward, inputs, labels, generator, self.null_class), None
+
+    @torch.no_grad()
+    def evaluate(self, module, info, images, labels, batch_size, amp):
+        """The noise-prediction error on the test split (every label kept), at fixed draws."""
+        from localitylab.data.permutation import permute_pixels
+        from localitylab.diffusion.objective import to_diffusion_scale
+
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.eval()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        step = min(batch_size, self.EVAL_DRAWS)
+        for chunk, start in enumerate(range(0, len(images), self.EVAL_DRAWS)):
+            clean, classes = images[start:start + self.EVAL_DRAWS], labels[start:start + self.EVAL_DRAWS]
+            generator = batch_generator("cpu", self.seed, -1, chunk)
+            timesteps = torch.randint(0, self.objective.schedule.num_timesteps, (len(clean),), generator=generator)
+            noise = torch.randn(clean.shape, generator=generator)
+            for first in range(0, len(clean), step):
+                batch = clean[first:first + step].to(device)
+                if info.permutation is not None:
+                    batch = permute_pixels(batch, info.permutation.to(device))
+                t, eps = timesteps[first:first + step].to(device), noise[first:first + step].to(device)
+                noisy = self.objective.add_noise(to_diffusion_scale(batch), eps, t)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    prediction = module(noisy, t, classes[first:first + step].to(device))
+                loss_sum += (prediction.float() - eps).pow(2).flatten(1).mean(1).double().sum()
+        module.train(was_training)
+        count = torch.tensor(len(images), device=device, dtype=torch.long)
+        return {"loss_sum": loss_sum, "correct": torch.zeros((), device=device, dtype=torch.long), "count": count}
+
+    def checkpoint_extras(self, module):
+        return {"task": self.name, "diffusion_options": self.objective.options()}
+
+
+TASKS = {"classify": Classification, "mae": MaskedAutoencoding, "diffusion": Denoising}
+
+
 def make_task(config: TrainConfig, info: DataInfo) -> Task:
-    return MaskedAutoencoding(config, info) if config.task == "mae" else Classification(config, info)
+    return TASKS[config.task](config, info)

@@ -47,7 +47,7 @@ def run_job(path: str | Path) -> None:
     config, quiet = read_job(path)
     final = train(config, make_reporter(quiet)).final
     if final:
-        print_main(final_message(config.run_dir() / "ckpt.pt", final))
+        print_main(final_message(config.run_dir() / "ckpt.pt", final, config.task))
 
 
 def main(argv: list[str] | None = None) -> int:
