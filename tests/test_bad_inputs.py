@@ -488,9 +488,8 @@ class ReachedDataLoading(BaseException):
 
 @contextlib.contextmanager
 def data_loading_forbidden(enabled: bool = True):
-    from localitylab.data import registry
+    from localitylab.data import registry  # the package registers every loader on import
 
-    registry._ensure_loaded()
     saved = dict(registry._DATASETS)
 
     def refuse(*args, **kwargs):
