@@ -187,7 +187,7 @@ def _training_figure(groups: list, figure_dir: Path) -> Figure | None:
 
     apply_style()
     colours = model_colours([group.name for group in groups])
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 3.6))
     banded = False
     for name, histories in curves:
         for ax, column in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
@@ -203,7 +203,8 @@ def _training_figure(groups: list, figure_dir: Path) -> Figure | None:
                 banded = True
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
-    acc_ax.legend(fontsize=7, loc="lower right")
+    acc_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
     path = save_figure(fig, figure_dir / "training-curves.png")
     caption = "From each run's metrics.csv."
     if banded:
@@ -249,7 +250,7 @@ def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
     position = {t: i for i, t in enumerate(order)}
     colours = model_colours(sorted(points))
     styles = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for model in sorted(points):
         where = points[model]
         distances = sorted({d for _, d in where if d}, key=lambda d: math.inf if d == "inf" else float(d)) or [""]
@@ -265,7 +266,8 @@ def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
     ax.set_xticks(range(len(order)), order)
     ax.set(xlabel="pixel swaps T in training and test (full: one random permutation)", ylabel="test accuracy",
            title="Trained on swapped pixels (bars: 95% CI over seeds)", ylim=(0, 1.02))
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
     path = save_figure(fig, figure_dir / "train-swaps.png")
     return Figure("accuracy against train-time pixel swaps", image_uri(path),
                   "Each model trained and tested on pixels after T random swaps within distance d (the PiT paper's "
