@@ -151,9 +151,12 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         except UserError:
             probe, summary = None, "(a probe this version of localitylab does not know)"
         section = ProbeSection(name, summary)
+        groups = group_by_seed(records)
         # A model trained with several seeds is drawn once: the mean over seeds, its t interval as bars.
         tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
-                  for group in group_by_seed(records) if any(name in r.tables for r in group.records)]
+                  for group in groups if any(name in r.tables for r in group.records)]
+        # Per-model pictures (maps) of a seed group: its first seed's; the others' are in their probe folders.
+        later_seeds = {id(r) for group in groups for r in group.records[1:]}
         if probe is not None and tables:
             out = figure_dir / name
             out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,7 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         for record in records:
             if name in record.tables:
                 section.tables.append((record.name, _table_rows(record.tables[name])))
-                for path in record.artifacts.get(name, []):
+                for path in record.artifacts.get(name, []) if id(record) not in later_seeds else []:
                     if path.suffix == ".png":
                         section.model_figures.append((record.name, Figure(path.stem.replace("-", " "), image_uri(path))))
             else:
