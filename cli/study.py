@@ -43,7 +43,8 @@ def show_study(file: Path, scale: str | None) -> None:
     for column in ("run", "model", "seed", "permuted", "epochs", "GFLOPs/image", "train PFLOPs", "done"):
         table.add_column(column)
     for row in plan["runs"]:
-        table.add_row(row["run"], row["model"], str(row["seed"]), "-" if row["permute_pixels"] is None else str(row["permute_pixels"]),
+        table.add_row(row["run"], row["model"], str(row["seed"]), ("-" if row["permute_pixels"] is None
+                      else f"{row['pixel_permutation']}, seed {row['permute_pixels']}"),
                       str(row["epochs"]), f"{row['gflops_per_image']:.3g}", f"{row['train_pflops']:.3g}", "yes" if row["done"] else "")
     if plan["runs"]:
         console.print(table)

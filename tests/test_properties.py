@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from localitylab.attention import TokenGeometry
 from localitylab.data.permutation import (global_permutation, invert_permutation, local_window_permutation,
                                           mean_displacement, patch_shuffle_permutation, permutation_for_setting,
-                                          permute_pixels, random_permutation, swap_permutation)
+                                          permute_pixels, random_permutation, swap_pairs,
+                                          swap_permutation)
 from localitylab.attention import CallGeometry, softmax_pieces
 from localitylab.probes.attention_distance import attention_row_values, block_row_values
 from localitylab.probes.permutation import shuffle_settings
@@ -109,6 +110,41 @@ def test_swaps_are_permutations_that_move_few_pixels_a_short_way(height, width, 
         assert len(changed) == 2
         (a, b) = changed.tolist()
         assert math.hypot(a // width - b // width, a % width - b % width) <= distance + 1e-9
+
+
+@FAST
+@given(height=sides, width=sides, swaps=st.integers(0, 60),
+       distance=st.one_of(st.just(math.inf), st.floats(1.0, 4.0)), seed=seeds)
+def test_swap_permutation_is_exactly_its_t_swaps_and_moves_no_pixel_beyond_t_times_d(height, width, swaps, distance,
+                                                                                     seed):
+    """The permutation `--permute-pixels SEED --swaps T --swap-distance d` trains on: T pairs of
+    distinct pixels within d, composed in order (rebuilt here as a product of transpositions),
+    so its parity is T's and no pixel ends farther than min(T*d, the diagonal) from home."""
+    permutation = swap_permutation(height, width, swaps, distance, seed)
+    pairs = swap_pairs(height, width, swaps, distance, seed)
+    n = height * width
+    assert len(pairs) == (swaps if n > 1 else 0)
+    composed = torch.arange(n)
+    for a, b in pairs.tolist():
+        assert a != b and math.hypot(a // width - b // width, a % width - b % width) <= distance + 1e-9
+        transposition = torch.arange(n)
+        transposition[a], transposition[b] = b, a
+        composed = composed[transposition]  # out[p] = previous[t[p]]: the contents of a and b exchanged
+    assert torch.equal(composed, permutation)
+    # parity from the cycles: n - (number of cycles) transpositions make it, and T has the same parity
+    seen, cycles = set(), 0
+    for start in range(n):
+        if start not in seen:
+            cycles += 1
+            position = start
+            while position not in seen:
+                seen.add(position)
+                position = int(permutation[position])
+    assert (n - cycles) % 2 == len(pairs) % 2 and n - cycles <= len(pairs)
+    position = torch.arange(n)
+    moved = torch.hypot((position // width - permutation // width).double(),
+                        (position % width - permutation % width).double())
+    assert float(moved.max()) <= min(swaps * distance if swaps else 0.0, math.hypot(height - 1, width - 1)) + 1e-9
 
 
 @FAST

@@ -201,3 +201,40 @@ def test_report_cli_bad_input_is_one_line(tmp_path):
     result = run_command("report", tmp_path / "nope", "--out", tmp_path / "o")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_that_differ_only_in_seed_are_one_row_with_mean_spread_and_bands(probed_runs, tmp_path):
+    """Three runs of one recipe under three training seeds (copies of a probed run, re-labelled
+    with known accuracies): one summary row, the mean ± sd of the accuracies, the t interval
+    of the mean as its bounds, and the training curves drawn as a mean with a band."""
+    import json
+    import statistics
+
+    from scipy.stats import t
+
+    source = next(folder for folder in probed_runs if folder.name.startswith("pit-n"))
+    accuracies = [0.5, 0.6, 0.8]
+    folders = []
+    for seed, accuracy in enumerate(accuracies):
+        folder = tmp_path / f"pit-run-s{seed}"
+        shutil.copytree(source, folder)
+        run = json.loads((folder / "run.json").read_text())
+        run["config"]["seed"], run["metrics"]["test_acc"] = seed, accuracy
+        (folder / "run.json").write_text(json.dumps(run))
+        folders.append(folder)
+    html_path = build_report([*folders, *[f for f in probed_runs if f != source]], tmp_path / "report",
+                             formats=("html",))["html"]
+    parser = ReportParser()
+    parser.feed(html_path.read_text())
+    grouped = "pit-n (pit-run, 3 seeds)"
+    assert grouped in parser.models and len(parser.models) == len(probed_runs)  # three runs, one row
+    mean, sd = statistics.fmean(accuracies), statistics.stdev(accuracies)
+    assert float(parser.cells[(grouped, "accuracy")]) == pytest.approx(mean)
+    page = html_path.read_text()
+    row = page[page.index(f'data-model="{grouped}"'):]
+    half = t.ppf(0.975, 2) * sd / 3 ** 0.5
+    low, high = (float(v) for v in re.search(r'data-key="accuracy" data-value="[^"]+" data-low="([^"]+)" '
+                                             r'data-high="([^"]+)"', row).groups())
+    assert (low, high) == pytest.approx((mean - half, mean + half))
+    assert f"± {100 * sd:.1f}% sd, 3 seeds" in row[:row.index("</tr>")]
+    assert "a band for the 95% t interval of that mean at each epoch" in page

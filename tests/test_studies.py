@@ -14,6 +14,7 @@ import pytest
 
 from localitylab.errors import UserError
 from localitylab.studies import load_study, make_plan, run_study
+from localitylab.studies.spec import with_overrides
 from tests.cli_helpers import ROOT, run_command, start_command
 
 STUDY_FILES = sorted((ROOT / "studies").glob("*.toml"))
@@ -31,12 +32,16 @@ def small_variants():
 
 def test_every_shipped_study_validates_at_every_scale():
     assert {p.name for p in STUDY_FILES} >= {"demo.toml", "pit_vs_vit_cifar100.toml", "patch_size_scaling.toml",
-                                            "pe_ablation.toml", "permutation_gap.toml", "locality_need.toml"}
+                                            "pe_ablation.toml", "permutation_gap.toml", "locality_need.toml",
+                                            "pixel_swaps.toml"}
     for path in STUDY_FILES:
         study = load_study(path)
         for scale in study.scales:
             small = load_study(path, scale)
             assert all(m.model.endswith(("-n", "-n/1", "-n/2", "-n/4", "-n/8")) for m in small.models), (path, scale)
+            assert len(small.seeds) >= 3, f"{path.name} --scale {scale}: a laptop-scale variant trains 3 seeds or more"
+        if not study.scales and not all(m.pretrained for m in study.models):  # laptop-sized as it stands (the demo)
+            assert len(study.seeds) >= 3, f"{path.name}: a laptop-scale study trains 3 seeds or more"
         if study.dataset.startswith("cifar"):
             assert study.scales and study.gpu_hours, f"{path.name}: a CIFAR study needs a scale and its GPU-hours"
             assert study.expect, f"{path.name}: a CIFAR study states the published numbers"
@@ -56,8 +61,11 @@ def _defined_by(config) -> str:
 
 @pytest.mark.parametrize("path, scale", list(small_variants()), ids=lambda v: getattr(v, "name", str(v)))
 def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
-    study = load_study(path, scale)
+    # The suite's budget: one training seed (the shipped laptop scales train 3), one epoch.
+    study = with_overrides(load_study(path, scale), seeds=load_study(path, scale).seeds[:1])
     study.scale_recipe = {**study.scale_recipe, **SHRINK}
+    if path.name == "pixel_swaps.toml":  # the sweep of T for resnet-n, the cheapest; the others at T = 0 and full
+        study.models = [m for m in study.models if m.model == "resnet-n" or m.label.endswith(("-T0", "-full"))]
     study.probe_images = 8
     # the shrunk suite runs one probe per run; the demo, which `make demo` runs in full, runs them all
     if path.name != "demo.toml":
@@ -88,6 +96,27 @@ def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
         assert piece.run_dir.name in page
     if study.expect:
         assert "Published versus ours" in page
+
+
+def test_a_scale_has_its_own_seeds_and_a_model_its_own_permutation():
+    """[scale.NAME] seeds replace [study] seeds at that scale only; without [study]
+    permute_pixels, each [[models]] entry trains on its own permutation (a sweep of T)."""
+    gap = ROOT / "studies" / "permutation_gap.toml"
+    assert load_study(gap).seeds == [0]
+    laptop = load_study(gap, "laptop")
+    assert laptop.seeds == [0, 1, 2]
+    plan = make_plan(laptop, Path("out"))
+    assert len(plan.train) == 3 * 2 * 3  # models x (natural, permuted) x seeds
+    assert {p.run_dir.name for p in plan.train if p.entry.model == "pit-n"} == {
+        f"pit-n-s{seed}{variant}" for seed in (0, 1, 2) for variant in ("", "-perm0")}
+
+    swaps = load_study(ROOT / "studies" / "pixel_swaps.toml")
+    by_label = {p.run_dir.name: p.config(swaps) for p in make_plan(swaps, Path("out")).train}
+    assert len(by_label) == 3 * 5 * 3
+    assert by_label["vit-n-p2-T0-s1"].pixel_permutation_setting() is None
+    assert by_label["vit-n-p2-T64-s1"].pixel_permutation_setting() == "swaps-64-2"
+    assert by_label["vit-n-p2-T64-s1"].permute_pixels == 0 and by_label["vit-n-p2-T64-s1"].seed == 1
+    assert by_label["resnet-n-full-s2"].pixel_permutation_setting() == "global"
 
 
 TINY = """

@@ -107,6 +107,46 @@ def test_permute_pixels_is_recorded_and_applied_at_eval_time(tmp_path):
     assert plain < evaluated - 0.2
 
 
+FEW_SHUFFLES = {"draws": 1, "window_sizes": [2], "tile_grids": [2], "swap_fractions": [0.5], "swap_distances": [2]}
+
+
+def test_swap_trained_run_is_probed_in_the_space_it_was_trained_in(tmp_path):
+    """The PiT paper's swap experiment as a training option: the run's one permutation (64
+    swaps within 2 px, seed 5) is recorded, rebuilt exactly from its setting and seed, and
+    applied by `localitylab.load` and the probes to every test image as in training."""
+    from localitylab.data.permutation import permutation_for_setting, permute_pixels, swap_permutation
+    from localitylab.probes.runner import ProbeRequest, run_probes
+
+    config = TrainConfig("resnet-n", "digits", epochs=2, batch_size=64, warmup_epochs=0, device="cpu",
+                         permute_pixels=5, swaps=64, swap_distance=2)
+    assert config.run_dir().name == "resnet-n-digits-perm5-swaps64-d2"
+    result = train(config.model_copy(update={"out": tmp_path / "run"}))
+    expected = swap_permutation(8, 8, 64, 2.0, 5)
+    assert not torch.equal(expected, torch.arange(64))
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert (run["permute_setting"], run["permute_seed"]) == ("swaps-64-2", 5)
+    assert torch.equal(permutation_for_setting(run["permute_setting"], 8, 8, run["permute_seed"]), expected)
+    model = localitylab.load(result.checkpoint)
+    assert torch.equal(model.run.data.permutation, expected)
+
+    # Independently: the model on test images permuted by hand scores the run's own test accuracy...
+    data = load_dataset("digits")
+    with torch.no_grad():
+        swapped = model(model.run.data.normalise(permute_pixels(data.test_images, expected))).argmax(-1)
+        natural = model(model.run.data.normalise(data.test_images)).argmax(-1)
+    by_hand = float((swapped == data.test_labels).double().mean())
+    assert by_hand == pytest.approx(result.final["test_acc"])
+    assert not torch.equal(swapped, natural)  # ...and the permutation is not a no-op for this model
+    # ...and so does the permutation probe's clean row, over the whole test split, which says what it is.
+    table = run_probes(["permutation"], ProbeRequest(source=str(result.checkpoint), device="cpu",
+                                                     out=tmp_path / "probes", options=FEW_SHUFFLES))[0].table
+    clean = table[(table["metric"] == "accuracy") & (table["setting"] == "clean")].iloc[0]
+    assert clean["n_images"] == len(data.test_labels)
+    assert clean["value"] == pytest.approx(by_hand)
+    assert "trained and tested on pixels permuted by 64 swaps within distance 2" in clean["note"]
+    assert "on top of the training permutation" in table[table["setting"] == "global"].iloc[0]["note"]
+
+
 def test_checkpoint_holds_everything_the_issue_lists(trained_runs):
     data = read_checkpoint(trained_runs["pit-n"].checkpoint)
     for key in ("model_state", "model_spec", "data", "config", "metrics", "versions", "optimizer_state", "epoch"):

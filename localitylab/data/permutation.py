@@ -2,6 +2,13 @@
 
 The PiT paper's instrument: a model with no built-in locality should not care whether the
 pixels arrive in their natural order, as long as every image is shuffled the same way.
+
+Two uses, kept apart by name: at test time the permutation probe moves the pixels of a
+model trained on natural images (settings `global`, `local-k`, `swaps-T-d`,
+`patch-shuffle-g`: robustness); at train time `--permute-pixels SEED` (a full shuffle,
+`global`) or `--permute-pixels SEED --swaps T [--swap-distance d]` (the PiT paper's
+pixel-swap experiment) trains and tests a model on permuted pixels. Both draw from
+`permutation_for_setting`, so a run's permutation is rebuilt exactly from its setting and seed.
 """
 
 from __future__ import annotations
@@ -87,39 +94,55 @@ def patch_shuffle_permutation(height: int, width: int, grid: int, seed: int) -> 
     return tile_permutation(height, width, height // grid, width // grid, order)
 
 
-def swap_permutation(height: int, width: int, swaps: int, max_distance: float, seed: int) -> torch.Tensor:
-    """T random transpositions of pixel pairs at most `max_distance` pixels apart, composed in order.
+def swap_pairs(height: int, width: int, swaps: int, max_distance: float, seed: int) -> np.ndarray:
+    """The T pixel pairs (a, b) of `swap_permutation`, in the order they are swapped: a (T, 2)
+    array of flattened positions, a != b, at most `max_distance` pixels apart.
 
-    The first pixel of each pair is uniform over the image; the second is uniform over the
-    other pixels within the distance (the disc clipped to the image)."""
+    How they are drawn (numpy's default_rng(seed)): with d = inf, a uniform over the H*W
+    pixels and b uniform over the other H*W - 1 (T draws of each, vectorised). With a finite
+    d, a uniform over the pixels and an offset uniform over the integer offsets (dy, dx) != 0
+    with dy^2 + dx^2 <= d^2; pairs whose partner falls outside the image are dropped and more
+    are drawn (rejection sampling), so b is uniform over the other pixels within d of a, and
+    the first T pairs kept are the swaps."""
     num_pixels = height * width
-    permutation = np.arange(num_pixels)
     if swaps <= 0 or num_pixels < 2:
-        return torch.from_numpy(permutation)
+        return np.zeros((0, 2), dtype=np.int64)
     rng = np.random.default_rng(seed)
     if math.isinf(max_distance):
         first = rng.integers(0, num_pixels, swaps)
         second = (first + rng.integers(1, num_pixels, swaps)) % num_pixels  # any other pixel, uniformly
-    else:
-        reach = int(math.floor(max_distance))
-        dy, dx = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
-        keep = (dy**2 + dx**2 <= max_distance**2) & ((dy != 0) | (dx != 0))
-        offsets = np.stack([dy[keep], dx[keep]], axis=1)
-        if len(offsets) == 0:
-            raise UserError(f"swap distance {max_distance} reaches no other pixel; valid: >= 1 or inf")
-        first_parts, second_parts, found = [], [], 0
-        while found < swaps:  # rejection sampling: keep pairs whose partner is inside the image
-            draw = max(2 * (swaps - found), 64)
-            a = rng.integers(0, num_pixels, draw)
-            offset = offsets[rng.integers(0, len(offsets), draw)]
-            row, col = a // width + offset[:, 0], a % width + offset[:, 1]
-            inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
-            first_parts.append(a[inside])
-            second_parts.append((row * width + col)[inside])
-            found += int(inside.sum())
-        first = np.concatenate(first_parts)[:swaps]
-        second = np.concatenate(second_parts)[:swaps]
-    for a, b in zip(first.tolist(), second.tolist()):  # order matters: swaps compose
+        return np.stack([first, second], axis=1)
+    reach = int(math.floor(max_distance))
+    dy, dx = np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1), indexing="ij")
+    keep = (dy**2 + dx**2 <= max_distance**2) & ((dy != 0) | (dx != 0))
+    offsets = np.stack([dy[keep], dx[keep]], axis=1)
+    if len(offsets) == 0:
+        raise UserError(f"swap distance {max_distance} reaches no other pixel; valid: >= 1 or inf")
+    first_parts, second_parts, found = [], [], 0
+    while found < swaps:  # rejection sampling: keep pairs whose partner is inside the image
+        draw = max(2 * (swaps - found), 64)
+        a = rng.integers(0, num_pixels, draw)
+        offset = offsets[rng.integers(0, len(offsets), draw)]
+        row, col = a // width + offset[:, 0], a % width + offset[:, 1]
+        inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+        first_parts.append(a[inside])
+        second_parts.append((row * width + col)[inside])
+        found += int(inside.sum())
+    return np.stack([np.concatenate(first_parts)[:swaps], np.concatenate(second_parts)[:swaps]], axis=1)
+
+
+def swap_permutation(height: int, width: int, swaps: int, max_distance: float, seed: int) -> torch.Tensor:
+    """T random transpositions of pixel pairs at most `max_distance` pixels apart
+    (`swap_pairs`), applied one after the other to the pixel grid: swap t exchanges the
+    contents of positions a_t and b_t. A pixel moves at most `max_distance` per swap it takes
+    part in, so no pixel ends farther than min(T * d, the image diagonal) from where it was.
+
+    Used twice, under two names: the permutation probe's test-time `swaps-T-d` setting
+    (robustness of a model trained on natural pixels), and `localitylab train --permute-pixels
+    SEED --swaps T --swap-distance d`, the PiT paper's experiment (train and test on swapped
+    pixels), where this function with seed SEED draws the run's one fixed permutation."""
+    permutation = np.arange(height * width)
+    for a, b in swap_pairs(height, width, swaps, max_distance, seed).tolist():  # order matters: swaps compose
         permutation[a], permutation[b] = permutation[b], permutation[a]
     return torch.from_numpy(permutation)
 

@@ -88,6 +88,9 @@ class DataInfo:
     crop_padding: int = 0
     permutation: torch.Tensor | None = None  # LongTensor over H*W positions, or None
     permute_seed: int | None = None
+    # How `permutation` was drawn, as `permutation_for_setting(permute_setting, H, W, permute_seed)`
+    # rebuilds it: 'global' (--permute-pixels) or 'swaps-T-d' (--swaps); None in older checkpoints.
+    permute_setting: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -119,6 +122,7 @@ class DataInfo:
             "crop_padding": self.crop_padding,
             "permutation": self.permutation,
             "permute_seed": self.permute_seed,
+            "permute_setting": self.permute_setting,
         }
 
     @classmethod

@@ -189,7 +189,12 @@ def _mean_intervals(rows: list[Measurement], rng: np.random.Generator) -> None:
 
 
 def _drawn_interval(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    """A (draws, images) mean whose draws and images are resampled independently."""
+    """A (draws, images) mean whose draws and images are resampled independently (one draw:
+    the images alone, as for any mean over images)."""
+    if values.shape[0] < 2:
+        low, high = _bootstrap((values[0],), lambda sample, axis=-1: sample.mean(axis=axis), rng)
+        return float(low), float(high)
+
     def mean(draws: np.ndarray, images: np.ndarray, axis: int = -1) -> np.ndarray:
         return values[draws[..., :, None], images[..., None, :]].mean(axis=(-2, -1))
 

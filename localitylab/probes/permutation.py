@@ -7,7 +7,11 @@ trained with `--permute-pixels` still gets its training permutation on top):
 - `local-k`: pixels shuffled inside each k x k window (windows cut at the border are
   shuffled within themselves).
 - `swaps-T-d`: T random swaps of pixel pairs at most d pixels apart (d = inf: any pair),
-  applied one after the other: the PiT paper's protocol. T is swept as fractions of H*W.
+  applied one after the other to the test images. T is swept as fractions of H*W. This is
+  robustness (a model trained on natural pixels, tested on swapped ones), not the PiT
+  paper's pixel-swap experiment, which trains and tests on swapped pixels: that is a
+  training option (`localitylab train ... --permute-pixels SEED --swaps T --swap-distance
+  d`), and its number is the `clean` row of such a run, whose note names the permutation.
 - `patch-shuffle-g`: the image cut into g x g tiles whose order is shuffled.
 
 Every shuffle is a permutation `perm` of the flattened positions (out[p] = image[perm[p]]),
@@ -243,6 +247,19 @@ def draw_seeds(seed: int, setting: str, draws: int) -> list[int]:
     return [setting_seed(seed, setting if draw == 0 else f"{setting}#{draw}") for draw in range(draws)]
 
 
+def trained_permutation_note(target: ProbeTarget) -> str:
+    """'' for a model trained on natural pixels; else what the model was trained and is
+    tested on (its run's permutation, applied to every test image before any shuffle)."""
+    data = target.data
+    if data.permutation is None:
+        return ""
+    how = {"global": "a full shuffle"}.get(data.permute_setting or "", data.permute_setting or "a pixel permutation")
+    if how.startswith("swaps-"):
+        _, count, distance = how.split("-")
+        how = f"{count} swaps within distance {distance} (the PiT paper's train-time swap experiment)"
+    return f"trained and tested on pixels permuted by {how}, seed {data.permute_seed}"
+
+
 @torch.no_grad()
 def correct_per_image(inputs: ProbeInputs, permutation: torch.Tensor | None) -> torch.Tensor:
     """(N,) 1.0 where the model's prediction on the image, with its pixels moved by
@@ -282,8 +299,10 @@ class PermutationProbe(Probe):
         height, width = inputs.images.shape[-2:]
         settings = shuffle_settings(height, width, inputs.options.shuffles())
         caveat = target.accuracy_caveat()
+        trained_on = trained_permutation_note(target)
         clean = correct_per_image(inputs, None)
-        out.per_image("accuracy", clean, setting="clean", note=caveat)
+        out.per_image("accuracy", clean, setting="clean",
+                      note="; ".join(n for n in (trained_on and f"{trained_on}: no test-time shuffle", caveat) if n))
         for setting in settings:
             seeds = draw_seeds(inputs.seed, setting, inputs.options.draws)
             permutations = [permutation_for_setting(setting, height, width, seed) for seed in seeds]
@@ -292,6 +311,8 @@ class PermutationProbe(Probe):
             note = (f"seeds={seeds}: permutation_for_setting({setting!r}, {height}, {width}, seed) for each; "
                     f"accuracy per draw {', '.join(f'{a:.3f}' for a in per_draw.tolist())}"
                     + (f" (sd {float(per_draw.std()):.3f})" if len(seeds) > 1 else ""))
+            if trained_on:
+                note += f"; test-time shuffle on top of the training permutation ({trained_on})"
             if caveat:
                 note += f"; {caveat}"
             out.per_image("accuracy", correct, setting=setting, note=note)

@@ -184,7 +184,8 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
         "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
         "versions": versions(), **code_version(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "permute_seed": target.data.permute_seed, "torch_threads": torch.get_num_threads(),
+        "permute_seed": target.data.permute_seed, "permute_setting": target.data.permute_setting,
+        "torch_threads": torch.get_num_threads(),
         "artifacts": artifacts or [],  # per-model figures (they need the model, so reports cannot redraw them)
     }
     return write_json(path, meta)
@@ -200,7 +201,8 @@ def preprocessing_record(target: ProbeTarget) -> dict[str, Any]:
         return record
     return {"source": f"data set {target.data.name}" + (" (as in training)" if target.checkpoint else ""),
             "input_size": [target.data.in_chans, target.data.img_size, target.data.img_size],
-            "mean": list(target.data.mean), "std": list(target.data.std), "permute_seed": target.data.permute_seed}
+            "mean": list(target.data.mean), "std": list(target.data.std), "permute_seed": target.data.permute_seed,
+            "permute_setting": target.data.permute_setting}
 
 
 def _from_cli() -> bool:

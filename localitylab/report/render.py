@@ -151,9 +151,12 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         except UserError:
             probe, summary = None, "(a probe this version of localitylab does not know)"
         section = ProbeSection(name, summary)
+        groups = group_by_seed(records)
         # A model trained with several seeds is drawn once: the mean over seeds, its t interval as bars.
         tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
-                  for group in group_by_seed(records) if any(name in r.tables for r in group.records)]
+                  for group in groups if any(name in r.tables for r in group.records)]
+        # Per-model pictures (maps) of a seed group: its first seed's; the others' are in their probe folders.
+        later_seeds = {id(r) for group in groups for r in group.records[1:]}
         if probe is not None and tables:
             out = figure_dir / name
             out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,7 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         for record in records:
             if name in record.tables:
                 section.tables.append((record.name, _table_rows(record.tables[name])))
-                for path in record.artifacts.get(name, []):
+                for path in record.artifacts.get(name, []) if id(record) not in later_seeds else []:
                     if path.suffix == ".png":
                         section.model_figures.append((record.name, Figure(path.stem.replace("-", " "), image_uri(path))))
             else:
@@ -171,25 +174,110 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
     return sections
 
 
-def _training_figure(records: list[RunRecord], figure_dir: Path) -> Figure | None:
+def _training_figure(groups: list, figure_dir: Path) -> Figure | None:
+    """Training loss and test accuracy per epoch, one line per model; a model trained with
+    several seeds is drawn as the mean over its seeds with a band: the 95% t interval of that
+    mean at each epoch."""
     from localitylab.plotting import apply_style, model_colours, save_figure
 
-    histories = [(r.name, r.history) for r in records if r.history is not None and not r.history.empty]
-    if not histories:
+    curves = [(group.name, [r.history for r in group.records if r.history is not None and not r.history.empty])
+              for group in groups]
+    curves = [(name, histories) for name, histories in curves if histories]
+    if not curves:
+        return None
+    import matplotlib.pyplot as plt
+    from scipy.stats import t
+
+    apply_style()
+    colours = model_colours([group.name for group in groups])
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 3.6))
+    banded = False
+    for name, histories in curves:
+        for ax, column in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
+            per_epoch = pd.concat([h.set_index("epoch")[column].astype(float) for h in histories], axis=1)
+            mean = per_epoch.mean(axis=1)
+            ax.plot(mean.index, mean.to_numpy(), color=colours[name], label=name)
+            seeds = per_epoch.notna().sum(axis=1)
+            if (seeds > 1).any():
+                half = t.ppf(0.975, (seeds - 1).clip(lower=1)) * per_epoch.std(axis=1) / seeds.clip(lower=1) ** 0.5
+                half = half.where(seeds > 1)
+                ax.fill_between(mean.index, (mean - half).to_numpy(), (mean + half).to_numpy(), color=colours[name],
+                                alpha=0.2, linewidth=0)
+                banded = True
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    acc_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path = save_figure(fig, figure_dir / "training-curves.png")
+    caption = "From each run's metrics.csv."
+    if banded:
+        caption += (" A model trained with several seeds: the mean over its seeds, and a band for the 95% t interval "
+                    "of that mean at each epoch.")
+    return Figure("training curves", image_uri(path), caption)
+
+
+def train_swaps(config: dict[str, Any]) -> tuple[str, str] | None:
+    """(T, d) of a run trained on permuted pixels, as the figure labels them: ('0', '') for
+    natural pixels, ('full', '') for one full random permutation, ('64', '2') for 64 swaps
+    within distance 2; None for a run that is not a classifier trained here."""
+    if config.get("task", "classify") != "classify":
+        return None
+    if config.get("permute_pixels") is None:
+        return "0", ""
+    if config.get("swaps") is None:
+        return "full", ""
+    distance = config.get("swap_distance")
+    return str(config["swaps"]), "inf" if distance is None or math.isinf(distance) else f"{distance:g}"
+
+
+def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
+    """Test accuracy against the number of train-time pixel swaps T (the PiT paper's
+    experiment), one line per model and swap distance; drawn where some run was trained on swaps."""
+    from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
+    from localitylab.report.summary import Estimate, over_seeds
+
+    points: dict[str, dict[tuple[str, str], Estimate]] = {}
+    for group in groups:
+        where = train_swaps(group.first.config) if group.first.trained else None
+        accuracies = [Estimate(r.accuracy) for r in group.records if r.accuracy is not None]
+        if where is None or not accuracies:
+            continue
+        points.setdefault(group.first.spec.get("name", "?"), {})[where] = over_seeds(accuracies)
+    if not any(d for where in points.values() for _, d in where):
         return None
     import matplotlib.pyplot as plt
 
     apply_style()
-    colours = model_colours([r.name for r in records])
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, history in histories:
-        loss_ax.plot(history["epoch"], history["train_loss"], color=colours[name], label=name)
-        acc_ax.plot(history["epoch"], history["test_acc"], color=colours[name], label=name)
-    loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
-    acc_ax.legend(fontsize=8, loc="lower right")
-    path = save_figure(fig, figure_dir / "training-curves.png")
-    return Figure("training curves", image_uri(path), "From each run's metrics.csv.")
+    counts = sorted({int(t) for where in points.values() for t, _ in where if t != "full"})
+    order = [str(c) for c in counts] + (["full"] if any(t == "full" for w in points.values() for t, _ in w) else [])
+    position = {t: i for i, t in enumerate(order)}
+    colours = model_colours(sorted(points))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for model in sorted(points):
+        where = points[model]
+        distances = sorted({d for _, d in where if d}, key=lambda d: math.inf if d == "inf" else float(d)) or [""]
+        for i, distance in enumerate(distances):
+            line = sorted(((t, e) for (t, d), e in where.items() if d in (distance, "")), key=lambda p: position[p[0]])
+            rows = pd.DataFrame({"value": [e.value for _, e in line],
+                                 "ci_low": [e.low if e.has_interval else math.nan for _, e in line],
+                                 "ci_high": [e.high if e.has_interval else math.nan for _, e in line]})
+            seeds = max(e.seeds for _, e in line)
+            label = f"{model}" + (f", d={distance}" if distance else "") + (f" ({seeds} seeds)" if seeds > 1 else "")
+            errorbar(ax, [position[t] for t, _ in line], rows, color=colours[model], marker="o",
+                     linestyle=styles[i % len(styles)], label=label)
+    ax.set_xticks(range(len(order)), order)
+    ax.set(xlabel="pixel swaps T in training and test (full: one random permutation)", ylabel="test accuracy",
+           title="Trained on swapped pixels (bars: 95% CI over seeds)", ylim=(0, 1.02))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    path = save_figure(fig, figure_dir / "train-swaps.png")
+    return Figure("accuracy against train-time pixel swaps", image_uri(path),
+                  "Each model trained and tested on pixels after T random swaps within distance d (the PiT paper's "
+                  "experiment; `localitylab train --permute-pixels SEED --swaps T --swap-distance d`); T = 0: natural "
+                  "pixels, full: one fixed random permutation of all pixels. Bars: the 95% t interval of the mean over "
+                  "training seeds (none where a model has one seed). Not the permutation probe's test-time swaps, "
+                  "which perturb a model trained on natural pixels.")
 
 
 def build_context(records: list[RunRecord], title: str, figure_dir: Path,
@@ -225,7 +313,8 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "sections": sections,
         "generation": _generation_section(records),
         "records": records,
-        "training_figure": _training_figure(records, figure_dir),
+        "training_figure": _training_figure(groups, figure_dir),
+        "swaps_figure": _train_swaps_figure(groups, figure_dir),
         "missing": missing,
         "expectations": expectations or [],
         "fmt": fmt,

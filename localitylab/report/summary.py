@@ -9,6 +9,7 @@ None and the report shows it as missing, with the command that would produce it.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,6 +37,8 @@ TRAINING_COLUMNS = (
     Column("tokens", "tokens / image", "tokens per image, prefix tokens included", None, kind="int"),
     Column("flops", "GFLOPs / image", "forward FLOPs per image (torch.utils.flop_counter)", None, kind="flops"),
 )
+# Properties of the architecture: every seed of a recipe has the same.
+ARCHITECTURE = ("params", "tokens", "flops")
 # From two runs together: after them.
 PAIR_COLUMNS = (
     Column("perm_gap", "train-time perm. gap", "clean-trained accuracy - accuracy of the same recipe trained on permuted pixels", None),
@@ -103,10 +106,15 @@ class ModelGroup:
 
     @property
     def name(self) -> str:
+        """'pit-n (pit-n-T16, 3 seeds)' where the run folders differ only in a study's
+        '-s<seed>'; else every folder is listed."""
         if len(self.records) == 1:
             return self.records[0].name
-        return f"{self.records[0].spec.get('name', '?')} ({len(self.records)} seeds: " \
-               f"{', '.join(r.path.name for r in self.records)})"
+        spec, count = self.records[0].spec.get("name", "?"), len(self.records)
+        stems = {re.sub(rf"-s{r.config.get('seed')}(?=$|-perm)", "", r.path.name, count=1) for r in self.records}
+        if len(stems) == 1 and stems != {r.path.name for r in self.records}:
+            return f"{spec} ({stems.pop()}, {count} seeds)"
+        return f"{spec} ({count} seeds: {', '.join(r.path.name for r in self.records)})"
 
     @property
     def first(self) -> RunRecord:
@@ -166,7 +174,10 @@ def summary_row(group: ModelGroup | RunRecord, records: list[RunRecord]) -> dict
     per_run = [_run_values(record, records) for record in members]
     if len(per_run) == 1:
         return per_run[0]
-    return {key: over_seeds([run[key] for run in per_run if run[key] is not None]) for key in per_run[0]}
+    row = {key: over_seeds([run[key] for run in per_run if run[key] is not None]) for key in per_run[0]}
+    for key in ARCHITECTURE:  # the same for every seed: no spread to show
+        row[key] = per_run[0][key]
+    return row
 
 
 def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None:
@@ -185,7 +196,8 @@ def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None
 def fmt_estimate(estimate: Estimate, digits: int = 3) -> str:
     text = f"{estimate.value:.{digits}g}"
     if estimate.seeds > 1 and estimate.spread is not None:
-        text += f" ± {estimate.spread:.2g} (sd, {estimate.seeds} seeds)"
+        text += f" ± {estimate.spread:.2g} (sd over {estimate.seeds} seeds"
+        text += f"; 95% CI [{estimate.low:.{digits}g}, {estimate.high:.{digits}g}])" if estimate.has_interval else ")"
     elif estimate.has_interval:
         text += f" [{estimate.low:.{digits}g}, {estimate.high:.{digits}g}]"
     return text

@@ -535,7 +535,7 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
         train_flops = 3 * flops * shapes["train_images"] * config.epochs
         total += train_flops
         rows.append({"run": piece.run_dir.name, "model": piece.entry.model, "dataset": config.dataset, "seed": piece.seed,
-                     "permute_pixels": piece.permute, "epochs": config.epochs, "gflops_per_image": flops / 1e9,
+                     "permute_pixels": config.permute_pixels, "pixel_permutation": config.pixel_permutation_setting(), "epochs": config.epochs, "gflops_per_image": flops / 1e9,
                      "train_pflops": train_flops / 1e15, "done": train_done(piece, study)})
     return {"study": study.name, "title": study.title, "dataset": study.dataset, "scale": study.scale,
             "scales": study.scales, "gpu_hours": study.gpu_hours, "runs": rows, "probes": study.probes,

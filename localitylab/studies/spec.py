@@ -2,7 +2,10 @@
 published numbers are. Validated on load; a mistake names the key and its line.
 
     [study]    name, title, description, dataset, seeds, permute_pixels, gpu_hours, notes
-    [recipe]   any `localitylab train` setting (epochs, batch_size, lr, ...)
+    [recipe]   any `localitylab train` setting (epochs, batch_size, lr, ...; with [study]
+               permute_pixels, swaps and swap_distance say how the permuted variant is drawn;
+               without it, a model's own permute_pixels, swaps, swap_distance train it on
+               permuted pixels, e.g. one [[models]] entry per swap count T)
     [[models]] model (registry name), label, and per-model recipe overrides; task = "mae"
                pre-trains, and init_from = "<label of an earlier model>" starts from its
                checkpoint (same seed), so a study can pre-train and then fine-tune; a
@@ -20,7 +23,8 @@ published numbers are. Validated on load; a mistake names the key and its line.
                at layer ("first", "last" or an index), reduced over heads ("min", "max",
                "mean"); published may be a number or a sentence (a qualitative fact)
     [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}, samples = {...}, seeds: a smaller
-               variant (e.g. CIFAR -> digits) selected with --scale NAME
+               variant (e.g. CIFAR -> digits) selected with --scale NAME; its seeds
+               replace [study] seeds (a cheap scale can afford more of them)
 """
 
 from __future__ import annotations
@@ -92,7 +96,12 @@ class Study:
         """TrainConfig's settings for one run. `init_from`: the checkpoint of the run that
         entry.init_from names (the runner knows where that run lives); the label itself never
         reaches TrainConfig."""
-        settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed, "permute_pixels": permute}
+        settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed}
+        if self.permute_pixels is not None:  # [study] permute_pixels: every model once natural, once permuted
+            settings["permute_pixels"] = permute
+            if permute is None:  # the natural variant: a [recipe] swaps setting is the permuted variant's
+                settings.pop("swaps", None)
+                settings.pop("swap_distance", None)
         settings["init_from"] = str(init_from) if init_from is not None else None
         return {"model": entry.model, "dataset": self.dataset_of(entry), "out": out, "resume": True, **settings}
 
@@ -168,10 +177,9 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         if "probe" in entry:
             _check_probe_expectation(entry, index, locator)
     seeds = study.get("seeds", [0])
-    if scale is not None and "seeds" in data["scale"][scale]:  # a scale may run more seeds (they are cheap there)
-        seeds = data["scale"][scale]["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise locator.error("'seeds' must be a non-empty list of integers", "seeds", "study")
+    _check_seeds(seeds, "study", locator)
+    if scale is not None and "seeds" in data["scale"][scale]:
+        seeds = data["scale"][scale]["seeds"]  # checked with the layout
     probes = _probe_names(probes_raw, locator)
 
     result = Study(
@@ -237,10 +245,21 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
             if not isinstance(scale_table.get(table, {}), dict):
                 raise locator.error(f"[scale.{scale_name}] {table} must be a table, got {scale_table[table]!r}", table,
                                     f"scale.{scale_name}")
+        if "seeds" in scale_table:
+            _check_seeds(scale_table["seeds"], f"scale.{scale_name}", locator)
         for full, small in scale_table.get("models", {}).items():
             if not isinstance(small, str):
                 raise locator.error(f"[scale.{scale_name}] models: {full} must map to a model name (\"\" to leave it "
                                     f"out), got {small!r}", full, f"scale.{scale_name}")
+
+
+def _check_seeds(seeds: Any, table: str, locator: _Locator) -> None:
+    """[study] seeds and [scale.NAME] seeds: distinct integers (each seed is a run folder)."""
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise locator.error(f"[{table}] seeds must be a non-empty list of integers, got {seeds!r}", "seeds", table)
+    if len(set(seeds)) != len(seeds):
+        raise locator.error(f"[{table}] seeds must be distinct, got {seeds!r}", "seeds", table)
 
 
 def _scaled(data: dict[str, Any], scale: str | None, path: Path,
@@ -345,6 +364,13 @@ def _validate_values(study: Study, locator: _Locator) -> None:
             check_dataset_name(dataset)
         except UserError as err:
             raise locator.error(str(err), "dataset") from None
+    if study.permute_pixels is not None:
+        for table, recipe in (("recipe", study.recipe), (f"scale.{study.scale}", study.scale_recipe),
+                              *(("models", e.recipe) for e in study.models)):
+            if "permute_pixels" in recipe:
+                raise locator.error("permute_pixels is set in [study], which trains every model on natural and on "
+                                    f"permuted pixels; remove it from [{table}] (or from [study] to give each model "
+                                    "its own)", "permute_pixels", table)
     for entry in study.models:
         if entry.pretrained:  # probed only: a name timm knows, with pretrained weights
             try:

@@ -70,7 +70,8 @@ def run_record(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         "model_spec": payload["model_spec"], "data": payload["data"]["name"], "config": payload["config"],
         "metrics": payload["metrics"], "model_info": payload["model_info"], "task": payload["task"],
-        "permute_seed": payload["data"]["permute_seed"], "epochs_done": payload["epoch"],
+        "permute_seed": payload["data"]["permute_seed"],
+        "permute_setting": payload["data"].get("permute_setting"), "epochs_done": payload["epoch"],
         "command": TrainConfig(**payload["config"]).command(), "init_from": payload["init_from"],
         "recipe": payload.get("recipe"),
         "versions": versions(), **payload["code_version"],

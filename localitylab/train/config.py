@@ -59,6 +59,7 @@ AtLeastZero = Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "{fl
 Positive = Annotated[float, check(lambda v: math.isfinite(v) and v > 0, "{flag} must be a positive number, got {value}")]
 FromZeroBelowOne = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} must be in [0, 1), got {value}")]
 BetweenZeroAndOne = Annotated[float, check(lambda v: 0 < v < 1, "{flag} must be between 0 and 1 (exclusive), got {value}")]
+SwapDistance = Annotated[float, check(lambda v: v >= 1, "{flag} must be a number >= 1 (pixels) or inf, got {value}")]
 DropRate = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} is a probability of dropping a block: in [0, 1), got {value}")]
 AutoOnOff = Annotated[str, check(lambda v: v in ("auto", "on", "off"), "{flag} must be auto, on or off, got {repr}")]
 Task = Annotated[str, check(lambda v: v in TASKS, f"unknown task {{repr}}; valid: {', '.join(TASKS)}")]
@@ -145,6 +146,11 @@ class TrainConfig(Settings):
     seed: int = setting(0, "Seed: CPU runs with the same seed are bit-identical.")
     permute_pixels: int | None = setting(None, "Train and test on pixels shuffled by this seed's permutation.",
                                          commands=(TRAIN,))
+    swaps: WholeAtLeastZero | None = setting(
+        None, "With --permute-pixels: draw that permutation as T random swaps of pixel pairs (the PiT paper's "
+        "pixel-swap experiment) instead of a full shuffle.", commands=(TRAIN,))
+    swap_distance: SwapDistance | None = setting(
+        None, "With --swaps: the most pixels apart a swapped pair may be (default inf: any pair).", commands=(TRAIN,))
     data_dir: str | None = setting(None, "Where data sets live (default ~/.cache/localitylab/data).",
                                    defines_run=False, path=True)
     download: bool = setting(False, "Fetch an official archive if it is missing (checks its MD5).", defines_run=False)
@@ -234,6 +240,11 @@ class TrainConfig(Settings):
     def _combinations(self) -> "TrainConfig":
         if self.linear_probe and not self.init_from:
             raise ValueError("--linear-probe trains a head on frozen features: give the features with --init-from")
+        if self.swaps is not None and self.permute_pixels is None:
+            raise ValueError("--swaps says how the --permute-pixels permutation is drawn: give its seed with "
+                             "--permute-pixels SEED")
+        if self.swap_distance is not None and self.swaps is None:
+            raise ValueError("--swap-distance limits the pixel swaps of --swaps: give their number with --swaps T")
         if self.task == "mae" and (self.linear_probe or self.mixup or self.cutmix):
             raise ValueError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
         if self.task == "diffusion" and (self.linear_probe or self.mixup or self.cutmix or self.drop_path):
@@ -271,6 +282,17 @@ class TrainConfig(Settings):
     def defining(self) -> dict[str, Any]:
         """The settings that define the run: a resumed run must agree on every one."""
         return {name: getattr(self, name) for name in DEFINING_SETTINGS}
+
+    def pixel_permutation_setting(self) -> str | None:
+        """The training permutation as the permutation probe's settings spell it (`global`, or
+        `swaps-T-d`), for `localitylab.data.permutation.permutation_for_setting`; None: natural pixels."""
+        if self.permute_pixels is None:
+            return None
+        if self.swaps is None:
+            return "global"
+        from localitylab.data.permutation import distance_label
+
+        return f"swaps-{self.swaps}-{distance_label(self.swap_distance if self.swap_distance is not None else math.inf)}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (the checkpoint is loaded with weights_only=True)."""
@@ -372,12 +394,17 @@ COMMANDS = {
 
 
 def default_run_name(config: TrainConfig) -> str:
-    """'vit-n/2' on 'digits' -> 'vit-n-p2-digits'; permuted runs get '-perm<seed>'."""
+    """'vit-n/2' on 'digits' -> 'vit-n-p2-digits'; permuted runs get '-perm<seed>', and
+    '-swaps<T>-d<d>' where the permutation is T swaps within distance d."""
     name = f"{config.model}-{config.dataset}".replace("/", "-p")
     if config.task == "mae":
         name = "mae-" + name
     if config.permute_pixels is not None:
         name += f"-perm{config.permute_pixels}"
+    setting = config.pixel_permutation_setting()
+    if setting is not None and setting.startswith("swaps-"):
+        _, count, distance = setting.split("-")
+        name += f"-swaps{count}-d{distance}"
     return safe_name(name)
 
 

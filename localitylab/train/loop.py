@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from localitylab.data.batching import batch_generator, batches_per_epoch, train_batches
-from localitylab.data.permutation import permute_pixels, random_permutation
+from localitylab.data.permutation import permutation_for_setting, permute_pixels
 from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_dataset
 from localitylab.device import resolve_device
 from localitylab.errors import RunStopped, UserError
@@ -209,10 +209,12 @@ def data_options(config: TrainConfig) -> DataOptions:
 
 def prepare_data(config: TrainConfig) -> ImageDataset:
     dataset = load_dataset(config.dataset, data_options(config))
-    if config.permute_pixels is not None:
+    setting = config.pixel_permutation_setting()
+    if setting is not None:  # `global` (a full shuffle) or `swaps-T-d` (the PiT paper's swap experiment)
         size = dataset.info.img_size
-        dataset.info.permutation = random_permutation(size * size, config.permute_pixels)
+        dataset.info.permutation = permutation_for_setting(setting, size, size, config.permute_pixels)
         dataset.info.permute_seed = config.permute_pixels
+        dataset.info.permute_setting = setting
     return dataset
 
 
