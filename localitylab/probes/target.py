@@ -24,7 +24,7 @@ from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.preprocessing import Preprocessing
-from localitylab.models.registry import ModelSpec, build_model, default_pos_embed, model_kind, spec_for_data
+from localitylab.models.registry import ModelSpec, build_model, default_pos_embed, is_model_name, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
 
 if TYPE_CHECKING:
@@ -73,8 +73,9 @@ class Denoising:
 
 
 def denoising_for(spec: ModelSpec, extras: dict[str, Any]) -> Denoising | None:
-    """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other models."""
-    if model_kind(spec.name) != "dit":
+    """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other
+    models, and for a model in memory (named by its class: `memory_target` says whether it is a DiT)."""
+    if not is_model_name(spec.name) or model_kind(spec.name) != "dit":
         return None
     from localitylab.diffusion.objective import DiffusionObjective
 
@@ -147,8 +148,11 @@ class ProbeTarget:
 
     @property
     def kind(self) -> str:
-        """'pit', 'vit', 'dit', 'convnet' or 'timm'."""
-        return model_kind(self.spec.name)
+        """'pit', 'vit', 'dit', 'convnet' or 'timm'; for a model in memory that the registry did not
+        build, 'dit' if it is a denoiser, else 'module'."""
+        if is_model_name(self.spec.name):
+            return model_kind(self.spec.name)
+        return "dit" if self.denoising is not None else "module"
 
     def default_out_dir(self) -> Path:
         if self.run_dir is not None:
