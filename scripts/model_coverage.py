@@ -372,6 +372,7 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
     summary = family_summary(table, probes)
     vit = table[table["vit_family"]]
     measured, fully_read = attention_measured(vit)
+    with_values = vit["attention-distance"].str.startswith("measured").groupby(vit["family"], sort=False).any()
     failed = sum((table[p].str.startswith("failed")).sum() for p in probes)
     lines = [
         "# Model coverage: which timm models the probes read",
@@ -391,7 +392,10 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
         "a bug).",
         "",
         f"- ViT families whose attention distances the attention probes measure: **{int(measured.sum())} of "
-        f"{len(measured)}** ({measured.mean():.0%})" if len(measured) else "- no ViT family in this run",
+        f"{len(measured)}** ({measured.mean():.0%}); measured at all (attention-distance has values: also "
+        f"class attention alone, which has no query position): **{int(with_values.sum())} of {len(with_values)}** "
+        f"({with_values.mean():.0%}); not measured: {', '.join(with_values[~with_values].index) or 'none'}"
+        if len(measured) else "- no ViT family in this run",
         f"- ViT families every attention layer of which is read (a distance, or class attention reported as such): "
         f"{int(fully_read.sum())} of {len(fully_read)}; not: {', '.join(fully_read[~fully_read].index) or 'none'}",
         f"- probe runs that failed: **{failed}** of {len(table) * len(probes)}",

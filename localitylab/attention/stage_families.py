@@ -29,11 +29,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, fused, register_adapter
+from localitylab.attention.adapters import (WHY_UNREAD, AttentionAdapter, CallGeometry, SdpaCall, fused,
+                                            register_adapter)
 from localitylab.attention.families import (HandMadeAttention, SwinBlockAttention, WindowBlockAttention,
                                             _timm_class, forward_replaced, recording_input, stage_geometry,
                                             window_geometry, with_shift_mask)
 from localitylab.attention.geometry import TokenGeometry
+
+
+WHY_UNREAD.update({
+    "MultiScaleAttention": "pooled attention (MViTv2; HieraDet at a stage change): queries or keys pooled on the "
+                           "grid, which no adapter places yet",
+    "MaskUnitAttention": "Hiera's mask-unit attention: tokens in its unrolled mask-unit order, which no adapter "
+                         "places yet",
+})
 
 
 def stage_self_attention(call: SdpaCall, height: int, width: int, prefix: int, geometry: TokenGeometry,
