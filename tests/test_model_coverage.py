@@ -70,7 +70,7 @@ def test_xcit_grid_comes_from_its_image_and_patch_size():
 SUBSET = [("vision_transformer", "vit_tiny_patch16_224"), ("vision_transformer_hybrid", "vit_small_r26_s32_224"),
           ("crossvit", "crossvit_tiny_240"), ("xcit", "xcit_nano_12_p16_224"), ("convit", "convit_tiny"),
           ("swin_transformer", "swin_tiny_patch4_window7_224"), ("eva", "eva02_tiny_patch14_224"),
-          ("cait", "cait_xxs24_224")]
+          ("cait", "cait_xxs24_224"), ("levit", "levit_128s")]
 
 
 def test_coverage_subset_nothing_fails():
@@ -87,9 +87,12 @@ def test_coverage_subset_nothing_fails():
         assert failed.empty, f"{probe} failed on: " + "; ".join(f"{a}: {o}" for a, o in zip(failed["architecture"],
                                                                                             failed[probe]))
     # Every family of the subset has an adapter now: plain, hybrid, CrossViT's branches, XCiT's class
-    # attention, ConViT's GPSA, Swin's windows, EVA's rotary attention, CaiT's talking heads.
+    # attention, ConViT's GPSA, Swin's windows, EVA's rotary attention, CaiT's talking heads, LeViT's
+    # stages (built for the smallest image it takes: it has no depth or width to shrink).
     measured = dict(zip(table["architecture"], table["attention-distance"].str.split(":").str[0]))
     assert set(measured.values()) == {"measured"}, measured
+    built = dict(zip(table["architecture"], table["built"]))
+    assert built["levit_128s"] == "img_size=64", built["levit_128s"]
     maps = dict(zip(table["architecture"], table["attention-maps"]))
     assert maps["swin_tiny_patch4_window7_224"].startswith("refused: attention-maps draws each query's attention on "
                                                             "the model's one token grid")
