@@ -206,10 +206,17 @@ def build_small(name: str, family: Family) -> tuple[nn.Module, dict[str, Any]]:
         info = describe_model(model)
         spacing = info.patch_size
         if "img_size" not in kwargs and spacing and isinstance(spacing, int):
-            side = spacing * max(4, min(8, SMALL_IMAGE // spacing))  # a 4x4 to 8x8 grid near SMALL_IMAGE pixels
-            if info.grid is None or side < max(info.grid) * spacing:  # (no grid: it follows the image)
+            # a 4x4 to 8x8 grid near SMALL_IMAGE pixels, the largest such grid the model takes
+            # (Gemma 4's soft pooling wants a multiple of its pooling kernel in tokens)
+            largest = max(4, min(8, SMALL_IMAGE // spacing))
+            for side in (spacing * cells for cells in range(largest, 3, -1)):
+                if info.grid is not None and side >= max(info.grid) * spacing:
+                    break  # not smaller than its own (no grid: it follows the image)
                 with contextlib.suppress(Exception):
-                    model, kwargs = _create(name, dict(kwargs, img_size=side)), dict(kwargs, img_size=side)
+                    small = _create(name, dict(kwargs, img_size=side))
+                    if runs_on(small, side):
+                        model, kwargs = small, dict(kwargs, img_size=side)
+                        break
         if "img_size" not in kwargs:
             model, kwargs = on_small_images(name, model, kwargs)
         return model, kwargs

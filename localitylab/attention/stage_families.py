@@ -42,7 +42,26 @@ WHY_UNREAD.update({
                            "grid, which no adapter places yet",
     "MaskUnitAttention": "Hiera's mask-unit attention: tokens in its unrolled mask-unit order, which no adapter "
                          "places yet",
+    "DiffAttention": "differential attention: the difference of two softmax maps, not one distribution over keys",
+    "DiffParallelScalingBlock": "differential attention (in a parallel block): the difference of two softmax maps, "
+                                "not one distribution over keys",
 })
+
+
+# --- ViT-22B-style parallel blocks: attention and MLP side by side in one block ----------------------------
+_ParallelBlock = _timm_class("timm.models.vision_transformer", "ParallelScalingBlock")
+
+if _ParallelBlock is not None:
+    @register_adapter
+    class ParallelBlockAttention(AttentionAdapter):
+        """timm's ParallelScalingBlock (ViT-22B's parallel layout): the block computes its own
+        attention over the model's tokens (qk-norm, fused path to SDPA) beside its MLP."""
+
+        name = "parallel-block"
+        module_type = _ParallelBlock
+
+        def reading(self):
+            return fused(self.module)
 
 
 def stage_self_attention(call: SdpaCall, height: int, width: int, prefix: int, geometry: TokenGeometry,

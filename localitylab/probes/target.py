@@ -117,6 +117,13 @@ class ProbeTarget:
         if self.denoising is None:
             self.denoising = denoising_for(self.spec, self.extras)
 
+    def no_head_reason(self) -> str:
+        """Why the model's output is not class scores ('' if it is): a timm encoder built with
+        num_classes = 0 returns features (pooled, or every token)."""
+        if self.spec.num_classes > 0:
+            return ""
+        return f"{self.display_name} has no classifier head (num_classes = 0: its output is features, not class scores)"
+
     def accuracy_caveat(self) -> str:
         """Why the model's accuracy on this data set may not mean what it says ('' if nothing)."""
         if "mae_options" in self.extras:
