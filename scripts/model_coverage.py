@@ -399,9 +399,9 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
         "a bug).",
         "",
         f"- ViT families whose attention distances the attention probes measure: **{int(measured.sum())} of "
-        f"{len(measured)}** ({measured.mean():.0%}); measured at all (attention-distance has values: also "
+        f"{len(measured)}** ({measured.mean():.1%}); measured at all (attention-distance has values: also "
         f"class attention alone, which has no query position): **{int(with_values.sum())} of {len(with_values)}** "
-        f"({with_values.mean():.0%}); not measured: {', '.join(with_values[~with_values].index) or 'none'}"
+        f"({with_values.mean():.1%}); not measured: {', '.join(with_values[~with_values].index) or 'none'}"
         if len(measured) else "- no ViT family in this run",
         f"- ViT families every attention layer of which is read (a distance, or class attention reported as such): "
         f"{int(fully_read.sum())} of {len(fully_read)}; not: {', '.join(fully_read[~fully_read].index) or 'none'}",
