@@ -49,6 +49,10 @@ FLAT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 MAX_PARAMS = 100e6  # an architecture that cannot be built smaller than this is not built
 DEPTH_KEYS = ("depth", "depths", "layers", "depth_token_only", "local_up_to_layer", "cls_attn_layers")
 SMALL_IMAGE = 128  # a flat model is rebuilt for an image near this side (probe costs grow with its pixels)
+# A model with no token grid to size it by (stages, convolutions) runs on the first of these sides
+# it takes (built for it where it takes `img_size`, fed it as it is where it follows the image):
+# a forward at 224 px costs 12 times one at 64 px, and the full-size models dominate the run.
+SMALL_SIDES = (64, 96, 128)
 IMAGES = 2
 # The coverage asks whether each probe runs, not for its intervals: 100 bootstrap resamples
 # instead of the probes' 2,000 (the receptive field's resampled radii cost seconds a model).
@@ -202,12 +206,51 @@ def build_small(name: str, family: Family) -> tuple[nn.Module, dict[str, Any]]:
         info = describe_model(model)
         spacing = info.patch_size
         if "img_size" not in kwargs and spacing and isinstance(spacing, int):
-            side = spacing * max(4, min(8, SMALL_IMAGE // spacing))  # a 4x4 to 8x8 grid near SMALL_IMAGE pixels
-            if info.grid is None or side < max(info.grid) * spacing:  # (no grid: it follows the image)
+            # a 4x4 to 8x8 grid near SMALL_IMAGE pixels, the largest such grid the model takes
+            # (Gemma 4's soft pooling wants a multiple of its pooling kernel in tokens)
+            largest = max(4, min(8, SMALL_IMAGE // spacing))
+            for side in (spacing * cells for cells in range(largest, 3, -1)):
+                if info.grid is not None and side >= max(info.grid) * spacing:
+                    break  # not smaller than its own (no grid: it follows the image)
                 with contextlib.suppress(Exception):
-                    model, kwargs = _create(name, dict(kwargs, img_size=side)), dict(kwargs, img_size=side)
+                    small = _create(name, dict(kwargs, img_size=side))
+                    if runs_on(small, side):
+                        model, kwargs = small, dict(kwargs, img_size=side)
+                        break
+        if "img_size" not in kwargs:
+            model, kwargs = on_small_images(name, model, kwargs)
         return model, kwargs
     raise NotBuilt("; ".join(errors))
+
+
+def runs_on(model: nn.Module, side: int) -> bool:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side, side))
+    except Exception:  # noqa: BLE001 - it does not take this size: the next one, or its own
+        return False
+    return True
+
+
+def on_small_images(name: str, model: nn.Module, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model built for (or, where it follows the image, fed) the first of SMALL_SIDES it
+    takes below its own input size; as it is if none. `input_side` in the keyword arguments
+    records an image size the model is fed without being built for it."""
+    own = input_size(model, kwargs)[1]
+    for side in SMALL_SIDES:
+        if side >= own:
+            break
+        try:
+            small = _create(name, dict(kwargs, img_size=side))
+        except TypeError:  # no img_size argument: it follows the image, or it does not
+            if runs_on(model, side):
+                return model, dict(kwargs, input_side=side)
+            continue
+        except Exception:  # noqa: BLE001 - it cannot be built for this size
+            continue
+        if runs_on(small, side):
+            return small, dict(kwargs, img_size=side)
+    return model, kwargs
 
 
 def described(kwargs: dict[str, Any]) -> str:
@@ -218,7 +261,7 @@ def input_size(model: nn.Module, kwargs: dict[str, Any]) -> tuple[int, int, int]
     """The input the model was built for: timm's data config, at the image size it was given."""
     from localitylab.models.preprocessing import Preprocessing
 
-    size = kwargs.get("img_size")
+    size = kwargs.get("input_side", kwargs.get("img_size"))
     return Preprocessing.of_model(model, size if isinstance(size, int) else None).input_size
 
 
@@ -336,6 +379,7 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
     summary = family_summary(table, probes)
     vit = table[table["vit_family"]]
     measured, fully_read = attention_measured(vit)
+    with_values = vit["attention-distance"].str.startswith("measured").groupby(vit["family"], sort=False).any()
     failed = sum((table[p].str.startswith("failed")).sum() for p in probes)
     lines = [
         "# Model coverage: which timm models the probes read",
@@ -347,14 +391,18 @@ def render(table: pd.DataFrame, probes: list[str], seconds: float) -> str:
         "Every architecture of each ViT-family timm model file below (and the first "
         f"{OTHER_FAMILY_ARCHITECTURES} of each other family using attention) is built untrained at a small size "
         "(the `built` column: "
-        "a few blocks, a narrow width, a small image; the same code as the full model) and every probe runs on "
+        "a few blocks, a narrow width, a small image; the same code as the full model; `input_side`: the image "
+        "size fed to a model that follows its input and could not be made smaller otherwise) and every probe runs on "
         f"{IMAGES} random images through `localitylab.probe` (intervals from {RESAMPLES} bootstrap resamples: the "
         "question here is whether a probe runs). An outcome is **measured** (the table has values), "
         "**refused** (the probe says why it does not apply, naming what it found) or **failed** (the probe raised: "
         "a bug).",
         "",
         f"- ViT families whose attention distances the attention probes measure: **{int(measured.sum())} of "
-        f"{len(measured)}** ({measured.mean():.0%})" if len(measured) else "- no ViT family in this run",
+        f"{len(measured)}** ({measured.mean():.1%}); measured at all (attention-distance has values: also "
+        f"class attention alone, which has no query position): **{int(with_values.sum())} of {len(with_values)}** "
+        f"({with_values.mean():.1%}); not measured: {', '.join(with_values[~with_values].index) or 'none'}"
+        if len(measured) else "- no ViT family in this run",
         f"- ViT families every attention layer of which is read (a distance, or class attention reported as such): "
         f"{int(fully_read.sum())} of {len(fully_read)}; not: {', '.join(fully_read[~fully_read].index) or 'none'}",
         f"- probe runs that failed: **{failed}** of {len(table) * len(probes)}",

@@ -68,9 +68,10 @@ def test_xcit_grid_comes_from_its_image_and_patch_size():
 # One architecture per family the describe step used to crash on, and the families every
 # probe should measure; all five probes, nothing may fail.
 SUBSET = [("vision_transformer", "vit_tiny_patch16_224"), ("vision_transformer_hybrid", "vit_small_r26_s32_224"),
+          ("gemma4_vit", "gemma4_vit_167m_enc"),  # an encoder (no head), whose soft pooling wants a multiple of 3
           ("crossvit", "crossvit_tiny_240"), ("xcit", "xcit_nano_12_p16_224"), ("convit", "convit_tiny"),
           ("swin_transformer", "swin_tiny_patch4_window7_224"), ("eva", "eva02_tiny_patch14_224"),
-          ("cait", "cait_xxs24_224")]
+          ("cait", "cait_xxs24_224"), ("levit", "levit_128s")]
 
 
 def test_coverage_subset_nothing_fails():
@@ -87,12 +88,51 @@ def test_coverage_subset_nothing_fails():
         assert failed.empty, f"{probe} failed on: " + "; ".join(f"{a}: {o}" for a, o in zip(failed["architecture"],
                                                                                             failed[probe]))
     # Every family of the subset has an adapter now: plain, hybrid, CrossViT's branches, XCiT's class
-    # attention, ConViT's GPSA, Swin's windows, EVA's rotary attention, CaiT's talking heads.
+    # attention, ConViT's GPSA, Swin's windows, EVA's rotary attention, CaiT's talking heads, LeViT's
+    # stages (built for the smallest image it takes: it has no depth or width to shrink).
     measured = dict(zip(table["architecture"], table["attention-distance"].str.split(":").str[0]))
     assert set(measured.values()) == {"measured"}, measured
+    built = dict(zip(table["architecture"], table["built"]))
+    assert built["levit_128s"] == "img_size=64", built["levit_128s"]
     maps = dict(zip(table["architecture"], table["attention-maps"]))
     assert maps["swin_tiny_patch4_window7_224"].startswith("refused: attention-maps draws each query's attention on "
                                                             "the model's one token grid")
     text = coverage.render(table, fast, seconds=1.0)
     assert "| vision_transformer_hybrid | yes | 1 | 1 |" in text
     assert "probe runs that failed: **0**" in text
+
+
+def test_an_encoder_without_a_head_is_refused_by_accuracy_and_keeps_its_receptive_field():
+    """timm's `*_enc` models (num_classes = 0) return features, not class scores: permutation
+    says so instead of failing, and receptive-field measures the effective receptive field
+    (of the features, which the head does not touch: the same as with a head on the same
+    backbone) and says why there is no class attribution."""
+    import timm
+
+    import localitylab
+
+    torch.manual_seed(0)
+    with_head = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                  num_classes=10).eval()
+    encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                num_classes=0).eval()
+    encoder.load_state_dict({k: v for k, v in with_head.state_dict().items() if not k.startswith("head.")})
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    refused = localitylab.probe("permutation", encoder, images, labels)
+    assert refused["value"].isna().all()
+    assert refused["note"].iloc[0] == ("VisionTransformer has no classifier head (num_classes = 0: its output is "
+                                       "features, not class scores), so accuracies under shuffles do not apply")
+    options = {"ig_steps": 2}
+    ours = localitylab.probe("receptive-field", encoder, images, labels, options=options)
+    reference = localitylab.probe("receptive-field", with_head, images, labels, options=options)
+    erf = ours["metric"].str.startswith(("erf_", "uniform_"))
+    assert erf.sum() > 0 and ours.loc[erf, "value"].notna().all()
+    cols = ["metric", "layer", "value", "ci_low", "ci_high"]
+    assert ours.loc[erf, cols].reset_index(drop=True).equals(
+        reference.loc[reference["metric"].str.startswith(("erf_", "uniform_")), cols].reset_index(drop=True))
+    attribution = ours[ours["metric"].str.startswith("attribution_")]
+    assert len(attribution) == 4 and attribution["value"].isna().all()
+    assert set(attribution["note"]) == {"VisionTransformer has no classifier head (num_classes = 0: its output is "
+                                        "features, not class scores): no class to attribute"}
+    assert reference[reference["metric"].str.startswith("attribution_")]["value"].notna().all()

@@ -69,6 +69,29 @@ def test_a_loaded_checkpoint_probes_as_the_cli_does(trained_runs, tmp_path):
     pd.testing.assert_frame_equal(table, read_table(tmp_path / "attention-distance.csv"))
 
 
+def test_a_dit_in_memory_is_probed_as_a_denoiser_as_the_cli_does(tmp_path):
+    """A DiT built in memory (named by its class, not a registry name) is fed as a denoiser,
+    noised to the level asked: the table of the CLI's pipeline (`run_probes`, with the level the
+    CLI has no flag for yet) on the same untrained weights and images."""
+    from localitylab.models.registry import build_model, default_pos_embed, spec_for_data
+    from localitylab.probes.runner import ProbeRequest, run_probes
+
+    run_probes(["attention-distance"], ProbeRequest("dit-n/2", n_images=3, timesteps=[999], out=tmp_path,
+                                                    device="cpu"))
+    dataset = load_dataset("digits")
+    info = dataset.info
+    spec = spec_for_data("dit-n/2", info.img_size, info.in_chans, info.num_classes, default_pos_embed("dit-n/2"), None)
+    torch.manual_seed(0)  # as the CLI builds an untrained model
+    model = build_model(spec)
+    images, labels = select_images(dataset, 3, seed=0)
+    table = localitylab.probe("attention-distance", model, images, labels, preprocessing=info, timesteps=[999],
+                              model_name="dit-n/2 (untrained)")
+    assert set(table["setting"].dropna()) == {"t=999"}
+    pd.testing.assert_frame_equal(table, read_table(tmp_path / "attention-distance.csv"))
+    with pytest.raises(UserError, match="--timesteps must be integers from 0 to 999"):
+        localitylab.probe("attention-distance", model, images, labels, preprocessing=info, timesteps=[1000])
+
+
 def test_bad_calls_say_what_is_wrong(weights_file):
     model = timm_model(weights_file)
     images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
@@ -82,3 +105,14 @@ def test_bad_calls_say_what_is_wrong(weights_file):
         localitylab.probe("attention-distance", model, images, options={"nope": 1})
     with pytest.raises(UserError, match="must be uint8"):
         localitylab.probe("attention-distance", model, images.int(), preprocessing="timm")
+    with pytest.raises(UserError, match="--timesteps applies to diffusion models"):
+        localitylab.probe("attention-distance", model, images, timesteps=[10])
+
+
+def test_a_model_named_by_its_class_is_probed(weights_file):
+    """Without model_name the table names the model's class, which is no registry name."""
+    model = timm_model(weights_file)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    table = localitylab.probe("attention-distance", model, images)
+    assert set(table["model"]) == {"VisionTransformer"}
+    assert table[table["metric"] == "mean_distance_px"]["value"].notna().all()

@@ -356,6 +356,16 @@ if _SwinBlock is not None:
             return super().reads(module) and type(module)._attn is _SwinBlock._attn and hasattr(module.attn, "fused_attn")
 
 
+def with_shift_mask(bias: torch.Tensor, mask: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """A window attention's (1, heads, N, N) bias plus, for shifted windows, the (windows, N, N)
+    shift mask of each window: (rows, heads, N, N) for a call of `rows` windows, image-major."""
+    if mask is None:
+        return bias
+    windows, heads, tokens = mask.shape[0], bias.shape[1], bias.shape[-1]
+    bias = (bias.unsqueeze(0) + mask.unsqueeze(1).unsqueeze(0)).expand(rows // windows, -1, -1, -1, -1)
+    return bias.reshape(rows, heads, tokens, tokens)
+
+
 def _swin_v2_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """timm's Swin v2 WindowAttention.forward with its softmax handed to SDPA: cosine
     attention (normalised q and k times the clamped logit scale) plus 16 sigmoid(the
@@ -374,11 +384,7 @@ def _swin_v2_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None 
     logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
     table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
     bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
-    bias = (16 * torch.sigmoid(bias)).unsqueeze(0)  # (1, heads, N, N)
-    if mask is not None:
-        windows = mask.shape[0]
-        bias = (bias.unsqueeze(0) + mask.unsqueeze(1).unsqueeze(0)).expand(B_ // windows, -1, -1, -1, -1)
-        bias = bias.reshape(B_, self.num_heads, N, N)
+    bias = with_shift_mask((16 * torch.sigmoid(bias)).unsqueeze(0), mask, B_)
     x = F.scaled_dot_product_attention(F.normalize(q, dim=-1) * logit_scale, F.normalize(k, dim=-1), v,
                                        attn_mask=bias, scale=1.0)
     x = x.transpose(1, 2).reshape(B_, N, C)

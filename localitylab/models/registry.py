@@ -17,7 +17,7 @@ from localitylab.errors import UserError
 from localitylab.models.spec import POS_EMBED_KINDS, POS_EMBEDS, ModelSpec, split_model_name
 from localitylab.models.timm_adapter import build_timm_model
 
-__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "default_pos_embed", "model_entries", "model_kind", "parse_model_name",
+__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "default_pos_embed", "is_model_name", "model_entries", "model_kind", "parse_model_name",
            "register_model", "spec_for_data", "valid_names_hint"]
 
 
@@ -83,6 +83,15 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
     if patch is not None and patch < 1:
         raise UserError(f"patch size must be at least 1, got {patch}")
     return family, patch
+
+
+def is_model_name(name: str) -> bool:
+    """Whether the registry builds `name` (a model in memory is named by its class: not one it builds)."""
+    try:
+        parse_model_name(name)
+    except UserError:
+        return False
+    return True
 
 
 def model_kind(name: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ from localitylab.models.preprocessing import Preprocessing
 from localitylab.models.registry import ModelSpec
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.runner import check_probe_options
-from localitylab.probes.target import ProbeTarget, loaded_target
+from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps, loaded_target
 
 # preprocessing= values besides a Preprocessing or a DataInfo
 AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
@@ -38,7 +38,7 @@ AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
 def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
           *, preprocessing: str | Preprocessing | DataInfo = AUTO, options: Mapping[str, Any] | None = None,
           batch_size: int = 64, seed: int = 0, model_name: str | None = None,
-          figures: str | Path | None = None) -> pd.DataFrame:
+          figures: str | Path | None = None, timesteps: Sequence[int] | None = None) -> pd.DataFrame:
     """Run probe `name` ('all' for every probe) on `model` and return its tidy table.
 
     images: uint8 (N, C, H, W) (or (N, H, W) grey), or float images already prepared.
@@ -52,6 +52,7 @@ def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels
         a `Preprocessing` (another data config) or a `DataInfo` (normalise only).
     options: the probe's options, as `--opt key=value` would give them.
     figures: a folder to draw the probe's figures into; None draws nothing.
+    timesteps: a denoiser's noise levels (a localitylab DiT; `--timesteps`), None: its defaults.
 
     The model runs in eval mode on its own device and is left as it was found; the
     table's `model` column is `model_name` (default: the model's class name).
@@ -65,11 +66,12 @@ def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels
     if labels is None:
         labels = torch.zeros(len(images), dtype=torch.long)
     target = memory_target(model, images, preprocessing, model_name)
+    check_timesteps(target, timesteps)
     images = target.model_images(images)
     tables = []
     with _eval_mode(model):
         for one, parsed in zip(probes, check_probe_options(probes, dict(options or {}))):
-            result = one.run(target, images, labels, parsed, batch_size, seed)
+            result = one.run(target, images, labels, parsed, batch_size, seed, timesteps)
             if figures is not None:
                 folder = Path(figures)
                 one.plot([result.table], folder)
@@ -129,7 +131,19 @@ def memory_target(model: nn.Module, images: torch.Tensor, preprocessing: str | P
     spec = ModelSpec(display, data.img_size, data.in_chans, num_classes)
     return ProbeTarget(model, spec, data, describe_model(model), display, "in memory", device,
                        preprocessing=pipeline, inputs_prepared=prepared,
-                       weights={"in_memory": type(model).__name__})
+                       weights={"in_memory": type(model).__name__}, denoising=_denoising_in_memory(model))
+
+
+def _denoising_in_memory(model: nn.Module) -> Denoising | None:
+    """A localitylab DiT in memory is fed as a denoiser (the default schedule, as an untrained
+    `dit-*/P` is); any other model as a classifier."""
+    from localitylab.models.dit import DiffusionTransformer
+
+    if not isinstance(model, DiffusionTransformer):
+        return None
+    from localitylab.diffusion.objective import DiffusionObjective
+
+    return Denoising(DiffusionObjective())
 
 
 def _as_tensors(images: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -294,6 +294,12 @@ class PermutationProbe(Probe):
                       sentence="depends most on pixel order (largest drop under a global shuffle)"),
     )
 
+    def not_applicable(self, target: ProbeTarget) -> str | None:
+        reason = super().not_applicable(target)
+        if reason is None and target.no_head_reason():
+            return f"{target.no_head_reason()}, so accuracies under shuffles do not apply"
+        return reason
+
     def measure(self, inputs: ProbeInputs, out: Measurements) -> None:
         target = inputs.target
         height, width = inputs.images.shape[-2:]

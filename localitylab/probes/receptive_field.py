@@ -291,6 +291,11 @@ class ReceptiveFieldProbe(Probe):
                 out.single(f"uniform_r{percent}_frac", reference / side, layer=layer, n_images=0)
         ig_steps = inputs.options.ig_steps
         for method in ("saliency", "integrated-gradients"):
+            if target.no_head_reason():  # no class to attribute: the ERF above is all there is
+                for metric in ("attribution_r50_px", "attribution_r50_frac"):
+                    out.single(metric, None, setting=method, note=f"{target.no_head_reason()}: no class to attribute",
+                               n_images=inputs.n_images)
+                continue
             attributions = attribution_maps(target.model, prepared, inputs.labels, method, inputs.batch_size, ig_steps)
             radii = np.array([mass_radius(m, centroid(m), 0.5) if m.sum() > 0 else math.nan for m in attributions])
             method_note = f"around each map's centroid, for the true class; {note}".rstrip("; ")

@@ -24,7 +24,7 @@ from localitylab.data.registry import DataInfo, DataOptions, ImageDataset, load_
 from localitylab.errors import UserError
 from localitylab.models.describe import ModelDescription, describe_model
 from localitylab.models.preprocessing import Preprocessing
-from localitylab.models.registry import ModelSpec, build_model, default_pos_embed, model_kind, spec_for_data
+from localitylab.models.registry import ModelSpec, build_model, default_pos_embed, is_model_name, model_kind, spec_for_data
 from localitylab.train.checkpoint import load
 
 if TYPE_CHECKING:
@@ -72,18 +72,10 @@ class Denoising:
         return self.objective.add_noise(clean, noise, timesteps), timesteps
 
 
-def kind_of(name: str) -> str:
-    """The registry kind of a model name; 'module' for a model handed in from memory, whose
-    name is its class's (`localitylab.probe`), not a registry name."""
-    try:
-        return model_kind(name)
-    except UserError:
-        return "module"
-
-
 def denoising_for(spec: ModelSpec, extras: dict[str, Any]) -> Denoising | None:
-    """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other models."""
-    if kind_of(spec.name) != "dit":
+    """A DiT's `Denoising` (its checkpoint's schedule, or the default one untrained); None for other
+    models, and for a model in memory (named by its class: `memory_target` says whether it is a DiT)."""
+    if not is_model_name(spec.name) or model_kind(spec.name) != "dit":
         return None
     from localitylab.diffusion.objective import DiffusionObjective
 
@@ -125,6 +117,13 @@ class ProbeTarget:
         if self.denoising is None:
             self.denoising = denoising_for(self.spec, self.extras)
 
+    def no_head_reason(self) -> str:
+        """Why the model's output is not class scores ('' if it is): a timm encoder built with
+        num_classes = 0 returns features (pooled, or every token)."""
+        if self.spec.num_classes > 0:
+            return ""
+        return f"{self.display_name} has no classifier head (num_classes = 0: its output is features, not class scores)"
+
     def accuracy_caveat(self) -> str:
         """Why the model's accuracy on this data set may not mean what it says ('' if nothing)."""
         if "mae_options" in self.extras:
@@ -156,8 +155,11 @@ class ProbeTarget:
 
     @property
     def kind(self) -> str:
-        """'pit', 'vit', 'dit', 'convnet', 'timm' or 'module' (a model in memory, named by its class)."""
-        return kind_of(self.spec.name)
+        """'pit', 'vit', 'dit', 'convnet' or 'timm'; for a model in memory that the registry did not
+        build, 'dit' if it is a denoiser, else 'module'."""
+        if is_model_name(self.spec.name):
+            return model_kind(self.spec.name)
+        return "dit" if self.denoising is not None else "module"
 
     def default_out_dir(self) -> Path:
         if self.run_dir is not None:
