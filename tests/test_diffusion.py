@@ -202,6 +202,18 @@ def test_frechet_distance_of_samples_estimates_the_gaussians_distance():
         frechet_distance(a, b), rel=1e-4)  # tensors accepted, computed in float64
 
 
+def test_frechet_distance_of_few_vectors_in_many_dimensions_equals_the_covariance_way():
+    """Fewer vectors than dimensions (a few samples in Inception's 2,048) take the n_a x n_b
+    factor way; it must give the number of the d x d covariances', scipy's and ours."""
+    rng = np.random.default_rng(2)
+    for n_a, n_b, dim in ((2, 2, 40), (5, 9, 60), (30, 12, 200)):
+        a, b = rng.standard_normal((n_a, dim)), rng.standard_normal((n_b, dim)) + 0.3
+        (mean_a, cov_a), (mean_b, cov_b) = (a.mean(0), np.cov(a, rowvar=False)), (b.mean(0), np.cov(b, rowvar=False))
+        assert frechet_distance(a, b) == pytest.approx(frechet_distance_gaussians(mean_a, cov_a, mean_b, cov_b), rel=1e-7)
+        assert frechet_distance(a, b) == pytest.approx(frechet_by_scipy(mean_a, cov_a, mean_b, cov_b), rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
 # --- precision and recall -----------------------------------------------------------------------
 def precision_recall_by_loops(real, generated, k):
     """Kynkäänniemi et al.'s definition, one point at a time."""

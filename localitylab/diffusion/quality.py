@@ -42,8 +42,28 @@ def frechet_distance_gaussians(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np
 
 
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
-    """The Fréchet distance between the Gaussians fitted to two feature sets (n_a, d), (n_b, d)."""
-    return frechet_distance_gaussians(*gaussian_statistics(features_a), *gaussian_statistics(features_b))
+    """The Fréchet distance between the Gaussians fitted to two feature sets (n_a, d), (n_b, d).
+
+    With fewer vectors than dimensions (a few samples in Inception's 2,048) the covariances
+    have rank below d, and the d x d eigendecompositions cost d^3 for nothing: with A, B the
+    centred sets over sqrt(n - 1), S_a = A'A and S_b = B'B, so tr(S_a) = |A|^2, and S_a S_b
+    has the non-zero eigenvalues of (A B')(A B')', whence tr((S_a S_b)^1/2) is the sum of the
+    singular values of the n_a x n_b matrix A B'. The same number, exactly, at n_a n_b d."""
+    a, b = _float64(features_a), _float64(features_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) * len(b) >= a.shape[1] ** 2:
+        return frechet_distance_gaussians(*gaussian_statistics(a), *gaussian_statistics(b))
+    (mean_a, centred_a), (mean_b, centred_b) = _centred(a), _centred(b)
+    trace_root = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum()
+    diff = mean_a - mean_b
+    return float(diff @ diff + (centred_a ** 2).sum() + (centred_b ** 2).sum() - 2.0 * trace_root)
+
+
+def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, (x - mean) / sqrt(n - 1)): the factor A of the unbiased covariance A'A."""
+    if len(x) < 2:
+        raise ValueError(f"need at least 2 feature vectors (n, d), got shape {x.shape}")
+    mean = x.mean(axis=0)
+    return mean, (x - mean) / np.sqrt(len(x) - 1)
 
 
 def precision_recall(real: np.ndarray | torch.Tensor, generated: np.ndarray | torch.Tensor,
