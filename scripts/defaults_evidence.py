@@ -12,7 +12,7 @@ reused, so the script can be stopped and restarted.
     python scripts/defaults_evidence.py --jobs 2            # two runs at a time (default 1)
 
 Per run: test accuracy (last epoch) with its 95% Wilson interval over the test images, and
-at 3/4 of training (has it levelled off?); `pe_distance_spearman` and `pe_topology_r2` of the
+at 3/4 of training (has it levelled off?); `pe_distance_spearman`, `pe_topology_r2` and `pe_linear_r2` of the
 learned table (pe-similarity); how far training moved the table, |P - P0| / |P0|, and the
 Spearman of the part it added, P - P0 (P0 rebuilt from the run's seed and spec as training
 builds it); the head-mean `locality_ratio` of every block and the most local block with its
@@ -188,7 +188,7 @@ def run_numbers(folder: Path) -> dict[str, object] | None:
     return dict(local_ci=local_ci, moved=moved, delta_rho=delta_rho, acc=accuracy, acc_lo=interval.low, acc_hi=interval.high, n_test=n_test,
                 best=max(float(h["test_acc"]) for h in history),
                 acc_3q=float(history[(3 * len(history)) // 4 - 1]["test_acc"]),
-                spearman=pe.get("pe_distance_spearman"), topo=pe.get("pe_topology_r2"), ratios=ratios)
+                spearman=pe.get("pe_distance_spearman"), topo=pe.get("pe_topology_r2"), linear=pe.get("pe_linear_r2"), ratios=ratios)
 
 
 def learned_part(folder: Path) -> tuple[float, float]:
@@ -241,9 +241,9 @@ def spread(values: list[float], digits: int = 3) -> str:
 
 def table(root: Path, cells: list[Cell]) -> str:
     lines = ["| cell | init std | seeds | test acc (mean [min..max]) | 95% Wilson (per seed) | acc @3/4 of training | "
-             "PE Spearman | PE topology R2 | \\|P-P0\\|/\\|P0\\| | Spearman of P-P0 | "
+             "PE Spearman | PE topology R2 | PE linear R2 | \\|P-P0\\|/\\|P0\\| | Spearman of P-P0 | "
              "locality ratio per block (head mean, mean over seeds) | most local block [95% CI] (per seed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         found = [n for n in (run_numbers(run_dir(root, cell, s)) for s in cell.seeds) if n]
         if not found:
@@ -256,12 +256,13 @@ def table(root: Path, cells: list[Cell]) -> str:
                      f"{spread([n['acc'] for n in found])} | {wilson} (n={found[0]['n_test']}) | "
                      f"{spread([n['acc_3q'] for n in found])} | "
                      f"{spread([n['spearman'] for n in found])} | {spread([n['topo'] for n in found])} | "
+                     f"{spread([n['linear'] for n in found])} | "
                      f"{spread([n['moved'] for n in found], 2)} | {spread([n['delta_rho'] for n in found])} | {ratios} | "
                      f"{'; '.join(n['local_ci'] for n in found)} |")
     untrained = []
     for model, dataset in UNTRAINED:
         folder = root / "untrained" / f"{model.replace('/', '-')}_{dataset}"
-        values: dict[str, list[float]] = {"pe_distance_spearman": [], "pe_topology_r2": []}
+        values: dict[str, list[float]] = {"pe_distance_spearman": [], "pe_topology_r2": [], "pe_linear_r2": []}
         for seed in UNTRAINED_SEEDS:
             path = folder / f"seed{seed}" / "pe-similarity.csv"
             if path.exists():
@@ -270,7 +271,7 @@ def table(root: Path, cells: list[Cell]) -> str:
                         values[r["metric"]].append(float(r["value"]))
         if values["pe_distance_spearman"]:
             untrained.append(f"| {model} {dataset}, untrained | any | {len(values['pe_distance_spearman'])} | | | | "
-                             f"{spread(values['pe_distance_spearman'])} | {spread(values['pe_topology_r2'])} | 0 | | | |")
+                             f"{spread(values['pe_distance_spearman'])} | {spread(values['pe_topology_r2'])} | {spread(values['pe_linear_r2'])} | 0 | | | |")
     return "\n".join(lines + untrained)
 
 
