@@ -22,7 +22,7 @@ What diffusers' class does not do for training from scratch, and is done here:
   paper's `initialize_weights`.
 - **`--pos-embed learn | sincos | none`.** diffusers builds the fixed sin-cos table (DiT's
   default, kept as `sincos`); `learn` replaces it by a trained table initialised at the
-  same scale as the ViTs' (`pos_embed.POS_EMBED_STD`), `none` removes it.
+  same scale as the ViTs' (`pos_embed.POS_EMBED_STD`, timm's 0.02), `none` removes it.
 
 The model predicts the noise only (DiT's `learn_sigma=False`): the fast deterministic
 samplers used here (DDIM, DPM-Solver) never read a learned variance.
