@@ -17,8 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+# The position table starts at std 1.0 (the digits fixtures' setting, tests/conftest.py): from
+# timm's 0.02 the first epochs are chaotic enough that DDP's other summation order moves the
+# loss by 3e-4 in 176 steps, beyond the float tolerance the DDP test holds the runs to.
 RECIPE = ["vit-n/2", "digits", "--epochs", "4", "--batch-size", "32", "--warmup-epochs", "1", "--seed", "3",
-          "--quiet"]
+          "--model-kw", "pos_embed_std=1.0", "--quiet"]
 
 
 def tear_the_kth_write(k: int, marker: Path) -> None:
