@@ -14,7 +14,8 @@ module trains, what its loss is, how it is evaluated and what it adds to the che
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,26 @@ def sums_to_means(sums: Sums) -> dict[str, float]:
     """{'loss', 'accuracy'}: the summed test figures divided by the image count."""
     count = max(1, int(sums["count"]))
     return {"loss": float(sums["loss_sum"]) / count, "accuracy": int(sums["correct"]) / count}
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[torch.device]:
+    """Eval mode for the block (the module's device is yielded); the train mode is restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield next(module.parameters()).device
+    finally:
+        module.train(was_training)
+
+
+def split_sums(loss_sum: torch.Tensor, images: torch.Tensor, correct: torch.Tensor | None = None) -> Sums:
+    """The `Sums` of a test split: its summed loss, correct predictions (none for tasks without
+    accuracy) and image count, on the loss's device."""
+    device = loss_sum.device
+    if correct is None:
+        correct = torch.zeros((), device=device, dtype=torch.long)
+    return {"loss_sum": loss_sum, "correct": correct, "count": torch.tensor(len(images), device=device, dtype=torch.long)}
 
 
 class Task:
@@ -94,22 +115,18 @@ def classification_sums(model: nn.Module, info: DataInfo, images: torch.Tensor, 
                         batch_size: int = 512, amp: bool = False, transform=None) -> Sums:
     """Summed test loss and correct predictions. `transform(uint8 batch) -> uint8 batch` is
     applied before the model's own preparation (the permutation probe uses it)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for batch, target in eval_batches(images, labels, batch_size):
-        batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if transform is not None:
-            batch = transform(batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(info.prepare(batch))
-        loss_sum += nn.functional.cross_entropy(logits.float(), target, reduction="sum")
-        correct += (logits.argmax(-1) == target).sum()
-    model.train(was_training)
-    count = torch.tensor(len(images), device=device, dtype=torch.long)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+    with evaluating(model) as device:
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for batch, target in eval_batches(images, labels, batch_size):
+            batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            if transform is not None:
+                batch = transform(batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(info.prepare(batch))
+            loss_sum += nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+            correct += (logits.argmax(-1) == target).sum()
+    return split_sums(loss_sum, images, correct)
 
 
 class MaskedAutoencoding(Task):
@@ -134,18 +151,14 @@ class MaskedAutoencoding(Task):
     @torch.no_grad()
     def evaluate(self, module, info, images, labels, batch_size, amp):
         """Masked-token reconstruction loss over the test split, with the same masks every epoch."""
-        device = next(module.parameters()).device
-        was_training = module.training
-        module.eval()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for index, (batch, _) in enumerate(eval_batches(images, labels, batch_size)):
-            generator = batch_generator(device, self.seed, -1, index)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                output = module(info.prepare(batch.to(device)), generator)
-            loss_sum += output.loss.double() * len(batch)
-        module.train(was_training)
-        count = torch.tensor(len(images), device=device, dtype=torch.long)
-        return {"loss_sum": loss_sum, "correct": torch.zeros((), device=device, dtype=torch.long), "count": count}
+        with evaluating(module) as device:
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for index, (batch, _) in enumerate(eval_batches(images, labels, batch_size)):
+                generator = batch_generator(device, self.seed, -1, index)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    output = module(info.prepare(batch.to(device)), generator)
+                loss_sum += output.loss.double() * len(batch)
+        return split_sums(loss_sum, images)
 
     def checkpoint_extras(self, module):
         return {"task": self.name, "mae_options": module.options(), "mae_state": module.decoder_state_dict()}
@@ -183,28 +196,24 @@ class Denoising(Task):
         from localitylab.data.permutation import permute_pixels
         from localitylab.diffusion.objective import to_diffusion_scale
 
-        device = next(module.parameters()).device
-        was_training = module.training
-        module.eval()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        step = min(batch_size, self.EVAL_DRAWS)
-        for chunk, start in enumerate(range(0, len(images), self.EVAL_DRAWS)):
-            clean, classes = images[start:start + self.EVAL_DRAWS], labels[start:start + self.EVAL_DRAWS]
-            generator = batch_generator("cpu", self.seed, -1, chunk)
-            timesteps = torch.randint(0, self.objective.schedule.num_timesteps, (len(clean),), generator=generator)
-            noise = torch.randn(clean.shape, generator=generator)
-            for first in range(0, len(clean), step):
-                batch = clean[first:first + step].to(device)
-                if info.permutation is not None:
-                    batch = permute_pixels(batch, info.permutation.to(device))
-                t, eps = timesteps[first:first + step].to(device), noise[first:first + step].to(device)
-                noisy = self.objective.add_noise(to_diffusion_scale(batch), eps, t)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    prediction = module(noisy, t, classes[first:first + step].to(device))
-                loss_sum += (prediction.float() - eps).pow(2).flatten(1).mean(1).double().sum()
-        module.train(was_training)
-        count = torch.tensor(len(images), device=device, dtype=torch.long)
-        return {"loss_sum": loss_sum, "correct": torch.zeros((), device=device, dtype=torch.long), "count": count}
+        with evaluating(module) as device:
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            step = min(batch_size, self.EVAL_DRAWS)
+            for chunk, start in enumerate(range(0, len(images), self.EVAL_DRAWS)):
+                clean, classes = images[start:start + self.EVAL_DRAWS], labels[start:start + self.EVAL_DRAWS]
+                generator = batch_generator("cpu", self.seed, -1, chunk)
+                timesteps = torch.randint(0, self.objective.schedule.num_timesteps, (len(clean),), generator=generator)
+                noise = torch.randn(clean.shape, generator=generator)
+                for first in range(0, len(clean), step):
+                    batch = clean[first:first + step].to(device)
+                    if info.permutation is not None:
+                        batch = permute_pixels(batch, info.permutation.to(device))
+                    t, eps = timesteps[first:first + step].to(device), noise[first:first + step].to(device)
+                    noisy = self.objective.add_noise(to_diffusion_scale(batch), eps, t)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        prediction = module(noisy, t, classes[first:first + step].to(device))
+                    loss_sum += (prediction.float() - eps).pow(2).flatten(1).mean(1).double().sum()
+        return split_sums(loss_sum, images)
 
     def checkpoint_extras(self, module):
         return {"task": self.name, "diffusion_options": self.objective.options()}
