@@ -64,19 +64,31 @@ def flat(value, path: str = "") -> dict:
     return {path: value}
 
 
-def assert_same_weights(a: Path, b: Path, keys=("model_state",)) -> float:
-    """Equal to float rounding; returns the largest difference (0.0 on the machine that wrote the fixtures)."""
-    first, second = read_checkpoint(a), read_checkpoint(b)
+def assert_same_training(resumed: Path, reference: Path, start: Path, keys=("model_state",)) -> float:
+    """The resumed run ends where the uninterrupted one does: each tensor's distance from the
+    reference is under 1% of how far the reference moved from the fixture's weights (plus 1e-6). Bit
+    identity holds only on the CPU that wrote the fixtures: elsewhere other kernels round
+    differently over the steps both runs take before the resume point. Returns the
+    largest such ratio. Optimizer step counts match exactly."""
+    first, second, origin = read_checkpoint(resumed), read_checkpoint(reference), read_checkpoint(start)
     worst = 0.0
     for key in keys:
-        mine, theirs = flat(first[key]), flat(second[key])
+        mine, theirs, then = flat(first[key]), flat(second[key]), flat(origin[key])
         assert mine.keys() == theirs.keys(), key
         for name, value in mine.items():
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor) or value.ndim == 0:
                 assert value == theirs[name], (key, name)
                 continue
-            torch.testing.assert_close(value, theirs[name], **CLOSE, msg=f"{key}{name}")
-            worst = max(worst, float((value.double() - theirs[name].double()).abs().max()))
+            value, other = value.double(), theirs[name].double()
+            if name.endswith("attn.qkv.bias"):  # the key bias gets no gradient: its value is rounding noise
+                third = len(value) // 3
+                value, other = value[:third], other[:third]
+            moved = float((other - then[name].double().reshape(theirs[name].shape)[: len(other)]).norm())
+            off = float((value - other).norm())
+            # 1e-6: a tensor that stays put (MAE's frozen classifier) differs only by its init's rounding
+            assert off <= 0.01 * moved + 1e-6, f"{key}{name}: off by {off:.2e}, the run moved it {moved:.2e}"
+            if moved > 1e-6:
+                worst = max(worst, off / moved)
     return worst
 
 
@@ -111,11 +123,12 @@ def test_an_old_end_of_epoch_checkpoint_resumes_to_the_uninterrupted_run(uninter
     result = resumed("vit-epoch", "vit-n/2", VIT, tmp_path)
     reference = uninterrupted["vit"]
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
-    worst = assert_same_weights(result.checkpoint, reference.checkpoint, ("model_state", "optimizer_state"))
+    worst = assert_same_training(result.checkpoint, reference.checkpoint, OLD / "vit-epoch" / "ckpt.pt",
+                                 ("model_state", "optimizer_state"))
     for mine, theirs in zip(result.history, reference.history, strict=True):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
         assert mine["test_acc"] == pytest.approx(theirs["test_acc"], abs=1 / 360 + 1e-9)
-    print(f"resumed from the old end-of-epoch checkpoint: max weight difference {worst:.1e}")
+    print(f"resumed from the old end-of-epoch checkpoint: off by at most {worst:.1e} of the last epoch's movement")
 
 
 def test_an_old_mid_epoch_checkpoint_resumes_where_it_stopped(uninterrupted, tmp_path):
@@ -124,15 +137,16 @@ def test_an_old_mid_epoch_checkpoint_resumes_where_it_stopped(uninterrupted, tmp
     result = resumed("vit-mid", "vit-n/2", VIT, tmp_path)
     reference = uninterrupted["vit"]
     assert read_checkpoint(result.checkpoint)["step"] == read_checkpoint(reference.checkpoint)["step"] == 4 * 22
-    worst = assert_same_weights(result.checkpoint, reference.checkpoint, ("model_state", "optimizer_state"))
+    worst = assert_same_training(result.checkpoint, reference.checkpoint, OLD / "vit-mid" / "ckpt.pt",
+                                 ("model_state", "optimizer_state"))
     # The last epoch's training loss and accuracy count the 5 batches before the stop once.
     assert result.history[-1]["train_loss"] == pytest.approx(reference.history[-1]["train_loss"], rel=1e-5)
     assert result.history[-1]["train_acc"] == pytest.approx(reference.history[-1]["train_acc"], abs=1e-9)
-    print(f"resumed from the old mid-epoch checkpoint: max weight difference {worst:.1e}")
+    print(f"resumed from the old mid-epoch checkpoint: off by at most {worst:.1e} of the remaining steps' movement")
 
 
 def test_an_old_mae_checkpoint_resumes_with_its_decoder(uninterrupted, tmp_path):
     result = resumed("mae-epoch", "pit-n", MAE, tmp_path)
-    worst = assert_same_weights(result.checkpoint, uninterrupted["mae"].checkpoint,
-                                ("model_state", "mae_state", "optimizer_state"))
-    print(f"resumed MAE from the old checkpoint: max weight difference {worst:.1e}")
+    worst = assert_same_training(result.checkpoint, uninterrupted["mae"].checkpoint, OLD / "mae-epoch" / "ckpt.pt",
+                                 ("model_state", "mae_state", "optimizer_state"))
+    print(f"resumed MAE from the old checkpoint: off by at most {worst:.1e} of the last epoch's movement")
