@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/localitylab demo
 
+# Two workers for the two cores (most tests run one thread of Python); a test file stays on one
+# worker, so its module fixtures are built once, and the shared trained runs are trained once
+# (tests/conftest.py). OMP_WAIT_POLICY=PASSIVE: an idle OpenMP thread must not spin on a core
+# the other worker needs.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -7,6 +7,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="localitylab-tests-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
-from localitylab.train import TrainConfig, train
+from localitylab.train import TrainConfig, read_checkpoint, train
+from localitylab.train.loop import TrainResult
 
 # The suite trains with digits' own recipe defaults (batch 32, one warm-up epoch: the
 # data set's `DataDefaults`), as `localitylab train MODEL digits --epochs 15` does.
@@ -28,15 +30,47 @@ NANO_MODELS = ("pit-n", "vit-n/2", "resnet-n")
 NANO_MODEL_KW = {"pit-n": {"pos_embed_std": 1.0}, "vit-n/2": {"pos_embed_std": 1.0}}
 
 
+def trained_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder where `make(folder)` trained the session's shared runs. Under pytest-xdist
+    (`make test` runs two workers) the first worker to ask trains them and the others wait
+    for it and read the same folder, so the suite pays for each shared run once."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name  # the workers' common temporary folder
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / "done").touch()
+    return folder
+
+
+def finished_run(run_dir: Path) -> TrainResult:
+    """The TrainResult `train` returned for a finished run, read back from its checkpoint."""
+    checkpoint = run_dir / "ckpt.pt"
+    return TrainResult(run_dir, checkpoint, read_checkpoint(checkpoint)["history"])
+
+
+def _folder(name: str) -> str:
+    return name.replace("/", "-p")
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
     """{model name: TrainResult} for pit-n, vit-n/2 and resnet-n on digits."""
-    root = tmp_path_factory.mktemp("runs")
-    results = {}
-    for name in NANO_MODELS:
-        out = root / name.replace("/", "-p")
-        results[name] = train(TrainConfig(name, "digits", out=out, model_kw=NANO_MODEL_KW.get(name, {}), **DIGITS_RECIPE))
-    return results
+
+    def make(root):
+        for name in NANO_MODELS:
+            train(TrainConfig(name, "digits", out=root / _folder(name), model_kw=NANO_MODEL_KW.get(name, {}),
+                              **DIGITS_RECIPE))
+
+    root = trained_once(tmp_path_factory, "runs", make)
+    return {name: finished_run(root / _folder(name)) for name in NANO_MODELS}
 
 
 # A nano DiT trained as a denoiser through the same loop, the suite's one diffusion run: dit-n/4
@@ -48,7 +82,9 @@ DIT_RECIPE = dict(task="diffusion", epochs=20, batch_size=32, lr=4e-3, warmup_ep
 @pytest.fixture(scope="session")
 def trained_dit(tmp_path_factory):
     """TrainResult of dit-n/4 trained with --task diffusion on digits."""
-    return train(TrainConfig("dit-n/4", "digits", out=tmp_path_factory.mktemp("runs") / "dit-n-p4", **DIT_RECIPE))
+    root = trained_once(tmp_path_factory, "dit", lambda folder: train(TrainConfig("dit-n/4", "digits", out=folder / "dit-n-p4",
+                                                                                  **DIT_RECIPE)))
+    return finished_run(root / "dit-n-p4")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,10 +99,11 @@ def _private_image_cache(tmp_path_factory):
         os.environ["LOCALITYLAB_CACHE_DIR"] = saved
 
 
-# Results must not depend on how many threads a test happens to get: a fixed count (2, the
-# CI machine's cores; LOCALITYLAB_TEST_THREADS=1 when several suites share the cores, where
-# spinning OpenMP threads would slow every one of them many times over).
-TEST_THREADS = int(os.environ.get("LOCALITYLAB_TEST_THREADS", "2"))
+# Results must not depend on how many threads a test happens to get: a fixed count. 2, the
+# CI machine's cores, for a single pytest process; 1 under pytest-xdist, whose two workers
+# share those cores, and wherever LOCALITYLAB_TEST_THREADS=1 (several suites on the cores),
+# since spinning OpenMP threads would slow every process many times over.
+TEST_THREADS = int(os.environ.get("LOCALITYLAB_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"))
 
 
 @pytest.fixture(autouse=True)
