@@ -418,6 +418,18 @@ def test_swin_reads_shifted_and_plain_windows():
     assert uniform[2] == uniform[3] == TokenGeometry((8, 8), 8, 0).uniform_distance_px()
 
 
+def test_pe_similarity_on_a_transformer_without_one_grid_says_so_not_convnet():
+    """Swin's tokens change grid from stage to stage: pe-similarity does not apply, and the
+    reason names the tokens, not a ConvNet (the wording a resnet gets)."""
+    name, kwargs, _ = CASES["swin-v1"]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    swin = localitylab.probe("pe-similarity", build(name, img_size=64, **kwargs), images, preprocessing="prepared")
+    note = swin["note"].iloc[0]
+    assert "does not apply" in note and "not one fixed grid" in note and "ConvNet" not in note
+    resnet = localitylab.probe("pe-similarity", build("resnet18"), images, preprocessing="prepared")
+    assert "(a ConvNet)" in resnet["note"].iloc[0]
+
+
 def test_mixed_attention_classes_keep_the_block_index():
     """XCiT: channel attention (not read, one row saying why) in blocks 0-1, class attention in
     block 2; ConViT: GPSA then plain self-attention; CaiT: talking heads then class attention."""
