@@ -238,3 +238,30 @@ def test_runs_that_differ_only_in_seed_are_one_row_with_mean_spread_and_bands(pr
     assert (low, high) == pytest.approx((mean - half, mean + half))
     assert f"± {100 * sd:.1f}% sd, 3 seeds" in row[:row.index("</tr>")]
     assert "a band for the 95% t interval of that mean at each epoch" in page
+
+
+def test_seed_intervals_are_the_t_interval_cut_to_the_metrics_range():
+    """Over 3 seeds, each row's interval is mean ± t(0.975, 2)·sd/√3 (scipy's t interval,
+    computed apart), cut where the metric cannot go: an ERF radius stays >= 0, an accuracy
+    <= 1; an R² keeps its whole interval, below 0 included."""
+    import numpy as np
+    from scipy import stats
+
+    from localitylab.probes import COLUMNS
+    from localitylab.report.summary import Estimate, over_seeds, over_seeds_table
+
+    seeds = {"erf_r50_px": [0.5, 0.6, 6.0], "accuracy": [0.99, 1.0, 0.9], "pe_linear_r2": [0.5, 0.6, 6.0]}
+    tables = [pd.DataFrame([{**dict.fromkeys(COLUMNS), "model": "m", "probe": "p", "metric": metric, "value": values[i],
+                             "n_images": 8} for metric, values in seeds.items()], columns=COLUMNS) for i in range(3)]
+    merged = over_seeds_table(tables, "m").set_index("metric")
+    for metric, values in seeds.items():
+        low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+        assert merged.loc[metric, "value"] == pytest.approx(np.mean(values))
+        if metric == "erf_r50_px":
+            assert low < 0 and merged.loc[metric, "ci_low"] == 0.0 and merged.loc[metric, "ci_high"] == pytest.approx(high)
+        elif metric == "accuracy":
+            assert high > 1 and merged.loc[metric, "ci_high"] == 1.0 and merged.loc[metric, "ci_low"] == pytest.approx(low)
+        else:
+            assert (merged.loc[metric, "ci_low"], merged.loc[metric, "ci_high"]) == pytest.approx((low, high))
+    radius = over_seeds([Estimate(v) for v in seeds["erf_r50_px"]], (0.0, float("inf")))
+    assert radius.low == 0.0 and radius.seeds == 3 and radius.spread == pytest.approx(np.std(seeds["erf_r50_px"], ddof=1))

@@ -20,7 +20,7 @@ import pandas as pd
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
-from localitylab.report.summary import columns, group_by_seed, locality_answer, reading, summary_row
+from localitylab.report.summary import columns, group_by_seed, locality_answer, metric_bounds, reading, summary_row
 
 FORMATS = ("html", "pdf")
 
@@ -201,8 +201,9 @@ def _training_figure(groups: list, figure_dir: Path) -> Figure | None:
             if (seeds > 1).any():
                 half = t.ppf(0.975, (seeds - 1).clip(lower=1)) * per_epoch.std(axis=1) / seeds.clip(lower=1) ** 0.5
                 half = half.where(seeds > 1)
-                ax.fill_between(mean.index, (mean - half).to_numpy(), (mean + half).to_numpy(), color=colours[name],
-                                alpha=0.2, linewidth=0)
+                low, high = metric_bounds("accuracy") if column == "test_acc" else (0.0, math.inf)  # a loss is >= 0
+                ax.fill_between(mean.index, (mean - half).clip(lower=low).to_numpy(),
+                                (mean + half).clip(upper=high).to_numpy(), color=colours[name], alpha=0.2, linewidth=0)
                 banded = True
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="Training loss")
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
@@ -242,7 +243,7 @@ def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
         accuracies = [Estimate(r.accuracy) for r in group.records if r.accuracy is not None]
         if where is None or not accuracies:
             continue
-        points.setdefault(group.first.spec.get("name", "?"), {})[where] = over_seeds(accuracies)
+        points.setdefault(group.first.spec.get("name", "?"), {})[where] = over_seeds(accuracies, metric_bounds("accuracy"))
     if not any(d for where in points.values() for _, d in where):
         return None
     import matplotlib.pyplot as plt

@@ -64,8 +64,26 @@ class Estimate:
         return self.low is not None and self.high is not None
 
 
-def over_seeds(estimates: list[Estimate]) -> Estimate | None:
-    """The mean over seeds, their standard deviation and the t interval of the mean."""
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def metric_bounds(metric: str | None) -> tuple[float, float]:
+    """The values a metric can take, by its PROBES.md name: distances and radii in pixels
+    (`*_px`, `*_px_raw`) are >= 0, accuracies and shares lie in [0, 1]; the rest (drops,
+    differences, correlations, R²) may take any sign."""
+    if metric is None:
+        return UNBOUNDED
+    if metric.endswith(("_px", "_px_raw")):
+        return 0.0, math.inf
+    if metric in ("accuracy", "prefix_share") or metric.startswith("class_accuracy"):
+        return 0.0, 1.0
+    return UNBOUNDED
+
+
+def over_seeds(estimates: list[Estimate], bounds: tuple[float, float] = UNBOUNDED) -> Estimate | None:
+    """The mean over seeds, their standard deviation and the t interval of the mean. With 3
+    seeds the t interval is wide: it is cut to the metric's `bounds` (a radius in pixels is
+    never below 0), which keeps its coverage, since the mean lies within them."""
     values = [e.value for e in estimates if e is not None and math.isfinite(e.value)]
     if not values:
         return None
@@ -75,7 +93,7 @@ def over_seeds(estimates: list[Estimate]) -> Estimate | None:
 
     mean, spread = statistics.fmean(values), statistics.stdev(values)
     half = t.ppf(0.975, len(values) - 1) * spread / math.sqrt(len(values))
-    return Estimate(mean, mean - half, mean + half, spread, len(values))
+    return Estimate(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), spread, len(values))
 
 
 def over_seeds_table(tables: list[pd.DataFrame], name: str) -> pd.DataFrame:
@@ -92,8 +110,9 @@ def over_seeds_table(tables: list[pd.DataFrame], name: str) -> pd.DataFrame:
                         n_images=("n_images", "first"), note=("note", "first")).reset_index()
     half = t.ppf(0.975, (frame["seeds"] - 1).clip(lower=1)) * frame["spread"] / frame["seeds"].clip(lower=1) ** 0.5
     several = frame["seeds"] > 1
-    frame["ci_low"] = (frame["value"] - half).where(several)
-    frame["ci_high"] = (frame["value"] + half).where(several)
+    bounds = frame["metric"].map(metric_bounds)  # each row's interval cut to its metric's range, as over_seeds does
+    frame["ci_low"] = (frame["value"] - half).clip(lower=bounds.str[0]).where(several)
+    frame["ci_high"] = (frame["value"] + half).clip(upper=bounds.str[1]).where(several)
     frame["model"] = name
     return frame[list(tables[0].columns)]
 
@@ -174,7 +193,9 @@ def summary_row(group: ModelGroup | RunRecord, records: list[RunRecord]) -> dict
     per_run = [_run_values(record, records) for record in members]
     if len(per_run) == 1:
         return per_run[0]
-    row = {key: over_seeds([run[key] for run in per_run if run[key] is not None]) for key in per_run[0]}
+    metrics = {"accuracy": "accuracy", **{column.key: column.metric for column in probe_columns()}}
+    row = {key: over_seeds([run[key] for run in per_run if run[key] is not None], metric_bounds(metrics.get(key)))
+           for key in per_run[0]}
     for key in ARCHITECTURE:  # the same for every seed: no spread to show
         row[key] = per_run[0][key]
     return row
