@@ -119,6 +119,35 @@ def test_a_scale_has_its_own_seeds_and_a_model_its_own_permutation():
     assert by_label["resnet-n-full-s2"].pixel_permutation_setting() == "global"
 
 
+def test_a_scales_substitute_carries_its_own_settings(tmp_path):
+    """[scale.NAME.models] "full" = {model = "small", ...}: the substitute's settings win over
+    the scale's recipe, its model_kw adds to the entry's, and the full scale keeps neither."""
+    spec = ROOT / "studies" / "pe_ablation.toml"
+    full, laptop = load_study(spec), load_study(spec, "laptop")
+    settings = {p.run_dir.name: p.config(laptop) for p in make_plan(laptop, Path("out")).train}
+    assert {c.model for c in settings.values()} == {"pit-n"} and len(settings) == 3 * 3
+    assert all(c.model_kw == {"pos_embed_std": 1.0} and c.epochs == 10 for c in settings.values())
+    assert settings["pit-t-none-s2"].pos_embed == "none"  # the entry's own setting stays
+    assert all(p.config(full).model_kw == {} for p in make_plan(full, Path("out")).train)
+
+    text = TINY.replace('model = "vit-n/2"', 'model = "vit-n/2"\nmodel_kw = { depth = 1 }') + """
+[scale.small]
+recipe = { epochs = 1, lr = 1e-3 }
+
+[scale.small.models]
+"vit-n/2" = { model = "vit-n/4", model_kw = { num_heads = 1 }, lr = 5e-3 }
+"""
+    path = tmp_path / "scaled.toml"
+    path.write_text(text)
+    small = load_study(path, "small")
+    config = {p.entry.model: p.config(small) for p in make_plan(small, Path("out")).train if p.config(small).permute_pixels is None}
+    assert config["vit-n/4"].model_kw == {"depth": 1, "num_heads": 1} and config["vit-n/4"].lr == 5e-3
+    assert config["resnet-n"].lr == 1e-3 and config["resnet-n"].epochs == config["vit-n/4"].epochs == 1
+    path.write_text(text.replace("lr = 5e-3", "learning_rate = 5e-3"))
+    with pytest.raises(UserError, match=r"unknown key 'learning_rate' in \[scale.small\] models.vit-n/2"):
+        load_study(path, "small")
+
+
 TINY = """
 [study]
 name = "tiny"

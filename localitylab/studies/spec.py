@@ -24,7 +24,10 @@ published numbers are. Validated on load; a mistake names the key and its line.
                "mean"); published may be a number or a sentence (a qualitative fact)
     [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}, samples = {...}, seeds: a smaller
                variant (e.g. CIFAR -> digits) selected with --scale NAME; its seeds
-               replace [study] seeds (a cheap scale can afford more of them)
+               replace [study] seeds (a cheap scale can afford more of them). A model's
+               substitute may carry its own settings at that scale: {full = {model = "small",
+               model_kw = {...}, lr = ...}} (they win over the scale's recipe; model_kw merges
+               with the entry's)
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class StudyModel:
     recipe: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None  # overrides the study's (e.g. a fixed-sequence-length variant)
     pretrained: bool = False  # a timm: model probed with timm's pretrained weights, not trained
+    scale_recipe: dict[str, Any] = field(default_factory=dict)  # its substitute's own settings at the chosen scale
 
 
 @dataclass
@@ -96,7 +100,11 @@ class Study:
         """TrainConfig's settings for one run. `init_from`: the checkpoint of the run that
         entry.init_from names (the runner knows where that run lives); the label itself never
         reaches TrainConfig."""
-        settings = {**self.recipe, **entry.recipe, **self.scale_recipe, "seed": seed}
+        settings = {**self.recipe, **entry.recipe, **self.scale_recipe}
+        own = dict(entry.scale_recipe)
+        if "model_kw" in own:  # the substitute's model_kw adds to the entry's (e.g. its pos_embed) rather than replacing it
+            own["model_kw"] = {**settings.get("model_kw", {}), **own["model_kw"]}
+        settings = {**settings, **own, "seed": seed}
         if self.permute_pixels is not None:  # [study] permute_pixels: every model once natural, once permuted
             settings["permute_pixels"] = permute
             if permute is None:  # the natural variant: a [recipe] swaps setting is the permuted variant's
@@ -165,9 +173,10 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     locator = _Locator(path, text)
     _check_layout(data, locator)
     study = data["study"]
-    dataset, model_map, scale_recipe, probes_raw = _scaled(data, scale, path, locator)
+    dataset, substitutes, scale_recipe, probes_raw = _scaled(data, scale, path, locator)
+    model_map = {full: small["model"] if isinstance(small, dict) else small for full, small in substitutes.items()}
     samples = _samples(data, scale, locator)
-    models = _study_models(data["models"], model_map, scale, locator)
+    models = _study_models(data["models"], substitutes, scale, locator)
     expect = data.get("expect", [])
     for index, entry in enumerate(expect):
         _check_keys(entry, EXPECT_KEYS, f"[[expect]] entry {index + 1}", locator, "expect")
@@ -248,9 +257,13 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
         if "seeds" in scale_table:
             _check_seeds(scale_table["seeds"], f"scale.{scale_name}", locator)
         for full, small in scale_table.get("models", {}).items():
+            if isinstance(small, dict):
+                _check_keys(small, {"model", *STUDY_SETTINGS}, f"[scale.{scale_name}] models.{full}", locator,
+                            f"scale.{scale_name}")
+                small = small.get("model")
             if not isinstance(small, str):
                 raise locator.error(f"[scale.{scale_name}] models: {full} must map to a model name (\"\" to leave it "
-                                    f"out), got {small!r}", full, f"scale.{scale_name}")
+                                    f"out) or a table with a 'model' key, got {small!r}", full, f"scale.{scale_name}")
 
 
 def _check_seeds(seeds: Any, table: str, locator: _Locator) -> None:
@@ -263,9 +276,10 @@ def _check_seeds(seeds: Any, table: str, locator: _Locator) -> None:
 
 
 def _scaled(data: dict[str, Any], scale: str | None, path: Path,
-            locator: _Locator) -> tuple[str, dict[str, str], dict[str, Any], dict[str, Any]]:
+            locator: _Locator) -> tuple[str, dict[str, str | dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """(data set, model substitutions, recipe, [probes]) of the chosen variant: the file's own
-    without a scale, else with [scale.NAME]'s settings over them."""
+    without a scale, else with [scale.NAME]'s settings over them. A substitution is a model
+    name or a table of the name and its settings (checked with the layout)."""
     dataset, model_map, scale_recipe = data["study"]["dataset"], {}, {}
     probes_raw = dict(data.get("probes", {}))
     _check_keys(probes_raw, PROBE_KEYS, "[probes]", locator, "probes")
@@ -294,7 +308,7 @@ def _samples(data: dict[str, Any], scale: str | None, locator: _Locator) -> dict
     return samples
 
 
-def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | None,
+def _study_models(entries: list[Any], substitutes: dict[str, str | dict[str, Any]], scale: str | None,
                   locator: _Locator) -> list[StudyModel]:
     models: list[StudyModel] = []
     labels: set[str] = set()
@@ -307,7 +321,9 @@ def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | No
             if key in raw and not isinstance(raw[key], str):
                 raise locator.error(f"[[models]] entry {index + 1}: {key} must be a string, got {raw[key]!r}", key,
                                     "models")
-        name = model_map.get(raw["model"], raw["model"])
+        substitute = substitutes.get(raw["model"], raw["model"])
+        own = {k: v for k, v in substitute.items() if k != "model"} if isinstance(substitute, dict) else {}
+        name = substitute["model"] if isinstance(substitute, dict) else substitute
         if name == "":
             continue
         label = safe_name(str(raw.get("label", name)).replace("/", "-p"))
@@ -330,7 +346,7 @@ def _study_models(entries: list[Any], model_map: dict[str, str], scale: str | No
             raise locator.error(
                 f"[[models]] entry {index + 1}: init_from must be the label of an earlier model in this study "
                 f"(one of: {', '.join(sorted(labels - {label})) or 'none'}), got {source!r}", "init_from", "models")
-        models.append(StudyModel(name, label, recipe_part, raw.get("dataset"), pretrained))
+        models.append(StudyModel(name, label, recipe_part, raw.get("dataset"), pretrained, own))
         if pretrained:
             pretrained_labels.add(label)
     return models
