@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/localitylab demo
 
-# Two workers for the two cores (most tests run one thread of Python); a test file stays on one
-# worker, so its module fixtures are built once, and the shared trained runs are trained once
-# (tests/conftest.py). OMP_WAIT_POLICY=PASSIVE: an idle OpenMP thread must not spin on a core
-# the other worker needs.
+# Two workers for the two cores (most tests run one thread of Python). A test file with
+# module fixtures stays on one worker, which builds them once; the shared trained runs are
+# trained once for both (tests/conftest.py). OMP_WAIT_POLICY=PASSIVE: an idle OpenMP thread
+# must not spin on a core the other worker needs.
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist loadfile
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

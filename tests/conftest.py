@@ -30,24 +30,45 @@ NANO_MODELS = ("pit-n", "vit-n/2", "resnet-n")
 NANO_MODEL_KW = {"pit-n": {"pos_embed_std": 1.0}, "vit-n/2": {"pos_embed_std": 1.0}}
 
 
-def trained_once(tmp_path_factory, name: str, make) -> Path:
-    """The folder where `make(folder)` trained the session's shared runs. Under pytest-xdist
-    (`make test` runs two workers) the first worker to ask trains them and the others wait
-    for it and read the same folder, so the suite pays for each shared run once."""
+def trained_once(tmp_path_factory, name: str, runs: dict[str, TrainConfig]) -> Path:
+    """The folder holding `runs` ({subfolder: config}), each trained once. Under pytest-xdist
+    (`make test` runs two workers) the workers share the folder: each run has its own lock,
+    a worker first trains the runs nobody has taken, then waits for the others' (so two
+    workers that want the shared runs at once split them rather than one idling)."""
+    def train_into(folder: Path, sub: str) -> None:
+        train(runs[sub].model_copy(update={"out": folder / sub}))
+
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         folder = tmp_path_factory.mktemp(name)
-        make(folder)
+        for sub in runs:
+            train_into(folder, sub)
         return folder
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     folder = tmp_path_factory.getbasetemp().parent / name  # the workers' common temporary folder
-    with FileLock(f"{folder}.lock"):
-        if not (folder / "done").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            make(folder)
-            (folder / "done").touch()
+    folder.mkdir(exist_ok=True)
+    waiting = []
+    for sub in runs:
+        lock = FileLock(folder / f"{sub}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            waiting.append(lock)  # another worker is training it
+            continue
+        with lock:
+            _train_unless_done(folder, sub, train_into)
+    for lock in waiting:
+        with lock:
+            _train_unless_done(folder, Path(lock.lock_file).stem, train_into)
     return folder
+
+
+def _train_unless_done(folder: Path, sub: str, train_into) -> None:
+    done = folder / f"{sub}.done"
+    if not done.is_file():
+        shutil.rmtree(folder / sub, ignore_errors=True)  # a worker that died half-way
+        train_into(folder, sub)
+        done.touch()
 
 
 def finished_run(run_dir: Path) -> TrainResult:
@@ -64,12 +85,9 @@ def _folder(name: str) -> str:
 def trained_runs(tmp_path_factory):
     """{model name: TrainResult} for pit-n, vit-n/2 and resnet-n on digits."""
 
-    def make(root):
-        for name in NANO_MODELS:
-            train(TrainConfig(name, "digits", out=root / _folder(name), model_kw=NANO_MODEL_KW.get(name, {}),
-                              **DIGITS_RECIPE))
-
-    root = trained_once(tmp_path_factory, "runs", make)
+    runs = {_folder(name): TrainConfig(name, "digits", model_kw=NANO_MODEL_KW.get(name, {}), **DIGITS_RECIPE)
+            for name in NANO_MODELS}
+    root = trained_once(tmp_path_factory, "runs", runs)
     return {name: finished_run(root / _folder(name)) for name in NANO_MODELS}
 
 
@@ -82,8 +100,7 @@ DIT_RECIPE = dict(task="diffusion", epochs=20, batch_size=32, lr=4e-3, warmup_ep
 @pytest.fixture(scope="session")
 def trained_dit(tmp_path_factory):
     """TrainResult of dit-n/4 trained with --task diffusion on digits."""
-    root = trained_once(tmp_path_factory, "dit", lambda folder: train(TrainConfig("dit-n/4", "digits", out=folder / "dit-n-p4",
-                                                                                  **DIT_RECIPE)))
+    root = trained_once(tmp_path_factory, "dit", {"dit-n-p4": TrainConfig("dit-n/4", "digits", **DIT_RECIPE)})
     return finished_run(root / "dit-n-p4")
 
 
@@ -110,3 +127,19 @@ TEST_THREADS = int(os.environ.get("LOCALITYLAB_TEST_THREADS", "1" if os.environ.
 def _deterministic_threads():
     torch.set_num_threads(TEST_THREADS)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: --dist loadgroup) the tests of a module with
+    module-scoped fixtures share a worker, which builds those fixtures once; every other
+    test goes to whichever worker is free. A module that sets SPREAD_OVER_WORKERS = True
+    spreads its tests even so (test_studies: long, independent tests that would otherwise
+    leave one worker running them alone at the end)."""
+    together: dict[Path, bool] = {}
+    for item in items:
+        path = Path(item.fspath)
+        if path not in together:
+            together[path] = ('scope="module"' in path.read_text()
+                              and not getattr(item.module, "SPREAD_OVER_WORKERS", False))
+        if together[path]:
+            item.add_marker(pytest.mark.xdist_group(path.stem))

@@ -17,6 +17,9 @@ from localitylab.studies import load_study, make_plan, run_study
 from localitylab.studies.spec import with_overrides
 from tests.cli_helpers import ROOT, run_command, start_command
 
+# make test's two workers share these tests out one by one (tests/conftest.py): each small
+# variant is long, and trained_pieces only saves a few seconds where two of them meet.
+SPREAD_OVER_WORKERS = True
 STUDY_FILES = sorted((ROOT / "studies").glob("*.toml"))
 # The suite's budget: one epoch, a few images, HTML only. The shipped files keep their settings.
 SHRINK = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
