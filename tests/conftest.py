@@ -127,19 +127,3 @@ TEST_THREADS = int(os.environ.get("LOCALITYLAB_TEST_THREADS", "1" if os.environ.
 def _deterministic_threads():
     torch.set_num_threads(TEST_THREADS)
     yield
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: --dist loadgroup) the tests of a module with
-    module-scoped fixtures share a worker, which builds those fixtures once; every other
-    test goes to whichever worker is free. A module that sets SPREAD_OVER_WORKERS = True
-    spreads its tests even so (test_studies: long, independent tests that would otherwise
-    leave one worker running them alone at the end)."""
-    together: dict[Path, bool] = {}
-    for item in items:
-        path = Path(item.fspath)
-        if path not in together:
-            together[path] = ('scope="module"' in path.read_text()
-                              and not getattr(item.module, "SPREAD_OVER_WORKERS", False))
-        if together[path]:
-            item.add_marker(pytest.mark.xdist_group(path.stem))
