@@ -243,26 +243,84 @@ def test_runs_that_differ_only_in_seed_are_one_row_with_mean_spread_and_bands(pr
 
 def test_seed_intervals_are_the_t_interval_cut_to_the_metrics_range():
     """Over 3 seeds, each row's interval is mean ± t(0.975, 2)·sd/√3 (scipy's t interval,
-    computed apart), cut where the metric cannot go: an ERF radius stays >= 0, an accuracy
-    <= 1; an R² keeps its whole interval, below 0 included."""
+    computed apart), cut where the metric cannot go: an ERF radius (in pixels or as a fraction
+    of the side) stays >= 0, an accuracy and a drop of accuracy <= 1; an R² keeps its whole
+    interval, below 0 included."""
     import numpy as np
     from scipy import stats
 
     from localitylab.probes import COLUMNS
     from localitylab.report.summary import Estimate, over_seeds, over_seeds_table
 
-    seeds = {"erf_r50_px": [0.5, 0.6, 6.0], "accuracy": [0.99, 1.0, 0.9], "pe_linear_r2": [0.5, 0.6, 6.0]}
+    seeds = {"erf_r50_px": [0.5, 0.6, 6.0], "erf_r50_frac": [0.05, 0.06, 0.6], "accuracy": [0.99, 1.0, 0.9],
+             "accuracy_drop": [0.99, 0.9, 0.7], "pe_linear_r2": [0.5, 0.6, 6.0]}
     tables = [pd.DataFrame([{**dict.fromkeys(COLUMNS), "model": "m", "probe": "p", "metric": metric, "value": values[i],
                              "n_images": 8} for metric, values in seeds.items()], columns=COLUMNS) for i in range(3)]
     merged = over_seeds_table(tables, "m").set_index("metric")
     for metric, values in seeds.items():
         low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
         assert merged.loc[metric, "value"] == pytest.approx(np.mean(values))
-        if metric == "erf_r50_px":
+        if metric.startswith("erf_r50"):
             assert low < 0 and merged.loc[metric, "ci_low"] == 0.0 and merged.loc[metric, "ci_high"] == pytest.approx(high)
-        elif metric == "accuracy":
+        elif metric.startswith("accuracy"):  # an accuracy, or a drop of one, is at most 1
             assert high > 1 and merged.loc[metric, "ci_high"] == 1.0 and merged.loc[metric, "ci_low"] == pytest.approx(low)
         else:
             assert (merged.loc[metric, "ci_low"], merged.loc[metric, "ci_high"]) == pytest.approx((low, high))
     radius = over_seeds([Estimate(v) for v in seeds["erf_r50_px"]], (0.0, float("inf")))
     assert radius.low == 0.0 and radius.seeds == 3 and radius.spread == pytest.approx(np.std(seeds["erf_r50_px"], ddof=1))
+
+
+@pytest.mark.parametrize("intervals, expect", [
+    # (value, low, high) per model; the ERF column ranks low as more local
+    ({"a": (0.10, 0.05, 0.15), "b": (0.50, 0.45, 0.55), "c": (0.60, 0.52, 0.70)}, "a first"),
+    ({"a": (0.10, 0.00, 0.30), "b": (0.15, 0.05, 0.40), "c": (0.20, 0.10, 0.35)}, "indistinguishable"),
+    ({"a": (0.10, 0.00, 0.33), "b": (0.13, 0.00, 0.28), "c": (0.60, 0.51, 0.70)}, "c behind"),
+    ({"a": (0.30, 0.00, 1.00), "b": (0.10, 0.05, 0.15), "c": (0.60, 0.55, 0.65)}, "c behind"),
+    ({"a": (0.10, 0.00, 1.00), "b": (0.20, 0.15, 0.25), "c": (0.60, 0.55, 0.65)}, "pairs"),
+])
+def test_the_reading_says_what_the_intervals_separate(intervals, expect):
+    """The demo's ERF column: two ConvNets' intervals lay clear of the transformers', whose own
+    overlapped; the sentence called all six indistinguishable. It may say so only where every two
+    intervals overlap, and names a first only where its interval is clear of every other."""
+    from localitylab.report.summary import Estimate, reading
+
+    rows = {name: {"erf_r50": Estimate(*numbers)} for name, numbers in intervals.items()}
+    sentence = next(s for s in reading(rows) if s.startswith("ERF") or "receptive field" in s)
+    if expect == "a first":
+        assert sentence.startswith("a has the tightest") and "separated from every other" in sentence
+    elif expect == "indistinguishable":
+        assert "indistinguishable" in sentence
+    elif expect == "c behind":
+        assert "indistinguishable" not in sentence and "no model is separated" in sentence
+        overlapping, behind = sentence.split("Behind them")
+        assert "a " in overlapping and "b " in overlapping and "c " not in overlapping and "c 0.6" in behind
+    else:
+        assert "indistinguishable" not in sentence and "Some pairs among them are separated" in sentence
+
+
+def test_seeds_that_agree_keep_the_interval_of_their_shared_images():
+    """Three seeds probed on the same 64 images gave one accuracy drop, 0.786, three times:
+    the t interval over seeds has zero width, but the images were drawn once for all three.
+    The interval over seeds adds the runs' mean half-width over images in quadrature, in the
+    summary (over_seeds) and in the merged tables (over_seeds_table) alike."""
+    import numpy as np
+    from scipy import stats
+
+    from localitylab.probes import COLUMNS
+    from localitylab.report.summary import Estimate, over_seeds, over_seeds_table
+
+    runs = [(0.786, 0.667, 0.891), (0.786, 0.677, 0.885), (0.786, 0.656, 0.891)]
+    image_half = np.mean([(high - low) / 2 for _, low, high in runs])
+    agreed = over_seeds([Estimate(*run) for run in runs], (-1.0, 1.0))
+    assert agreed.spread == 0 and agreed.high - agreed.low == pytest.approx(2 * image_half)
+
+    drops = [0.70, 0.79, 0.85]
+    seed_half = stats.t.ppf(0.975, 2) * stats.sem(drops)
+    tables = [pd.DataFrame([{**dict.fromkeys(COLUMNS), "model": "m", "probe": "permutation", "metric": "accuracy_drop",
+                             "setting": "global", "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1,
+                             "n_images": 64}], columns=COLUMNS) for value in drops]
+    merged = over_seeds_table(tables, "m").iloc[0]
+    expected = np.hypot(seed_half, 0.1)
+    assert (merged["ci_low"], merged["ci_high"]) == pytest.approx((np.mean(drops) - expected, np.mean(drops) + expected))
+    summary = over_seeds([Estimate(v, v - 0.1, v + 0.1) for v in drops], (-1.0, 1.0))
+    assert (summary.low, summary.high) == pytest.approx((merged["ci_low"], merged["ci_high"]))

@@ -289,7 +289,7 @@ class PermutationProbe(Probe):
                        "the samples' quality (evaluate-samples)")
     summary_columns = (
         SummaryColumn("global_drop", "acc drop, global shuffle",
-                      "test accuracy lost under one fixed global pixel permutation", "accuracy_drop",
+                      "test accuracy lost under a global pixel shuffle (the mean over the probe's permutation draws)", "accuracy_drop",
                       setting="global", better="high", skip_tasks=("mae",),
                       sentence="depends most on pixel order (largest drop under a global shuffle)"),
     )

@@ -152,7 +152,7 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
             probe, summary = None, "(a probe this version of localitylab does not know)"
         section = ProbeSection(name, summary)
         groups = group_by_seed(records)
-        # A model trained with several seeds is drawn once: the mean over seeds, its t interval as bars.
+        # A model trained with several seeds is drawn once: the mean over seeds, its interval (seeds and images) as bars.
         tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
                   for group in groups if any(name in r.tables for r in group.records)]
         # Per-model pictures (maps) of a seed group: its first seed's; the others' are in their probe folders.
