@@ -25,9 +25,6 @@ from localitylab.train.loop import TrainResult
 # data set's `DataDefaults`), as `localitylab train MODEL digits --epochs 15` does.
 DIGITS_RECIPE = dict(epochs=15, device="cpu")
 NANO_MODELS = ("pit-n", "vit-n/2", "resnet-n")
-# As in studies/demo.toml, the transformers' position embeddings start at std 1.0, not the
-# default 0.02: in 15 epochs on digits pit-n stays near 30% from 0.02 (docs/defaults.md).
-NANO_MODEL_KW = {"pit-n": {"pos_embed_std": 1.0}, "vit-n/2": {"pos_embed_std": 1.0}}
 
 
 def trained_once(tmp_path_factory, name: str, runs: dict[str, TrainConfig]) -> Path:
@@ -85,8 +82,7 @@ def _folder(name: str) -> str:
 def trained_runs(tmp_path_factory):
     """{model name: TrainResult} for pit-n, vit-n/2 and resnet-n on digits."""
 
-    runs = {_folder(name): TrainConfig(name, "digits", model_kw=NANO_MODEL_KW.get(name, {}), **DIGITS_RECIPE)
-            for name in NANO_MODELS}
+    runs = {_folder(name): TrainConfig(name, "digits", **DIGITS_RECIPE) for name in NANO_MODELS}
     root = trained_once(tmp_path_factory, "runs", runs)
     return {name: finished_run(root / _folder(name)) for name in NANO_MODELS}
 

@@ -265,6 +265,10 @@ CASES = [
          [*TRAIN, "--model-kw", "no_such_arg=1"], "no_such_arg"),
     Case("model-kw-bad-value", "--model-kw with a value the model cannot be built with",
          [*TRAIN, "--model-kw", "depth=-1"], "pit-n cannot be built with {'depth': -1}"),
+    Case("pos-embed-std-twice", "the position table's std given as --pos-embed-std and --model-kw, differently",
+         [*TRAIN, "--pos-embed-std", "0.5", "--model-kw", "pos_embed_std=1.0"], "given twice", before_data=True),
+    Case("pos-embed-std-negative", "--pos-embed-std -1", [*TRAIN, "--pos-embed-std", "-1"],
+         "--pos-embed-std must be a positive number", before_data=True),
     Case("opt-no-equals", "--opt without '='", ["probe", "attention-maps", "vit-n/2", "--opt", "per_head", "--out", "{out}"],
          "--opt expects key=value"),
     # missing files

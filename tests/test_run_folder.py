@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from localitylab.errors import UserError
 from localitylab.io import LOCK_NAME, folder_lock
@@ -78,6 +79,31 @@ def test_flip_crop_cache_and_columns_reach_the_data():
     assert prepare_data(TrainConfig("resnet-n", "digits", epochs=1)).info.hflip is False
     assert prepare_data(TrainConfig("resnet-n", "shapes-8", epochs=1)).info.hflip is True
     assert TrainConfig("resnet-n", "cifar10").batch_size == 128 and TrainConfig("resnet-n", "digits").batch_size == 32
+
+
+def test_the_position_tables_std_is_one_setting_however_given():
+    """digits' recipe starts learned tables at std 1.0, other data sets at timm's 0.02; given as
+    --pos-embed-std or as --model-kw pos_embed_std (the studies' way) it is the user's, and the
+    model is built with it; given both ways, the two must agree."""
+    from localitylab.data import load_dataset
+    from localitylab.models.registry import build_model
+    from localitylab.train.config import recipe_record
+    from localitylab.train.loop import model_spec_for
+
+    info = load_dataset("digits").info
+    cases = [(dict(), 1.0, "data set"), (dict(pos_embed_std=0.3), 0.3, "user"),
+             (dict(model_kw={"pos_embed_std": 0.3}), 0.3, "user"), (dict(dataset="shapes-8"), 0.02, "default")]
+    for settings, std, source in cases:
+        config = TrainConfig("vit-n/2", settings.pop("dataset", "digits"), epochs=1, **settings)
+        assert recipe_record(config, 0, False)["pos_embed_std"] == {"value": std, "from": source}
+        torch.manual_seed(0)
+        table = build_model(model_spec_for(config, info)).pos_embed.detach()
+        # trunc_normal_ at +-2 std: the sample std is the truncated normal's, 0.88 std
+        assert table.std().item() == pytest.approx(0.88 * std, rel=0.1), settings
+    assert "pos_embed_std" not in recipe_record(TrainConfig("resnet-n", "digits", epochs=1), 0, False)
+    assert "pos_embed_std" not in recipe_record(TrainConfig("vit-n/2", "digits", pos_embed="sincos"), 0, False)
+    with pytest.raises(UserError, match="given twice.*give it once"):
+        TrainConfig("vit-n/2", "digits", pos_embed_std=0.5, model_kw={"pos_embed_std": 1.0})
 
 
 def test_resume_keeps_the_values_a_run_was_trained_with_where_the_user_left_them_unset(tmp_path):

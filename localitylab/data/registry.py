@@ -46,6 +46,9 @@ class DataDefaults:
     warmup_epochs: float = 5.0
     hflip: bool = False  # only where a mirror image is still of the same class
     crop_padding: int | None = None  # random-crop zero padding in pixels; None: 1/8 of the side
+    # The initial std of a learned position table (pit, vit, dit); None: the models' own,
+    # timm's 0.02 (localitylab.models.pos_embed.POS_EMBED_STD).
+    pos_embed_std: float | None = None
 
     def crop_for(self, img_size: int) -> int:
         # The usual CIFAR recipe pads 4 pixels on 32: one eighth of the side.
@@ -58,7 +61,8 @@ class DataDefaults:
     def describe(self) -> str:
         crop = "1/8 of the side" if self.crop_padding is None else f"{self.crop_padding} px"
         epochs = f"{self.warmup_epochs:g} epoch{'' if self.warmup_epochs == 1 else 's'}"
-        return f"batch {self.batch_size}, warm-up {epochs}, crop {crop}, {'flips' if self.hflip else 'no flips'}"
+        table = "" if self.pos_embed_std is None else f", learned position tables from std {self.pos_embed_std:g}"
+        return f"batch {self.batch_size}, warm-up {epochs}, crop {crop}, {'flips' if self.hflip else 'no flips'}{table}"
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from localitylab.errors import UserError
 # carried position (linear R2 0.09-0.33 on shapes-16/32 against at most -0.03 untrained),
 # and vit-n/2 on shapes-16 and vit-n/4 on shapes-32 were 16 and 12 points more accurate.
 # The exception is 8x8 digits with a 15-epoch recipe, where a large random table serves as a
-# fixed position code and trains much faster (pit-n 93% against 28-32%): the demo and the
-# suite's digits fixtures set pos_embed_std=1.0 there explicitly. --model-kw
-# pos_embed_std=X sets it per run.
+# fixed position code and trains much faster (pit-n 93% against 28-32%): digits' recipe
+# starts tables at 1.0 (localitylab.data.digits). --pos-embed-std X (or --model-kw
+# pos_embed_std=X) sets it per run.
 POS_EMBED_STD = 0.02
 
 

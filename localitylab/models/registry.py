@@ -107,12 +107,14 @@ SHAPE_KEYS = ("img_size", "in_chans", "num_classes", "patch_size")
 
 
 def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, pos_embed: str | None = "learn",
-                  model_kw: dict[str, Any] | None = None, drop_path: float = 0.0) -> ModelSpec:
+                  model_kw: dict[str, Any] | None = None, drop_path: float = 0.0,
+                  pos_embed_std: float | None = None) -> ModelSpec:
     """The spec of registry model `model` for images of a data set's shapes.
 
     Registry models take their shapes from the data (and the patch size from the name);
     a `timm:` model may override them with `model_kw` (img_size, in_chans, num_classes).
-    `pos_embed` applies to PiTs, ViTs and DiTs only; `drop_path` > 0 becomes `drop_path_rate`.
+    `pos_embed` and `pos_embed_std` (the learned table's initial std, where `model_kw` does
+    not set it) apply to PiTs, ViTs and DiTs only; `drop_path` > 0 becomes `drop_path_rate`.
     """
     kind = model_kind(model)
     model_kw = dict(model_kw or {})
@@ -123,7 +125,11 @@ def spec_for_data(model: str, img_size: int, in_chans: int, num_classes: int, po
         in_chans = int(model_kw.pop("in_chans", in_chans))
         num_classes = int(model_kw.pop("num_classes", num_classes))
         return ModelSpec(model, img_size, in_chans, num_classes, None, model_kw)
-    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed if kind in POS_EMBED_KINDS else None, model_kw)
+    if kind not in POS_EMBED_KINDS:
+        return ModelSpec(model, img_size, in_chans, num_classes, None, model_kw)
+    if pos_embed_std is not None and pos_embed == "learn":
+        model_kw.setdefault("pos_embed_std", pos_embed_std)
+    return ModelSpec(model, img_size, in_chans, num_classes, pos_embed, model_kw)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

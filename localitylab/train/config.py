@@ -68,11 +68,11 @@ Logger = Annotated[str, check(lambda v: v in LOGGERS, f"{{flag}} must be {' or '
 
 # The recipe: the settings `train` prints at start and run.json records with their source.
 RECIPE = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
-          "mixup", "cutmix", "drop_path", "crop_padding", "hflip")
+          "mixup", "cutmix", "drop_path", "crop_padding", "hflip", "pos_embed_std")
 # The recipe settings a data set has a default for (`localitylab.data.DataDefaults`); the
 # config holds the first two, the loaded data set the others (`DataInfo.crop_padding`, `.hflip`).
-FROM_DATA_SET = ("batch_size", "warmup_epochs", "crop_padding", "hflip")
-FILLED_HERE = ("batch_size", "warmup_epochs")
+FROM_DATA_SET = ("batch_size", "warmup_epochs", "crop_padding", "hflip", "pos_embed_std")
+FILLED_HERE = ("batch_size", "warmup_epochs", "pos_embed_std")
 # Where a recipe value came from: given by the user (command line, Python, a study file), the
 # data set's default, the task's (a diffusion run's), the global default, or the run being resumed.
 USER, DATA_SET, TASK, DEFAULT, RESUMED = "user", "data set", "task", "default", "resumed run"
@@ -140,6 +140,9 @@ class TrainConfig(Settings):
     hflip: bool | None = setting(None, "Random horizontal flips in training (default: the data set's).")
     pos_embed: str = setting("learn", "Position embedding for pit/vit/dit: learn, sincos (fixed) or none "
                                       "(--task diffusion: sincos, DiT's).")
+    pos_embed_std: Positive | None = setting(
+        None, "Initial std of a learned position table, for pit/vit/dit (default: the data set's recipe, else "
+              "timm's 0.02).")
     model_kw: dict[str, Any] = setting({}, "key=value passed to the model (repeatable).", strict=False)
     weights: str | None = setting(None, "Initial weights (safetensors or state dict) for timm: models.",
                                   commands=(TRAIN,), defines_run=False, path=True)
@@ -211,6 +214,7 @@ class TrainConfig(Settings):
         if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
             return data
         data, told = dict(data), data.get("recipe_from")
+        _std_from_model_kw(data)
         # A task's own defaults (TASK_DEFAULTS: a diffusion run's) for the settings not given,
         # from Python, a study file or the command line alike.
         task_defaults = TASK_DEFAULTS.get(data.get("task"), {})
@@ -229,7 +233,8 @@ class TrainConfig(Settings):
             elif name in FROM_DATA_SET and not given:
                 if name in FILLED_HERE:  # the crop and flip are the loaded data set's (DataInfo)
                     data[name] = getattr(data_set or (data_set := _data_defaults(data["dataset"])), name)
-                sources[name] = DATA_SET
+                # a data set without its own position-table std leaves the models' default
+                sources[name] = DEFAULT if name in FILLED_HERE and data[name] is None else DATA_SET
             else:
                 sources[name] = DEFAULT
         data["recipe_from"] = sources
@@ -408,6 +413,40 @@ def default_run_name(config: TrainConfig) -> str:
     return safe_name(name)
 
 
+def _std_from_model_kw(data: dict[str, Any]) -> None:
+    """`--model-kw pos_embed_std=X` (how it was given before the setting existed, and how the
+    studies' files give it) is the same setting: it fills `pos_embed_std`, so the recipe
+    records what the model is built with; given both ways, the two must agree."""
+    kw = data.get("model_kw")
+    try:
+        kw = parse_key_values(kw, flag("model_kw")) if isinstance(kw, (list, tuple)) else kw
+    except UserError:
+        return  # the model_kw field says what is wrong with it
+    if not isinstance(kw, dict) or "pos_embed_std" not in kw:
+        return
+    given = data.get("pos_embed_std")
+    try:
+        differ = given is not None and float(given) != float(kw["pos_embed_std"])
+    except (TypeError, ValueError):
+        differ = True
+    if differ:
+        raise ValueError(f"the position table's std is given twice: {flag('pos_embed_std')} {given} and "
+                         f"{flag('model_kw')} pos_embed_std={kw['pos_embed_std']}; give it once")
+    data["pos_embed_std"] = kw["pos_embed_std"]
+
+
+def takes_pos_embed_std(config: TrainConfig) -> bool:
+    """Whether the run's model is built with a learned position table (a pit, vit or dit with
+    --pos-embed learn), the only models `pos_embed_std` applies to."""
+    from localitylab.models.registry import model_kind
+    from localitylab.models.spec import POS_EMBED_KINDS
+
+    try:
+        return model_kind(config.model) in POS_EMBED_KINDS and config.pos_embed == "learn"
+    except (UserError, KeyError):
+        return False
+
+
 def _data_defaults(dataset: str) -> Any:
     """The data set's DataDefaults; the global ones for a name the registry does not know (its
     load says so, with the valid names, as before a config knew its data set's defaults)."""
@@ -422,9 +461,13 @@ def _data_defaults(dataset: str) -> Any:
 def recipe_record(config: TrainConfig, crop_padding: int, hflip: bool) -> dict[str, dict[str, Any]]:
     """{setting: {"value", "from"}} for every recipe setting, as the run used it: the crop and
     flip as the loaded data set resolved them (`DataInfo.crop_padding`, `.hflip`)."""
+    from localitylab.models.pos_embed import POS_EMBED_STD
+
     values = {name: getattr(config, name) for name in RECIPE} | {"crop_padding": crop_padding, "hflip": hflip}
+    values["pos_embed_std"] = POS_EMBED_STD if config.pos_embed_std is None else config.pos_embed_std
     sources = config.recipe_from or {}
-    return {name: {"value": values[name], "from": sources.get(name, DEFAULT)} for name in RECIPE}
+    used = [name for name in RECIPE if name != "pos_embed_std" or takes_pos_embed_std(config)]
+    return {name: {"value": values[name], "from": sources.get(name, DEFAULT)} for name in used}
 
 
 def describe_recipe(record: dict[str, dict[str, Any]], dataset: str) -> str:

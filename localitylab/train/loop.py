@@ -220,7 +220,7 @@ def prepare_data(config: TrainConfig) -> ImageDataset:
 
 def model_spec_for(config: TrainConfig, info: DataInfo) -> ModelSpec:
     return spec_for_data(config.model, info.img_size, info.in_chans, info.num_classes, config.pos_embed,
-                         config.model_kw, config.drop_path)
+                         config.model_kw, config.drop_path, config.pos_embed_std)
 
 
 def step_seed(epoch_seed_: int, batch: int, rank: int) -> int:
