@@ -136,3 +136,24 @@ def test_an_encoder_without_a_head_is_refused_by_accuracy_and_keeps_its_receptiv
     assert set(attribution["note"]) == {"VisionTransformer has no classifier head (num_classes = 0: its output is "
                                         "features, not class scores): no class to attribute"}
     assert reference[reference["metric"].str.startswith("attribution_")]["value"].notna().all()
+
+
+def test_hybrid_vit_uniform_distance_is_that_of_its_true_token_grid():
+    """The audit's case: vit_small_r26_s32_224 at 64 px has a 2 x 2 grid of tokens 32 px apart;
+    uniform_distance_px was 0.854 (the 1-px patch on the feature map). Brute force: the mean
+    distance between the centres (16 + 32 i, 16 + 32 j) of every query and every grid key."""
+    import itertools
+
+    import timm
+
+    import localitylab
+
+    model = timm.create_model("vit_small_r26_s32_224", pretrained=False, img_size=64, depth=1).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # float: already prepared
+    table = localitylab.probe("attention-distance", model, images)
+    rows = table[table.metric == "uniform_distance_px"]
+    assert len(rows) > 0
+    centres = [(16 + 32 * i, 16 + 32 * j) for i in range(2) for j in range(2)]
+    brute = sum(math.dist(q, k) for q, k in itertools.product(centres, centres)) / len(centres) ** 2
+    assert brute == pytest.approx((2 * 32 + 32 * math.sqrt(2)) / 4)  # 0, 32, 32, 45.3 from each query
+    assert rows["value"].to_numpy() == pytest.approx(brute, rel=1e-6)
