@@ -16,7 +16,9 @@ remembered for the process.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import warnings
 from typing import Callable
 
@@ -25,23 +27,28 @@ import torch
 COMPILE_FROM_KEYS = 4096
 _compiled: dict[str, Callable | None] = {}
 
+# glibc's mallopt parameters (malloc.h), and what the reader sets them to.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_SETTINGS = {M_MMAP_THRESHOLD: 64 << 20, M_TRIM_THRESHOLD: 128 << 20}
+_heap_kept: list[bool] = []
+
 
 def grid_pieces(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w, m, Z, sum w (s - m)) of logits `grid` (..., T): m the row maxima, w = exp(s - m);
     masked keys (-inf) get w = 0 and add nothing."""
     grid_max = grid.amax(dim=-1, keepdim=True)
-    shifted = grid - grid_max
+    # Masked keys are clamped from -inf to the most negative float: their weight is still 0,
+    # and 0 times it is 0 where 0 * -inf would be NaN (a select would cost three more passes).
+    shifted = (grid - grid_max).clamp_(min=torch.finfo(grid.dtype).min)
     weights = shifted.exp()
-    total = weights.sum(dim=-1)
-    weighted = torch.where(weights > 0, weights * shifted, torch.zeros_like(shifted)).sum(dim=-1)
-    return weights, grid_max, total, weighted
+    return weights, grid_max, weights.sum(dim=-1), torch.linalg.vecdot(weights, shifted)
 
 
 def weighted_distance(weights: torch.Tensor, query_centres: torch.Tensor, key_centres: torch.Tensor) -> torch.Tensor:
     """sum_k w[..., q, k] |c_q - c_k| for weights (..., b, T), centres (b, 2) and (T, 2)."""
     dy = query_centres[:, None, 0] - key_centres[None, :, 0]
     dx = query_centres[:, None, 1] - key_centres[None, :, 1]
-    return (weights * torch.sqrt(dy * dy + dx * dx)).sum(dim=-1)
+    return torch.linalg.vecdot(weights, torch.sqrt(dy * dy + dx * dx))  # no (..., b, T) product kept
 
 
 def mode() -> str:
@@ -71,3 +78,30 @@ def kernel(function: Callable, num_keys: int) -> Callable:
             return function(*args)
 
     return guarded
+
+
+def keep_block_memory() -> bool:
+    """Let glibc's malloc serve the blocks' temporaries (a few MiB each, freed and asked for
+    again every block) from its heap. By default it maps each allocation over an adaptive
+    threshold afresh and unmaps it on free, and every new mapping is faulted in page by
+    page: that made the attention-distance probe 1.1-1.8x slower on pit-n and PiT-T at
+    1,025 and 4,097 tokens (benchmarks/RESULTS.md).
+    Raises the mapping threshold to 64 MiB and keeps up to 128 MiB of freed heap, once per
+    process, where the C library is glibc and the user set no malloc tuning of their own.
+    Returns whether the settings are in force."""
+    if not _heap_kept:
+        _heap_kept.append(_set_heap_thresholds())
+    return _heap_kept[0]
+
+
+def _set_heap_thresholds() -> bool:
+    tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    if (not sys.platform.startswith("linux") or any(name in os.environ for name in tuned)
+            or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's own symbol: mallopt means what this expects
+    except (OSError, AttributeError):
+        return False
+    return all(libc.mallopt(option, value) == 1 for option, value in HEAP_SETTINGS.items())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, adapter_for
 from localitylab.attention.geometry import TokenGeometry
-from localitylab.attention.kernels import grid_pieces, kernel
+from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
 from localitylab.errors import UserError
 
 # The default query block holds at most this many attention logits (rows of the call x
@@ -228,6 +228,7 @@ def read_attention(layers: list[AttentionLayer], consume: Consumer, geometry: To
     """While active, each forward of `layers[l].module` answers its attention call here and
     hands `consume` the blocks of the query rows read: every grid token, or the tokens
     `query_tokens`. Everything is restored on exit."""
+    keep_block_memory()
     original = F.scaled_dot_product_attention
     current: list[AttentionLayer] = []
     geometries: dict[tuple, CallGeometry] = {}  # per adapter's geometry key: distances computed once
