@@ -178,3 +178,26 @@ def test_bench_data_sets_have_the_shapes_they_stand_in_for():
     digits, subset = load_dataset("digits"), load_dataset(digits_subset(128, 16))
     assert torch.equal(subset.train_images, digits.train_images[:128]) and len(subset.test_images) == 16
     assert subset.info.mean == digits.info.mean and subset.info.crop_padding == digits.info.crop_padding
+
+
+def test_attention_parts_splits_a_layer_against_sdpa_timed_in_the_same_run(tmp_path):
+    """benchmarks.attention_parts checks the reader's layer output against SDPA's before it
+    times anything; its figures are real times and its floor is the two matmuls' share."""
+    from localitylab.attention.reader import default_query_block
+
+    out = tmp_path / "parts.json"
+    result = run_command("--tokens", "65", "257", "--models", "pit-n", "--runs", "0", "1", "--json", out,
+                         module="benchmarks.attention_parts", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["tokens"]) for r in rows] == [("pit-n", 65), ("pit-n", 257)]
+    for row in rows:
+        seconds = row["seconds"]
+        assert set(seconds) == {"sdpa", "logits", "weights @ v", "pieces", "distance", "attend"}
+        assert all(positive(s) for s in seconds.values())
+        assert row["floor"] == pytest.approx((seconds["logits"] + seconds["weights @ v"]) / seconds["sdpa"])
+        assert row["query_block"] == default_query_block(1, 4, row["tokens"])
+        assert row["blocks"] == math.ceil((row["tokens"] - 1) / row["query_block"])
+    assert "pit-n" in result.stdout and "floor" in result.stdout
+    bad = run_command("--tokens", "100", module="benchmarks.attention_parts")
+    assert bad.returncode == 2 and "1 + a square" in bad.stderr
