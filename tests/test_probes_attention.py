@@ -189,6 +189,25 @@ def test_streamed_equals_materialised_attention(targets, digits_images, name):
         assert streamed[key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_query_blocks_keep_enough_rows_within_the_memory_cap(device):
+    """The default block: the device's preferred size, but at least 64 rows (each block reads
+    every key and value again) unless 64 rows would pass the cap; never past the cap, unless a
+    single row does."""
+    from localitylab.attention.reader import (BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS, MIN_BLOCK_ROWS,
+                                              default_query_block)
+
+    for rows, heads, keys in itertools.product([1, 4, 16, 64, 256], [1, 3, 4, 12], [17, 65, 1025, 4097, 16385, 50177]):
+        per_row = rows * heads * keys
+        block = default_query_block(rows, heads, keys, device)
+        assert block >= 1
+        assert block * per_row <= max(MAX_BLOCK_ELEMENTS, BLOCK_ELEMENTS[device], per_row)
+        assert block >= BLOCK_ELEMENTS[device] // per_row
+        if MIN_BLOCK_ROWS * per_row <= MAX_BLOCK_ELEMENTS:
+            assert block >= MIN_BLOCK_ROWS
+    assert default_query_block(1, 4, 16385, device) >= 64  # pit-n on one 128 x 128 image
+
+
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
 @pytest.mark.parametrize("queries", [None, "one token"])
 def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits_images, name, queries):

@@ -29,11 +29,16 @@ from localitylab.attention.geometry import TokenGeometry
 from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
 from localitylab.errors import UserError
 
-# The default query block holds at most this many attention logits (rows of the call x
-# heads x block rows x keys), a few such temporaries per block; memory grows with N x block.
+# The default query block holds this many attention logits (rows of the call x heads x
+# block rows x keys), a few such temporaries per block; memory grows with N x block.
 # On a CPU 4 MiB blocks stay in cache: 2.5-3.4x faster than 64 MiB ones (benchmarks/RESULTS.md).
 # A GPU streams large blocks at full bandwidth and pays per kernel launch: 64 MiB ones.
 BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
+# But every block reads all keys and values again, so a block of a few rows (long sequences,
+# large batches) is bound by that reading: at least MIN_BLOCK_ROWS rows where that stays
+# within MAX_BLOCK_ELEMENTS (pit-n at 16,385 tokens: 16-row blocks 5.7x a forward, 64-row 3.0x).
+MIN_BLOCK_ROWS = 64
+MAX_BLOCK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,9 @@ def unread_attention_classes(model: nn.Module) -> list[str]:
 
 
 def default_query_block(rows: int, heads: int, keys: int, device: torch.device | str = "cpu") -> int:
-    elements = BLOCK_ELEMENTS.get(torch.device(device).type, BLOCK_ELEMENTS["cuda"])
-    return max(1, elements // max(1, rows * heads * keys))
+    per_row = max(1, rows * heads * keys)
+    preferred = BLOCK_ELEMENTS.get(torch.device(device).type, BLOCK_ELEMENTS["cuda"]) // per_row
+    return max(1, preferred, min(MIN_BLOCK_ROWS, MAX_BLOCK_ELEMENTS // per_row))
 
 
 def softmax_pieces(layer: int, logits: torch.Tensor, where: CallGeometry, rows: torch.Tensor,
