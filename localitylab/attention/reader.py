@@ -36,7 +36,8 @@ from localitylab.errors import UserError
 BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
 # But every block reads all keys and values again, so a block of a few rows (long sequences,
 # large batches) is bound by that reading: at least MIN_BLOCK_ROWS rows where that stays
-# within MAX_BLOCK_ELEMENTS (pit-n at 16,385 tokens: 16-row blocks 5.7x a forward, 64-row 3.0x).
+# within MAX_BLOCK_ELEMENTS (pit-n at 16,385 tokens: 7.8x a forward with 16-row blocks, 4.1x
+# with 64-row ones; benchmarks/RESULTS.md).
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ELEMENTS = 2**24
 

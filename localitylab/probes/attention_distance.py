@@ -112,7 +112,8 @@ def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Ten
 
 # --- the probe --------------------------------------------------------------------------------
 class AttentionDistanceOptions(Settings):
-    query_block: int | None = None  # query rows per block; default: a block of ~4 MiB of logits (64 on a GPU)
+    # Query rows per block; default: ~4 MiB of logits (64 MiB on a GPU), at least 64 rows within 64 MiB.
+    query_block: int | None = None
 
     @field_validator("query_block", mode="before")
     @classmethod
