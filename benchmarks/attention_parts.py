@@ -20,8 +20,9 @@ the fused kernel, before any elementwise pass; an unfused reader cannot go below
 Before timing, the layer output `attend` computed is checked against SDPA's.
 
 The process keeps its block temporaries on the heap, as the reader sets it to
-(`kernels.keep_block_memory`). Inputs: one image's q, k, v of one layer (random, seeded), one prefix token, a square grid
-of pixel tokens: pit-n's 4 heads of width 16 and PiT-T's 3 heads of width 64.
+(`kernels.keep_block_memory`). Inputs: one image's q, k, v of one layer (random, seeded),
+one prefix token, a square grid of pixel tokens: pit-n's 4 heads of width 16 and PiT-T's 3
+heads of width 64.
 
     .venv/bin/python -m benchmarks.attention_parts [--tokens 1025 4097] [--runs 1 5]
 """
@@ -29,17 +30,21 @@ of pixel tokens: pit-n's 4 heads of width 16 and PiT-T's 3 heads of width 64.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, timed_runs
+from benchmarks.common import environment, median, timed_runs
 
 SHAPES = {"pit-n": (4, 16), "pit-t": (3, 64)}  # heads, head width
+
+
+def grid_side(tokens: int) -> int | None:
+    """The side of the square grid of `tokens` = 1 prefix + side^2, or None if there is none."""
+    side = math.isqrt(tokens - 1) if tokens >= 2 else 0
+    return side if side and side * side == tokens - 1 else None
 
 
 def layer_call(tokens: int, heads: int, width: int, seed: int = 0):
@@ -47,8 +52,8 @@ def layer_call(tokens: int, heads: int, width: int, seed: int = 0):
     from localitylab.attention.adapters import CallGeometry, SdpaCall
     from localitylab.attention.geometry import TokenGeometry
 
-    side = math.isqrt(tokens - 1)
-    if side * side != tokens - 1:
+    side = grid_side(tokens)
+    if side is None:
         raise ValueError(f"tokens must be 1 + a square, got {tokens}")
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, heads, tokens, width, generator=generator) for _ in range(3))
@@ -78,18 +83,19 @@ def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
     blocks = [rows[s:s + block] for s in starts]
     logits = [call.logits(r) for r in blocks]
     pieces = [softmax_pieces(0, block_logits, where, r)[0] for r, block_logits in zip(blocks, logits)]
-    value_grid = call.v[..., 1:, :]
-    reduce = kernel(grid_pieces, tokens - 1)
+    prefix = where.num_prefix_keys
+    value_grid = call.v[..., prefix:, :]
+    reduce = kernel(grid_pieces, tokens - prefix)
 
     parts = {
         "sdpa": lambda: sdpa(call.q, call.k, call.v),
         "logits": lambda: [call.logits(r) for r in blocks],
         "weights @ v": lambda: [p.grid_weights @ value_grid for p in pieces],
-        "pieces": lambda: [reduce(block_logits[..., 1:]) for block_logits in logits],
+        "pieces": lambda: [reduce(block_logits[..., prefix:]) for block_logits in logits],
         "distance": lambda: [block_row_values(p) for p in pieces],
         "attend": run_attend,
     }
-    seconds = {name: statistics.median(timed_runs(fn, warmup, repeats)) for name, fn in parts.items()}
+    seconds = {name: median(timed_runs(fn, warmup, repeats)) for name, fn in parts.items()}
     base = seconds["sdpa"]
     return {"model": model, "tokens": tokens, "heads": heads, "head_width": width, "query_block": block,
             "blocks": len(blocks), "seconds": seconds, "ratio": {name: s / base for name, s in seconds.items()},
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", nargs=2, type=int, default=(1, 5), metavar=("WARMUP", "TIMED"))
     parser.add_argument("--json", help="also write every figure here")
     args = parser.parse_args(argv)
-    bad = [t for t in args.tokens if t < 2 or math.isqrt(t - 1) ** 2 != t - 1]
+    bad = [t for t in args.tokens if grid_side(t) is None]
     if bad:
         parser.error(f"--tokens must each be 1 + a square (1025 = 1 + 32^2), got {bad}")
     with torch.no_grad():

@@ -17,6 +17,7 @@ remembered for the process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import warnings
@@ -30,7 +31,6 @@ _compiled: dict[str, Callable | None] = {}
 # glibc's mallopt parameters (malloc.h), and what the reader sets them to.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 HEAP_SETTINGS = {M_MMAP_THRESHOLD: 64 << 20, M_TRIM_THRESHOLD: 128 << 20}
-_heap_kept: list[bool] = []
 
 
 def grid_pieces(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,6 +80,7 @@ def kernel(function: Callable, num_keys: int) -> Callable:
     return guarded
 
 
+@functools.cache
 def keep_block_memory() -> bool:
     """Let glibc's malloc serve the blocks' temporaries (a few MiB each, freed and asked for
     again every block) from its heap. By default it maps each allocation over an adaptive
@@ -89,12 +90,6 @@ def keep_block_memory() -> bool:
     Raises the mapping threshold to 64 MiB and keeps up to 128 MiB of freed heap, once per
     process, where the C library is glibc and the user set no malloc tuning of their own.
     Returns whether the settings are in force."""
-    if not _heap_kept:
-        _heap_kept.append(_set_heap_thresholds())
-    return _heap_kept[0]
-
-
-def _set_heap_thresholds() -> bool:
     tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     if (not sys.platform.startswith("linux") or any(name in os.environ for name in tuned)
             or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")):
