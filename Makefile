@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# The fused attention-distance kernel, compiled for this machine now rather than in the first probe.
+	$(BIN)/python -c 'from localitylab.attention import fused; raise SystemExit(not fused.load())' || echo "the fused attention kernel did not build: probes use the torch path"
 	@touch $(STAMP)
 
 demo: $(STAMP)

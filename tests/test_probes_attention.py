@@ -209,11 +209,13 @@ def test_default_query_blocks_keep_enough_rows_within_the_memory_cap(device):
 
 
 @pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
-@pytest.mark.parametrize("queries", [None, "one token"])
-def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits_images, name, queries):
+@pytest.mark.parametrize("queries,needs_weights", [(None, True), ("one token", True), (None, False),
+                                                   ("one token", False)])
+def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits_images, name, queries, needs_weights):
     """The reader computes each block's attention once, for the probe and for the module: the
     model's output equals an unprobed forward to float rounding, whether every row or one
-    row is read (the others then go to the original kernel); everything is restored after."""
+    row is read (the others then go to the original kernel), through the torch path or the
+    fused kernel (needs_weights=False); everything is restored after."""
     import torch.nn.functional as F
 
     target = targets[name]
@@ -224,7 +226,8 @@ def test_probing_leaves_logits_unchanged_and_restores_everything(targets, digits
     with torch.no_grad():
         before = target.model(x)
         calls = []
-        with read_attention(layers, lambda block: calls.append(block.layer), target.geometry, rows):
+        with read_attention(layers, lambda block: calls.append(block.layer), target.geometry, rows,
+                            needs_weights=needs_weights):
             during = target.model(x)
         after = target.model(x)
     torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
@@ -246,6 +249,78 @@ def test_results_do_not_depend_on_batch_or_query_block(targets, digits_images, n
     for batch_size, block in ((1, None), (4, 1), (3, 7), (6, 1000)):
         other = streamed_metrics(target, images, batch_size=batch_size, query_block=block)
         np.testing.assert_allclose(other.values, reference.loc[other.index].values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pit-n", "vit-n/2", "timm:vit_tiny+qknorm+reg"])
+def test_fused_kernel_equals_the_torch_path(targets, digits_images, name, monkeypatch):
+    """attention-distance's table from the fused CPU kernel (flash attention accumulating the
+    sums) equals the one from the reader's torch path (blocks of logits), kept as the
+    reference, to 1e-5: every metric, every layer and head, prefix keys included."""
+    from localitylab.attention import fused
+
+    target, images = targets[name], digits_images[0]
+    monkeypatch.setenv("LOCALITYLAB_FUSED_ATTENTION", "off")
+    reference = streamed_metrics(target, images, batch_size=4)
+    monkeypatch.setenv("LOCALITYLAB_FUSED_ATTENTION", "auto")
+    calls = []
+    kernel = fused.attention_rows
+    monkeypatch.setattr(fused, "attention_rows", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    found = streamed_metrics(target, images, batch_size=4)
+    assert len(calls) == 2 * len(modules(target))  # every layer of both batches went through the kernel
+    assert found.index.equals(reference.index)
+    np.testing.assert_allclose(found.values, reference.values, rtol=1e-5, atol=1e-6)
+
+
+def brute_force_rows(q, k, v, scale, prefix, query_centres, key_centres):
+    """The kernel's answer written out in float64 from the full softmax."""
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    grid = logits[..., prefix:]
+    grid_max = grid.amax(-1)
+    weights = (grid - grid_max[..., None]).exp()
+    distance = torch.cdist(query_centres.double(), key_centres.double())
+    prefix_lse = logits[..., :prefix].logsumexp(-1) if prefix else torch.full_like(grid_max, float("-inf"))
+    return (logits.softmax(-1) @ v.double(), grid_max, weights.sum(-1),
+            (weights * (grid - grid_max[..., None])).sum(-1), (weights * distance).sum(-1), prefix_lse)
+
+
+@pytest.mark.parametrize("prefix,tile", [(0, 7), (1, 64), (5, 300)])
+def test_the_fused_kernel_matches_brute_force(prefix, tile):
+    """Random logits large enough that tiles change the row maxima: 600 grid keys (a 512-key
+    tile and a ragged one, a tail shorter than one vector), query tiles that do not divide
+    the rows, values wider than the keys, anchors anywhere."""
+    from localitylab.attention import fused
+
+    if not fused.load():
+        pytest.skip("the fused kernel did not build on this machine")
+    generator = torch.Generator().manual_seed(prefix)
+    rows, keys = 45, 600 + prefix
+    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
+    k = torch.randn(2, 3, keys, 16, generator=generator)
+    v = torch.randn(2, 3, keys, 24, generator=generator)
+    query_centres, key_centres = torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+    found = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
+    expected = brute_force_rows(q, k, v, 0.3, prefix, query_centres, key_centres)
+    for name, a, b in zip(fused.RowSums._fields, found, expected):
+        if name == "prefix_lse" and not prefix:
+            assert torch.isneginf(a).all()
+            continue
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_the_fused_kernel_answers_only_what_it_computes(monkeypatch):
+    """Masks, causal attention, float64 and GPUs go to the torch path; so does everything
+    with LOCALITYLAB_FUSED_ATTENTION=off."""
+    from localitylab.attention import fused
+
+    q = torch.zeros(1, 1, 4, 8)
+    if fused.load():
+        assert fused.applies(q, None, False)
+    assert not fused.applies(q, torch.ones(4, 4, dtype=torch.bool), False)
+    assert not fused.applies(q, None, True)
+    assert not fused.applies(q.double(), None, False)
+    assert not fused.applies(q.to("meta"), None, False)
+    monkeypatch.setenv("LOCALITYLAB_FUSED_ATTENTION", "off")
+    assert not fused.applies(q, None, False)
 
 
 def test_query_block_option_is_checked(targets, digits_images):

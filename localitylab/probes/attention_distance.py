@@ -61,12 +61,16 @@ def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
     with w = exp(s - max_grid s) over the grid keys and Z = sum w, A' = w / Z, so the
     distance is sum(w d) / Z (one pass over the block, the distances computed in place),
     the entropy comes from Z and sum w (s - m) (`AttentionBlock.entropy`), the prefix share
-    from two logsumexps.
+    from two logsumexps. A block from the fused kernel brings sum(w d) with it.
     """
-    weights = block.grid_weights
-    centres = block.query_centres.to(weights.dtype), block.where.key_centres.to(weights.dtype)
-    attended = kernel(weighted_distance, weights.shape[-1])(weights, *centres) / block.grid_total
-    num_keys = weights.shape[-1]
+    if block.grid_distance is not None:
+        weighted = block.grid_distance
+    else:
+        weights = block.grid_weights
+        centres = block.query_centres.to(weights.dtype), block.where.key_centres.to(weights.dtype)
+        weighted = kernel(weighted_distance, weights.shape[-1])(weights, *centres)
+    attended = weighted / block.grid_total
+    num_keys = block.where.key_centres.shape[0]
     entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))
     prefix = block.prefix_share()
     # Without renormalising: sum over grid keys of A d = A'-distance times the grid's share.
@@ -134,6 +138,7 @@ class AttentionDistance(AttentionProbe):
     name = "attention-distance"
     summary = "Mean attention distance per head and layer, in pixels and relative to uniform attention"
     Options = AttentionDistanceOptions
+    needs_weights = False
     summary_columns = (
         SummaryColumn("ratio_first", "locality ratio, first block",
                       "mean over heads of mean attention distance / uniform distance, block 0 (below 1 = local)",

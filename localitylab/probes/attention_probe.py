@@ -57,6 +57,9 @@ class AttentionProbe(Probe):
 
     applies_to = "transformers whose attention an adapter reads (pit-*, vit-*/P, timm's ViT families, dit-*/P)"
     per_query: ClassVar[bool] = False
+    # Whether `reduce` reads the blocks' weights or logits; a probe that reads only their sums
+    # lets the reader answer from the fused kernel (localitylab.attention.fused).
+    needs_weights: ClassVar[bool] = True
     on_denoiser = "per-level"
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
@@ -108,7 +111,8 @@ class AttentionProbe(Probe):
                 else:
                     buffers[name] += values.sum(dim=2, keepdim=True)
 
-        with read_attention(layers, consume, geometry, query_tokens=queries, query_block=self.query_block(inputs)):
+        with read_attention(layers, consume, geometry, query_tokens=queries, query_block=self.query_block(inputs),
+                            needs_weights=self.needs_weights):
             for batch in inputs.batches():
                 batch_of[:] = [batch]
                 in_batch.clear()

@@ -1,0 +1,116 @@
+"""Attention with the attention-distance sums inside it, on the CPU (`csrc/attention_rows.cpp`).
+
+The reader's torch path writes every block of logits to memory and reads it back for each
+reduction; this kernel is flash attention whose online softmax also accumulates, per query
+row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and the prefix
+logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
+compiled for this machine on first use (torch.utils.cpp_extension; about 15 s, cached per
+user) and used where it applies: CPU, float32, no mask, not causal, and a probe that needs
+only those sums. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
+the reference the kernel is tested against); where building fails (no compiler), the torch
+path is used and that is said once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "attention_rows.cpp"
+# torch's CPU flash attention splits queries the same way: larger tiles for longer sequences.
+KEY_TILE = 512
+
+
+class RowSums(NamedTuple):
+    """The kernel's answer for query rows (R, heads, rows): the output rows and, over the grid
+    keys, the pieces of `AttentionBlock` (float64)."""
+
+    out: torch.Tensor
+    grid_max: torch.Tensor
+    grid_total: torch.Tensor
+    weighted_shifted: torch.Tensor
+    weighted_distance: torch.Tensor
+    prefix_lse: torch.Tensor  # -inf without prefix keys
+
+
+def wanted() -> bool:
+    return os.environ.get("LOCALITYLAB_FUSED_ATTENTION", "auto").strip().lower() != "off"
+
+
+def _flags(capability: str) -> list[str]:
+    flags = ["-O3"]
+    if capability.startswith("AVX512"):
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif capability == "AVX2":
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+@contextlib.contextmanager
+def _build_tools():
+    """torch runs `ninja` from PATH; the one pip installed sits beside this Python, which a
+    venv's python run by path does not put on PATH. Quiets torch's note that this machine
+    has no CUDA runtime (the kernel is for the CPU)."""
+    path = os.environ.get("PATH", "")
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+        quiet.setLevel(level)
+
+
+@functools.cache
+def load() -> bool:
+    """Build (once per machine) and load the kernel; whether it is there."""
+    if hasattr(torch.ops.localitylab, "attention_rows"):
+        return True
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        with _build_tools():
+            from torch.utils.cpp_extension import load as build
+
+            build(name=f"localitylab_attention_rows_{capability.lower()}", sources=[str(SOURCE)],
+                  extra_cflags=_flags(capability), is_python_module=False, verbose=False)
+        return True
+    except Exception as err:  # no compiler, no ninja, a torch without the headers: the torch path
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"attention probes use the torch path: the fused CPU kernel did not build "
+                      f"({type(err).__name__}: {first_line})", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def applies(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+    return (wanted() and q.device.type == "cpu" and q.dtype == torch.float32 and attn_mask is None
+            and not is_causal and load())
+
+
+def query_tile(num_queries: int) -> int:
+    return 256 if num_queries >= 768 else 64 if num_queries >= 192 else 32
+
+
+def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_prefix_keys: int,
+                   query_centres: torch.Tensor, key_centres: torch.Tensor, tile: int | None = None) -> RowSums:
+    """softmax(q k^T scale) v for query rows q (R, heads, rows, D), with the grid sums.
+    query_centres (rows, 2) and key_centres (Nk - prefix, 2) are pixel anchors (y, x)."""
+    found = torch.ops.localitylab.attention_rows(
+        q, k, v, float(scale), int(num_prefix_keys), query_centres.float(), key_centres.float().t().contiguous(),
+        int(tile or query_tile(q.shape[-2])), KEY_TILE)
+    return RowSums(*found)
+
