@@ -12,12 +12,15 @@ that layer's cost into its parts, each timed over every query block of the layer
   sum (`kernels.grid_pieces`, compiled where the reader compiles it);
 - `distance`: the attention-distance reductions of a block (`block_row_values`: the weighted
   pixel distance, entropy and prefix share);
-- `attend`: the reader's whole layer call with the attention-distance consumer (what the
-  probe pays per layer, Python and all).
+- `attend`: the reader's whole layer call, torch path, with the attention-distance consumer
+  (what the probe paid per layer before the fused kernel, Python and all);
+- `fused`: the same call as the probe makes it now (`needs_weights=False`): the fused CPU
+  kernel (`localitylab.attention.fused`), flash attention summing the probe's reductions in
+  its online softmax (absent where the kernel did not build).
 
 `floor` = (logits + weights @ v) / sdpa: what the two matrix multiplies alone cost against
 the fused kernel, before any elementwise pass; an unfused reader cannot go below it.
-Before timing, the layer output `attend` computed is checked against SDPA's.
+Before timing, the layer output of `attend` and `fused` is checked against SDPA's.
 
 The process keeps its block temporaries on the heap, as the reader sets it to
 (`kernels.keep_block_memory`). Inputs: one image's q, k, v of one layer (random, seeded),
@@ -64,6 +67,7 @@ def layer_call(tokens: int, heads: int, width: int, seed: int = 0):
 
 
 def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
+    from localitylab.attention import fused
     from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
     from localitylab.attention.reader import attend, default_query_block, softmax_pieces
     from localitylab.probes.attention_distance import block_row_values
@@ -76,10 +80,13 @@ def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
     starts = range(0, len(rows), block)
     sdpa = F.scaled_dot_product_attention
 
-    def run_attend() -> torch.Tensor:
-        return attend(0, call, where, rows, block_row_values, None, sdpa)
+    def run_attend(needs_weights: bool = True) -> torch.Tensor:
+        return attend(0, call, where, rows, block_row_values, None, sdpa, needs_weights)
 
-    torch.testing.assert_close(run_attend(), sdpa(call.q, call.k, call.v), rtol=1e-4, atol=1e-5)
+    expected = sdpa(call.q, call.k, call.v)
+    torch.testing.assert_close(run_attend(), expected, rtol=1e-4, atol=1e-5)
+    if fused.load():
+        torch.testing.assert_close(run_attend(needs_weights=False), expected, rtol=1e-4, atol=1e-5)
     blocks = [rows[s:s + block] for s in starts]
     logits = [call.logits(r) for r in blocks]
     pieces = [softmax_pieces(0, block_logits, where, r)[0] for r, block_logits in zip(blocks, logits)]
@@ -95,6 +102,8 @@ def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
         "distance": lambda: [block_row_values(p) for p in pieces],
         "attend": run_attend,
     }
+    if fused.load():
+        parts["fused"] = lambda: run_attend(needs_weights=False)
     seconds = {name: median(timed_runs(fn, warmup, repeats)) for name, fn in parts.items()}
     base = seconds["sdpa"]
     return {"model": model, "tokens": tokens, "heads": heads, "head_width": width, "query_block": block,
