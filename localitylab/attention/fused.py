@@ -4,8 +4,8 @@ The reader's torch path writes every block of logits to memory and reads it back
 reduction; this kernel is flash attention whose online softmax also accumulates, per query
 row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and the prefix
 logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
-compiled for this machine on first use (torch.utils.cpp_extension; about 15 s, cached per
-user) and used where it applies: CPU, float32, no mask, not causal, and a probe that needs
+compiled for this machine's CPU on first use (torch.utils.cpp_extension; about 15 s, cached
+per user; `make` does it when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a probe that needs
 only those sums. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
 the reference the kernel is tested against); where building fails (no compiler), the torch
 path is used and that is said once.
@@ -25,8 +25,7 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_rows.cpp"
-# torch's CPU flash attention splits queries the same way: larger tiles for longer sequences.
-KEY_TILE = 512
+KEY_TILE = 512  # keys per tile: a 256 x 512 tile of logits (512 KiB) stays in a core's L2
 
 
 class RowSums(NamedTuple):
@@ -102,6 +101,7 @@ def applies(q: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) ->
 
 
 def query_tile(num_queries: int) -> int:
+    """Query rows per tile, as torch's CPU flash attention splits them: larger for longer sequences."""
     return 256 if num_queries >= 768 else 64 if num_queries >= 192 else 32
 
 

@@ -116,6 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(key_anchors.dim() == 2 && key_anchors.size(0) == 2 && key_anchors.size(1) == Nk - prefix,
               "attention_rows: key_anchors must be (2, Nk - prefix)");
   TORCH_CHECK(query_tile > 0 && key_tile > 0, "attention_rows: tiles must be positive");
+  query_tile = std::min(query_tile, std::max<int64_t>(Nq, 1));  // a tile past the rows only costs memory
+  key_tile = std::min(key_tile, Nk);
 
   at::Tensor out = at::empty({R, H, Nq, Dv}, q.options());
   const auto stats = q.options().dtype(at::kDouble);
