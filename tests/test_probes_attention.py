@@ -326,6 +326,23 @@ def test_the_fused_kernel_answers_only_what_it_computes(monkeypatch):
     assert not fused.applies(q, None, False)
 
 
+def test_remembered_attention_layers_follow_the_model_and_do_not_keep_it_alive():
+    """attention_layers remembers what it found per model: a changed module tree is walked
+    again, and a model nobody holds is still freed."""
+    import gc
+    import weakref
+
+    model = timm_target(depth=2).model
+    first = attention_layers(model)
+    assert [layer.name for layer in first] == ["blocks.0.attn", "blocks.1.attn"]
+    model.blocks = model.blocks[:1]
+    assert [layer.name for layer in attention_layers(model)] == ["blocks.0.attn"]
+    alive = weakref.ref(model)
+    del model, first
+    gc.collect()
+    assert alive() is None
+
+
 WITHOUT_COMPILER = """
 import warnings, torch
 from localitylab.attention import fused
