@@ -5,8 +5,8 @@ reduction; this kernel is flash attention whose online softmax also accumulates,
 row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and the prefix
 logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
 compiled for this machine's CPU on first use (torch.utils.cpp_extension; about 15 s, cached
-per user; `make` does it when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a probe that needs
-only those sums. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
+per user; `make` does it when it creates .venv) and used where it applies: CPU, float32, no
+mask, not causal, and a probe that needs only those sums. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
 the reference the kernel is tested against); where building fails (no compiler), the torch
 path is used and that is said once.
 """
@@ -110,7 +110,7 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """softmax(q k^T scale) v for query rows q (R, heads, rows, D), with the grid sums.
     query_centres (rows, 2) and key_centres (Nk - prefix, 2) are pixel anchors (y, x)."""
     found = torch.ops.localitylab.attention_rows(
-        q, k, v, float(scale), int(num_prefix_keys), query_centres.float(), key_centres.float().t().contiguous(),
-        int(tile or query_tile(q.shape[-2])), KEY_TILE)
+        q, k, v, float(scale), int(num_prefix_keys), query_centres, key_centres, int(tile or query_tile(q.shape[-2])),
+        KEY_TILE)
     return RowSums(*found)
 

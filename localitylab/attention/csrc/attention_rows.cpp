@@ -93,8 +93,8 @@ TileSums exp_row(float* s, int64_t n, float m, float qy, float qx, const float* 
   return sums;
 }
 
-// q (R, H, Nq, D), k (R, H, Nk, D), v (R, H, Nk, Dv): float32, contiguous. query_anchors
-// (Nq, 2) and key_anchors (2, Nk - prefix): float32 pixels, (y, x). Returns the output
+// q (R, H, Nq, D), k (R, H, Nk, D), v (R, H, Nk, Dv): float32. query_anchors (Nq, 2) and
+// key_anchors (Nk - prefix, 2): pixels, (y, x), any float dtype. Returns the output
 // (R, H, Nq, Dv) and the float64 (R, H, Nq) sums described at the top of this file.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_rows(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale, int64_t prefix,
@@ -106,15 +106,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // logits are then one plain row-major product.
   const at::Tensor q = (q_in * scale).contiguous(), k = k_in.transpose(-1, -2).contiguous(), v = v_in.contiguous();
   const at::Tensor query_anchors = query_anchors_in.to(at::kFloat).contiguous();
-  const at::Tensor key_anchors = key_anchors_in.to(at::kFloat).contiguous();
   const int64_t R = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(3), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == R && k.size(1) == H && k.size(2) == D && v.size(0) == R && v.size(1) == H && v.size(2) == Nk,
               "attention_rows: q, k, v shapes disagree");
   TORCH_CHECK(prefix >= 0 && prefix < Nk, "attention_rows: prefix must leave at least one grid key");
   TORCH_CHECK(query_anchors.dim() == 2 && query_anchors.size(0) == Nq && query_anchors.size(1) == 2,
               "attention_rows: query_anchors must be (Nq, 2)");
-  TORCH_CHECK(key_anchors.dim() == 2 && key_anchors.size(0) == 2 && key_anchors.size(1) == Nk - prefix,
-              "attention_rows: key_anchors must be (2, Nk - prefix)");
+  TORCH_CHECK(key_anchors_in.dim() == 2 && key_anchors_in.size(0) == Nk - prefix && key_anchors_in.size(1) == 2,
+              "attention_rows: key_anchors must be (Nk - prefix, 2)");
+  const at::Tensor key_anchors = key_anchors_in.to(at::kFloat).t().contiguous();  // (2, T): the ys, then the xs
   TORCH_CHECK(query_tile > 0 && key_tile > 0, "attention_rows: tiles must be positive");
   query_tile = std::min(query_tile, std::max<int64_t>(Nq, 1));  // a tile past the rows only costs memory
   key_tile = std::min(key_tile, Nk);
