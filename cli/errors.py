@@ -6,6 +6,7 @@ become `localitylab: error: <what is wrong>`, with no traceback unless `--debug`
 
 from __future__ import annotations
 
+import re
 import sys
 
 
@@ -59,8 +60,25 @@ def run_cli(command, argv: list[str]) -> int:
     except UserError as err:
         if debug:
             raise
-        print(f"localitylab: error: {one_line(str(err))}", file=sys.stderr)
+        print(f"localitylab: error: {one_line(spoken(err))}", file=sys.stderr)
         return 2
+
+
+# Settings whose flag is not their name with dashes (the library's name -> the CLI's flag).
+FLAGS = {"n_images": "--images"}
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a library setting: batch_size -> --batch-size."""
+    return FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
+def spoken(err) -> str:
+    """The library's message with each setting it names (`err.settings`) said as its flag."""
+    text = str(err)
+    for name in sorted(getattr(err, "settings", ()), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag_of(name), text)
+    return text
 
 
 def one_line(text: str) -> str:
