@@ -5,7 +5,7 @@ maps taken with timm's AttentionExtract (forward hooks on `attn_drop`, which eve
 here applies to the attention it uses); CaiT's talking heads, whose attn_drop sees the
 post-softmax head mix, by an explicit softmax of the module's own proj_l-mixed logits (so too
 LeViT and HieraDet, which have no attn_drop, from their own q, k and biases). The
-metrics are written out here from PROBES.md's definitions (in float64), with every token's
+metrics are written out here from docs/probes.md's definitions (in float64), with every token's
 true pixel position: for Swin, each window's tokens are put back where the cyclic shift
 took them from. Each family at two sequence lengths, with a prefix and without where the
 family has both; a model that mixes attention classes keeps layer = its block index; the
@@ -128,7 +128,7 @@ def grid_centres(rows: int, cols: int, spacing: float) -> torch.Tensor:
 
 def row_metrics(attention: torch.Tensor, distances: torch.Tensor | None, prefix: int) -> dict[str, torch.Tensor]:
     """Per (batch row, head, query): the attended distance over the grid keys renormalised, the
-    prefix share, the normalised entropy (PROBES.md)."""
+    prefix share, the normalised entropy (docs/probes.md)."""
     grid = attention[..., prefix:]
     renormalised = grid / grid.sum(dim=-1, keepdim=True)
     keys = grid.shape[-1]

@@ -125,7 +125,7 @@ def digits_images(trained_runs):
 
 
 def materialised_metrics(target, images: torch.Tensor) -> pd.Series:
-    """The PROBES.md definitions computed directly from every layer's full attention maps."""
+    """The docs/probes.md definitions computed directly from every layer's full attention maps."""
     from timm.utils import AttentionExtract
 
     attention = modules(target)

@@ -4,7 +4,7 @@
   seed; every shuffle the permutation probe uses is a permutation with its own locality
   (local-k keeps pixels in their window, patch-shuffle moves whole tiles, T swaps move at
   most 2T pixels, each by at most d when T = 1).
-- attention-distance's numbers lie in their ranges for any attention (PROBES.md): distance
+- attention-distance's numbers lie in their ranges for any attention (docs/probes.md): distance
   between 0 and the grid's diameter, shares and normalised entropies in [0, 1], the ratio
   to uniform in [0, diameter / uniform]; uniform attention gives exactly the uniform
   distance, which the code computes a second, independent way (by offsets).
@@ -200,7 +200,7 @@ def test_attention_distance_metrics_lie_in_their_ranges(block):
         assert bool(((means["entropy"] >= -1e-9) & (means["entropy"] <= 1 + 1e-9)).all())
         ratio = means["distance"] / uniform
         assert bool(((ratio >= 0) & (ratio <= diameter / uniform + 1e-9)).all())
-        # The side fraction of PROBES.md: mean_distance_frac = px / max(H, W) is at most sqrt(2).
+        # The side fraction of docs/probes.md: mean_distance_frac = px / max(H, W) is at most sqrt(2).
         assert bool((means["distance"] / geometry.image_side <= math.sqrt(2) + 1e-9).all())
 
 

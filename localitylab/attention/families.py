@@ -259,7 +259,7 @@ if _TalkingHeads is not None:
 # --- Swin: (shifted) windows, read at the block --------------------------------------------------------
 def stage_geometry(height: int, width: int, geometry: TokenGeometry) -> TokenGeometry:
     """The (height x width) token grid of a stage, placed on the model's input image: tokens
-    are image side / grid side pixels apart (PROBES.md, Geometry)."""
+    are image side / grid side pixels apart (docs/probes.md, Geometry)."""
     image_h, image_w = geometry.image_shape
     spacing_h, spacing_w = image_h / height, image_w / width
     spacing = spacing_h if math.isclose(spacing_h, spacing_w) else max(spacing_h, spacing_w)

@@ -1,7 +1,7 @@
 """Where tokens sit on the input image, in pixels: the geometry every attention probe measures in.
 
 A model with a token grid of (rows, cols) over an image places token (i, j) at the centre
-of its pixels, ((i + 0.5) * p, (j + 0.5) * p) with p pixels per token (PROBES.md,
+of its pixels, ((i + 0.5) * p, (j + 0.5) * p) with p pixels per token (docs/probes.md,
 Geometry). Prefix tokens ([cls], registers) have no position.
 """
 

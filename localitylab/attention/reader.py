@@ -68,7 +68,7 @@ class AttentionBlock:
 
     With s the logits, P prefix keys first and m the largest grid logit of each row:
     `grid_weights` w = exp(s_grid - m) (0 for masked keys) and `grid_total` Z = sum w, so the
-    attention renormalised over grid keys is A' = w / Z (PROBES.md); `weighted_shifted` =
+    attention renormalised over grid keys is A' = w / Z (docs/probes.md); `weighted_shifted` =
     sum_k w (s - m) (masked keys left out); `prefix_lse` = logsumexp of the prefix logits
     (None without prefix keys). A block from the fused kernel (a reader told its consumer
     needs no weights) has no `logits` or `grid_weights` but `grid_distance`, sum_k w |c_q - c_k|

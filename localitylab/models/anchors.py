@@ -1,4 +1,4 @@
-"""Where a feature location of a model's layer sits on the input image (PROBES.md, Geometry).
+"""Where a feature location of a model's layer sits on the input image (docs/probes.md, Geometry).
 
 The pixel anchor of location i of a feature map is the centre of its receptive field, given
 by the convolution arithmetic of every layer up to it (Araujo et al. 2019, "Computing

@@ -27,7 +27,7 @@ class ModelDescription:
     is_transformer: bool
     # Pixels of the input image per token side: the true token spacing, image side / grid side
     # (for a hybrid ViT whose patches are cut from a backbone's feature map, the backbone's
-    # stride times the patch). The one place token spacing is decided (PROBES.md, Geometry).
+    # stride times the patch). The one place token spacing is decided (docs/probes.md, Geometry).
     patch_size: int | float | None  # None for ConvNets and for tokens not on one grid
     grid: tuple[int, int] | None  # token grid (rows, cols) the model's embedding makes; None as above
     num_prefix_tokens: int  # [cls], distillation token, registers

@@ -1,4 +1,4 @@
-"""Probes: locality measurements on any model, written as tidy tables (PROBES.md).
+"""Probes: locality measurements on any model, written as tidy tables (docs/probes.md).
 
 Adding a probe: one file with a `@register_probe` class, and one line below. The order is
 the order of `probe all` and of the report's sections: attention first, then the position

@@ -1,4 +1,4 @@
-"""attention-distance: how far, in input pixels, each head of each layer looks (PROBES.md).
+"""attention-distance: how far, in input pixels, each head of each layer looks (docs/probes.md).
 
 The ViT paper's "mean attention distance" (Dosovitskiy et al. 2021, Fig. 7; Raghu et al.
 2021), made comparable across patch sizes by measuring in pixels between token centres and
@@ -38,7 +38,7 @@ METRICS = ("mean_distance_px", "mean_distance_frac", "mean_distance_px_raw", "un
 # --- reduction of one block of rows -------------------------------------------------------------
 def attention_row_values(probs: torch.Tensor, query_centres: torch.Tensor, key_centres: torch.Tensor,
                          num_prefix_tokens: int) -> dict[str, torch.Tensor]:
-    """PROBES.md's definitions, written out from the softmax, for one block of rows.
+    """docs/probes.md's definitions, written out from the softmax, for one block of rows.
 
     probs: (B, heads, b, P + T) softmax rows; query_centres (b, 2) and key_centres (T, 2) in
     pixels. Returns (B, heads, b) values: the attended distance d of each row, its prefix

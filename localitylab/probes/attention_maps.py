@@ -1,4 +1,4 @@
-"""attention-maps: where chosen query pixels look, layer by layer (PROBES.md, the ViT paper's
+"""attention-maps: where chosen query pixels look, layer by layer (docs/probes.md, the ViT paper's
 attention-map figures made quantitative).
 
 Options: `query`, pixel coordinates 'row,col' of the model's input ('r,c;r,c' for several;
@@ -9,7 +9,7 @@ keeps the maps of the first few images for the figures.
 
 Table rows, per query (`setting` = 'query=r,c'), layer and head (head empty: the mean over
 heads), averaged over the probe's images, with A' the attention renormalised over the
-non-prefix keys as in PROBES.md:
+non-prefix keys as in docs/probes.md:
 
 - `query_distance_px`: sum_k A'[q,k] * |c_q - c_k|, the attended distance of this query;
 - `uniform_query_distance_px` (layer and head empty): the same for uniform attention, the

@@ -3,7 +3,7 @@ the pipeline, a probe says what it measures per image.
 
 The base owns: the options (one typed parse, `Probe.Options`), the images and their
 batching and preparation (`ProbeInputs.batches`), collecting what was measured as values
-per image (`Measurements`), turning those into the tidy table (PROBES.md, Output schema),
+per image (`Measurements`), turning those into the tidy table (docs/probes.md, Output schema),
 and handing the same result to the table and to the figures, so no probe runs the model
 twice. A probe subclass sets its name, its `Options`, its `summary_columns` (what the
 report's summary reads from its table), and overrides `measure` (and `figures` / `plot`).
@@ -26,7 +26,7 @@ from localitylab.settings import Settings, parse_settings
 if TYPE_CHECKING:
     from localitylab.probes.target import ProbeTarget
 
-# The tidy schema of PROBES.md: one measurement per row.
+# The tidy schema of docs/probes.md: one measurement per row.
 COLUMNS = ("model", "probe", "metric", "layer", "head", "setting", "value", "ci_low", "ci_high", "n_images", "note")
 
 
@@ -35,7 +35,7 @@ class NoOptions(Settings):
 
 
 # --- what a probe measured ------------------------------------------------------------------
-# 95% percentile-bootstrap intervals over images (PROBES.md, Uncertainty).
+# 95% percentile-bootstrap intervals over images (docs/probes.md, Uncertainty).
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 # Resampled values held at once while bootstrapping (rows x resamples x images), in float64.
@@ -331,7 +331,7 @@ class Probe:
     summary_columns: ClassVar[tuple[SummaryColumn, ...]] = ()
     needs_labels: ClassVar[bool] = False  # measures against the images' labels (accuracies)
     # How the probe reads a denoiser (a DiT: `target.denoising` set): 'per-level' measures
-    # once per noise level (`timesteps`, PROBES.md), 'weights' once (it reads the weights
+    # once per noise level (`timesteps`, docs/probes.md), 'weights' once (it reads the weights
     # alone); None: it does not apply, and `denoiser_reason` says why.
     on_denoiser: ClassVar[str | None] = None
     denoiser_reason: ClassVar[str] = "it reads a classifier's prediction"

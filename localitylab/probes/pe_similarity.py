@@ -1,4 +1,4 @@
-"""pe-similarity: does the learned position embedding encode the 2-D grid? (PROBES.md)
+"""pe-similarity: does the learned position embedding encode the 2-D grid? (docs/probes.md)
 
 Reads only the table P (one row per non-prefix token; timm puts the prefix rows first
 unless `no_embed_class`), never images, so every row has n_images = 0 and no interval: a

@@ -14,7 +14,7 @@ Layers are the blocks of a transformer and the stages of a ConvNet, both through
 code path.
 
 Radii: `erf_rXX_px` is the radius of the smallest disc around the centre of that feature
-location (((i + 0.5) * H / h, (j + 0.5) * W / w) in pixels, as in PROBES.md) that holds XX%
+location (((i + 0.5) * H / h, (j + 0.5) * W / w) in pixels, as in docs/probes.md) that holds XX%
 of the mass, pixels counted at their centres. `uniform_rXX_px` is the same for a uniform
 map: pure geometry. Attribution maps (Saliency; IntegratedGradients from a zero baseline,
 i.e. the mean image, with `internal_batch_size` bounding memory) are measured per image
@@ -91,7 +91,7 @@ def centre_location(height: int, width: int, grid_h: int, grid_w: int,
                     anchor: GridAnchor | None = None) -> tuple[int, int, tuple[float, float]]:
     """(row, col) of the feature location nearest the image's centre pixel (H//2, W//2), and
     its pixel anchor. With the convolution arithmetic's `anchor` that is the centre of the
-    location's receptive field (PROBES.md); without, the centre of its cell on an evenly
+    location's receptive field (docs/probes.md); without, the centre of its cell on an evenly
     stretched grid, ((i + 0.5) H / h, ...)."""
     if anchor is None:
         anchor = GridAnchor((0.5 * height / grid_h, 0.5 * width / grid_w), (height / grid_h, width / grid_w))

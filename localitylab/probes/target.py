@@ -36,7 +36,7 @@ from localitylab.io import safe_name
 
 @dataclass
 class Denoising:
-    """How a probe runs a denoiser (PROBES.md, Diffusion transformers): its images on the
+    """How a probe runs a denoiser (docs/probes.md, Diffusion transformers): its images on the
     diffusion scale, noised to a level t of the model's own schedule with noise drawn per
     image from the probe's seed (the same noise at every level), and conditioned on their
     labels, guidance off."""

@@ -69,7 +69,7 @@ UNBOUNDED = (-math.inf, math.inf)
 
 
 def metric_bounds(metric: str | None) -> tuple[float, float]:
-    """The values a metric can take, by its PROBES.md name: distances and radii, in pixels
+    """The values a metric can take, by its docs/probes.md name: distances and radii, in pixels
     (`*_px`, `*_px_raw`) or as a fraction of the image side (`*_frac`), are >= 0; accuracies
     and shares lie in [0, 1], a drop of accuracy in [-1, 1]; the rest (differences,
     correlations, R²) are left as they are."""
