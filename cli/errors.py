@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 
 
 def _exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
@@ -34,10 +35,29 @@ def _exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, 
 
 
 def run_cli(command, argv: list[str]) -> int:
-    from localitylab.errors import RunStopped, UserError
-
     usage_errors, exits, aborts, no_args = _exception_types()
     debug = "--debug" in argv
+    with warnings.catch_warnings():
+        warnings.showwarning = notes(warnings.showwarning)
+        return _run(command, argv, debug, usage_errors, exits, aborts, no_args)
+
+
+def notes(show):
+    """The library's own warnings (its categories, e.g. an image cache it could not write) as
+    one line on stderr, `localitylab: note: ...`; any other warning as `show` shows it."""
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "localitylab":
+            print(f"localitylab: note: {one_line(str(message))}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return shown
+
+
+def _run(command, argv: list[str], debug: bool, usage_errors, exits, aborts, no_args) -> int:
+    from localitylab.errors import RunStopped, UserError
+
     try:
         result = command.main(args=argv, prog_name="localitylab", standalone_mode=False)
         return result if isinstance(result, int) else 0
@@ -74,11 +94,18 @@ def flag_of(setting: str) -> str:
 
 
 def spoken(err) -> str:
-    """The library's message with each setting it names (`err.settings`) said as its flag."""
+    """The library's message with each setting it names (`err.settings`) said as its flag; a
+    word of a path (runs/out/ckpt.pt) is left as it is."""
     text = str(err)
     for name in sorted(getattr(err, "settings", ()), key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", flag_of(name), text)
+        text = re.sub(rf"(?<![\w./\\-]){re.escape(name)}(?![\w/\\-])", flag_of(name), text)
     return text
+
+
+def said(text: str, settings) -> str:
+    """A library text (a setting's help, a data set's description) with each setting it names
+    in backticks (`init_from`) said as its flag (--init-from); other backticked words stay."""
+    return re.sub(r"`(\w+)`", lambda m: flag_of(m[1]) if m[1] in settings else m[0], text)
 
 
 def one_line(text: str) -> str:

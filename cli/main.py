@@ -58,20 +58,24 @@ def pretrain_mae(config, nproc: int, quiet: bool) -> None:
 
 def _run_training(config, nproc: int, quiet: bool) -> None:
     """Train in this process, or start `nproc` ranks through torchrun and let them train."""
-    from localitylab.errors import UserError
+    from cli.worker import how_to_continue, launch
+    from localitylab.errors import RunStopped, UserError
     from localitylab.train import distributed, train
+    from localitylab.train.job import write_job
     from localitylab.train.progress import final_message, make_reporter
-    from localitylab.train.worker import write_job
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.is_worker():
         distributed.check_batch_divides(config.batch_size, nproc)
         job = write_job(config, quiet)
-        distributed.launch(job, nproc)  # on failure the job file stays, for the re-run it names
+        launch(job, nproc)  # on failure the job file stays, for the re-run it names
         job.unlink(missing_ok=True)
         return
-    final = train(config, make_reporter(quiet)).final
+    try:
+        final = train(config, make_reporter(quiet)).final
+    except RunStopped as stopped:
+        raise how_to_continue(stopped, config) from None
     if final:
         distributed.print_main(final_message(config.run_dir() / "ckpt.pt", final, config.task))
 
@@ -131,14 +135,17 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets
     from rich.console import Console
     from rich.table import Table
 
+    from cli.errors import said
     from localitylab.data import DataOptions, dataset_entries
+    from localitylab.train.config import TrainConfig
 
-    options = DataOptions(data_dir=data_dir)
+    options, settings = DataOptions(data_dir=data_dir), TrainConfig.model_fields
     table = Table(title="localitylab data sets")
     for column in ("name", "what", "here?", "defaults (for what you leave unset)"):
         table.add_column(column)
     for entry in dataset_entries():
-        table.add_row(entry.pattern, entry.summary, entry.availability(options), entry.defaults_for(entry.pattern).describe())
+        table.add_row(entry.pattern, said(entry.summary, settings), said(entry.availability(options), settings),
+                      entry.defaults_for(entry.pattern).describe())
     Console().print(table)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def parse_model_kw(items: list[str] | None, flag: str = "--model-kw") -> dict[str, Any]:
-    """['depth=6', 'qk_norm=True'] -> {'depth': 6, 'qk_norm': True}; `flag` names the option
-    in error messages (`--opt` uses the same syntax)."""
+def parse_model_kw(items: list[str] | None, setting: str = "model_kw") -> dict[str, Any]:
+    """['depth=6', 'qk_norm=True'] -> {'depth': 6, 'qk_norm': True}; `setting` names the
+    option in error messages, which say it as its flag (`opt` uses the same syntax)."""
     from localitylab.settings import parse_key_values
 
-    return parse_key_values(items, flag)
+    return parse_key_values(items, setting.lstrip("-").replace("-", "_"))
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:
@@ -41,7 +41,8 @@ def training_options(name: str):
 
     import typer
 
-    from localitylab.train.config import COMMANDS, TrainConfig, about, flag
+    from cli.errors import flag_of, said
+    from localitylab.train.config import COMMANDS, TrainConfig, about
 
     command = next(c for c in COMMANDS.values() if c.name == name)
     fields = TrainConfig.model_fields
@@ -50,11 +51,11 @@ def training_options(name: str):
         field, meta = fields[option], about(option)
         annotation, default = field.annotation, command.default(option)
         if field.is_required():
-            parameters.append((option, annotation, typer.Argument(..., help=command.describe(option))))
+            parameters.append((option, annotation, typer.Argument(..., help=said(command.describe(option), fields))))
             continue
-        names = [flag(option)]
+        names = [flag_of(option)]
         if annotation in (bool, Optional[bool]):
-            names = [f"{flag(option)}/--no-{flag(option)[2:]}"]
+            names = [f"{flag_of(option)}/{flag_of('no_' + option)}"]
         elif annotation == dict[str, Any]:  # key=value, repeated; TrainConfig parses them
             annotation, default = Optional[List[str]], None
         elif meta["path"]:
@@ -66,7 +67,7 @@ def training_options(name: str):
             off = meta["off"]
             default = annotation(off) if default is None else default
             from_command_line[option] = lambda value, off=off: None if value == off else value
-        parameters.append((option, annotation, typer.Option(default, *names, help=command.describe(option))))
+        parameters.append((option, annotation, typer.Option(default, *names, help=said(command.describe(option), fields))))
     parameters += [("nproc", int, typer.Option(1, "--nproc", help="Processes to train on (DDP through torchrun; GPUs or CPU).")),
                    ("quiet", bool, typer.Option(False, "--quiet/--no-quiet", help="No progress bar; one line per epoch."))]
 

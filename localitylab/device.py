@@ -19,5 +19,5 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available here")
+        raise UserError("device cuda asked for, but no CUDA device is available here", setting="device")
     return resolved

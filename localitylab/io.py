@@ -206,7 +206,8 @@ def code_version() -> dict[str, Any]:
         try:
             commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                     timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "localitylab"],
+            # -z: the porcelain format (stable, whatever the user's git settings), NUL-separated
+            dirty = subprocess.run(["git", "-C", str(root), "status", "-z", "--", "localitylab"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             _CODE_VERSION = {"git_commit": commit or None, "git_dirty": bool(dirty) if commit else None}
         except (OSError, subprocess.SubprocessError):

@@ -4,9 +4,11 @@ A group of settings is a pydantic model deriving from `Settings`: the fields say
 and defaults, validators say what is valid, and `parse_settings` turns any validation
 failure into one `UserError` line that names the key, as the CLI and study files need.
 
-A validator's own message is kept word for word (raise `ValueError("--lr must be ...")`),
-so messages written for users stay exactly as they are; a plain type mismatch becomes
-"<where><key>: expected <type>, got <value>".
+A validator's own message is kept word for word (raise `ValueError("lr must be ...")`, or
+`SettingValueError(message, "a", "b")` where a check of several settings names them), so
+messages written for users stay exactly as they are; a plain type mismatch becomes
+"<where><key>: expected <type>, got <value>". Messages name settings by their Python names;
+the error lists them (`UserError.settings`) so that a front end can say them its own way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
 
 
+class SettingValueError(ValueError):
+    """A validator's message that names settings (by their Python names) other than the field
+    it checks: the checks of several settings together."""
+
+    def __init__(self, message: str, *settings: str) -> None:
+        super().__init__(message)
+        self.settings = settings
+
+
 def first_error(err: ValidationError, where: str = "") -> str:
     """One line for the first problem pydantic found: the validator's message, or the key and what it expected."""
     problem = err.errors(include_url=False)[0]
@@ -42,11 +53,23 @@ def first_error(err: ValidationError, where: str = "") -> str:
 
 class InvalidSettings(UserError):
     """The UserError for settings that do not validate: the one line, and pydantic's first
-    problem (`problem["loc"]`, `problem["type"]`) for callers that word it their own way."""
+    problem (`problem["loc"]`, `problem["type"]`) for callers that word it their own way.
+    Without `where`, the fields are settings of their own (keyword arguments, a command's
+    options) and the error lists those its message names; with it, they are keys of a group
+    (a table, an option list) and it lists none."""
 
     def __init__(self, err: ValidationError, where: str = "") -> None:
-        super().__init__(first_error(err, where))
-        self.problem = err.errors(include_url=False)[0]
+        problem = err.errors(include_url=False)[0]
+        super().__init__(first_error(err, where), settings=() if where else named_settings(problem))
+        self.problem = problem
+
+
+def named_settings(problem: dict[str, Any]) -> tuple[str, ...]:
+    """The settings a pydantic problem's message names: the field it is about (not an unknown
+    key, which is no setting), and those a SettingValueError lists."""
+    loc = problem.get("loc", ())
+    field = (loc[0],) if loc and isinstance(loc[0], str) and problem.get("type") != "extra_forbidden" else ()
+    return field + tuple(getattr((problem.get("ctx") or {}).get("error"), "settings", ()))
 
 
 def parse_settings(cls: type[S], data: Mapping[str, Any], where: str = "") -> S:
@@ -57,15 +80,15 @@ def parse_settings(cls: type[S], data: Mapping[str, Any], where: str = "") -> S:
         raise InvalidSettings(err, where) from None
 
 
-def parse_key_values(items: Iterable[str] | None, flag: str) -> dict[str, Any]:
+def parse_key_values(items: Iterable[str] | None, setting: str) -> dict[str, Any]:
     """['depth=6', 'qk_norm=True', 'act_layer=gelu'] -> {'depth': 6, 'qk_norm': True, 'act_layer': 'gelu'}:
-    values are Python literals, a bare word is a string. `flag` names the option in errors."""
+    values are Python literals, a bare word is a string. `setting` names them in errors."""
     result: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise UserError(f"{flag} expects key=value, got {item!r}")
+            raise UserError(f"{setting} expects key=value, got {item!r}", setting=setting)
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

@@ -79,6 +79,6 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
     if batch_size < 1:
         from localitylab.errors import UserError
 
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {batch_size}", setting="batch_size")
     for start in range(0, len(images), batch_size):
         yield images[start:start + batch_size], labels[start:start + batch_size]

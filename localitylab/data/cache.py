@@ -9,7 +9,8 @@ a JSON header, nothing to unpickle), written to a temporary name and renamed, so
 never sees half an entry and two processes building the same one cannot corrupt it.
 
 Where: $LOCALITYLAB_CACHE_DIR, else ~/.cache/localitylab/decoded. Safe to delete at any
-time. `DataOptions(cache=False)` (the CLI's --no-cache) neither reads nor writes it.
+time. `DataOptions(cache=False)` neither reads nor writes it. A cache that cannot be written warns
+(`CacheNotWritten`) and the run goes on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,10 @@ from localitylab.io import atomic_path
 
 # Bump when decoding changes what a cached entry would hold.
 FORMAT_VERSION = 1
+
+
+class CacheNotWritten(UserWarning):
+    """The image cache could not be written; the run goes on without it."""
 
 
 def cache_dir() -> Path:
@@ -83,7 +88,7 @@ def _write(path: Path, data: DecodedSplits) -> None:
             save_file(tensors, str(tmp), metadata={"class_names": json.dumps(data.class_names),
                                                    "format_version": str(FORMAT_VERSION)})
     except Exception as err:  # noqa: BLE001 - a cache that cannot be written must not stop a run
-        print(f"localitylab: note: could not write the image cache {path}: {err}", file=sys.stderr)
+        warnings.warn(f"could not write the image cache {path}: {err}", CacheNotWritten, stacklevel=2)
 
 
 def cached_decode(kind: str, key: Any, build: Callable[[], DecodedSplits], enabled: bool = True,

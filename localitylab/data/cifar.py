@@ -137,7 +137,7 @@ def load_cifar(variant: CifarVariant | str, options: DataOptions, md5: str | Non
         if not options.download:
             raise UserError(
                 f"{variant.name} not found: put {variant.archive} (or its extracted {variant.folder}/) in {root}, "
-                f"or pass --download to fetch it from {variant.url}"
+                f"or pass download to fetch it from {variant.url}", setting="download"
             ) from None
         download(variant.url, root / variant.archive, variant.md5)
         source = _Source(variant, root, None)  # just verified
@@ -166,7 +166,7 @@ def _availability(variant: CifarVariant):
         for candidate in (root / variant.folder, root / variant.archive):
             if candidate.exists():
                 return f"found {candidate}"
-        return f"not here: put {variant.archive} in {root} or train with --download"
+        return f"not here: put {variant.archive} in {root} or train with `download`"
 
     return check
 

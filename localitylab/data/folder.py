@@ -44,12 +44,12 @@ def decode_samples(samples: list[tuple[str, int]], size: int | None, what: str) 
 FOLDER_DEFAULTS = DataDefaults(hflip=False)
 
 
-@register_dataset("folder", "your images: PATH/train/<class>/*, PATH/val/<class>/*, resized to --img-size", prefix=True,
+@register_dataset("folder", "your images: PATH/train/<class>/*, PATH/val/<class>/*, resized to `img_size`", prefix=True,
                   availability=lambda opts: "any folder you name", defaults=FOLDER_DEFAULTS)
 def load_folder(path: str, options: DataOptions) -> ImageDataset:
     root = Path(path).expanduser()
     if not options.img_size:
-        raise UserError(f"folder:{path} needs --img-size (e.g. 32 or 224)")
+        raise UserError(f"folder:{path} needs img_size (e.g. 32 or 224)", setting="img_size")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root / split} is not a folder; expected {root}/train/<class>/ and {root}/val/<class>/")

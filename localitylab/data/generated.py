@@ -2,7 +2,7 @@
 
 Both are drawn by a seeded `torch.Generator` on the CPU, so the same seed gives identical
 tensors on every machine. The loaders always use GENERATOR_SEED: a data set is part of the
-question, not of the run, so it must not change with a run's `--seed`. The generator
+question, not of the run, so it must not change with a run's `seed`. The generator
 functions take the seed as an argument (tests and studies can draw other samples).
 
 shapes-S (label = a local structure). Five classes: disc, square, triangle, cross, ring.

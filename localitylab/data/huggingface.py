@@ -118,7 +118,7 @@ def open_splits(arg: str) -> dict[str, Any]:
             raise UserError(f"hf:{arg}: could not read it: {err}") from None
 
 
-def _pick(kind: str, flag: str, named: str | None, candidates: list[str], columns: dict, arg: str,
+def _pick(kind: str, setting: str, named: str | None, candidates: list[str], columns: dict, arg: str,
           preferred: tuple[str, ...] = ()) -> str:
     if named is not None:
         if named not in columns:
@@ -131,20 +131,21 @@ def _pick(kind: str, flag: str, named: str | None, candidates: list[str], column
         return chosen[0]
     if not candidates:
         raise UserError(f"hf:{arg} has no {kind} column ({', '.join(f'{c}: {type(f).__name__}' for c, f in columns.items())}); "
-                        f"name one with {flag}")
-    raise UserError(f"hf:{arg} has several {kind} columns ({', '.join(candidates)}): name one with {flag}")
+                        f"name one with {setting}", setting=setting)
+    raise UserError(f"hf:{arg} has several {kind} columns ({', '.join(candidates)}): name one with {setting}",
+                    setting=setting)
 
 
 def choose_columns(features: dict, options: DataOptions, arg: str) -> tuple[str, str]:
     datasets = _datasets()
     images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
-    image = _pick("image", "--image-column", options.image_column, images, features, arg, ("image", "img"))
+    image = _pick("image", "image_column", options.image_column, images, features, arg, ("image", "img"))
     if not isinstance(features[image], datasets.Image):
         raise UserError(f"hf:{arg}: column {image!r} holds {features[image]}, not images")
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
     if not labels:
         labels = [c for c in LABEL_NAMES if c in features]
-    label = _pick("label", "--label-column", options.label_column, labels, features, arg, LABEL_NAMES)
+    label = _pick("label", "label_column", options.label_column, labels, features, arg, LABEL_NAMES)
     feature = features[label]
     if not isinstance(feature, datasets.ClassLabel) and not (
             isinstance(feature, datasets.Value) and (feature.dtype.startswith(("int", "uint")) or feature.dtype in
@@ -197,7 +198,7 @@ def _sources(split, column: str, arg: str, name: str):
 
 
 @register_dataset("hf", "a Hugging Face data set (Hub id or local folder), Parquet/Arrow only; images found or named "
-                  "(--image-column, --label-column), --img-size resizes", prefix=True,
+                  "(`image_column`, `label_column`), `img_size` resizes", prefix=True,
                   availability=lambda opts: "any Hub id or local folder (offline: from the HF cache)",
                   defaults=HF_DEFAULTS)
 def load_hf(arg: str, options: DataOptions) -> ImageDataset:

@@ -193,8 +193,8 @@ def load_imagenet_files(options: DataOptions, md5s: dict[str, str] | None | str 
     tests with miniature archives pass their own ({archive name: md5}), or None."""
     data_dir = data_root(options.data_dir)
     if not options.img_size:
-        raise UserError("imagenet needs --img-size: the whole set is held in memory as uint8 (the 1.28M training "
-                        "images are 3.7 GiB at 32x32, 14.7 GiB at 64x64)")
+        raise UserError("imagenet needs img_size: the whole set is held in memory as uint8 (the 1.28M training "
+                        "images are 3.7 GiB at 32x32, 14.7 GiB at 64x64)", setting="img_size")
     root = _find_root(data_dir)
     if root is None:
         fetch = f"{TRAIN_ARCHIVE}, {VAL_ARCHIVE} and {DEVKIT} from {WHERE_TO_GET}"
@@ -246,7 +246,7 @@ def _availability(options: DataOptions) -> str:
            f"{data_root(options.data_dir) / 'imagenet'}"
 
 
-@register_dataset("imagenet", "ImageNet-1k (ILSVRC 2012): 1,000 classes, 1.28M/50k, resized to --img-size", _availability,
+@register_dataset("imagenet", "ImageNet-1k (ILSVRC 2012): 1,000 classes, 1.28M/50k, resized to `img_size`", _availability,
                   resizable=True, defaults=IMAGENET_DEFAULTS)
 def load_imagenet(options: DataOptions) -> ImageDataset:
     return load_imagenet_files(options)

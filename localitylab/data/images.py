@@ -77,7 +77,7 @@ def check_fits(what: str, count: int, size: int, chans: int = 3) -> None:
         raise UserError(
             f"{what}: {count:,} images at {size}x{size} are {needed / 2**30:.1f} GiB as uint8, more than this "
             f"machine's memory ({total / 2**30:.1f} GiB) allows; localitylab holds a data set in memory, so "
-            f"choose a smaller --img-size"
+            f"choose a smaller img_size", setting="img_size"
         )
 
 
@@ -103,13 +103,14 @@ def decode_images(sources: Iterable[tuple[str, Source]], count: int, size: int |
         if out is None:
             height, width = array.shape[:2]
             if height != width and not size:
-                raise UserError(f"{name} is {width}x{height}, not square: give --img-size to resize and centre-crop")
+                raise UserError(f"{name} is {width}x{height}, not square: give img_size to resize and centre-crop",
+                                setting="img_size")
             check_fits(what, count, height)
             out = np.empty((count, 3, height, width), dtype=np.uint8)
             first_name = name
         if array.shape[:2] != out.shape[2:]:
             raise UserError(f"{name} is {array.shape[1]}x{array.shape[0]}, but {first_name} is "
-                            f"{out.shape[3]}x{out.shape[2]}: give --img-size to resize them all")
+                            f"{out.shape[3]}x{out.shape[2]}: give img_size to resize them all", setting="img_size")
         if array.ndim == 2:
             out[index] = array[None]
             grey[index] = True

@@ -110,7 +110,7 @@ def load_idx_variant(variant: IdxVariant | str, options: DataOptions, md5s: dict
     if missing:
         if not options.download:
             raise UserError(f"{variant.name} not found: put {', '.join(missing)} in {folder}, "
-                            f"or pass --download to fetch them")
+                            f"or pass download to fetch them", setting="download")
         dataset = variant.torchvision_dataset()
         official = variant.md5s()
         for name in missing:
@@ -134,7 +134,7 @@ def _availability(variant: IdxVariant):
     def check(options: DataOptions) -> str:
         folder = data_root(options.data_dir) / variant.folder
         missing = _missing(folder)
-        return f"found {folder}" if not missing else f"not here: put the four IDX files in {folder} or train with --download"
+        return f"found {folder}" if not missing else f"not here: put the four IDX files in {folder} or train with `download`"
 
     return check
 

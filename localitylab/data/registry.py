@@ -93,7 +93,7 @@ class DataInfo:
     permutation: torch.Tensor | None = None  # LongTensor over H*W positions, or None
     permute_seed: int | None = None
     # How `permutation` was drawn, as `permutation_for_setting(permute_setting, H, W, permute_seed)`
-    # rebuilds it: 'global' (--permute-pixels) or 'swaps-T-d' (--swaps); None in older checkpoints.
+    # rebuilds it: 'global' (permute_pixels) or 'swaps-T-d' (swaps); None in older checkpoints.
     permute_setting: str | None = None
 
     @property
@@ -293,7 +293,7 @@ def dataset_defaults(name: str) -> DataDefaults:
 
 
 def takes_img_size(name: str) -> bool:
-    """Whether `name`'s images are resized to --img-size (folder:, hf:, tiny-imagenet, imagenet)."""
+    """Whether `name`'s images are resized to `img_size` (folder:, hf:, tiny-imagenet, imagenet)."""
     entry, _ = _resolve(name)
     return entry.prefix or entry.resizable
 
@@ -311,9 +311,10 @@ def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
     options = options or DataOptions()
     if options.img_size is not None and (isinstance(options.img_size, bool) or not isinstance(options.img_size, int)
                                          or not 1 <= options.img_size <= MAX_IMG_SIZE):
-        raise UserError(f"--img-size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {options.img_size!r}")
+        raise UserError(f"img_size must be a whole number of pixels from 1 to {MAX_IMG_SIZE}, got {options.img_size!r}",
+                        setting="img_size")
     if options.crop_padding is not None and options.crop_padding < 0:
-        raise UserError(f"--crop-padding must be >= 0, got {options.crop_padding}")
+        raise UserError(f"crop_padding must be >= 0, got {options.crop_padding}", setting="crop_padding")
     entry, arg = _resolve(name)
     if entry.prefix:
         dataset = entry.loader(arg, options)
@@ -322,8 +323,8 @@ def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
         if not 4 <= size <= 512:
             raise UserError(f"{name}: size must be between 4 and 512 pixels, got {size}")
         if options.img_size is not None and options.img_size != size:
-            raise UserError(f"{name} images are {size}x{size}; --img-size {options.img_size} disagrees "
-                            f"(use {entry.name}-{options.img_size} for another size)")
+            raise UserError(f"{name} images are {size}x{size}; img_size {options.img_size} disagrees "
+                            f"(use {entry.name}-{options.img_size} for another size)", setting="img_size")
         dataset = entry.loader(size, options)
     elif entry.resizable:
         dataset = entry.loader(options)
@@ -336,16 +337,16 @@ def load_dataset(name: str, options: DataOptions | None = None) -> ImageDataset:
     return dataset
 
 
-# --img-size beyond this is a typo, not a data set that fits in memory.
+# An img_size beyond this is a typo, not a data set that fits in memory.
 MAX_IMG_SIZE = 4096
 
 
 def _fixed_size(dataset: ImageDataset, options: DataOptions) -> ImageDataset:
-    """A data set with one image size ignores nothing silently: a different --img-size is an error."""
+    """A data set with one image size ignores nothing silently: a different img_size is an error."""
     if options.img_size is not None and options.img_size != dataset.info.img_size:
         size = dataset.info.img_size
-        raise UserError(f"{dataset.name} images are {size}x{size}; --img-size applies to folder:, hf:, "
-                        f"tiny-imagenet and imagenet only (got {options.img_size})")
+        raise UserError(f"{dataset.name} images are {size}x{size}; img_size applies to folder:, hf:, "
+                        f"tiny-imagenet and imagenet only (got {options.img_size})", setting="img_size")
     return dataset
 
 

@@ -65,7 +65,7 @@ def _copy_out(source, dest: Path, archive: Path) -> None:
             shutil.copyfileobj(source, out, 1 << 20)
     except OSError as err:
         raise UserError(f"cannot write {dest} ({err.strerror or err}): extract {archive.name} into {dest.parent.parent} "
-                        f"by hand, or give a --data-dir you can write") from None
+                        f"by hand, or give a data_dir you can write", setting="data_dir") from None
 
 
 def read_images(path: Path) -> torch.Tensor:
@@ -96,7 +96,7 @@ def load_stl10_files(options: DataOptions, md5s: dict[str, str] | None | str = "
         if not archive.is_file():
             if not options.download:
                 raise UserError(f"stl10 not found: put {ARCHIVE} (or its extracted {FOLDER}/) in {root}, "
-                                f"or pass --download to fetch it from {url}")
+                                f"or pass download to fetch it from {url}", setting="download")
             download(url, archive, archive_md5)
         elif expected is not None:
             check_md5(archive, expected.get(ARCHIVE))
@@ -119,7 +119,7 @@ def _availability(options: DataOptions) -> str:
     for candidate in (root / FOLDER, root / ARCHIVE):
         if candidate.exists():
             return f"found {candidate}"
-    return f"not here: put {ARCHIVE} in {root} or train with --download"
+    return f"not here: put {ARCHIVE} in {root} or train with `download`"
 
 
 @register_dataset("stl10", "STL-10: 96x96 colour, 10 classes, 5k/8k labelled (ImageNet-like)", _availability,

@@ -57,8 +57,9 @@ def load_svhn_files(options: DataOptions, md5s: dict[str, str] | None | str = "o
     missing = [name for name in SPLITS.values() if not (root / name).is_file()]
     if missing:
         if not options.download:
-            raise UserError(f"svhn not found: put {' and '.join(missing)} in {root}, or pass --download to fetch "
-                            f"{'them' if len(missing) > 1 else 'it'} from {sources[missing[0]][0].rsplit('/', 1)[0]}/")
+            raise UserError(f"svhn not found: put {' and '.join(missing)} in {root}, or pass download to fetch "
+                            f"{'them' if len(missing) > 1 else 'it'} from {sources[missing[0]][0].rsplit('/', 1)[0]}/",
+                            setting="download")
         for name in missing:
             download(sources[name][0], root / name, sources[name][1])
     splits = {}
@@ -74,7 +75,7 @@ def _availability(options: DataOptions) -> str:
     root = data_root(options.data_dir)
     if all((root / name).is_file() for name in SPLITS.values()):
         return f"found {root / SPLITS['train']}"
-    return f"not here: put {' and '.join(SPLITS.values())} in {root} or train with --download"
+    return f"not here: put {' and '.join(SPLITS.values())} in {root} or train with `download`"
 
 
 @register_dataset("svhn", "SVHN: 32x32 colour house-number digits, 10 classes, 73k/26k", _availability,

@@ -162,7 +162,7 @@ def _availability(options: DataOptions) -> str:
     return f"not here: fetch {URL} (no checksum is published) into {root}"
 
 
-@register_dataset("tiny-imagenet", "Tiny-ImageNet: 64x64 colour, 200 ImageNet classes, 100k/10k (--img-size resizes)",
+@register_dataset("tiny-imagenet", "Tiny-ImageNet: 64x64 colour, 200 ImageNet classes, 100k/10k (`img_size` resizes)",
                   _availability, resizable=True, shape=DataShape(64, 3, 200, 100000),
                   defaults=TINY_DEFAULTS)
 def load_tiny_imagenet(options: DataOptions) -> ImageDataset:

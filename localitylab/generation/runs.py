@@ -2,8 +2,8 @@
 `localitylab evaluate-samples` call.
 
 Layout: `<run>/samples/samples.npz` and `samples.png`; `<run>/samples/sample-quality.csv`
-and `meta.json` beside them (or `--out DIR`). A model trained on permuted pixels
-(`--permute-pixels`) generates permuted images; they are put back in natural order before
+and `meta.json` beside them (or the request's `out`). A model trained on permuted pixels
+(`permute_pixels`) generates permuted images; they are put back in natural order before
 they are written, so every sample set on disk is in natural pixel order.
 """
 
@@ -41,13 +41,14 @@ class SampleRequest:
 
 def check_sample_request(request: SampleRequest) -> None:
     if request.n < 1:
-        raise UserError(f"--n must be at least 1, got {request.n}")
+        raise UserError(f"n must be at least 1, got {request.n}", setting="n")
     if request.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
+        raise UserError(f"batch_size must be at least 1, got {request.batch_size}", setting="batch_size")
     if request.sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {request.sampler!r}; valid: {', '.join(SAMPLERS)}")
     if not request.guidance >= 1.0:
-        raise UserError(f"--guidance must be at least 1 (1 = the conditional model alone), got {request.guidance}")
+        raise UserError(f"guidance must be at least 1 (1 = the conditional model alone), got {request.guidance}",
+                        setting="guidance")
 
 
 def sample_run(request: SampleRequest) -> tuple[SampleSet, Path]:
@@ -61,10 +62,10 @@ def sample_run(request: SampleRequest) -> tuple[SampleSet, Path]:
     target, _ = load_target(request.source, request.device, request.data, DataOptions(seed=request.seed))
     if target.denoising is None:
         raise UserError(f"{target.spec.name} is not a diffusion model; sample reads a dit-*/P run "
-                        f"(trained with --task diffusion)")
+                        f"(trained with task diffusion)", setting="task")
     schedule = target.denoising.objective.schedule
     if not 1 <= request.steps <= schedule.num_timesteps:
-        raise UserError(f"--steps must be between 1 and {schedule.num_timesteps}, got {request.steps}")
+        raise UserError(f"steps must be between 1 and {schedule.num_timesteps}, got {request.steps}", setting="steps")
     labels = balanced_labels(request.n, target.spec.num_classes)
     images = generate(target.model, labels, schedule, in_chans=target.spec.in_chans, img_size=target.spec.img_size,
                       sampler=request.sampler, steps=request.steps, guidance=request.guidance, seed=request.seed,
@@ -118,15 +119,16 @@ def evaluate_samples(request: EvaluateRequest) -> tuple[pd.DataFrame, Path]:
     check_folder(folder)
     against = request.against or samples.meta.get("data")
     if not against:
-        raise UserError("the sample set does not say which data set its model learned; pass --against DATA")
+        raise UserError("the sample set does not say which data set its model learned; name it with against",
+                        setting="against")
     dataset = load_dataset(against, DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None))
     classifier, _ = load_target(request.classifier, request.device, against)
     if classifier.denoising is not None:
-        raise UserError(f"{classifier.spec.name} is a diffusion model; --classifier needs a classifier run "
-                        f"(e.g. resnet-n) trained on {against}")
+        raise UserError(f"{classifier.spec.name} is a diffusion model; classifier needs a classifier run "
+                        f"(e.g. resnet-n) trained on {against}", setting="classifier")
     if classifier.run_dir is None:
-        raise UserError(f"--classifier {request.classifier}: give a trained classifier's run folder or checkpoint; "
-                        "an untrained network's features measure nothing")
+        raise UserError(f"classifier {request.classifier}: give a trained classifier's run folder or checkpoint; "
+                        "an untrained network's features measure nothing", setting="classifier")
     space = feature_space(classifier)
     sources = [*sample_sources(samples, len(dataset.test_images)),
                *reference_sources(dataset, samples, request.untrained_reference)]

@@ -162,11 +162,12 @@ def build_dit(spec: ModelSpec, size: str, patch_size: int) -> DiffusionTransform
     dims = dict(WIDTHS[size])
     for key in list(extra):
         if key not in dims:
-            raise UserError(f"{spec.name}: unknown --model-kw {key!r}; valid: {', '.join([*dims, 'pos_embed_std'])}")
+            raise UserError(f"{spec.name}: unknown model_kw {key!r}; valid: {', '.join([*dims, 'pos_embed_std'])}",
+                            setting="model_kw")
         try:
             dims[key] = int(extra.pop(key))
         except (TypeError, ValueError):
-            raise UserError(f"{spec.name}: --model-kw {key} must be an integer") from None
+            raise UserError(f"{spec.name}: model_kw {key} must be an integer", setting="model_kw") from None
     if min(dims.values()) < 1 or dims["width"] % dims["heads"]:
         raise UserError(f"{spec.name}: width {dims['width']} must be a positive multiple of heads {dims['heads']}, "
                         f"and depth at least 1")

@@ -28,7 +28,7 @@ POS_EMBED_STD = 0.02
 
 
 def token_options(spec: Any, patch_size: int, default_pos_embed: str) -> tuple[str, float, dict[str, Any]]:
-    """(position embedding, its initial std, the other --model-kw) of a patch-token model
+    """(position embedding, its initial std, the other model_kw) of a patch-token model
     (`spec` a ModelSpec), with a one-line UserError for a patch size that does not divide the
     image, an unknown position embedding or a std that is not a number."""
     from localitylab.models.spec import POS_EMBEDS

@@ -32,7 +32,7 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_pct: float
     crop_mode: str
-    source: str  # e.g. "timm pretrained_cfg of vit_base_patch16_224.augreg_in21k", "+ --img-size 64"
+    source: str  # e.g. "timm pretrained_cfg of vit_base_patch16_224.augreg_in21k", "+ img_size 64"
 
     @classmethod
     def of_model(cls, model: nn.Module, img_size: int | None = None, source: str = "") -> "Preprocessing":

@@ -50,7 +50,7 @@ def register_model(name: str, kind: str, summary: str, takes_patch: bool = False
 
 
 def default_pos_embed(name: str) -> str | None:
-    """The position embedding a registry model gets without --pos-embed ('learn' for PiTs and
+    """The position embedding a registry model gets without `pos_embed` ('learn' for PiTs and
     ViTs, 'sincos' for DiTs); None for a model that takes none (ConvNets, timm:)."""
     family, _ = parse_model_name(name)
     entry = _MODELS.get(family)
@@ -142,7 +142,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return build_timm_model(spec)
     fixed = [key for key in SHAPE_KEYS if key in spec.model_kw]
     if fixed:
-        raise UserError(f"{spec.name}: --model-kw {fixed[0]} cannot be set; image size, channels and classes come "
-                        f"from the data set and the patch size from the name (e.g. vit-n/4)")
+        raise UserError(f"{spec.name}: model_kw {fixed[0]} cannot be set; image size, channels and classes come "
+                        f"from the data set and the patch size from the name (e.g. vit-n/4)", setting="model_kw")
     return _MODELS[family].builder(spec)
 

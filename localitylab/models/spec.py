@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POS_EMBEDS = ("learn", "sincos", "none")
-POS_EMBED_KINDS = ("pit", "vit", "dit")  # the model kinds that take --pos-embed
+POS_EMBED_KINDS = ("pit", "vit", "dit")  # the model kinds that take pos_embed
 
 _PATCH = re.compile(r"^(?P<family>[a-z0-9-]+)/(?P<patch>\d+)$")
 

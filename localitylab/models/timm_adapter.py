@@ -1,4 +1,4 @@
-"""Any timm model as a localitylab model: `timm:NAME[.TAG]` with `--model-kw`, `--weights`
+"""Any timm model as a localitylab model: `timm:NAME[.TAG]` with `model_kw`, `weights`
 and `--pretrained`.
 
 Built untrained (to train it, or as the no-learning baseline), a timm model takes its image
@@ -202,7 +202,7 @@ def _weights_error(name: str, weights: str | Path, err: Exception) -> str:
         why = ("the hub is offline (HF_HUB_OFFLINE)" if offline
                else "the hub could not be reached")
         return (f"timm:{name}: {where} are not in the local hub cache ({cache}) and {why}; "
-                f"download them once with network, or pass --weights FILE")
+                f"download them once with network, or give them as a file (safetensors or state dict)")
     if isinstance(err, HfHubHTTPError):
         return f"timm:{name}: the hub refused the {where}: {text[:300]}"
     if isinstance(err, OSError):

@@ -289,18 +289,19 @@ def _call(function: Callable[..., str], *args: Any) -> tuple[bool, str]:
 
 def study_folder(study: Study, out: str | Path | None, resume: bool) -> Path:
     """Where a study's runs go: `out`, or runs/<name>[-<scale>]. The default is built from
-    names in the file (and --scale), sanitised so that it stays under runs/. A folder that
+    names in the file (and its scale), sanitised so that it stays under runs/. A folder that
     already holds a study is continued only with `resume`."""
     folder = Path(out) if out is not None else Path("runs") / safe_name(study.name + (f"-{study.scale}" if study.scale else ""))
     if (folder / "study.json").is_file() and not resume:
-        raise UserError(f"{folder} already holds a study; pass --resume to continue it, or choose another --out")
+        raise UserError(f"{folder} already holds a study; pass resume to continue it, or choose another out",
+                        settings=("resume", "out"))
     return folder
 
 
 def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str], None] = print,
               formats: tuple[str, ...] = ("html", "pdf"), report_dir: str | Path | None = None) -> StudyResult:
     if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
+        raise UserError(f"jobs must be at least 1, got {jobs}", setting="jobs")
     plan = make_plan(study, out)
     ledger = _Ledger(StudyResult(plan), log)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None

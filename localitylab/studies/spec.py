@@ -454,7 +454,7 @@ def _validate_samples(study: Study, locator: _Locator) -> None:
         if not 1 <= request.steps <= 1000:
             raise UserError(f"steps must be between 1 and 1000, got {request.steps}")
     except UserError as err:
-        raise locator.error(f"[samples] {str(err).lstrip('-')}", None, "samples") from None
+        raise locator.error(f"[samples] {err}", None, "samples") from None
     classifier = samples.get("classifier")
     if classifier is not None:
         classifiers = {e.label for e in study.models if not e.pretrained} - diffusion_labels(study)

@@ -29,42 +29,45 @@ from pydantic import AfterValidator, ConfigDict, Field, ValidationError, Validat
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name
-from localitylab.settings import InvalidSettings, Settings, parse_key_values
+from localitylab.settings import InvalidSettings, Settings, SettingValueError, parse_key_values
 
 TASKS = ("classify", "mae", "diffusion")
 TRAIN, PRETRAIN = "train", "pretrain mae"  # the commands that start a run, as typed
 
 
-def flag(name: str) -> str:
-    """The command-line option of a setting: batch_size -> --batch-size."""
+def _flag(name: str) -> str:
+    """How the command line spells a training setting, for the one place the library writes a
+    command line: the command that reproduces a run, which run.json records
+    (`TrainConfig.command`). The CLI's own spelling is cli/errors.flag_of; it has no exception
+    among the training settings, and a test holds the two equal."""
     return "--" + name.replace("_", "-")
 
 
-# --- checks, each with the message users have always seen ------------------------------------
+# --- checks, each with the message users see ---------------------------------------------------
 def check(valid: Callable[[Any], bool], message: str) -> AfterValidator:
-    """A setting's check: `message` ({flag}, {value}) when `valid(value)` is false; None passes.
-    Write `valid` so that NaN, which fails every comparison, fails it too."""
+    """A setting's check: `message` ({name}: the setting's, {value}, {repr}) when `valid(value)`
+    is false; None passes. Write `valid` so that NaN, which fails every comparison, fails it too."""
 
     def run(value: Any, info: ValidationInfo) -> Any:
         if value is not None and not valid(value):
-            raise ValueError(message.format(flag=flag(info.field_name), value=value, repr=repr(value)))
+            raise ValueError(message.format(name=info.field_name, value=value, repr=repr(value)))
         return value
 
     return AfterValidator(run)
 
 
-AtLeastOne = Annotated[int, check(lambda v: v >= 1, "{flag} must be at least 1, got {value}")]
-WholeAtLeastZero = Annotated[int, check(lambda v: v >= 0, "{flag} must be >= 0, got {value}")]
-AtLeastZero = Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "{flag} must be a number >= 0, got {value}")]
-Positive = Annotated[float, check(lambda v: math.isfinite(v) and v > 0, "{flag} must be a positive number, got {value}")]
-FromZeroBelowOne = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} must be in [0, 1), got {value}")]
-BetweenZeroAndOne = Annotated[float, check(lambda v: 0 < v < 1, "{flag} must be between 0 and 1 (exclusive), got {value}")]
-SwapDistance = Annotated[float, check(lambda v: v >= 1, "{flag} must be a number >= 1 (pixels) or inf, got {value}")]
-DropRate = Annotated[float, check(lambda v: 0 <= v < 1, "{flag} is a probability of dropping a block: in [0, 1), got {value}")]
-AutoOnOff = Annotated[str, check(lambda v: v in ("auto", "on", "off"), "{flag} must be auto, on or off, got {repr}")]
-Task = Annotated[str, check(lambda v: v in TASKS, f"unknown task {{repr}}; valid: {', '.join(TASKS)}")]
+AtLeastOne = Annotated[int, check(lambda v: v >= 1, "{name} must be at least 1, got {value}")]
+WholeAtLeastZero = Annotated[int, check(lambda v: v >= 0, "{name} must be >= 0, got {value}")]
+AtLeastZero = Annotated[float, check(lambda v: math.isfinite(v) and v >= 0, "{name} must be a number >= 0, got {value}")]
+Positive = Annotated[float, check(lambda v: math.isfinite(v) and v > 0, "{name} must be a positive number, got {value}")]
+FromZeroBelowOne = Annotated[float, check(lambda v: 0 <= v < 1, "{name} must be in [0, 1), got {value}")]
+BetweenZeroAndOne = Annotated[float, check(lambda v: 0 < v < 1, "{name} must be between 0 and 1 (exclusive), got {value}")]
+SwapDistance = Annotated[float, check(lambda v: v >= 1, "{name} must be a number >= 1 (pixels) or inf, got {value}")]
+DropRate = Annotated[float, check(lambda v: 0 <= v < 1, "{name} is a probability of dropping a block: in [0, 1), got {value}")]
+AutoOnOff = Annotated[str, check(lambda v: v in ("auto", "on", "off"), "{name} must be auto, on or off, got {repr}")]
+Task = Annotated[str, check(lambda v: v in TASKS, f"{{name}} must be one of {', '.join(TASKS)}; got {{repr}}")]
 LOGGERS = ("tensorboard", "wandb")
-Logger = Annotated[str, check(lambda v: v in LOGGERS, f"{{flag}} must be {' or '.join(LOGGERS)}, got {{repr}}")]
+Logger = Annotated[str, check(lambda v: v in LOGGERS, f"{{name}} must be {' or '.join(LOGGERS)}, got {{repr}}")]
 
 # The recipe: the settings `train` prints at start and run.json records with their source.
 RECIPE = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
@@ -100,7 +103,7 @@ def about(name: str) -> dict[str, Any]:
 
 class TrainConfig(Settings):
     """Everything a training run is given. Checked when made: a bad value raises a UserError
-    that names the option (`--lr must be a positive number, got -1.0`)."""
+    that names the setting (`lr must be a positive number, got -1.0`; `err.settings`: ("lr",))."""
 
     model_config = ConfigDict(protected_namespaces=())  # model_kw is a setting, not pydantic's
 
@@ -109,12 +112,12 @@ class TrainConfig(Settings):
                                 "`localitylab datasets` lists them", in_study=False)
     out: Path | None = setting(None, "Run folder (default runs/<model>-<dataset>).", defines_run=False,
                                in_study=False, strict=False)
-    # What the run optimises: "classify" or "diffusion" (`train --task`), or "mae"
-    # (masked-autoencoder pre-training, `pretrain mae`).
+    # What the run optimises: classify or diffusion (the train command's task), or mae
+    # (masked-autoencoder pre-training, the pretrain mae command).
     task: Task = setting("classify", "classify, or diffusion (noise prediction, for dit-*/P models).",
                          commands=(TRAIN,))
     label_dropout: FromZeroBelowOne = setting(
-        0.1, "--task diffusion: share of labels dropped to the null class (classifier-free guidance).",
+        0.1, "`task` diffusion: share of labels dropped to the null class (classifier-free guidance).",
         commands=(TRAIN,))
     mask_ratio: BetweenZeroAndOne = setting(0.75, "Fraction of tokens masked per image (a PiT token is a pixel).",
                                             commands=(PRETRAIN,))
@@ -128,7 +131,7 @@ class TrainConfig(Settings):
     batch_size: AtLeastOne | None = setting(None, "Images per step (default: the data set's recipe).")
     lr: Positive = setting(1e-3, "Peak learning rate (AdamW).")
     min_lr: AtLeastZero = setting(1e-5, "Learning rate at the end of the cosine.")
-    weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls; --task diffusion: 0).")
+    weight_decay: AtLeastZero = setting(0.05, "AdamW weight decay (not on biases, norms, pos_embed, cls; `task` diffusion: 0).")
     warmup_epochs: AtLeastZero | None = setting(None, "Linear warm-up length in epochs (default: the data set's recipe).")
     label_smoothing: FromZeroBelowOne = setting(0.1, "Label smoothing.", commands=(TRAIN,))
     clip_grad: AtLeastZero | None = setting(1.0, "Gradient-norm clipping (0 = off).", off=0)
@@ -136,10 +139,10 @@ class TrainConfig(Settings):
     cutmix: AtLeastZero = setting(0.0, "CutMix alpha (timm; 0 = off).", commands=(TRAIN,))
     drop_path: DropRate = setting(0.0, "Stochastic depth rate.", commands=(TRAIN,))
     crop_padding: WholeAtLeastZero | None = setting(
-        None, "Random-crop padding in pixels (default: the data set's; none for --task diffusion).")
+        None, "Random-crop padding in pixels (default: the data set's; none for `task` diffusion).")
     hflip: bool | None = setting(None, "Random horizontal flips in training (default: the data set's).")
     pos_embed: str = setting("learn", "Position embedding for pit/vit/dit: learn, sincos (fixed) or none "
-                                      "(--task diffusion: sincos, DiT's).")
+                                      "(`task` diffusion: sincos, DiT's).")
     pos_embed_std: Positive | None = setting(
         None, "Initial std of a learned position table, for pit/vit/dit (default: the data set's recipe, else "
               "timm's 0.02).")
@@ -150,10 +153,10 @@ class TrainConfig(Settings):
     permute_pixels: int | None = setting(None, "Train and test on pixels shuffled by this seed's permutation.",
                                          commands=(TRAIN,))
     swaps: WholeAtLeastZero | None = setting(
-        None, "With --permute-pixels: draw that permutation as T random swaps of pixel pairs (the PiT paper's "
+        None, "With `permute_pixels`: draw that permutation as T random swaps of pixel pairs (the PiT paper's "
         "pixel-swap experiment) instead of a full shuffle.", commands=(TRAIN,))
     swap_distance: SwapDistance | None = setting(
-        None, "With --swaps: the most pixels apart a swapped pair may be (default inf: any pair).", commands=(TRAIN,))
+        None, "With `swaps`: the most pixels apart a swapped pair may be (default inf: any pair).", commands=(TRAIN,))
     data_dir: str | None = setting(None, "Where data sets live (default ~/.cache/localitylab/data).",
                                    defines_run=False, path=True)
     download: bool = setting(False, "Fetch an official archive if it is missing (checks its MD5).", defines_run=False)
@@ -163,7 +166,7 @@ class TrainConfig(Settings):
     label_column: str | None = setting(None, "hf: data sets: the column of labels (default: the ClassLabel column, "
                                              "else 'label' or 'labels'; of several, 'label' or 'labels').")
     cache: bool = setting(True, "Keep decoded folder:, hf:, tiny-imagenet and imagenet images in the cache "
-                                "(--no-cache: decode afresh, write nothing).", defines_run=False)
+                                "(off: decode afresh, write nothing).", defines_run=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", defines_run=False, in_study=False)
     compile: AutoOnOff = setting("auto", "torch.compile: auto (on CUDA), on or off.", defines_run=False)
     amp: AutoOnOff = setting("auto", "bf16 autocast: auto (on CUDA), on or off.", defines_run=False)
@@ -171,9 +174,9 @@ class TrainConfig(Settings):
                                           defines_run=False)
     init_from: str | None = setting(None, "Start from this checkpoint's matching weights (MAE or any run).",
                                     commands=(TRAIN,), path=True)
-    linear_probe: bool = setting(False, "Train only the classifier head on frozen --init-from features.",
+    linear_probe: bool = setting(False, "Train only the classifier head on frozen `init_from` features.",
                                  commands=(TRAIN,))
-    resume: bool = setting(False, "Continue the run in --out from its last checkpoint.", defines_run=False,
+    resume: bool = setting(False, "Continue the run in `out` from its last checkpoint.", defines_run=False,
                            in_study=False)
     log: Logger | None = setting(None, "Also log the figures to tensorboard (<run folder>/tensorboard) or wandb.",
                                  defines_run=False)
@@ -197,7 +200,7 @@ class TrainConfig(Settings):
         """The command line gives ['depth=6', ...]; Python and study files give a dict."""
         if value is None or isinstance(value, (list, tuple)):
             try:
-                return parse_key_values(value, flag("model_kw"))
+                return parse_key_values(value, "model_kw")
             except UserError as err:
                 raise ValueError(str(err)) from None
         return value
@@ -244,18 +247,22 @@ class TrainConfig(Settings):
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":
         if self.linear_probe and not self.init_from:
-            raise ValueError("--linear-probe trains a head on frozen features: give the features with --init-from")
+            raise SettingValueError("linear_probe trains a head on frozen features: give the features with init_from",
+                                    "linear_probe", "init_from")
         if self.swaps is not None and self.permute_pixels is None:
-            raise ValueError("--swaps says how the --permute-pixels permutation is drawn: give its seed with "
-                             "--permute-pixels SEED")
+            raise SettingValueError("swaps says how the permute_pixels permutation is drawn: give its seed with "
+                                    "permute_pixels", "swaps", "permute_pixels")
         if self.swap_distance is not None and self.swaps is None:
-            raise ValueError("--swap-distance limits the pixel swaps of --swaps: give their number with --swaps T")
+            raise SettingValueError("swap_distance limits a permutation drawn pair by pair: give the number of pairs "
+                                    "with swaps", "swap_distance", "swaps")
         if self.task == "mae" and (self.linear_probe or self.mixup or self.cutmix):
-            raise ValueError("MAE pre-training takes no --linear-probe, --mixup or --cutmix")
+            raise SettingValueError("MAE pre-training takes no linear_probe, mixup or cutmix",
+                                    "linear_probe", "mixup", "cutmix")
         if self.task == "diffusion" and (self.linear_probe or self.mixup or self.cutmix or self.drop_path):
-            raise ValueError("--task diffusion takes no --linear-probe, --mixup, --cutmix or --drop-path")
+            raise SettingValueError("task diffusion takes no linear_probe, mixup, cutmix or drop_path",
+                                    "task", "linear_probe", "mixup", "cutmix", "drop_path")
         if self.task != "diffusion" and self.label_dropout != TrainConfig.model_fields["label_dropout"].default:
-            raise ValueError("--label-dropout applies to --task diffusion only")
+            raise SettingValueError("label_dropout applies to task diffusion only", "label_dropout", "task")
         self._check_model_fits_task()
         return self
 
@@ -268,10 +275,10 @@ class TrainConfig(Settings):
         except (UserError, KeyError):
             return  # an unknown name: building the model says what is valid
         if self.task == "diffusion" and kind != "dit":
-            raise ValueError(f"--task diffusion trains a diffusion transformer (dit-{{n,s,b,l,xl}}/P); "
-                             f"{self.model} is not one")
+            raise SettingValueError(f"task diffusion trains a diffusion transformer (dit-{{n,s,b,l,xl}}/P); "
+                                    f"{self.model} is not one", "task")
         if kind == "dit" and self.task != "diffusion":
-            raise ValueError(f"{self.model} is a diffusion transformer: train it with --task diffusion")
+            raise SettingValueError(f"{self.model} is a diffusion transformer: train it with task diffusion", "task")
 
     # --- views ---------------------------------------------------------------------------------------
     def diffusion_options(self) -> dict[str, Any]:
@@ -309,21 +316,21 @@ class TrainConfig(Settings):
         """The `localitylab` command line that reproduces this run: its command and the
         non-default settings that command offers."""
         command = COMMANDS[self.task]
-        parts = ["localitylab", *command.words, self.model, self.dataset, "--out", str(self.run_dir())]
+        parts = ["localitylab", *command.words, self.model, self.dataset, _flag("out"), str(self.run_dir())]
         for name in command.options:
             value, default = getattr(self, name), command.default(name)
             if name in ("model", "dataset", "out", "resume") or value == default:
                 continue
             if name == "model_kw":
                 for key, item in value.items():
-                    parts += [flag(name), f"{key}={item!r}"]
+                    parts += [_flag(name), f"{key}={item!r}"]
             elif isinstance(value, bool):
-                parts.append(flag(name) if value else "--no-" + flag(name)[2:])
+                parts.append(_flag(name if value else "no_" + name))
             elif value is None:
                 if about(name)["off"] is not None:
-                    parts += [flag(name), str(about(name)["off"])]
+                    parts += [_flag(name), str(about(name)["off"])]
             else:
-                parts += [flag(name), str(value)]
+                parts += [_flag(name), str(value)]
         return " ".join(shlex.quote(p) for p in parts)
 
     def run_dir(self) -> Path:
@@ -357,7 +364,7 @@ class TrainCommand:
 
     @property
     def options(self) -> tuple[str, ...]:
-        """The settings it offers, in --help order."""
+        """The settings it offers, in the order of its help."""
         return tuple(name for name in TrainConfig.model_fields if self.name in about(name)["commands"])
 
     def default(self, name: str) -> Any:
@@ -368,13 +375,13 @@ class TrainCommand:
 
     def config(self, values: dict[str, Any]) -> TrainConfig:
         """The config for the options the user typed on the command line; the rest take the
-        command's defaults, the data set's or the global ones. `train --task diffusion` is the
-        diffusion command's."""
+        command's defaults, the data set's or the global ones. `train` with task diffusion is
+        the diffusion command's."""
         task = values.get("task", self.task)
         command = COMMANDS.get(task, self)
         if command.name != self.name:
-            raise UserError(f"--task {task} is not started by `localitylab {self.name}`; "
-                            f"use `localitylab {command.name}`")
+            raise UserError(f"task {task} is not started by `localitylab {self.name}`; "
+                            f"use `localitylab {command.name}`", setting="task")
         typed = {name: USER for name in RECIPE if name in values}
         return TrainConfig(**{**command.defaults, **values, "task": task, "recipe_from": typed})
 
@@ -414,12 +421,12 @@ def default_run_name(config: TrainConfig) -> str:
 
 
 def _std_from_model_kw(data: dict[str, Any]) -> None:
-    """`--model-kw pos_embed_std=X` (how it was given before the setting existed, and how the
+    """`model_kw` {"pos_embed_std": X} (how it was given before the setting existed, and how the
     studies' files give it) is the same setting: it fills `pos_embed_std`, so the recipe
     records what the model is built with; given both ways, the two must agree."""
     kw = data.get("model_kw")
     try:
-        kw = parse_key_values(kw, flag("model_kw")) if isinstance(kw, (list, tuple)) else kw
+        kw = parse_key_values(kw, "model_kw") if isinstance(kw, (list, tuple)) else kw
     except UserError:
         return  # the model_kw field says what is wrong with it
     if not isinstance(kw, dict) or "pos_embed_std" not in kw:
@@ -430,14 +437,14 @@ def _std_from_model_kw(data: dict[str, Any]) -> None:
     except (TypeError, ValueError):
         differ = True
     if differ:
-        raise ValueError(f"the position table's std is given twice: {flag('pos_embed_std')} {given} and "
-                         f"{flag('model_kw')} pos_embed_std={kw['pos_embed_std']}; give it once")
+        raise SettingValueError(f"the position table's std is given twice: {given} as pos_embed_std and "
+                                f"{kw['pos_embed_std']} in model_kw; give it once", "pos_embed_std", "model_kw")
     data["pos_embed_std"] = kw["pos_embed_std"]
 
 
 def takes_pos_embed_std(config: TrainConfig) -> bool:
     """Whether the run's model is built with a learned position table (a pit, vit or dit with
-    --pos-embed learn), the only models `pos_embed_std` applies to."""
+    pos_embed learn), the only models `pos_embed_std` applies to."""
     from localitylab.models.registry import model_kind
     from localitylab.models.spec import POS_EMBED_KINDS
 
@@ -450,7 +457,7 @@ def takes_pos_embed_std(config: TrainConfig) -> bool:
 def _data_defaults(dataset: str) -> Any:
     """The data set's DataDefaults; the global ones for a name the registry does not know (its
     load says so, with the valid names, as before a config knew its data set's defaults)."""
-    from localitylab.data.registry import DataDefaults, dataset_defaults  # torch: not at --help
+    from localitylab.data.registry import DataDefaults, dataset_defaults  # torch: not when only the help is asked for
 
     try:
         return dataset_defaults(dataset)

@@ -4,13 +4,13 @@ averages the gradients. NCCL on GPUs, gloo on CPU.
 Every rank draws the same global batch (same seed, same order, same crops) and keeps its
 own contiguous shard, so a run on N processes follows the single-process recipe: the same
 global batch, the same learning-rate schedule, the same gradient up to float summation
-order. Metrics are summed across ranks; only rank 0 writes files.
+order. Metrics are summed across ranks; only rank 0 writes files. The command line starts the
+ranks (cli/worker.py); each trains `localitylab.train.job.run_job`.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,32 +88,8 @@ def from_environment(device: torch.device) -> Distributed:
 
 def check_batch_divides(batch_size: int, world_size: int) -> None:
     if batch_size % world_size:
-        raise UserError(
-            f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} processes"
-        )
-
-
-def launch(config_file: Path, nproc: int) -> None:
-    """Train the job in `config_file` (written by `train.worker.write_job`) on `nproc` local
-    processes through torchrun: `torchrun --standalone --nproc-per-node N -m
-    localitylab.train.worker FILE`. Every rank reads the same configuration as data. For
-    several machines, call torchrun yourself with its rendezvous options.
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    arguments = ["--standalone", f"--nproc-per-node={nproc}", "--module", "localitylab.train.worker", str(config_file)]
-    # Workers print their own one-line errors; the launcher only says how many failed.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        run(get_args_parser().parse_args(arguments))
-    except ChildFailedError as failed:
-        codes = sorted({f.exitcode for f in failed.failures.values()})
-        raise UserError(
-            f"{len(failed.failures)} of {nproc} training processes failed (exit {', '.join(map(str, codes))}); "
-            f"their messages are above. Re-run: torchrun {shlex.join(arguments[:2])} -m localitylab.train.worker "
-            f"{shlex.quote(str(config_file))}"
-        ) from None
+        raise UserError(f"batch_size {batch_size} is the global batch and must divide evenly over {world_size} "
+                        "processes", setting="batch_size")
 
 
 def is_worker() -> bool:

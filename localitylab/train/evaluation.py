@@ -31,7 +31,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, data_di
     if model.run.config.get("task") == "mae":
         raise UserError(
             f"{checkpoint} is an MAE pre-training run: its classifier head was never trained. Fine-tune it first: "
-            f"localitylab train {model.run.spec.name} {model.run.data.name} --init-from {checkpoint}"
+            f"train {model.run.spec.name} on {model.run.data.name} with init_from {checkpoint}", setting="init_from"
         )
     if model.run.config.get("task") == "diffusion":
         raise UserError(f"{checkpoint} is a diffusion run: it classifies nothing. Measure its samples: localitylab "

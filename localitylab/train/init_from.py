@@ -1,5 +1,5 @@
-"""Start a run from another run's weights (`--init-from`) and train only the head on frozen
-features (`--linear-probe`).
+"""Start a run from another run's weights (`init_from`) and train only the head on frozen
+features (`linear_probe`).
 
 Any localitylab checkpoint works as a source: an MAE pre-training run (its encoder) or a
 supervised run. Weights are matched by name; a matching name with another shape is an
@@ -81,5 +81,6 @@ def freeze_all_but_head(model: nn.Module) -> list[str]:
         if keep:
             trainable.append(name)
     if not trainable:
-        raise UserError("--linear-probe: this model has no classifier head (head.* or fc.*) to train")
+        raise UserError("linear_probe: this model has no classifier head (head.* or fc.*) to train",
+                        setting="linear_probe")
     return trainable

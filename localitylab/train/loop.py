@@ -155,7 +155,7 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                     raise RunStopped(
                         f"stopped by {stop.signal.name if stop.signal else 'a signal'} after step {state.step} "
                         f"(epoch {state.epoch + 1}, batch {state.batch} of {steps_per_epoch}); checkpoint written to "
-                        f"{checkpoint}. Continue with: {config.command()} --resume", stop.exit_code)
+                        f"{checkpoint}. The same settings with resume=True continue the run.", stop.exit_code)
             state.check_finite(ranks, steps_per_epoch, checkpoint)
             row = state.finish_epoch(ranks, task.reports_accuracy)
             test = sums_to_means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
@@ -182,7 +182,7 @@ def _save(run_dir: Path, described: dict[str, Any], model: nn.Module, optimizer:
 
 def _restore(resumed: dict[str, Any], model: nn.Module, task: Task, module: nn.Module,
              optimizer: torch.optim.Optimizer, state: TrainState, ranks: distributed.Distributed) -> None:
-    """Everything a checkpoint holds for --resume: weights, the task's own part (an MAE
+    """Everything a checkpoint holds for resuming: weights, the task's own part (an MAE
     decoder), the optimizer and the TrainState."""
     model.load_state_dict(resumed["model_state"])
     task.restore(module, resumed)
@@ -228,7 +228,7 @@ def step_seed(epoch_seed_: int, batch: int, rank: int) -> int:
 
 
 def switched_on(setting: str, device: torch.device) -> bool:
-    """--amp and --compile: on, off, or auto (on CUDA)."""
+    """`amp` and `compile`: on, off, or auto (on CUDA)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
@@ -242,7 +242,7 @@ def _fast_layout(module: nn.Module, config: TrainConfig, ranks: distributed.Dist
 
 
 def _forward(module: nn.Module, ranks: distributed.Distributed, use_compile: bool) -> nn.Module:
-    """What the step calls: the module, under DDP across ranks, compiled with --compile."""
+    """What the step calls: the module, under DDP across ranks, compiled with `compile`."""
     forward = module
     if ranks.enabled:
         on_cuda = ranks.device.type == "cuda"
@@ -259,7 +259,8 @@ def _checkpoint_to_resume(config: TrainConfig, ckpt_path: Path) -> tuple[TrainCo
     if not ckpt_path.exists():
         return config, None
     if not config.resume:
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
+        raise UserError(f"{ckpt_path} exists; pass resume to continue that run, or choose another out",
+                        settings=("resume", "out"))
     resumed = read_checkpoint(ckpt_path)
     saved = resumed.get("config", {})
     kept = {name: saved[name] for name in FROM_DATA_SET
@@ -279,7 +280,7 @@ def _remove_torn_writes(run_dir: Path) -> None:
 
 
 def _initial_weights(model: nn.Module, config: TrainConfig, resumed: dict[str, Any] | None, reporter: Reporter):
-    """--weights (timm: models) and --init-from; a resumed run takes its weights from its
+    """`weights` (timm: models) and `init_from`; a resumed run takes its weights from its
     own checkpoint instead. Linear probing freezes all but the head either way."""
     report = None
     if resumed is None and config.weights:
@@ -319,7 +320,7 @@ def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> N
         if key in saved and _plain(saved[key]) != _plain(value):
             raise UserError(
                 f"cannot resume {path}: {key} was {saved[key]!r}, now {value!r}; "
-                f"re-run with the same settings or choose another --out"
+                f"re-run with the same settings or choose another out", setting="out"
             )
 
 

@@ -88,7 +88,7 @@ def test_measure(row: dict[str, Any], digits: int) -> str:
 
 
 def make_reporter(quiet: bool) -> Reporter:
-    """A progress bar on a terminal; one line per epoch with --quiet or in a log."""
+    """A progress bar on a terminal; one line per epoch when quiet or in a log."""
     return PlainReporter() if quiet or not sys.stderr.isatty() else RichReporter()
 
 

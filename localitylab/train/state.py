@@ -71,7 +71,7 @@ class TrainState:
         if bad > 0:
             raise UserError(
                 f"training diverged: the loss was not finite at step {bad} (epoch {(bad - 1) // steps_per_epoch + 1}); "
-                f"the last good checkpoint ({checkpoint}) is kept. Try a lower --lr."
+                f"the last good checkpoint ({checkpoint}) is kept. Try a lower lr.", setting="lr"
             )
 
     def totals(self, ranks: Distributed) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,4 +1,4 @@
-"""Experiment trackers (`--log tensorboard|wandb`): the figures `metrics.csv` holds, per epoch,
+"""Experiment trackers (`log`: tensorboard or wandb): the figures `metrics.csv` holds, per epoch,
 and the training loss and learning rate at the steps the progress bar reports, for watching a
 long run. Off by default; TensorBoard writes event files into the run folder and needs no
 network; Weights & Biases is used only when the `wandb` package is installed.
@@ -18,7 +18,7 @@ TENSORBOARD_FOLDER = "tensorboard"
 
 
 class Tracker:
-    """Receives the run's figures; the base class ignores them (no --log)."""
+    """Receives the run's figures; the base class ignores them (no `log`)."""
 
     def step(self, step: int, values: dict[str, float]) -> None: ...
 
@@ -89,8 +89,8 @@ def check_tracker(log: str | None) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise UserError(f"--log {log} needs the {package} package (pip install {package}); it is not installed here"
-                        ) from None
+        raise UserError(f"log {log} needs the {package} package (pip install {package}); it is not installed here",
+                        setting="log") from None
 
 
 def make_tracker(log: str | None, run_dir: Path, config: dict[str, Any], recipe_text: str) -> Tracker:

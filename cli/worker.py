@@ -1,0 +1,84 @@
+"""Multi-process training from the command line: `localitylab train --nproc N` writes the job
+(`localitylab.train.job.write_job`) and `launch` starts N ranks through torchrun, each one
+
+    torchrun --standalone --nproc-per-node N -m cli.worker JOB.json
+
+Every rank reads the same configuration as data and speaks as the localitylab command does:
+one-line errors, the same exit statuses. For several machines, call torchrun yourself with
+its rendezvous options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+from cli.errors import notes, one_line, spoken
+
+WORKER = "cli.worker"
+
+
+def launch(job: Path, nproc: int) -> None:
+    """Train the job in `job` on `nproc` local processes through torchrun."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from localitylab.errors import UserError
+
+    arguments = ["--standalone", f"--nproc-per-node={nproc}", "--module", WORKER, str(job)]
+    # Workers print their own one-line errors; the launcher only says how many failed.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run(get_args_parser().parse_args(arguments))
+    except ChildFailedError as failed:
+        codes = sorted({f.exitcode for f in failed.failures.values()})
+        raise UserError(
+            f"{len(failed.failures)} of {nproc} training processes failed (exit {', '.join(map(str, codes))}); "
+            f"their messages are above. Re-run: torchrun {shlex.join(arguments[:2])} -m {WORKER} "
+            f"{shlex.quote(str(job))}"
+        ) from None
+
+
+def how_to_continue(stopped, config):
+    """A stopped run's message as the command line says it: the command that continues it."""
+    from localitylab.errors import RunStopped
+
+    hint = f"Continue with: {config.command()} --resume"
+    text, found = re.subn(r"The same settings with resume=True continue the run\.\s*$", hint, str(stopped))
+    return RunStopped(text if found else f"{text} {hint}", stopped.exit_code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from localitylab.errors import RunStopped, UserError
+    from localitylab.train.distributed import print_main
+    from localitylab.train.job import read_job, run_job
+    from localitylab.train.progress import final_message
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m {WORKER} JOB.json", file=sys.stderr)
+        return 2
+    # The same one-line messages and exit statuses as the localitylab command.
+    warnings.showwarning = notes(warnings.showwarning)
+    try:
+        try:
+            config, result = run_job(argv[0])
+        except RunStopped as stopped:
+            raise how_to_continue(stopped, read_job(argv[0])[0]) from None
+    except RunStopped as stopped:
+        print(f"localitylab: {one_line(str(stopped))}", file=sys.stderr)
+        return stopped.exit_code
+    except UserError as err:
+        print(f"localitylab: error: {one_line(spoken(err))}", file=sys.stderr)
+        return 2
+    if result.final:
+        print_main(final_message(config.run_dir() / "ckpt.pt", result.final, config.task))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
