@@ -51,3 +51,84 @@ def test_bad_input_exit_status_of_the_real_process(tmp_path):
 def test_debug_shows_the_traceback():
     result = run("--debug", "train", "pit-x", "digits")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+# --- the library names settings; the command line says them as flags -------------------------------
+
+def test_library_errors_name_settings_and_the_cli_says_them_as_flags():
+    import pytest
+
+    from cli.errors import spoken
+    from localitylab.errors import UserError
+    from localitylab.settings import parse_key_values
+    from localitylab.train.config import TrainConfig
+
+    cases = [(dict(lr=-1.0), "lr must be a positive number, got -1.0", ("lr",)),
+             (dict(swaps=4), "swaps says how the permute_pixels permutation is drawn: give its seed with permute_pixels",
+              ("swaps", "permute_pixels")),
+             (dict(label_dropout=0.2), "label_dropout applies to task diffusion only", ("label_dropout", "task"))]
+    for settings, message, named in cases:
+        with pytest.raises(UserError) as refused:
+            TrainConfig("pit-n", "digits", **settings)
+        assert str(refused.value) == message and refused.value.settings == named
+        assert "--" not in str(refused.value)
+        said = spoken(refused.value)
+        assert all(f"--{name.replace('_', '-')}" in said for name in named) and "_" not in said
+    with pytest.raises(UserError) as refused:
+        parse_key_values(["depth"], "model_kw")
+    assert spoken(refused.value) == "--model-kw expects key=value, got 'depth'"
+
+
+def test_spoken_leaves_the_words_of_a_path_alone():
+    from cli.errors import spoken
+    from localitylab.errors import UserError
+
+    err = UserError("runs/out/ckpt.pt exists; pass resume to continue that run, or choose another out",
+                    settings=("resume", "out"))
+    assert spoken(err) == "runs/out/ckpt.pt exists; pass --resume to continue that run, or choose another --out"
+
+
+def test_the_recorded_command_spells_each_setting_as_the_cli_does():
+    """run.json's command (TrainConfig.command) and the CLI's options agree on every flag."""
+    from cli.errors import flag_of
+    from localitylab.train.config import COMMANDS, TrainConfig, _flag
+
+    offered = {name for command in COMMANDS.values() for name in command.options}
+    assert offered and all(_flag(name) == flag_of(name) for name in offered)
+    config = TrainConfig("pit-n", "digits", out="runs/x", hflip=False, cache=False, lr=0.01)
+    assert config.command().split()[:6] == ["localitylab", "train", "pit-n", "digits", "--out", "runs/x"]
+    assert {"--no-hflip", "--no-cache", "--lr"} <= set(config.command().split())
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys):
+    import pytest
+    import torch
+
+    from cli.errors import notes
+    from localitylab.data import cache
+
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    (tmp_path / "a-file").write_text("not a folder")
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    build = lambda: cache.DecodedSplits(images, torch.zeros(2, dtype=torch.long), images, torch.zeros(2, dtype=torch.long), ["a"])  # noqa: E731
+    with pytest.warns(cache.CacheNotWritten, match="could not write the image cache"):
+        data = cache.cached_decode("test", {"k": 1}, build)
+    assert torch.equal(data.train_images, images)  # the run goes on without the cache
+    other = []
+    shown = notes(lambda *args: other.append(args))
+    shown(cache.CacheNotWritten("could not write\nthe image cache"), cache.CacheNotWritten, "f.py", 1)
+    shown(UserWarning("timm's"), UserWarning, "f.py", 1)
+    assert capsys.readouterr().err == "localitylab: note: could not write the image cache\n" and len(other) == 1
+
+
+def test_a_stopped_run_is_continued_with_the_command_and_resume():
+    from cli.worker import how_to_continue
+    from localitylab.errors import RunStopped
+    from localitylab.train.config import TrainConfig
+
+    config = TrainConfig("pit-n", "digits", out="runs/x", epochs=3)
+    stopped = RunStopped("stopped by SIGINT after step 3 (epoch 1, batch 3 of 10); checkpoint written to runs/x/ckpt.pt. "
+                         "The same settings with resume=True continue the run.", 130)
+    said = how_to_continue(stopped, config)
+    assert str(said) == ("stopped by SIGINT after step 3 (epoch 1, batch 3 of 10); checkpoint written to runs/x/ckpt.pt. "
+                         f"Continue with: {config.command()} --resume") and said.exit_code == 130

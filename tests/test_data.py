@@ -124,7 +124,7 @@ def test_folder_dataset_reads_and_resizes(tmp_path):
 
 
 def test_folder_dataset_errors(tmp_path):
-    with pytest.raises(UserError, match="--img-size"):
+    with pytest.raises(UserError, match="needs img_size"):
         load_dataset(f"folder:{tmp_path}")
     with pytest.raises(UserError, match="train"):
         load_dataset(f"folder:{tmp_path}", DataOptions(img_size=8))

@@ -268,7 +268,7 @@ def test_the_user_choice_of_flip_and_crop_wins(tmp_path):
     assert data.info.hflip and data.info.crop_padding == 1
     cifar_like = load_dataset("shapes-8", DataOptions(hflip=False))
     assert not cifar_like.info.hflip and cifar_like.info.crop_padding == 1
-    with pytest.raises(UserError, match="--crop-padding must be >= 0"):
+    with pytest.raises(UserError, match="crop_padding must be >= 0"):
         load_dataset("digits", DataOptions(crop_padding=-1))
 
 

@@ -124,7 +124,8 @@ def test_signals_finish_the_step_write_a_checkpoint_and_resume_is_bit_identical(
         assert code == status, stderr
         assert "Traceback" not in stderr
         last = stderr.strip().splitlines()[-1]  # after the per-epoch progress lines
-        assert f"stopped by {sig.name}" in last and "--resume" in last
+        # The command line says how to continue: its command with --resume, not the library's Python hint.
+        assert f"stopped by {sig.name}" in last and last.endswith(" --resume") and "resume=True" not in last
         stopped = read_checkpoint(out / "ckpt.pt")
         assert stopped["epoch"] == epoch - 1 and stopped["epoch_progress"]["batch"] == batch  # mid-epoch
         assert stopped["step"] == (epoch - 1) * STEPS_PER_EPOCH + batch

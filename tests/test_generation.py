@@ -175,7 +175,7 @@ def test_sample_and_evaluate_refuse_what_they_cannot_use(tmp_path, trained_runs)
         sample_run(SampleRequest(classifier, n=2, device="cpu", out=tmp_path / "a"))
     with pytest.raises(UserError, match="unknown sampler 'euler'"):
         sample_run(SampleRequest("dit-n/2", sampler="euler", data="digits", out=tmp_path / "b"))
-    with pytest.raises(UserError, match="--steps must be between 1 and 1000"):
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
         sample_run(SampleRequest("dit-n/2", steps=0, n=2, data="digits", device="cpu", out=tmp_path / "c"))
     samples, folder = sample_run(SampleRequest("dit-n/4", n=4, steps=2, data="digits", device="cpu",
                                                out=tmp_path / "d"))

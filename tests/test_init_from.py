@@ -55,5 +55,6 @@ def test_linear_probe_changes_only_the_head(trained_runs, tmp_path):
 
 
 def test_linear_probe_needs_features():
-    with pytest.raises(UserError, match="--init-from"):
+    with pytest.raises(UserError, match="give the features with init_from") as refused:
         TrainConfig("vit-n/2", "digits", linear_probe=True)
+    assert refused.value.settings == ("linear_probe", "init_from")

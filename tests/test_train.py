@@ -89,7 +89,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, name):
 def test_resume_refuses_another_recipe_and_overwrite_needs_resume(tmp_path):
     recipe = dict(epochs=1, batch_size=64, warmup_epochs=0, device="cpu")
     train(TrainConfig("resnet-n", "digits", out=tmp_path, **recipe))
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="pass resume to continue that run"):
         train(TrainConfig("resnet-n", "digits", out=tmp_path, **recipe))
     with pytest.raises(UserError, match="lr was"):
         train(TrainConfig("resnet-n", "digits", out=tmp_path, resume=True, **(recipe | {"lr": 0.5})))

@@ -124,10 +124,10 @@ def evaluate_samples(request: EvaluateRequest) -> tuple[pd.DataFrame, Path]:
     dataset = load_dataset(against, DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None))
     classifier, _ = load_target(request.classifier, request.device, against)
     if classifier.denoising is not None:
-        raise UserError(f"{classifier.spec.name} is a diffusion model; classifier needs a classifier run "
-                        f"(e.g. resnet-n) trained on {against}", setting="classifier")
+        raise UserError(f"{classifier.spec.name} is a diffusion model; classifier must name a run that classifies "
+                        f"images (e.g. resnet-n) trained on {against}", setting="classifier")
     if classifier.run_dir is None:
-        raise UserError(f"classifier {request.classifier}: give a trained classifier's run folder or checkpoint; "
+        raise UserError(f"classifier {request.classifier}: give the run folder or checkpoint of a trained network; "
                         "an untrained network's features measure nothing", setting="classifier")
     space = feature_space(classifier)
     sources = [*sample_sources(samples, len(dataset.test_images)),
