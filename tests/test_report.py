@@ -324,3 +324,25 @@ def test_seeds_that_agree_keep_the_interval_of_their_shared_images():
     assert (merged["ci_low"], merged["ci_high"]) == pytest.approx((np.mean(drops) - expected, np.mean(drops) + expected))
     summary = over_seeds([Estimate(v, v - 0.1, v + 0.1) for v in drops], (-1.0, 1.0))
     assert (summary.low, summary.high) == pytest.approx((merged["ci_low"], merged["ci_high"]))
+
+
+def test_seeds_that_differ_only_in_settings_that_do_not_define_a_run_are_one_experiment(tmp_path):
+    """Which settings do not define a run is TrainConfig's (`defines_run`): two seeds of one
+    recipe, one logged to tensorboard and one not, one typed, the other from the data set's
+    defaults, are one experiment; a setting that defines the run (lr) keeps them apart."""
+    from localitylab.report.collect import RunRecord
+    from localitylab.report.summary import NOT_THE_RECIPE, group_by_seed
+    from localitylab.train.config import TrainConfig
+
+    assert {"log", "cache", "weights", "recipe_from", "out", "device"} <= set(NOT_THE_RECIPE)
+    assert not {"lr", "epochs", "model_kw", "seed"} & set(NOT_THE_RECIPE)
+
+    def record(seed: int, **settings) -> RunRecord:
+        config = TrainConfig("pit-n", "digits", seed=seed, out=tmp_path / f"s{seed}", **settings).to_dict()
+        return RunRecord(path=tmp_path / f"pit-n-s{seed}", name=f"pit-n (s{seed})", spec={"name": "pit-n"},
+                         data="digits", config=config)
+
+    same = group_by_seed([record(0), record(1, log="tensorboard", cache=False, batch_size=32)])
+    assert [len(group.records) for group in same] == [2]
+    apart = group_by_seed([record(0), record(1, lr=0.01)])
+    assert [len(group.records) for group in apart] == [1, 1]

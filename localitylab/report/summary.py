@@ -19,6 +19,7 @@ import pandas as pd
 
 from localitylab.probes.base import SummaryColumn
 from localitylab.report.collect import RunRecord
+from localitylab.train.config import DEFINING_SETTINGS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ ARCHITECTURE = ("params", "tokens", "flops")
 PAIR_COLUMNS = (
     Column("perm_gap", "train-time perm. gap", "clean-trained accuracy - accuracy of the same recipe trained on permuted pixels", None),
 )
-# Config entries that do not make two runs different experiments.
-NOT_THE_RECIPE = ("out", "resume", "device", "compile", "amp", "data_dir", "download", "eval_batch_size")
+# Config entries that do not make two runs different experiments: the settings that do not
+# define a run (TrainConfig's own `defines_run`: where it goes, on what device, how it is logged...).
+NOT_THE_RECIPE = tuple(name for name in TrainConfig.model_fields if name not in DEFINING_SETTINGS)
 
 
 @dataclass(frozen=True)
