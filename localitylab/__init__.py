@@ -16,8 +16,6 @@ def __getattr__(name):
     # Lazy: importing the package must not import torch. `localitylab.train` is always the
     # training package (its loop is localitylab.train.train), never a function that the
     # package's import would later hide.
-    import importlib
-
     if name == "load":
         from localitylab.train.checkpoint import load
 

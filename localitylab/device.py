@@ -1,7 +1,7 @@
 """Which torch device a command runs on: `auto` (CUDA when there is one), `cpu`, `cuda`, `cuda:N`.
 
 At the bottom of the library with `io` and `errors`: training, probes and evaluation all
-resolve `--device` the same way.
+resolve `device` the same way.
 """
 
 from __future__ import annotations

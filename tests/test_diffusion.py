@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from localitylab.diffusion.objective import DiffusionObjective, drop_labels, to_diffusion_scale, to_uint8
-from localitylab.diffusion.quality import frechet_distance, frechet_distance_gaussians, precision_recall
+from localitylab.diffusion.feature_metrics import frechet_distance, frechet_distance_gaussians, precision_recall
 from localitylab.diffusion.sampling import SAMPLERS, balanced_labels, denoise, generate, initial_noise
 from localitylab.models import ModelSpec, build_model
 

@@ -17,7 +17,7 @@ from localitylab.diffusion.objective import DiffusionObjective
 from localitylab.errors import RunStopped
 from localitylab.train import TrainConfig, read_checkpoint, train
 from localitylab.train.progress import Reporter
-from localitylab.train.tasks import Denoising
+from localitylab.train.tasks import DenoisingTask
 from tests.cli_helpers import run_cli
 
 
@@ -73,12 +73,12 @@ def test_the_test_loss_is_the_objective_at_fixed_draws():
     dataset = load_dataset("digits")
     images, labels = dataset.test_images[:300], dataset.test_labels[:300]
     config = TrainConfig("dit-n/4", "digits", task="diffusion", seed=7)
-    task = Denoising(config, dataset.info)
+    task = DenoisingTask(config, dataset.info)
     model = build_model(ModelSpec("dit-n/4", 8, 1, 10, "sincos"))
     expected = []
-    for chunk, start in enumerate(range(0, len(images), Denoising.EVAL_DRAWS)):
+    for chunk, start in enumerate(range(0, len(images), DenoisingTask.EVAL_DRAWS)):
         generator = batch_generator("cpu", 7, -1, chunk)
-        count = len(images[start:start + Denoising.EVAL_DRAWS])
+        count = len(images[start:start + DenoisingTask.EVAL_DRAWS])
         torch.randint(0, 1000, (count,), generator=generator)  # the timesteps, drawn first
         expected.append(torch.randn((count, 1, 8, 8), generator=generator).pow(2).flatten(1).mean(1))
     expected = torch.cat(expected).double().sum()

@@ -212,7 +212,7 @@ def test_pretrained_zoo_study_runs_offline(tmp_path, monkeypatch, weights_file):
 
     from localitylab.probes import read_table
     from localitylab.studies.runner import expectations, make_plan, run_study
-    from localitylab.studies.spec import load_study, with_overrides
+    from localitylab.studies.spec import load_study
 
     write_hub_cache(tmp_path / "hf", load_file(str(weights_file)))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -221,7 +221,7 @@ def test_pretrained_zoo_study_runs_offline(tmp_path, monkeypatch, weights_file):
     study = load_study(ROOT / "studies" / "pretrained_zoo.toml")
     assert len(study.models) == 9 and all(entry.pretrained for entry in study.models)
     assert all(e["probe"] == "attention-distance" for e in study.expect)
-    small = with_overrides(study, models=[dataclasses.replace(e, model=f"timm:{MODEL}") for e in study.models],
+    small = dataclasses.replace(study, models=[dataclasses.replace(e, model=f"timm:{MODEL}") for e in study.models],
                            dataset="shapes-32", probes=["attention-distance"], probe_images=2, probe_batch_size=2)
     out = tmp_path / "out"
     result = run_study(small, out, log=lambda line: None, formats=("html",))

@@ -3,6 +3,7 @@ Kept apart from tests/test_studies.py so that make test's two workers share the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from localitylab.studies import load_study, make_plan, run_study
-from localitylab.studies.spec import with_overrides
 from tests.test_studies import SHRINK, small_variants
 
 
@@ -29,7 +29,7 @@ def _defined_by(config) -> str:
 @pytest.mark.parametrize("path, scale", list(small_variants()), ids=lambda v: getattr(v, "name", str(v)))
 def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
     # The suite's budget: one training seed (the shipped laptop scales train 3), one epoch.
-    study = with_overrides(load_study(path, scale), seeds=load_study(path, scale).seeds[:1])
+    study = dataclasses.replace(load_study(path, scale), seeds=load_study(path, scale).seeds[:1])
     study.scale_recipe = {**study.scale_recipe, **SHRINK}
     if path.name == "pixel_swaps.toml":  # the sweep of T for resnet-n, the cheapest; the others at T = 0 and full
         study.models = [m for m in study.models if m.model == "resnet-n" or m.label.endswith(("-T0", "-full"))]

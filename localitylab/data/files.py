@@ -1,6 +1,6 @@
 """Files of the official data sets: where they live, their checksums, and fetching them.
 
-Every loader finds its files under one data folder (`--data-dir`, else
+Every loader finds its files under one data folder (`data_dir`, else
 $LOCALITYLAB_DATA_DIR, else ~/.cache/localitylab/data), in the layout torchvision uses for
 the same data set, so a folder torchvision already filled works as it is. Downloads go to a
 temporary name and appear under their own name only once their MD5 matches.

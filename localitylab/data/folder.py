@@ -5,7 +5,7 @@ extensions it knows), decoded and resized by `data/images.py`, and kept in the d
 cache (`data/cache.py`) keyed by every file's path, size and modification time.
 
 No flips by default: localitylab cannot know whether a mirrored image in your folder is
-still of its class (digits, letters and text are not), so `--hflip` is yours to give.
+still of its class (digits, letters and text are not), so `hflip` is yours to give.
 """
 
 from __future__ import annotations

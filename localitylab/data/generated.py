@@ -33,7 +33,7 @@ import torch
 
 from localitylab.data.registry import DataDefaults, DataOptions, ImageDataset, make_dataset, register_dataset
 
-GENERATOR_SEED = 1406_2024  # fixed: every run, whatever its --seed, sees the same images
+GENERATOR_SEED = 1406_2024  # fixed: every run, whatever its seed, sees the same images
 SHAPE_NAMES = ("disc", "square", "triangle", "cross", "ring")
 NONLOCAL_CLASSES = ("different", "same")
 # Saturated colours far from the dark noise and from each other (RGB).

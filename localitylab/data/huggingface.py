@@ -13,11 +13,11 @@ and decompression-bomb handling as `folder:`), and cached (data/cache.py) keyed 
 files they come from.
 
 Columns: the image column is the one `Image` feature, the label column the one `ClassLabel`
-(or a column named `label`); where there are several or none, `--image-column` /
-`--label-column` name them. Splits: `train`, and for testing the first of `test`,
+(or a column named `label`); where there are several or none, `image_column` /
+`label_column` name them. Splits: `train`, and for testing the first of `test`,
 `validation`, `valid`, `val` whose labels are all given (ImageNet's `test` has none).
-Images keep their size when they all share one; `--img-size` resizes (shorter side, then a
-centre crop). No flips by default, as for `folder:`: `--hflip` where mirror images keep
+Images keep their size when they all share one; `img_size` resizes (shorter side, then a
+centre crop). No flips by default, as for `folder:`: `hflip` where mirror images keep
 their class.
 """
 

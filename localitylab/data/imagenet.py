@@ -1,5 +1,5 @@
 """ImageNet-1k (ILSVRC 2012): 1,000 classes, 1,281,167 training and 50,000 validation images,
-resized to `--img-size` (required: the whole set is held in memory, as every data set here;
+resized to `img_size` (required: the whole set is held in memory, as every data set here;
 the PiT paper's ImageNet runs are at low resolution).
 
 Looked for in DATA_DIR/imagenet/, then in DATA_DIR itself, in either official form:

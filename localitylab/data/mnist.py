@@ -4,7 +4,7 @@ The four files (`train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
 `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`) live where torchvision keeps them,
 DATA_DIR/MNIST/raw/ and DATA_DIR/FashionMNIST/raw/, gzipped as published or extracted (as
 torchvision's download leaves them). The gzipped files are checked against the MD5s
-torchvision pins; `--download` fetches them from torchvision's mirrors.
+torchvision pins; `download` fetches them from torchvision's mirrors.
 
 IDX is a plain array format (a 4-byte magic number saying the type and the number of
 dimensions, the dimensions as big-endian 32-bit integers, then the values): read with numpy,

@@ -5,8 +5,8 @@ pixels arrive in their natural order, as long as every image is shuffled the sam
 
 Two uses, kept apart by name: at test time the permutation probe moves the pixels of a
 model trained on natural images (settings `global`, `local-k`, `swaps-T-d`,
-`patch-shuffle-g`: robustness); at train time `--permute-pixels SEED` (a full shuffle,
-`global`) or `--permute-pixels SEED --swaps T [--swap-distance d]` (the PiT paper's
+`patch-shuffle-g`: robustness); at train time `permute_pixels=SEED` (a full shuffle,
+`global`) or `permute_pixels=SEED, swaps=T[, swap_distance=d]` (the PiT paper's
 pixel-swap experiment) trains and tests a model on permuted pixels. Both draw from
 `permutation_for_setting`, so a run's permutation is rebuilt exactly from its setting and seed.
 """
@@ -138,8 +138,8 @@ def swap_permutation(height: int, width: int, swaps: int, max_distance: float, s
     part in, so no pixel ends farther than min(T * d, the image diagonal) from where it was.
 
     Used twice, under two names: the permutation probe's test-time `swaps-T-d` setting
-    (robustness of a model trained on natural pixels), and `localitylab train --permute-pixels
-    SEED --swaps T --swap-distance d`, the PiT paper's experiment (train and test on swapped
+    (robustness of a model trained on natural pixels), and training with `permute_pixels=SEED,
+    swaps=T, swap_distance=d`, the PiT paper's experiment (train and test on swapped
     pixels), where this function with seed SEED draws the run's one fixed permutation."""
     permutation = np.arange(height * width)
     for a, b in swap_pairs(height, width, swaps, max_distance, seed).tolist():  # order matters: swaps compose

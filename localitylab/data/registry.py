@@ -220,7 +220,7 @@ class DatasetEntry:
     prefix: bool = False
     # The recipe defaults, or a function of the full name for a family whose members differ.
     defaults: DataDefaults | Callable[[str], DataDefaults] = DataDefaults()
-    resizable: bool = False  # a fixed name that takes --img-size (its files are decoded images)
+    resizable: bool = False  # a fixed name that takes img_size (its files are decoded images)
     shape: DataShape | None = None  # known without loading (fixed-size sets that are not bundled)
 
     @property

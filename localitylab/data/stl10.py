@@ -4,7 +4,7 @@ official binary files.
 DATA_DIR/stl10_binary/ holds `train_X.bin`, `train_y.bin`, `test_X.bin`, `test_y.bin` and
 `class_names.txt`, as torchvision keeps them; or DATA_DIR/stl10_binary.tar.gz, whose five
 members are then copied out once (by their fixed names only: nothing in the archive chooses
-a path). Files are checked against the MD5s torchvision pins; `--download` fetches the
+a path). Files are checked against the MD5s torchvision pins; `download` fetches the
 archive. The .bin files are raw uint8 arrays, each image stored column-major (read with
 numpy, as torchvision does); labels are 1..10. The 100,000 unlabelled images are not read.
 """

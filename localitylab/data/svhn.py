@@ -1,7 +1,7 @@
 """SVHN (Street View House Numbers), cropped digits, from the official .mat files.
 
 `train_32x32.mat` and `test_32x32.mat` in the data folder, as torchvision keeps them; each is
-checked against the MD5 torchvision pins, and `--download` fetches them from the source.
+checked against the MD5 torchvision pins, and `download` fetches them from the source.
 They are MATLAB 5 files read with scipy.io.loadmat, as torchvision reads them: a parser of
 plain arrays, no unpickling. X is (32, 32, 3, N) uint8, y is (N, 1) with 10 for the digit 0.
 The `extra` split (531k easier images) is not used, as in the usual train/test protocol.

@@ -7,9 +7,9 @@ extracted DATA_DIR/tiny-imagenet-200/. The official layout: `wnids.txt` (the 200
 `val/images/val_<k>.JPEG` with `val/val_annotations.txt` (file, wnid, box), and an unlabelled
 `test/`. The validation images are the test split, as usual (the test labels were never
 published). Classes are the sorted WordNet ids (ImageFolder's order), named by the first
-synonym in words.txt. 64x64 natively; `--img-size` resizes. Decoded images are cached.
+synonym in words.txt. 64x64 natively; `img_size` resizes. Decoded images are cached.
 
-The source publishes no checksum, so `--download` does not fetch it: the error says where
+The source publishes no checksum, so `download` does not fetch it: the error says where
 to get the file and where to put it.
 """
 

@@ -3,7 +3,7 @@
 The weights are the TensorFlow graph of Szegedy et al. (inception-2015-12-05) that FID
 (Heusel et al. 2017), sFID (Nash et al. 2021) and IS (Salimans et al. 2016) are defined
 with, as torch-fidelity converts them (`weights-inception-2015-12-05-6726825d.pth`). They
-are never downloaded here: the user passes the file (`--inception-weights FILE`). It is read
+are never downloaded here: the user passes the file (`inception_weights FILE`). It is read
 with `torch.load(weights_only=True)` first (torch-fidelity itself unpickles without that
 guard), and torch-fidelity's network (its TF-compatible resizing included) computes:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from localitylab.diffusion.quality import frechet_distance
+from localitylab.diffusion.feature_metrics import frechet_distance
 from localitylab.errors import UserError
 from localitylab.io import safe_torch_load
 from localitylab.probes.base import Measurements

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from localitylab.data.registry import ImageDataset
 from localitylab.diffusion.objective import Schedule, to_uint8
-from localitylab.diffusion.quality import PRECISION_RECALL_K, classifier_outputs, frechet_distance, precision_recall
+from localitylab.diffusion.feature_metrics import PRECISION_RECALL_K, classifier_outputs, frechet_distance, precision_recall
 from localitylab.diffusion.sampling import generate, initial_noise
 from localitylab.errors import UserError
 from localitylab.generation.samples import SampleSet

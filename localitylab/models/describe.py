@@ -131,7 +131,7 @@ def _pair(value) -> tuple[int, int] | None:
 
 def position_embedding_kind(model: nn.Module, grid: tuple[int, int] | None) -> str:
     """'none', 'learn', 'sincos' (the fixed 2-D table, frozen) or 'frozen' (a learned table
-    that is not trained in this run, e.g. under --linear-probe): frozen alone is not sin-cos.
+    that is not trained in this run, e.g. under linear_probe): frozen alone is not sin-cos.
     A table that is not a tensor (a relative or rotary module) is 'none': no absolute table."""
     import torch
 

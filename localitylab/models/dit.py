@@ -20,7 +20,7 @@ What diffusers' class does not do for training from scratch, and is done here:
   are meant to be loaded); adaLN-Zero means the modulation and the output layers start at
   zero, so that every block starts as the identity. `_initialise_like_dit` follows the DiT
   paper's `initialize_weights`.
-- **`--pos-embed learn | sincos | none`.** diffusers builds the fixed sin-cos table (DiT's
+- **`pos_embed learn | sincos | none`.** diffusers builds the fixed sin-cos table (DiT's
   default, kept as `sincos`); `learn` replaces it by a trained table initialised at the
   same scale as the ViTs' (`pos_embed.POS_EMBED_STD`, timm's 0.02), `none` removes it.
 

@@ -124,7 +124,7 @@ class MAEOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Reconstruction:
+class MAEReconstruction:
     """Images (B, C, H, W) in the encoder's input space (normalised), for figures.
 
     Unpacks as `masked_input, reconstruction, original`; `pixel_mask` (B, 1, H, W) bool
@@ -349,7 +349,7 @@ class MaskedAutoencoder(nn.Module):
         return MAEOutput(self.loss(images, pred, mask), pred, mask)
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> Reconstruction:
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MAEReconstruction:
         """Masked input, reconstruction (visible tokens pasted from the input) and original, as images.
 
         With norm_pix_loss the prediction is mapped back with each token's own mean and
@@ -366,7 +366,7 @@ class MaskedAutoencoder(nn.Module):
         reconstruction = self.unpatchify(torch.where(token_mask, pred, tokens))
         masked_input = self.unpatchify(tokens.masked_fill(token_mask, 0.0))
         pixel_mask = self.unpatchify(token_mask.expand(-1, -1, self.token_values).float())[:, :1] > 0.5
-        return Reconstruction(masked_input, reconstruction, images.float(), pixel_mask)
+        return MAEReconstruction(masked_input, reconstruction, images.float(), pixel_mask)
 
 
 # --- building and loading -----------------------------------------------------------------------
@@ -431,6 +431,6 @@ def mask_ratio_note(mae: MaskedAutoencoder) -> str:
 
 
 __all__ = [
-    "MAEOutput", "MaskedAutoencoder", "Reconstruction", "build_mae", "check_mask_ratio", "is_mae_checkpoint",
+    "MAEOutput", "MaskedAutoencoder", "MAEReconstruction", "build_mae", "check_mask_ratio", "is_mae_checkpoint",
     "mae_from_checkpoint", "mae_from_encoder", "masked_count", "patchify", "random_masking", "unpatchify",
 ]

@@ -22,7 +22,7 @@ from localitylab.errors import UserError
 # and vit-n/2 on shapes-16 and vit-n/4 on shapes-32 were 16 and 12 points more accurate.
 # The exception is 8x8 digits with a 15-epoch recipe, where a large random table serves as a
 # fixed position code and trains much faster (pit-n 93% against 28-32%): digits' recipe
-# starts tables at 1.0 (localitylab.data.digits). --pos-embed-std X (or --model-kw
+# starts tables at 1.0 (localitylab.data.digits). pos_embed_std X (or model_kw
 # pos_embed_std=X) sets it per run.
 POS_EMBED_STD = 0.02
 

@@ -38,7 +38,7 @@ _MODELS: dict[str, ModelEntry] = {}
 def register_model(name: str, kind: str, summary: str, takes_patch: bool = False, example_patch: int | None = None,
                    pos_embed: str | None = None):
     """Decorator: add a builder to the registry under `name` (`pos_embed`: the default
-    position embedding of a family that takes --pos-embed)."""
+    position embedding of a family that takes pos_embed)."""
 
     def wrap(builder: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
         if name in _MODELS:
@@ -101,7 +101,7 @@ def model_kind(name: str) -> str:
     return _MODELS[family].kind
 
 
-# Shapes a registry model takes from its data set (and its name), never from --model-kw: a
+# Shapes a registry model takes from its data set (and its name), never from model_kw: a
 # model built for other shapes than its data would fail only in the middle of training.
 SHAPE_KEYS = ("img_size", "in_chans", "num_classes", "patch_size")
 

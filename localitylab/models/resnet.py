@@ -40,7 +40,7 @@ def build_cifar_resnet(spec: ModelSpec, depth: str) -> nn.Module:
         model = ResNet(**kwargs)
     except TypeError as err:
         raise UserError(f"{spec.name}: {err}") from None
-    except (ValueError, RuntimeError, AssertionError) as err:  # a --model-kw value timm cannot build
+    except (ValueError, RuntimeError, AssertionError) as err:  # a model_kw value timm cannot build
         raise UserError(f"{spec.name} cannot be built with {dict(spec.model_kw)}: "
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     model.conv1 = nn.Conv2d(spec.in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False)

@@ -1,12 +1,12 @@
 """Any timm model as a localitylab model: `timm:NAME[.TAG]` with `model_kw`, `weights`
-and `--pretrained`.
+and `pretrained`.
 
 Built untrained (to train it, or as the no-learning baseline), a timm model takes its image
-size, channels and classes from the data set unless `--model-kw` sets them, as training
+size, channels and classes from the data set unless `model_kw` sets them, as training
 does. With weights from elsewhere (`build_timm_pretrained`) it keeps the shapes those
-weights were trained for, and they are loaded the way timm loads them: `--pretrained`
+weights were trained for, and they are loaded the way timm loads them: `pretrained`
 through its pretrained configs and the Hugging Face hub (the hub's own cache, `HF_HOME`,
-`HF_HUB_OFFLINE`), `--weights FILE` through the same `load_pretrained` on a state dict read
+`HF_HUB_OFFLINE`), `weights FILE` through the same `load_pretrained` on a state dict read
 from a local file (safetensors, or a torch file loaded with `weights_only=True`: nothing is
 unpickled), so timm's checkpoint filters, position-embedding resampling and input-conv
 adaptation apply to both.

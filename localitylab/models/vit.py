@@ -49,9 +49,9 @@ def build_vision_transformer(spec: ModelSpec, size: str, patch_size: int) -> nn.
     kwargs.update(extra)
     try:
         model = timm.create_model(_TIMM_BASE[size], pretrained=False, **kwargs)
-    except TypeError as err:  # an unknown --model-kw key
+    except TypeError as err:  # an unknown model_kw key
         raise UserError(f"{spec.name}: {err}") from None
-    except (ValueError, RuntimeError, AssertionError) as err:  # a --model-kw value timm cannot build (depth=-1)
+    except (ValueError, RuntimeError, AssertionError) as err:  # a model_kw value timm cannot build (depth=-1)
         raise UserError(f"{spec.name} cannot be built with {extra}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if pos_embed == "learn":
         with torch.no_grad():

@@ -23,7 +23,7 @@ published numbers are. Validated on load; a mistake names the key and its line.
                at layer ("first", "last" or an index), reduced over heads ("min", "max",
                "mean"); published may be a number or a sentence (a qualitative fact)
     [scale.NAME]  dataset, models = {full = small}, recipe = {...}, probes = {...}, samples = {...}, seeds: a smaller
-               variant (e.g. CIFAR -> digits) selected with --scale NAME; its seeds
+               variant (e.g. CIFAR -> digits) selected with scale NAME; its seeds
                replace [study] seeds (a cheap scale can afford more of them). A model's
                substitute may carry its own settings at that scale: {full = {model = "small",
                model_kw = {...}, lr = ...}} (they win over the scale's recipe; model_kw merges
@@ -32,8 +32,6 @@ published numbers are. Validated on load; a mistake names the key and its line.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import re
 import tomllib
 import typing
@@ -501,7 +499,3 @@ def _type_name(key: str) -> str:
     kind = kinds[0] if kinds else TrainConfig.model_fields[key].annotation
     kind = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
     return getattr(typing.get_origin(kind) or kind, "__name__", str(kind))
-
-
-def with_overrides(study: Study, **changes: Any) -> Study:
-    return dataclasses.replace(copy.deepcopy(study), **changes)

@@ -4,7 +4,7 @@ A checkpoint holds only tensors and plain Python values: the model state, the mo
 (enough to rebuild the architecture from the registry), the data description (shapes,
 normalisation, class names, pixel permutation), the training config, the model's summary,
 versions, the optimizer state and the TrainState (epoch, step, history, and the epoch in
-progress after a mid-epoch stop) for `--resume`.
+progress after a mid-epoch stop) for `resume`.
 
 `write_run` is the one save: ckpt.pt first, then metrics.csv and run.json, both derived from
 what ckpt.pt holds.

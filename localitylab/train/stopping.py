@@ -1,5 +1,5 @@
 """Stopping a run on request: SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption) ask the
-loop to finish the current step, write a checkpoint and exit; `--resume` then continues
+loop to finish the current step, write a checkpoint and exit; `resume` then continues
 exactly where it stopped. A second Ctrl-C stops at once (the previous checkpoint stays).
 """
 

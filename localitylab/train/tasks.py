@@ -4,8 +4,8 @@ module trains, what its loss is, how it is evaluated and what it adds to the che
 - `Classification`: cross-entropy (label smoothing, mixup/cutmix), accuracy.
 - `MaskedAutoencoding`: MAE pre-training of a PiT or ViT encoder; the loss is the
   reconstruction error on the masked tokens. The checkpoint's `model_state` is the encoder
-  alone, so every probe, `--init-from` and `localitylab.load()` read it as an ordinary model.
-- `Denoising`: a DiT's noise prediction (`localitylab.diffusion`: DDPM's linear 1,000-step
+  alone, so every probe, `init_from` and `localitylab.load()` read it as an ordinary model.
+- `DenoisingTask`: a DiT's noise prediction (`localitylab.diffusion`: DDPM's linear 1,000-step
   schedule, labels dropped to the null class for classifier-free guidance); images on the
   diffusion scale [-1, 1]. The test loss is the same objective on the test split with every
   label kept and the same noise and timesteps every epoch. The checkpoint carries
@@ -167,12 +167,12 @@ class MaskedAutoencoding(Task):
         module.load_decoder_state_dict(checkpoint["mae_state"])
 
 
-class Denoising(Task):
+class DenoisingTask(Task):
     name = "diffusion"
     reports_accuracy = False
     # The test loss draws its timesteps and noise for each run of EVAL_DRAWS test images from
     # a CPU generator seeded by (seed, index of the run): the same draws every epoch, on any
-    # device and at any --eval-batch-size.
+    # device and at any eval_batch_size.
     EVAL_DRAWS = 256
 
     def __init__(self, config: TrainConfig, info: DataInfo) -> None:
@@ -219,7 +219,7 @@ class Denoising(Task):
         return {"task": self.name, "diffusion_options": self.objective.options()}
 
 
-TASKS = {"classify": Classification, "mae": MaskedAutoencoding, "diffusion": Denoising}
+TASKS = {"classify": Classification, "mae": MaskedAutoencoding, "diffusion": DenoisingTask}
 
 
 def make_task(config: TrainConfig, info: DataInfo) -> Task:
