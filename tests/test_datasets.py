@@ -62,7 +62,7 @@ def test_idx_damaged_files_are_one_line(tmp_path):
 def test_idx_missing_names_the_files_and_the_folder(tmp_path):
     write_idx_dataset(tmp_path / "MNIST/raw")
     (tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(UserError, match=r"put t10k-labels-idx1-ubyte.gz in .*MNIST/raw, or pass --download"):
+    with pytest.raises(UserError, match=r"put t10k-labels-idx1-ubyte.gz in .*MNIST/raw, or pass download"):
         load_dataset("mnist", DataOptions(data_dir=tmp_path))
 
 
@@ -105,7 +105,7 @@ def test_svhn_checks_md5_and_says_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="train_32x32.mat has MD5"):
         load_dataset("svhn", DataOptions(data_dir=tmp_path))
     (tmp_path / "test_32x32.mat").unlink()
-    with pytest.raises(UserError, match=r"put test_32x32.mat in .*, or pass --download to fetch it from http"):
+    with pytest.raises(UserError, match=r"put test_32x32.mat in .*, or pass download to fetch it from http"):
         load_dataset("svhn", DataOptions(data_dir=tmp_path))
 
 
@@ -229,7 +229,7 @@ def test_imagenet_extracted_layout_with_devkit_names(tmp_path):
 
 
 def test_imagenet_needs_img_size_and_is_never_downloaded(tmp_path):
-    with pytest.raises(UserError, match="imagenet needs --img-size"):
+    with pytest.raises(UserError, match="imagenet needs img_size"):
         load_dataset("imagenet", DataOptions(data_dir=tmp_path))
     with pytest.raises(UserError, match="cannot be downloaded for you: fetch ILSVRC2012_img_train.tar"):
         load_dataset("imagenet", DataOptions(data_dir=tmp_path, img_size=32, download=True))
@@ -239,7 +239,7 @@ def test_a_set_too_large_for_memory_is_refused_before_decoding(monkeypatch):
     from localitylab.data import images
 
     monkeypatch.setattr(images, "physical_memory", lambda: 2**30)
-    with pytest.raises(UserError, match="1,281,167 images at 64x64 are 14.7 GiB .* smaller --img-size"):
+    with pytest.raises(UserError, match="1,281,167 images at 64x64 are 14.7 GiB .* smaller img_size"):
         images.check_fits("imagenet", 1_281_167, 64)
 
 

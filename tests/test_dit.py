@@ -141,7 +141,7 @@ def test_patches_break_the_equivariance_when_pixels_leave_their_patch():
 @pytest.mark.parametrize("name, kw, message", [
     ("dit-n/3", {}, "not divisible by patch size 3"),
     ("dit-n", {}, "needs a patch size"),
-    ("dit-n/2", {"mlp_ratio": 2}, "unknown --model-kw 'mlp_ratio'"),
+    ("dit-n/2", {"mlp_ratio": 2}, "unknown model_kw 'mlp_ratio'"),
     ("dit-n/2", {"width": 30}, "multiple of heads"),
 ])
 def test_impossible_dits_are_user_errors(name, kw, message):

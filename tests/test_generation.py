@@ -181,7 +181,7 @@ def test_sample_and_evaluate_refuse_what_they_cannot_use(tmp_path, trained_runs)
                                                out=tmp_path / "d"))
     with pytest.raises(UserError, match="is a diffusion model"):
         evaluate_samples(EvaluateRequest(str(folder), "dit-n/2", against="digits", device="cpu"))
-    with pytest.raises(UserError, match="trained classifier"):
+    with pytest.raises(UserError, match="give the run folder or checkpoint of a trained network"):
         evaluate_samples(EvaluateRequest(str(folder), "resnet-n", against="digits", device="cpu"))
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # no temporary file left
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -156,7 +156,7 @@ def test_hf_columns_found_or_named(tmp_path, hf_offline):
                                      "test": test.remove_columns(["label"]).rename_column("coarse_label", "size")})
     no_label = datasets.DatasetDict({k: v.cast_column("size", datasets.Value("int64")) for k, v in no_label.items()})
     no_label.save_to_disk(tmp_path / "no-label")
-    with pytest.raises(UserError, match="has no label column .* name one with --label-column"):
+    with pytest.raises(UserError, match="has no label column .* name one with label_column"):
         load_dataset(f"hf:{tmp_path / 'no-label'}")
     sized = load_dataset(f"hf:{tmp_path / 'no-label'}", DataOptions(label_column="size"))
     assert sized.info.class_names == ["0", "1"]
@@ -174,7 +174,7 @@ def test_hf_string_labels_and_mixed_sizes(tmp_path, hf_offline):
     datasets.DatasetDict({"train": split([(8, 8), (12, 10), (8, 8)], ["zebra", "ant", "zebra"]),
                           "test": split([(9, 9)], ["ant"])}).save_to_disk(tmp_path / "mixed")
     name = f"hf:{tmp_path / 'mixed'}"
-    with pytest.raises(UserError, match=r"train row 1 is 10x12, but hf:.* train row 0 is 8x8: give --img-size"):
+    with pytest.raises(UserError, match=r"train row 1 is 10x12, but hf:.* train row 0 is 8x8: give img_size"):
         load_dataset(name)
     data = load_dataset(name, DataOptions(img_size=4))
     assert data.info.class_names == ["ant", "zebra"] and data.train_labels.tolist() == [1, 0, 1]
