@@ -342,7 +342,8 @@ CASES = [
     Case("probe-no-model", "a probe without a model", ["probe", "attention-distance"], "needs a model"),
     Case("probe-unknown-option", "--opt with a name no chosen probe reads",
          ["probe", "attention-distance", "vit-n/2", "--opt", "nope=1", "--out", "{out}"],
-         "unknown probe option 'nope' for attention-distance; valid: query_block"),
+         "unknown setting '--nope' for attention-distance; valid: --images, --batch-size, --seed, --device, "
+         "--timesteps, --query-block"),
     Case("probe-query-block-zero", "--opt query_block=0",
          ["probe", "attention-distance", "vit-n/2", "--opt", "query_block=0", "--out", "{out}"],
          "query_block must be a positive integer"),
@@ -371,7 +372,7 @@ CASES = [
     # weights trained elsewhere
     Case("probe-pretrained-and-weights", "--pretrained and --weights together",
          ["probe", "attention-distance", "timm:test_vit.r160_in1k", "--pretrained", "--weights", "{tmp}/w.safetensors",
-          "--out", "{out}"], "give --pretrained (timm's own weights) or --weights FILE, not both"),
+          "--out", "{out}"], "give --pretrained or --weights, not both"),
     Case("probe-pretrained-registry-model", "--pretrained for a registry model",
          ["probe", "attention-distance", "pit-n", "--pretrained", "--out", "{out}"],
          "--pretrained applies to timm:NAME models"),
@@ -432,7 +433,7 @@ CASES = [
     study_case("study-probe-run-not-a-list", "[probes] run as a number (`run = 5`)", lambda s: s.replace('run = ["permutation"]', "run = 5"),
                "[probes] run must be a probe name or a list of them"),
     study_case("study-probe-unknown-option", "[probes] options with a name no probe reads (`options = { nope = 1 }`)",
-               lambda s: s.replace("images = 8", "images = 8\noptions = { nope = 1 }"), "unknown probe option 'nope'"),
+               lambda s: s.replace("images = 8", "images = 8\noptions = { nope = 1 }"), "unknown setting 'nope'"),
     study_case("study-probe-bad-option-value", "[probes] options with a bad value (`options = { window_sizes = 1 }`)",
                lambda s: s.replace("images = 8", "images = 8\noptions = { window_sizes = 1 }"),
                "window_sizes and tile_grids must be >= 2"),
