@@ -52,6 +52,9 @@ def reach_probe():
         yield _PROBES[ReachProbe.name]
     finally:
         _PROBES.pop(ReachProbe.name, None)
+        from localitylab.probes.api import describe_keywords
+
+        describe_keywords()
 
 
 def _value(table, metric: str) -> float:
@@ -86,6 +89,9 @@ def test_a_new_option_is_a_flag_a_study_key_and_a_keyword(reach_probe, tmp_path)
     # A keyword of localitylab.probe, and the error names the setting.
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
     images = torch.rand(6, 1, 8, 8)
+    import inspect
+
+    assert "reach" in inspect.signature(localitylab.probe).parameters  # listed for help() and editors
     assert _value(localitylab.probe("reach-test", model, images, reach=9), "reach") == 9
     assert _value(localitylab.probe("reach-test", model, images), "reach") == 3
     with pytest.raises(UserError) as caught:

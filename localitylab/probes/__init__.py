@@ -18,6 +18,9 @@ from localitylab.probes.base import COLUMNS, Measurements, Probe, ProbeInputs, P
 from localitylab.probes.registry import get_probe, probe_names, register_probe
 from localitylab.probes.runner import ProbeRequest, read_table, run_probes
 from localitylab.probes.target import ProbeTarget, load_target
+from localitylab.probes.api import describe_keywords
+
+describe_keywords()  # localitylab.probe's keywords: every probe setting registered above
 
 __all__ = ["COLUMNS", "Measurements", "Probe", "ProbeInputs", "ProbeRequest", "ProbeResult", "ProbeTarget",
            "SummaryColumn", "get_probe", "load_target", "probe_names", "read_table", "register_probe", "run_probes"]

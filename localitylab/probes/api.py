@@ -88,6 +88,23 @@ def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels
     return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
 
 
+def describe_keywords() -> None:
+    """Give `probe` a signature and docstring listing every probe setting as a keyword (the
+    registered probes' options included), for help() and editors; any probe registered later
+    is still read at call time."""
+    import inspect
+
+    fixed = [p for p in inspect.signature(probe, follow_wrapped=False).parameters.values()
+             if p.kind != inspect.Parameter.VAR_KEYWORD] if not hasattr(probe, "__fixed__") else probe.__fixed__
+    probe.__fixed__ = fixed
+    fields = [f for f in probe_fields() if f.in_memory]
+    probe.__signature__ = inspect.Signature(
+        fixed + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields],
+        return_annotation=pd.DataFrame)
+    probe.__doc__ = probe.__doc__.split("\n\n    Keywords:")[0] + "\n\n    Keywords:\n" + "\n".join(
+        f"        {f.name} (default {f.default!r}): {f.help}" for f in fields)
+
+
 def memory_target(model: nn.Module, images: torch.Tensor, preprocessing: str | Preprocessing | DataInfo = AUTO,
                   model_name: str | None = None) -> ProbeTarget:
     """A ProbeTarget for a model in memory fed with `images` (their dtype and size say what

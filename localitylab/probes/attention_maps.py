@@ -62,7 +62,7 @@ def parse_queries(value: Any, geometry: TokenGeometry) -> list[tuple[int, int]]:
     elif isinstance(value, (tuple, list)):
         parts = [list(pair) if isinstance(pair, (tuple, list)) else [pair] for pair in value]
     else:
-        raise UserError(valid)
+        raise UserError(valid, setting="query")
     queries = []
     for part in parts:
         try:
@@ -70,9 +70,9 @@ def parse_queries(value: Any, geometry: TokenGeometry) -> list[tuple[int, int]]:
                 raise ValueError
             row, col = (int(str(v).strip()) for v in part)
         except ValueError:
-            raise UserError(valid) from None
+            raise UserError(valid, setting="query") from None
         if not (0 <= row < height and 0 <= col < width):
-            raise UserError(valid)
+            raise UserError(valid, setting="query")
         if (row, col) not in queries:
             queries.append((row, col))
     return queries

@@ -108,10 +108,7 @@ class PermutationOptions(Settings):
 
     @model_validator(mode="after")
     def _values(self) -> "PermutationOptions":
-        try:
-            shuffle_settings(8, 8, self.shuffles())  # the values' checks do not depend on the image size
-        except UserError as err:
-            raise ValueError(str(err)) from None
+        shuffle_settings(8, 8, self.shuffles())  # the values' checks do not depend on the image size (a UserError)
         return self
 
     def shuffles(self) -> dict[str, Any]:
