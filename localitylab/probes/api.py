@@ -29,7 +29,8 @@ from localitylab.models.preprocessing import Preprocessing
 from localitylab.models.registry import ModelSpec
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.settings import parse_probe_settings, probe_fields
-from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps, loaded_target
+from localitylab.probes.sources import loaded_target
+from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps
 
 # preprocessing= values besides a Preprocessing or a DataInfo
 AUTO, TIMM, PREPARED = "auto", "timm", "prepared"

@@ -24,7 +24,8 @@ from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
 from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.settings import ProbeRun, ProbeSettings, parse_probe_settings
-from localitylab.probes.target import ProbeTarget, check_timesteps, load_target, select_images
+from localitylab.probes.sources import load_target, select_images
+from localitylab.probes.target import ProbeTarget, check_timesteps
 
 
 @dataclass
@@ -111,12 +112,6 @@ def _run_one(probe, parsed, count: int, target: ProbeTarget, images: torch.Tenso
     record_meta(out_dir, probe.name, target, data_name, run, min(count, len(images)), seconds,
                 [str(p.relative_to(out_dir)) for p in model_figures], list(result.level_drawings) or None)
     return ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds)
-
-
-def check_probe_options(probes, options: dict[str, Any]) -> list:
-    """Each probe's typed options from one dict of them; an unknown name or a value a probe
-    cannot use is a UserError naming it (no model needed)."""
-    return parse_probe_settings(probes, options).options
 
 
 def write_table(table: pd.DataFrame, path: Path) -> Path:
