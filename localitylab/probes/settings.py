@@ -61,8 +61,8 @@ AtLeastOne = Annotated[int, BeforeValidator(_at_least_one)]
 
 
 class ProbeSettings(Settings):
-    """What every probe takes. `n_images` None: each probe's own default (`Probe.default_images`,
-    128 for most; permutation: the whole test split up to `Probe.max_default_images`)."""
+    """What every probe takes. `n_images` None: each probe's own default (`Probe.default_images`;
+    None there: the whole test split up to `Probe.max_default_images`)."""
 
     n_images: AtLeastOne | None = option(None, "How many test images (a seeded subset); default: each probe's "
                                          "own (Probe.default_images; `probe list` shows it).")

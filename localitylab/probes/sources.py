@@ -168,9 +168,8 @@ def _check_shapes(dataset: ImageDataset, expected: DataInfo) -> None:
 
 
 def select_images(dataset: ImageDataset, n_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random subset of the test split (all of it when it is smaller)."""
-    if n_images < 1:
-        raise UserError(f"n_images must be at least 1, got {n_images}", setting="n_images")
+    """A seeded random subset of the test split (all of it when it is smaller); the count is
+    checked with the probe settings (ProbeSettings.n_images)."""
     images, labels = dataset.test_images, dataset.test_labels
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_images]
     return images[order], labels[order]
