@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from cli.errors import run_cli
-from cli.options import parse_model_kw, parse_timesteps, training_options
+from cli.options import parse_model_kw, probe_options, training_options
 
 app = typer.Typer(
     name="localitylab",
@@ -149,7 +149,6 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets
     Console().print(table)
 
 
-@app.command()
 def probe(
     name: str = typer.Argument(..., help="A probe name, 'all' (every probe), or 'list' (what each one measures)."),
     source: Optional[str] = typer.Argument(None, help="A ckpt.pt, a run folder, a registry name (untrained) or timm:NAME."),
@@ -157,10 +156,6 @@ def probe(
     data_dir: Optional[Path] = typer.Option(None, help="Where data sets live."),
     img_size: Optional[int] = typer.Option(None, help="Image size for folder: data sets; for a timm: model with "
                                            "--pretrained or --weights, the model's input size (default: its own)."),
-    images: int = typer.Option(128, help="How many test images (a seeded subset)."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, help="Seed for the image subset and any randomness in the probe."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default <run folder>/probes)."),
     model_kw: Optional[List[str]] = typer.Option(None, "--model-kw", help="key=value for registry/timm: models."),
     weights: Optional[Path] = typer.Option(None, help="Weights for a timm: model (safetensors or state dict), "
@@ -168,11 +163,9 @@ def probe(
     pretrained: bool = typer.Option(False, help="timm:NAME[.TAG]: timm's pretrained weights (Hugging Face hub, its "
                                     "cache, HF_HUB_OFFLINE) and the model's own input pipeline."),
     pos_embed: Optional[str] = typer.Option(None, help="Position embedding of an untrained pit/vit."),
-    query: Optional[str] = typer.Option(None, help="attention-maps: query pixels 'row,col' (';' between several)."),
-    per_head: bool = typer.Option(False, help="attention-maps: draw every head, not only their mean."),
-    opt: Optional[List[str]] = typer.Option(None, "--opt", help="Probe option key=value (repeatable)."),
-    timesteps: Optional[str] = typer.Option(None, help="A diffusion model's noise levels to probe at, e.g. "
-                                            "999,500,100,10 (its defaults when not given)."),
+    opt: Optional[List[str]] = typer.Option(None, "--opt", help="A probe option as key=value (repeatable); the same "
+                                            "as its own flag."),
+    settings: dict = None,
 ) -> None:
     """Run a locality probe and write its table, figures and meta.json.
 
@@ -186,18 +179,14 @@ def probe(
 
         raise UserError(f"probe {name} needs a model: a ckpt.pt, a run folder, a registry name or timm:NAME")
     from localitylab.probes import ProbeRequest, run_probes
+    from localitylab.probes.settings import ProbeSettings
 
-    options = parse_model_kw(opt, "--opt")
-    if query is not None:
-        options["query"] = query
-    if per_head:
-        options["per_head"] = True
+    given = {**parse_model_kw(opt, "--opt"), **(settings or {})}
+    common = {key: given.pop(key) for key in list(given) if key in ProbeSettings.model_fields}
     request = ProbeRequest(
-        source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, n_images=images,
-        batch_size=batch_size, device=device, seed=seed, out=out, model_kw=parse_model_kw(model_kw),
-        weights=str(weights) if weights else None, pretrained=pretrained, pos_embed=pos_embed, options=options,
-        timesteps=parse_timesteps(timesteps),
-    )
+        source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, out=out,
+        model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None, pretrained=pretrained,
+        pos_embed=pos_embed, options=given, **common)
     for output in run_probes([name], request):
         note = ""
         if output.table["note"].ne("").all() and output.table["value"].isna().all():
@@ -205,6 +194,21 @@ def probe(
         print(f"{output.probe}: {len(output.table)} rows -> {output.csv}{note}")
         for figure in output.figures:
             print(f"  figure: {figure}")
+
+
+def probe_command(full: bool = True):
+    """`probe` with one option per probe setting (the settings of every registered probe: this
+    imports the probes, so it is built only when `probe` runs); `full=False`: the command as
+    `localitylab --help` lists it, without the probe settings."""
+    fields = []
+    if full:
+        from localitylab.probes.settings import probe_fields
+
+        fields = probe_fields()
+    return probe_options(fields)(probe)
+
+
+app.command("probe")(probe_command(full=False))
 
 
 @app.command()
@@ -284,14 +288,18 @@ def _print_probe_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cli.errors import flag_of
     from localitylab.probes import get_probe, probe_names
 
     table = Table(title="localitylab probes")
-    for column in ("probe", "measures", "applies to"):
+    for column in ("probe", "measures", "applies to", "images (default)", "options"):
         table.add_column(column)
     for probe_name in probe_names():
         entry = get_probe(probe_name)
-        table.add_row(probe_name, entry.summary, entry.applies_to)
+        images = (str(entry.default_images) if entry.default_images is not None
+                  else f"the test split, up to {entry.max_default_images}")
+        options = ", ".join(flag_of(option) for option in entry.option_names())
+        table.add_row(probe_name, entry.summary, entry.applies_to, images, options)
     Console().print(table)
 
 
@@ -390,7 +398,14 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(typer.main.get_command(app), list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    words = [word for word in argv if not word.startswith("-")]
+    if words[:1] == ["probe"]:  # its options come from the probes' settings: built now, from the registry
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+        single.command("probe")(probe_command())
+        command.commands["probe"] = typer.main.get_command(single)
+    return run_cli(command, argv)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,6 @@ def parse_model_kw(items: list[str] | None, setting: str = "model_kw") -> dict[s
     return parse_key_values(items, setting.lstrip("-").replace("-", "_"))
 
 
-def parse_timesteps(text: str | None) -> list[int] | None:
-    """'999,500,100,10' -> [999, 500, 100, 10]; None stays None (the model's defaults)."""
-    if text is None:
-        return None
-    from localitylab.errors import UserError
-
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"--timesteps must be integers separated by commas, e.g. 999,500,100,10; got {text!r}") from None
-    if not levels:
-        raise UserError("--timesteps needs at least one noise level, e.g. 999,500,100,10")
-    return levels
-
-
 def training_options(name: str):
     """Decorator for a command that starts a run (`train`, `pretrain mae`): its arguments and
     options are TrainConfig's fields that the command offers (type, default, help from the
@@ -96,3 +81,72 @@ def _given(ctx, name: str) -> bool:
     """Was option `name` typed (or its argument given), rather than left at its default?"""
     source = ctx.get_parameter_source(name)
     return source is None or source.name != "DEFAULT"
+
+
+def probe_options(fields):
+    """Decorator for `probe`: after the function's own parameters (the model and where its
+    data come from), one option per probe setting in `fields` (localitylab/probes/settings.py
+    `probe_fields`: ProbeSettings' and every probe's options; type, default and help from the
+    field). The function receives the settings the user typed as `settings` (a dict by
+    Python name), the rest of its parameters as they are."""
+    import functools
+    import inspect
+    from typing import Optional
+
+    import typer
+
+    from cli.errors import flag_of
+
+    parameters = []
+    for field in fields:
+        shown = field.default is not None and field.default is not False
+        help_text = field.help + (f" (default: {field.default})" if shown else "")
+        kind = _plain_type(field.annotation)
+        if kind is bool:
+            option = typer.Option(None, f"{flag_of(field.name)}/--no-{flag_of(field.name)[2:]}", help=help_text,
+                                  show_default=False)
+            parameters.append((field.name, Optional[bool], option))
+        else:
+            annotation = Optional[int] if kind is int else Optional[str]
+            parameters.append((field.name, annotation,
+                               typer.Option(None, flag_of(field.name), help=help_text, show_default=False)))
+    names = {name for name, _, _ in parameters}
+
+    def decorate(function):
+        import typing
+
+        hints = typing.get_type_hints(function)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(function).parameters.values() if p.name != "settings"]
+
+        @functools.wraps(function)
+        def run(**values):
+            from localitylab.probes.settings import literal
+
+            typed = {name: values.pop(name) for name in list(values) if name in names}
+            settings = {name: literal(value) if isinstance(value, str) and name != "device" else value
+                        for name, value in typed.items() if value is not None}
+            return function(settings=settings, **values)
+
+        run.__signature__ = inspect.Signature(
+            own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                   for name, annotation, default in parameters])
+        run.__annotations__ = {**{p.name: p.annotation for p in own},
+                               **{name: annotation for name, annotation, _ in parameters}}
+        return run
+
+    return decorate
+
+
+def _plain_type(annotation):
+    """int for `int`, `int | None`, `Annotated[int, ...] | None`; likewise bool; else the annotation."""
+    import typing
+
+    while True:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = args[0]
+        elif args and len(args) == 1 and typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            annotation = args[0]
+        else:
+            return annotation

@@ -52,7 +52,8 @@ def show_study(file: Path, scale: str | None) -> None:
         console.print(f"{row['run']}: {row['model']} with timm's pretrained weights, probed only"
                       + (" (done)" if row["done"] else ""))
     probes = ", ".join(plan["probes"])
-    console.print(f"probes: {probes} on {plan['probe_images']} test images per run; then one report")
+    images = plan["probe_images"] or "each probe's default number of"
+    console.print(f"probes: {probes} on {images} test images per run; then one report")
     hours = plan["estimated_hours"]
     console.print(f"training: {plan['total_train_pflops']:.3g} PFLOPs; about {hours:.3g} h on this {plan['device']} "
                   f"(measured matmul {plan['device_matmul_gflops']:.0f} GFLOP/s, assuming 30% of it is reached)")

@@ -88,7 +88,7 @@ def test_a_dit_in_memory_is_probed_as_a_denoiser_as_the_cli_does(tmp_path):
                               model_name="dit-n/2 (untrained)")
     assert set(table["setting"].dropna()) == {"t=999"}
     pd.testing.assert_frame_equal(table, read_table(tmp_path / "attention-distance.csv"))
-    with pytest.raises(UserError, match="--timesteps must be integers from 0 to 999"):
+    with pytest.raises(UserError, match="^timesteps must be integers from 0 to 999"):
         localitylab.probe("attention-distance", model, images, labels, preprocessing=info, timesteps=[1000])
 
 
@@ -101,11 +101,17 @@ def test_bad_calls_say_what_is_wrong(weights_file):
         localitylab.probe("attention-distance", model, images, torch.zeros(3))
     with pytest.raises(UserError, match="has no input pipeline of its own"):
         localitylab.probe("attention-distance", torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), images)
-    with pytest.raises(UserError, match="unknown probe option 'nope'"):
+    with pytest.raises(UserError, match="unknown setting 'nope' for attention-distance"):
         localitylab.probe("attention-distance", model, images, options={"nope": 1})
+    with pytest.raises(UserError, match="^unknown setting 'nope'"):  # a keyword, as every probe setting is
+        localitylab.probe("attention-distance", model, images, nope=1)
+    with pytest.raises(UserError, match="^batch_size must be at least 1, got 0$"):
+        localitylab.probe("attention-distance", model, images, batch_size=0)
+    with pytest.raises(UserError, match="^device does not apply to a model in memory"):
+        localitylab.probe("attention-distance", model, images, device="cpu")
     with pytest.raises(UserError, match="must be uint8"):
         localitylab.probe("attention-distance", model, images.int(), preprocessing="timm")
-    with pytest.raises(UserError, match="--timesteps applies to diffusion models"):
+    with pytest.raises(UserError, match="^timesteps applies to diffusion models"):
         localitylab.probe("attention-distance", model, images, timesteps=[10])
 
 

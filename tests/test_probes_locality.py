@@ -329,5 +329,5 @@ def test_cli_bad_probe_option_is_one_line_and_status_2(trained_runs, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("localitylab: error:") and "bogus" in lines[0]
-    assert "window_sizes" in lines[0]  # names what is valid
+    assert "--window-sizes" in lines[0]  # names what is valid, as the flags a user types
     assert not out.exists()

@@ -17,7 +17,12 @@ from localitylab.probes import (  # noqa: F401  (each registers itself)
 from localitylab.probes.base import COLUMNS, Measurements, Probe, ProbeInputs, ProbeResult, SummaryColumn
 from localitylab.probes.registry import get_probe, probe_names, register_probe
 from localitylab.probes.runner import ProbeRequest, read_table, run_probes
-from localitylab.probes.target import ProbeTarget, load_target
+from localitylab.probes.settings import ProbeSettings, option
+from localitylab.probes.sources import load_target
+from localitylab.probes.target import ProbeTarget
+from localitylab.probes.api import describe_keywords
 
-__all__ = ["COLUMNS", "Measurements", "Probe", "ProbeInputs", "ProbeRequest", "ProbeResult", "ProbeTarget",
-           "SummaryColumn", "get_probe", "load_target", "probe_names", "read_table", "register_probe", "run_probes"]
+describe_keywords()  # localitylab.probe's keywords: every probe setting registered above
+
+__all__ = ["COLUMNS", "Measurements", "Probe", "ProbeInputs", "ProbeRequest", "ProbeResult", "ProbeSettings", "ProbeTarget",
+           "SummaryColumn", "get_probe", "load_target", "probe_names", "read_table", "option", "register_probe", "run_probes"]

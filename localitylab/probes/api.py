@@ -28,17 +28,17 @@ from localitylab.models.describe import describe_model
 from localitylab.models.preprocessing import Preprocessing
 from localitylab.models.registry import ModelSpec
 from localitylab.probes.registry import get_probe, probe_names
-from localitylab.probes.runner import check_probe_options
-from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps, loaded_target
+from localitylab.probes.settings import parse_probe_settings, probe_fields
+from localitylab.probes.sources import loaded_target
+from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps
 
 # preprocessing= values besides a Preprocessing or a DataInfo
 AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
 
 
 def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
-          *, preprocessing: str | Preprocessing | DataInfo = AUTO, options: Mapping[str, Any] | None = None,
-          batch_size: int = 64, seed: int = 0, model_name: str | None = None,
-          figures: str | Path | None = None, timesteps: Sequence[int] | None = None) -> pd.DataFrame:
+          *, preprocessing: str | Preprocessing | DataInfo = AUTO, model_name: str | None = None,
+          figures: str | Path | None = None, options: Mapping[str, Any] | None = None, **settings: Any) -> pd.DataFrame:
     """Run probe `name` ('all' for every probe) on `model` and return its tidy table.
 
     images: uint8 (N, C, H, W) (or (N, H, W) grey), or float images already prepared.
@@ -50,28 +50,36 @@ def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels
                 and normalised as `create_transform` would;
         'prepared': the images are the model's input already;
         a `Preprocessing` (another data config) or a `DataInfo` (normalise only).
-    options: the probe's options, as `--opt key=value` would give them.
     figures: a folder to draw the probe's figures into; None draws nothing.
-    timesteps: a denoiser's noise levels (a localitylab DiT; `--timesteps`), None: its defaults.
+    settings: the probe settings as keywords (localitylab/probes/settings.py: `batch_size`,
+        `seed`, `timesteps` (a denoiser's noise levels; None: its defaults), `n_images` (the
+        first n of `images`; all by default) and every probe's own options, e.g.
+        `query="4,4"`); `options` is the same as a dict.
 
     The model runs in eval mode on its own device and is left as it was found; the
     table's `model` column is `model_name` (default: the model's class name).
     """
     names = probe_names() if name == "all" else [name]
     probes = [get_probe(n) for n in names]
+    refused = [f.name for f in probe_fields(probes) if not f.in_memory and f.name in settings]
+    if refused:
+        raise UserError(f"{refused[0]} does not apply to a model in memory: it runs where it is", setting=refused[0])
+    run = parse_probe_settings(probes, {**dict(options or {}), **settings})
     images, labels = _as_tensors(images, labels)
     if labels is None and any(p.needs_labels for p in probes):
         needing = ", ".join(p.name for p in probes if p.needs_labels)
         raise UserError(f"{needing} measures accuracy: pass labels=(N,) class indices")
     if labels is None:
         labels = torch.zeros(len(images), dtype=torch.long)
+    if run.settings.n_images is not None:
+        images, labels = images[:run.settings.n_images], labels[:run.settings.n_images]
     target = memory_target(model, images, preprocessing, model_name)
-    check_timesteps(target, timesteps)
+    check_timesteps(target, run.settings.timesteps)
     images = target.model_images(images)
     tables = []
     with _eval_mode(model):
-        for one, parsed in zip(probes, check_probe_options(probes, dict(options or {}))):
-            result = one.run(target, images, labels, parsed, batch_size, seed, timesteps)
+        for one, parsed in zip(probes, run.options):
+            result = one.run(target, images, labels, parsed, settings=run.settings)
             if figures is not None:
                 folder = Path(figures)
                 one.plot([result.table], folder)
@@ -79,6 +87,23 @@ def probe(name: str, model: nn.Module, images: torch.Tensor | np.ndarray, labels
                     one.figures(target, result.drawing, folder)
             tables.append(result.table)
     return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+
+
+def describe_keywords() -> None:
+    """Give `probe` a signature and docstring listing every probe setting as a keyword (the
+    registered probes' options included), for help() and editors; any probe registered later
+    is still read at call time."""
+    import inspect
+
+    fixed = [p for p in inspect.signature(probe, follow_wrapped=False).parameters.values()
+             if p.kind != inspect.Parameter.VAR_KEYWORD] if not hasattr(probe, "__fixed__") else probe.__fixed__
+    probe.__fixed__ = fixed
+    fields = [f for f in probe_fields() if f.in_memory]
+    probe.__signature__ = inspect.Signature(
+        fixed + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default) for f in fields],
+        return_annotation=pd.DataFrame)
+    probe.__doc__ = probe.__doc__.split("\n\n    Keywords:")[0] + "\n\n    Keywords:\n" + "\n".join(
+        f"        {f.name} (default {f.default!r}): {f.help}" for f in fields)
 
 
 def memory_target(model: nn.Module, images: torch.Tensor, preprocessing: str | Preprocessing | DataInfo = AUTO,

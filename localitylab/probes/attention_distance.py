@@ -27,8 +27,10 @@ from pydantic import field_validator
 from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances, unread_attention_layers
 from localitylab.attention.kernels import kernel, weighted_distance
 from localitylab.probes.attention_probe import AttentionProbe
-from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn, overlay
+from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn
+from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
+from localitylab.probes.settings import option
 from localitylab.settings import Settings
 
 METRICS = ("mean_distance_px", "mean_distance_frac", "mean_distance_px_raw", "uniform_distance_px", "locality_ratio",
@@ -116,8 +118,8 @@ def add_distance_rows(out: Measurements, layer: int, values: dict[str, torch.Ten
 
 # --- the probe --------------------------------------------------------------------------------
 class AttentionDistanceOptions(Settings):
-    # Query rows per block; default: ~4 MiB of logits (64 MiB on a GPU), at least 64 rows within 64 MiB.
-    query_block: int | None = None
+    query_block: int | None = option(None, "attention-distance: query rows per block; default: ~4 MiB of logits "
+                                     "(64 MiB on a GPU), at least 64 rows within 64 MiB.")
 
     @field_validator("query_block", mode="before")
     @classmethod
@@ -163,96 +165,8 @@ class AttentionDistance(AttentionProbe):
                        n_images=0)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """ViT-paper view: a dot per head against depth, and the locality ratio per layer."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
-
-        paths = plot_noise_levels(tables, out_dir)
-        frame = overlay(tables)
-        frame = None if frame is None else frame[~frame["setting"].str.startswith("t=")]
-        if frame is not None and frame.empty:
-            frame = None
-        if frame is None:
-            return paths
-        apply_style()
-        models = sorted(frame["model"].unique())
-        colours, markers = model_colours(models), model_markers(models)
-        offsets = np.linspace(-0.15, 0.15, len(models)) if len(models) > 1 else [0.0]
-        fig, (ax_dist, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for offset, model in zip(offsets, models):
-            rows = frame[frame["model"] == model]
-            heads = rows[rows["head"].notna()]
-            dist = heads[heads["metric"] == "mean_distance_px"]
-            ax_dist.scatter(dist["layer"].astype(float) + offset, dist["value"], color=colours[model],
-                            marker=markers[model], s=22, alpha=0.85, label=model)
-            uniform = rows.loc[rows["metric"] == "uniform_distance_px", "value"]
-            if len(uniform):
-                ax_dist.axhline(float(uniform.iloc[0]), color=colours[model], linestyle=":", linewidth=1)
-            ratio = heads[heads["metric"] == "locality_ratio"]
-            ax_ratio.scatter(ratio["layer"].astype(float) + offset, ratio["value"], color=colours[model],
-                             marker=markers[model], s=12, alpha=0.35)
-            whole = rows[(rows["metric"] == "locality_ratio") & rows["head"].isna()].sort_values("layer")
-            if whole.empty:  # a table from before head means were written
-                whole = ratio.groupby("layer", as_index=False)["value"].mean().assign(ci_low=np.nan, ci_high=np.nan)
-            errorbar(ax_ratio, whole["layer"].astype(float) + offset, whole, color=colours[model],
-                     marker=markers[model], label=model)
-        ax_dist.set(xlabel="layer (block)", ylabel="mean attention distance (pixels)",
-                    title="Attention distance per head")
-        ax_ratio.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax_ratio.set(xlabel="layer (block)", ylabel="distance / uniform distance",
-                     title="Locality ratio, mean over heads (bars: 95% CI)")
-        for ax in (ax_dist, ax_ratio):
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
-                       framealpha=0.8)
-        return [save_figure(fig, Path(out_dir) / "attention-distance.png"), *paths]
+        return drawings.plot_attention_distance(tables, out_dir)
 
 
-def noise_level_frame(tables: list[pd.DataFrame]) -> pd.DataFrame | None:
-    """A denoiser's locality ratio (the mean over heads, with its interval) per model, layer
-    and noise level: columns model, layer, timestep, value, ci_low, ci_high; None when no
-    table has noise levels."""
-    frame = overlay(tables, lambda f: (f["metric"] == "locality_ratio") & f["head"].isna()
-                    & f["setting"].str.match(r"^t=\d+$"))
-    if frame is None:
-        return None
-    frame = frame.assign(timestep=frame["setting"].str[2:].astype(int), layer=frame["layer"].astype(int))
-    return frame[["model", "layer", "timestep", "value", "ci_low", "ci_high"]].sort_values(["model", "layer", "timestep"])
 
 
-def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-    """Locality ratio against the noise level, one panel per layer, models overlaid."""
-    import matplotlib.pyplot as plt
-
-    from localitylab.plotting import apply_style, errorbar, model_colours, model_markers, save_figure
-
-    frame = noise_level_frame(tables)
-    if frame is None:
-        return []
-    apply_style()
-    layers = sorted(frame["layer"].unique())
-    models = sorted(frame["model"].unique())
-    colours, markers = model_colours(models), model_markers(models)
-    columns = min(len(layers), 6)
-    rows = -(-len(layers) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.6, 2.4 * rows + 0.8), squeeze=False,
-                             sharex=True, sharey=True, layout="constrained")
-    for ax, layer in zip(axes.flat, layers):
-        for model in models:
-            line = frame[(frame["model"] == model) & (frame["layer"] == layer)]
-            errorbar(ax, line["timestep"], line, color=colours[model], marker=markers[model], label=model)
-        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_title(f"layer {layer}", fontsize="small")
-    for ax in axes.flat[len(layers):]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("locality ratio")
-    for ax in axes[-1]:
-        ax.set_xlabel("timestep t (noise level)")
-    axes.flat[0].legend(fontsize="x-small", loc="best", framealpha=0.8)
-    fig.suptitle("Denoiser attention: distance / uniform distance against noise, mean over heads "
-                 "(1 = no preference; bars: 95% CI)",
-                 fontsize="medium")
-    return [save_figure(fig, Path(out_dir) / "attention-distance-noise.png")]

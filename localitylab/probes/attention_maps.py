@@ -38,9 +38,11 @@ from pydantic import field_validator
 from localitylab.attention import AttentionBlock, TokenGeometry, attention_layers, pixel_distances
 from localitylab.errors import UserError
 from localitylab.probes.attention_probe import AttentionProbe
-from localitylab.probes.base import Measurements, ProbeInputs, overlay
+from localitylab.probes.base import Measurements, ProbeInputs
+from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
+from localitylab.probes.settings import option
 from localitylab.settings import Settings
 
 FIGURE_IMAGES = 4  # images drawn per query (2 when every head is drawn)
@@ -56,11 +58,11 @@ def parse_queries(value: Any, geometry: TokenGeometry) -> list[tuple[int, int]]:
     if isinstance(value, str):
         parts = [part.split(",") for part in value.split(";")]
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        parts = [list(value)]  # --opt query=4,4 arrives as a tuple
+        parts = [list(value)]  # query=4,4 typed on a command line arrives as a tuple
     elif isinstance(value, (tuple, list)):
         parts = [list(pair) if isinstance(pair, (tuple, list)) else [pair] for pair in value]
     else:
-        raise UserError(valid)
+        raise UserError(valid, setting="query")
     queries = []
     for part in parts:
         try:
@@ -68,9 +70,9 @@ def parse_queries(value: Any, geometry: TokenGeometry) -> list[tuple[int, int]]:
                 raise ValueError
             row, col = (int(str(v).strip()) for v in part)
         except ValueError:
-            raise UserError(valid) from None
+            raise UserError(valid, setting="query") from None
         if not (0 <= row < height and 0 <= col < width):
-            raise UserError(valid)
+            raise UserError(valid, setting="query")
         if (row, col) not in queries:
             queries.append((row, col))
     return queries
@@ -88,9 +90,11 @@ def parse_flag(value: Any, name: str) -> bool:
 
 
 class AttentionMapsOptions(Settings):
-    query: Any = None  # 'row,col' pixel coordinates, ';' between several; default: the image centre
-    per_head: bool = False  # also draw every head
-    neighbourhood_px: float | None = None  # radius of the neighbourhood in pixels; default: image side / 4
+    query: Any = option(None, "attention-maps: query pixels 'row,col' (';' between several); default: the "
+                        "image centre.")
+    per_head: bool = option(False, "attention-maps: draw every head, not only their mean.")
+    neighbourhood_px: float | None = option(None, "attention-maps: radius of the neighbourhood in pixels; "
+                                            "default: image side / 4.")
 
     @field_validator("neighbourhood_px", mode="before")
     @classmethod
@@ -218,42 +222,10 @@ class AttentionMaps(AttentionProbe):
         return QueryMaps(queries, maps, _what_the_model_sees(target, inputs.images[:keep]), inputs.options.per_head)
 
     def figures(self, target: ProbeTarget, drawing: QueryMaps, out_dir: Path) -> list[Path]:
-        geometry = target.geometry
-        paths = []
-        for q, (row, col) in enumerate(drawing.queries):
-            stem = f"attention-maps-q{row}-{col}"
-            maps = drawing.maps[:, :, :, q]
-            paths.append(_draw(maps.mean(dim=2, keepdim=True), drawing.pictures, (row, col), geometry,
-                               target.display_name, Path(out_dir) / f"{stem}.png", head_labels=None))
-            if drawing.per_head:
-                few = min(2, len(maps))
-                paths.append(_draw(maps[:few], drawing.pictures[:few], (row, col), geometry, target.display_name,
-                                   Path(out_dir) / f"{stem}-heads.png", head_labels=list(range(maps.shape[2]))))
-        return paths
+        return drawings.attention_maps_figures(target, drawing, out_dir)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """Attended distance (head mean) of each query against depth, models overlaid."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, errorbar, model_colours, save_figure
-
-        frame = overlay(tables, lambda f: (f["metric"] == "query_distance_px") & f["head"].isna())
-        if frame is None:
-            return []
-        apply_style()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        colours = model_colours(frame["model"])
-        styles = ["-", "--", ":", "-."]
-        for (model, setting), rows in frame.groupby(["model", "setting"], sort=True):
-            style = styles[sorted(frame["setting"].unique()).index(setting) % len(styles)]
-            rows = rows.sort_values("layer")
-            errorbar(ax, rows["layer"], rows, color=colours[model], linestyle=style, marker="o",
-                     label=f"{model}, {setting}")
-        ax.set(xlabel="layer (block)", ylabel="attended distance (pixels)",
-               title="Attention distance of the query (bars: 95% CI)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize="small")
-        return [save_figure(fig, Path(out_dir) / "attention-maps-distance.png")]
+        return drawings.plot_attention_maps(tables, out_dir)
 
 
 def _what_the_model_sees(target: ProbeTarget, images: torch.Tensor) -> np.ndarray:
@@ -266,38 +238,3 @@ def _what_the_model_sees(target: ProbeTarget, images: torch.Tensor) -> np.ndarra
     return pictures.transpose(0, 2, 3, 1) if pictures.shape[1] == 3 else pictures[:, 0]
 
 
-def _draw(maps: torch.Tensor, pictures: np.ndarray, query: tuple[int, int], geometry: TokenGeometry,
-          model_name: str, path: Path, head_labels: list[int] | None) -> Path:
-    """maps: (images, layers, heads, grid_h, grid_w); one row per image and head."""
-    import matplotlib.pyplot as plt
-
-    from localitylab.plotting import apply_style, save_figure
-
-    apply_style()
-    n_images, n_layers, n_heads = maps.shape[:3]
-    height, width = geometry.image_shape
-    extent = (0, width, height, 0)
-    n_rows = n_images * n_heads
-    fig, axes = plt.subplots(n_rows, n_layers + 1, figsize=(1.7 * (n_layers + 1), 1.7 * n_rows + 0.4), squeeze=False)
-    grey = pictures.ndim == 3
-    for image in range(n_images):
-        for head in range(n_heads):
-            axes_row = axes[image * n_heads + head]
-            axes_row[0].imshow(pictures[image], cmap="gray" if grey else None, extent=extent)
-            label = f"image {image}" + (f"\nhead {head_labels[head]}" if head_labels is not None else "")
-            axes_row[0].set_ylabel(label, fontsize="small")
-            for layer in range(n_layers):
-                ax = axes_row[layer + 1]
-                ax.imshow(pictures[image], cmap="gray" if grey else None, extent=extent)
-                ax.imshow(maps[image, layer, head].numpy(), cmap="inferno", alpha=0.65, extent=extent,
-                          interpolation="nearest")
-                if image == 0 and head == 0:
-                    ax.set_title(f"layer {layer}", fontsize="small")
-            for ax in axes_row:
-                ax.plot(query[1] + 0.5, query[0] + 0.5, marker="x", color="cyan", markersize=7, mew=2)
-                ax.set_xticks([])
-                ax.set_yticks([])
-    axes[0][0].set_title("input", fontsize="small")
-    what = "per head" if head_labels is not None else "mean over heads"
-    fig.suptitle(f"{model_name}: attention of pixel ({query[0]}, {query[1]}), {what}", fontsize="medium")
-    return save_figure(fig, path)

@@ -32,9 +32,11 @@ import torch
 
 from pydantic import ValidationInfo, field_validator
 
-from localitylab.probes.base import Measurements, Probe, ProbeInputs, overlay
+from localitylab.probes.base import Measurements, Probe, ProbeInputs
+from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
+from localitylab.probes.settings import option
 from localitylab.settings import Settings
 
 DEFAULT_MASK_DRAWS = 3
@@ -80,15 +82,17 @@ def build_target_mae(target: ProbeTarget, mask_ratio: float | None = None):
 
 
 class MaeReconstructionOptions(Settings):
-    mask_draws: int = DEFAULT_MASK_DRAWS  # independent sets of masks, seeds seed, seed+1, ...
-    mask_ratio: float | None = None  # default: the ratio the model was trained with
-    figure_images: int = DEFAULT_FIGURE_IMAGES  # images in the figure
+    mask_draws: int = option(DEFAULT_MASK_DRAWS, "mae-reconstruction: independent sets of masks (seeds seed, "
+                             "seed+1, ...).")
+    mask_ratio: float | None = option(None, "mae-reconstruction: share of tokens masked (default: the ratio the "
+                                      "model was trained with).")
+    figure_images: int = option(DEFAULT_FIGURE_IMAGES, "mae-reconstruction: images in the figure.")
 
     @field_validator("mask_draws", "figure_images", mode="before")
     @classmethod
     def _whole(cls, value: Any, info: ValidationInfo) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--opt {info.field_name} must be a whole number >= 1, got {value!r}")
+            raise ValueError(f"{info.field_name} must be a whole number >= 1, got {value!r}")
         return value
 
     @field_validator("mask_ratio", mode="before")
@@ -97,7 +101,7 @@ class MaeReconstructionOptions(Settings):
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"--opt mask_ratio must be a number strictly between 0 and 1, got {value!r}")
+            raise ValueError(f"mask_ratio must be a number strictly between 0 and 1, got {value!r}")
         return float(value)
 
 
@@ -119,7 +123,7 @@ def reconstruction_errors(mae, inputs: ProbeInputs, seed: int) -> tuple[torch.Te
 
 
 @dataclass
-class Reconstruction:
+class ReconstructionPanels:
     """What the figure draws: masked input, reconstruction and original, in pixel space."""
 
     panels: list[torch.Tensor]  # three (n, 3, H, W) tensors in [0, 1]
@@ -140,7 +144,7 @@ class MaeReconstruction(Probe):
     def not_applicable(self, target: ProbeTarget) -> str | None:
         return super().not_applicable(target) or mae_reason(target)
 
-    def measure(self, inputs: ProbeInputs, out: Measurements) -> Reconstruction:
+    def measure(self, inputs: ProbeInputs, out: Measurements) -> ReconstructionPanels:
         from localitylab.models.mae import mask_ratio_note
 
         target, options = inputs.target, inputs.options
@@ -173,7 +177,7 @@ class MaeReconstruction(Probe):
         return self.reconstruction(inputs, mae)
 
     @staticmethod
-    def reconstruction(inputs: ProbeInputs, mae) -> Reconstruction:
+    def reconstruction(inputs: ProbeInputs, mae) -> ReconstructionPanels:
         """Masked input, reconstruction and original of the first few probe images, in pixel space."""
         from localitylab.data.permutation import invert_permutation, permute_pixels
 
@@ -197,50 +201,10 @@ class MaeReconstruction(Probe):
         if unpermuted:
             inverse = invert_permutation(target.data.permutation.to(prepared.device))
             panels = [permute_pixels(panel, inverse) for panel in panels]
-        return Reconstruction([panel.cpu() for panel in panels], mae.mask_ratio, inputs.seed, unpermuted)
+        return ReconstructionPanels([panel.cpu() for panel in panels], mae.mask_ratio, inputs.seed, unpermuted)
 
-    def figures(self, target: ProbeTarget, drawing: Reconstruction, out_dir: Path) -> list[Path]:
-        """Masked input, reconstruction and original for the first few probe images."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, save_figure
-
-        labels = ("masked input", "reconstruction", "original")
-        count = len(drawing.panels[0])
-        apply_style()
-        size = 1.3
-        fig, axes = plt.subplots(3, count, figsize=(size * count + 1.4, size * 3 + 0.6), squeeze=False,
-                                 gridspec_kw={"wspace": 0.04, "hspace": 0.04})
-        for row, (label, panel) in enumerate(zip(labels, drawing.panels)):
-            for col in range(count):
-                ax = axes[row][col]
-                ax.imshow(panel[col].permute(1, 2, 0).numpy(), interpolation="nearest", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.grid(False)
-                if col == 0:
-                    ax.set_ylabel(label, fontsize="small")
-        title = (f"{target.display_name}: MAE reconstruction, {round(drawing.mask_ratio * 100):g}% of tokens masked "
-                 f"(seed {drawing.seed})")
-        if drawing.unpermuted:
-            title += ", shown un-permuted"
-        fig.suptitle(title, fontsize="medium")
-        return [save_figure(fig, Path(out_dir) / "mae-reconstruction.png")]
+    def figures(self, target: ProbeTarget, drawing: ReconstructionPanels, out_dir: Path) -> list[Path]:
+        return drawings.mae_reconstruction_figures(target, drawing, out_dir)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """relative_mse (averaged over mask draws) per model."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
-
-        frame = overlay(tables, lambda f: (f["metric"] == "relative_mse") & ~f["setting"].astype(str).str.contains("-seed-"))
-        if frame is None:
-            return []
-        apply_style()
-        fig, ax = plt.subplots(figsize=(5.5, 1.2 + 0.45 * frame["model"].nunique()))
-        grouped_bars(ax, frame, "metric", ["relative_mse"], model_colours(frame["model"]), horizontal=True)
-        ax.legend(fontsize="small")
-        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set(xlabel="masked-token MSE / MSE of the mean colour (lower is better)", ylabel="",
-               title="MAE reconstruction of masked tokens (bars: 95% CI)")
-        return [save_figure(fig, Path(out_dir) / "mae-reconstruction-relative-mse.png")]
+        return drawings.plot_mae_reconstruction(tables, out_dir)

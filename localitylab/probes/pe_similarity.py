@@ -36,7 +36,8 @@ import torch
 
 from localitylab.attention import TokenGeometry
 from localitylab.models.pos_embed import sincos_2d
-from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn, overlay
+from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
+from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
 from localitylab.probes.target import ProbeTarget
 
@@ -185,51 +186,7 @@ class PeSimilarity(Probe):
         return table
 
     def figures(self, target: ProbeTarget, table: torch.Tensor, out_dir: Path) -> list[Path]:
-        """The ViT paper's cosine-similarity maps for a grid of reference tokens."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, save_figure
-
-        unit = _unit_rows(table)
-        grid_h, grid_w = target.geometry.grid
-        ref_rows = np.unique(np.linspace(0, grid_h - 1, min(REFERENCES_PER_SIDE, grid_h)).round().astype(int))
-        ref_cols = np.unique(np.linspace(0, grid_w - 1, min(REFERENCES_PER_SIDE, grid_w)).round().astype(int))
-        apply_style()
-        fig, axes = plt.subplots(len(ref_rows), len(ref_cols), figsize=(1.1 * len(ref_cols) + 1.2, 1.1 * len(ref_rows)),
-                                 squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
-        image = None
-        for a, row in enumerate(ref_rows):
-            for b, col in enumerate(ref_cols):
-                similarity = (unit @ unit[row * grid_w + col]).reshape(grid_h, grid_w).numpy()
-                ax = axes[a][b]
-                image = ax.imshow(similarity, vmin=-1, vmax=1, cmap="viridis", interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if a == len(ref_rows) - 1:
-                    ax.set_xlabel(str(col), fontsize="x-small")
-                if b == 0:
-                    ax.set_ylabel(str(row), fontsize="x-small")
-        fig.supxlabel("reference token column", fontsize="small")
-        fig.supylabel("reference token row", fontsize="small")
-        fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-        fig.suptitle(f"{target.display_name}: position embedding similarity", fontsize="medium")
-        return [save_figure(fig, Path(out_dir) / "pe-similarity.png")]
+        return drawings.pe_similarity_figures(target, _unit_rows(table), out_dir)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
-        """The three scores side by side, one bar per model (bars: the spread over seeds where
-        a report combines several; a single model's scores have no interval)."""
-        import matplotlib.pyplot as plt
-
-        from localitylab.plotting import apply_style, grouped_bars, model_colours, save_figure
-
-        frame = overlay(tables, lambda f: f["metric"].isin(METRICS))
-        if frame is None:
-            return []
-        apply_style()
-        fig, ax = plt.subplots(figsize=(2 + 1.6 * len(METRICS), 3.8))
-        grouped_bars(ax, frame, "metric", list(METRICS), model_colours(frame["model"]))
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set(xlabel="", ylabel="score (1 = the grid, 0 = none)", title="Position embedding vs the 2-D grid",
-               ylim=(min(-0.1, float(frame["value"].min()) - 0.05), 1.05))
-        ax.legend(fontsize="small")
-        return [save_figure(fig, Path(out_dir) / "pe-similarity-metrics.png")]
+        return drawings.plot_pe_similarity(tables, out_dir, METRICS)

@@ -18,7 +18,17 @@ def register_probe(cls: type[Probe]) -> type[Probe]:
     if not cls.name or cls.name in _PROBES:
         raise ValueError(f"probe name {cls.name!r} missing or registered twice")
     _PROBES[cls.name] = cls()
+    _describe_keywords()
     return cls
+
+
+def _describe_keywords() -> None:
+    """Keep `localitylab.probe`'s listed keywords in step with the registry (once its module is loaded)."""
+    import sys
+
+    api = sys.modules.get("localitylab.probes.api")
+    if api is not None and hasattr(api, "describe_keywords"):
+        api.describe_keywords()
 
 
 def get_probe(name: str) -> Probe:

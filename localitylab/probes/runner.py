@@ -3,7 +3,7 @@
 For each probe: `<out>/<probe>.csv` (and `.parquet` where pyarrow is installed), its
 figures beside it, and an entry in `<out>/meta.json` recording the model spec, data, seed,
 versions, the command and the code's git commit. `<out>` is `<run folder>/probes/` for a
-checkpoint, or `--out DIR`.
+checkpoint, or the request's `out`.
 """
 
 from __future__ import annotations
@@ -23,19 +23,25 @@ from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
 from localitylab.probes.registry import get_probe, probe_names
-from localitylab.probes.target import ProbeTarget, check_timesteps, load_target, select_images
+from localitylab.probes.settings import ProbeRun, ProbeSettings, parse_probe_settings
+from localitylab.probes.sources import load_target, select_images
+from localitylab.probes.target import ProbeTarget, check_timesteps
 
 
 @dataclass
 class ProbeRequest:
+    """One model to probe and how. The probe settings (`n_images`, `batch_size`, `device`,
+    `seed`, `timesteps` and the probes' `options`) left None take ProbeSettings' defaults and
+    the probes' own (localitylab/probes/settings.py)."""
+
     source: str
     data: str | None = None
     data_dir: str | None = None
     img_size: int | None = None
     n_images: int | None = None  # None: each probe's own default (`Probe.default_images`)
-    batch_size: int = 64
-    device: str = "auto"
-    seed: int = 0
+    batch_size: int | None = None
+    device: str | None = None
+    seed: int | None = None
     out: Path | None = None
     model_kw: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
@@ -44,6 +50,11 @@ class ProbeRequest:
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # shown after the model's name in the tables ('<model> (<label>)'), as a run folder is
     timesteps: list[int] | None = None  # a denoiser's noise levels (None: its defaults)
+
+    def settings_for(self, probes: list) -> ProbeRun:
+        """The checked settings of every probe; a bad value is a UserError naming it (no model needed)."""
+        given = {name: getattr(self, name) for name in ProbeSettings.model_fields if getattr(self, name) is not None}
+        return parse_probe_settings(probes, {**self.options, **given})
 
 
 @dataclass
@@ -60,58 +71,47 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
     if names == ["all"]:
         names = probe_names()
     probes = [get_probe(name) for name in names]
-    options = check_probe_options(probes, request.options)
+    run = request.settings_for(probes)
+    settings = run.settings
     if request.out is not None:
         check_folder(request.out)
-    if request.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {request.batch_size}")
-    if request.n_images is not None and request.n_images < 1:
-        raise UserError(f"--images must be at least 1, got {request.n_images}")
     data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
-                               img_size=request.img_size, seed=request.seed)
-    target, dataset = load_target(request.source, request.device, request.data, data_options, request.model_kw,
-                                  request.weights, request.pos_embed, request.seed, request.pretrained)
-    counts = [request.n_images if request.n_images is not None else probe.images_for(len(dataset.test_images))
+                               img_size=request.img_size, seed=settings.seed)
+    target, dataset = load_target(request.source, settings.device, request.data, data_options, request.model_kw,
+                                  request.weights, request.pos_embed, settings.seed, request.pretrained)
+    counts = [settings.n_images if settings.n_images is not None else probe.images_for(len(dataset.test_images))
               for probe in probes]
     # One seeded order of the test split: each probe's images are its first `count` (nested sets).
-    images, labels = select_images(dataset, max(counts), request.seed)
+    images, labels = select_images(dataset, max(counts), settings.seed)
     images = target.model_images(images)  # a model with its own pipeline: resized as its weights expect
     if request.label:
         target.display_name = f"{target.display_name} ({request.label})"
-    check_timesteps(target, request.timesteps)
-    for probe, parsed in zip(probes, options):  # every option is checked before anything is written
+    check_timesteps(target, settings.timesteps)
+    for probe, parsed in zip(probes, run.options):  # every option is checked before anything is written
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
     out_dir = make_folder(Path(request.out) if request.out is not None else target.default_out_dir())
-    outputs = []
-    for probe, parsed, count in zip(probes, options, counts):
-        started = time.perf_counter()
-        result = probe.run(target, images[:count], labels[:count], parsed, request.batch_size, request.seed,
-                           request.timesteps)
-        csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
-        figures = probe.plot([result.table], out_dir)
-        model_figures = []
-        if result.level_drawings:  # a denoiser's figures: one folder per noise level
-            for timestep, drawing in result.level_drawings.items():
-                model_figures += probe.figures(target, drawing, out_dir / f"t{timestep}")  # made when written
-        elif result.applies:
-            model_figures = probe.figures(target, result.drawing, out_dir)
-        seconds = time.perf_counter() - started
-        record_meta(out_dir, probe.name, target, dataset.name, request, min(count, len(images)), seconds,
-                    [str(p.relative_to(out_dir)) for p in model_figures], list(result.level_drawings) or None)
-        outputs.append(ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds))
-    return outputs
+    return [_run_one(probe, parsed, count, target, images, labels, run, dataset.name, out_dir)
+            for probe, parsed, count in zip(probes, run.options, counts)]
 
 
-def check_probe_options(probes, options: dict[str, Any]) -> list:
-    """Each probe's typed options from one dict of them; an unknown name or a value a probe
-    cannot use is a UserError (no model needed)."""
-    known = {name for probe in probes for name in probe.option_names()}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        valid = ", ".join(sorted(known)) or "none"
-        raise UserError(f"unknown probe option {unknown[0]!r} for {', '.join(p.name for p in probes)}; valid: {valid}")
-    return [probe.parse_options({k: v for k, v in options.items() if k in probe.option_names()}) for probe in probes]
+def _run_one(probe, parsed, count: int, target: ProbeTarget, images: torch.Tensor, labels: torch.Tensor,
+             run: ProbeRun, data_name: str, out_dir: Path) -> ProbeOutput:
+    """One probe's table, figures and meta.json entry."""
+    started = time.perf_counter()
+    result = probe.run(target, images[:count], labels[:count], parsed, settings=run.settings)
+    csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
+    figures = probe.plot([result.table], out_dir)
+    model_figures = []
+    if result.level_drawings:  # a denoiser's figures: one folder per noise level
+        for timestep, drawing in result.level_drawings.items():
+            model_figures += probe.figures(target, drawing, out_dir / f"t{timestep}")  # made when written
+    elif result.applies:
+        model_figures = probe.figures(target, result.drawing, out_dir)
+    seconds = time.perf_counter() - started
+    record_meta(out_dir, probe.name, target, data_name, run, min(count, len(images)), seconds,
+                [str(p.relative_to(out_dir)) for p in model_figures], list(result.level_drawings) or None)
+    return ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds)
 
 
 def write_table(table: pd.DataFrame, path: Path) -> Path:
@@ -153,7 +153,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 NUMERIC_COLUMNS = ("value", "ci_low", "ci_high", "layer", "head", "n_images")
 
 
-def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, request: ProbeRequest,
+def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, run: ProbeRun,
                 n_images: int, seconds: float, artifacts: list[str] | None = None,
                 timesteps: list[int] | None = None) -> Path:
     from localitylab.train.checkpoint import versions
@@ -177,10 +177,10 @@ def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, 
     })
     probes = meta.setdefault("probes", {})
     probes[probe] = {
-        "data": data_name, "split": "test", "n_images": n_images, "images_requested": request.n_images,
-        "seed": request.seed,
+        "data": data_name, "split": "test", "n_images": n_images, "images_requested": run.settings.n_images,
+        "seed": run.settings.seed,
         "timesteps": timesteps,  # the noise levels a denoiser was measured at; None otherwise
-        "batch_size": request.batch_size, "options": request.options, "device": str(target.device),
+        "batch_size": run.settings.batch_size, "options": run.given, "device": str(target.device),
         "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
         "versions": versions(), **code_version(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

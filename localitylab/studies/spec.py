@@ -47,7 +47,10 @@ from localitylab.train.config import STUDY_SETTINGS, TrainConfig
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 STUDY_KEYS = {"name", "title", "description", "dataset", "seeds", "permute_pixels", "gpu_hours", "notes"}
-PROBE_KEYS = {"run", "images", "batch_size", "options"}
+# [probes] keys: run and options, and every probe setting (localitylab/probes/settings.py; `probe_keys`).
+PROBE_TABLE_KEYS = {"run", "options"}
+PROBE_KEY_NAMES = {"n_images": "images"}  # a setting whose study key is not its name
+RUNNER_SETTINGS = ("device", "seed")  # set by the study runner, not the file
 SAMPLE_KEYS = {"n", "guidance", "steps", "sampler", "batch_size", "classifier", "inception_weights"}
 EXPECT_KEYS = {"model", "metric", "published", "setting", "source", "probe", "layer", "heads"}
 SCALE_KEYS = {"dataset", "models", "recipe", "probes", "samples", "seeds", "description"}
@@ -81,8 +84,8 @@ class Study:
     recipe: dict[str, Any]
     models: list[StudyModel]
     probes: list[str]
-    probe_images: int
-    probe_batch_size: int
+    probe_images: int | None  # None: each probe's own default
+    probe_batch_size: int | None  # None: ProbeSettings' default
     probe_options: dict[str, Any]
     expect: list[dict[str, Any]]
     gpu_hours: float | None = None
@@ -193,8 +196,8 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         path=path, name=safe_name(str(study["name"])), title=str(data.get("report", {}).get("title", study.get("title", study["name"]))),
         description=str(study.get("description", "")), dataset=dataset, seeds=seeds,
         permute_pixels=study.get("permute_pixels"), recipe=dict(data.get("recipe", {})), models=models,
-        probes=probes, probe_images=int(probes_raw.get("images", 128)),
-        probe_batch_size=int(probes_raw.get("batch_size", 64)), probe_options=dict(probes_raw.get("options", {})),
+        probes=probes, probe_images=probes_raw.get("images"), probe_batch_size=probes_raw.get("batch_size"),
+        probe_options=_probe_options(probes_raw),
         expect=[dict(e) for e in expect], gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")),
         scale=scale, scales=list(data.get("scale", {})), scale_recipe=scale_recipe, model_map=model_map,
         samples=samples,
@@ -280,7 +283,7 @@ def _scaled(data: dict[str, Any], scale: str | None, path: Path,
     name or a table of the name and its settings (checked with the layout)."""
     dataset, model_map, scale_recipe = data["study"]["dataset"], {}, {}
     probes_raw = dict(data.get("probes", {}))
-    _check_keys(probes_raw, PROBE_KEYS, "[probes]", locator, "probes")
+    _check_keys(probes_raw, probe_keys(), "[probes]", locator, "probes")
     if scale is None:
         return dataset, model_map, scale_recipe, probes_raw
     scales = data.get("scale", {})
@@ -289,7 +292,7 @@ def _scaled(data: dict[str, Any], scale: str | None, path: Path,
         raise UserError(f"{path}: unknown scale {scale!r}; valid: {valid}")
     chosen = scales[scale]
     _check_keys(chosen.get("recipe", {}), STUDY_SETTINGS, f"[scale.{scale}] recipe", locator, f"scale.{scale}")
-    _check_keys(chosen.get("probes", {}), PROBE_KEYS, f"[scale.{scale}] probes", locator, f"scale.{scale}")
+    _check_keys(chosen.get("probes", {}), probe_keys(), f"[scale.{scale}] probes", locator, f"scale.{scale}")
     probes_raw.update(chosen.get("probes", {}))
     # "" in models leaves a model out at this scale
     return chosen.get("dataset", dataset), dict(chosen.get("models", {})), dict(chosen.get("recipe", {})), probes_raw
@@ -350,17 +353,30 @@ def _study_models(entries: list[Any], substitutes: dict[str, str | dict[str, Any
     return models
 
 
+def probe_keys() -> set[str]:
+    """The keys of a [probes] table: run, options and every probe setting but the runner's,
+    from the probes' settings (so a new probe option is a key with no edit here)."""
+    from localitylab.probes.settings import probe_fields
+
+    return PROBE_TABLE_KEYS | {PROBE_KEY_NAMES.get(field.name, field.name) for field in probe_fields()
+                               if field.name not in RUNNER_SETTINGS}
+
+
+def _probe_options(probes_raw: dict[str, Any]) -> dict[str, Any]:
+    """The probe settings of [probes] other than images and batch_size, by Python name:
+    options = {...} and the settings given as keys of their own."""
+    own = {key: value for key, value in probes_raw.items()
+           if key not in PROBE_TABLE_KEYS and key not in ("images", "batch_size")}
+    return {**dict(probes_raw.get("options", {})), **own}
+
+
 def _probe_names(probes_raw: dict[str, Any], locator: _Locator) -> list[str]:
-    """[probes] run, checked with images, batch_size and options."""
+    """[probes] run, with the form of options (the values are checked with the probes' settings)."""
     probes = probes_raw.get("run", ["all"])
     if isinstance(probes, str):
         probes = [probes]
     if not isinstance(probes, list) or not probes or not all(isinstance(p, str) for p in probes):
         raise locator.error(f"[probes] run must be a probe name or a list of them, got {probes!r}", "run", "probes")
-    for key in ("images", "batch_size"):
-        value = probes_raw.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise locator.error(f"[probes] {key} must be a whole number >= 1, got {value!r}", key, "probes")
     if not isinstance(probes_raw.get("options", {}), dict):
         raise locator.error(f"[probes] options must be a table (options = {{ key = value }}), "
                             f"got {probes_raw['options']!r}", "options", "probes")
@@ -414,13 +430,19 @@ def _validate_values(study: Study, locator: _Locator) -> None:
         if name != "all" and name not in probe_names():
             raise locator.error(f"unknown probe {name!r}; valid: {', '.join(probe_names())}, all", "run", "probes")
     from localitylab.probes.registry import get_probe
-    from localitylab.probes.runner import check_probe_options
+    from localitylab.probes.settings import parse_probe_settings
 
     chosen = probe_names() if "all" in study.probes else study.probes
+    given = {"n_images": study.probe_images, "batch_size": study.probe_batch_size}
     try:
-        check_probe_options([get_probe(name) for name in chosen], study.probe_options)
+        parse_probe_settings([get_probe(name) for name in chosen],
+                             {**study.probe_options, **{k: v for k, v in given.items() if v is not None}})
     except UserError as err:
-        raise locator.error(f"[probes] options: {err}", "options", "probes") from None
+        key = next(iter(err.settings), None)
+        key = PROBE_KEY_NAMES.get(key, key)
+        where = key if key and locator.line(key, "probes") else "options"  # its own line, or options = {...}
+        message = str(err).replace("n_images", "images")  # the file's name for it
+        raise locator.error(f"[probes] {message}", where, "probes") from None
 
 
 def diffusion_labels(study: Study) -> set[str]:
