@@ -310,6 +310,64 @@ def test_the_fused_kernel_matches_brute_force(prefix, tile):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("prefix,tile", [(0, 7), (1, 64), (5, 300)])
+def test_the_fused_kernel_on_two_threads_equals_itself_on_one_and_brute_force(prefix, tile):
+    """Built with OpenMP, the kernel spreads its (image, head, query tile) items over the
+    intra-op threads, each thread with its own scratch: on 2 threads every answer is the
+    1-thread answer bit for bit (no item is split, so no sum changes order) and brute force's."""
+    from localitylab.attention import fused
+
+    if not fused.load():
+        pytest.skip("the fused kernel did not build on this machine")
+    generator = torch.Generator().manual_seed(prefix)
+    rows, keys = 45, 600 + prefix
+    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
+    k = torch.randn(2, 3, keys, 16, generator=generator)
+    v = torch.randn(2, 3, keys, 24, generator=generator)
+    query_centres, key_centres = torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
+        torch.set_num_threads(2)
+        two = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
+    finally:
+        torch.set_num_threads(threads)
+    expected = brute_force_rows(q, k, v, 0.3, prefix, query_centres, key_centres)
+    for name, a, b, c in zip(fused.RowSums._fields, two, one, expected):
+        assert torch.equal(a, b), name
+        if name != "prefix_lse" or prefix:
+            torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * c.abs().max().item(), msg=name)
+
+
+def test_the_kernel_is_built_per_torch_version_instruction_set_and_source(monkeypatch):
+    """The built library's name (its build folder) changes with the torch version, the ISA and
+    the source, so a library built against another torch is never reused; a torch outside the
+    tested releases is not built against at all: the torch path, said once."""
+    import warnings
+
+    from localitylab.attention import fused
+
+    source = fused.SOURCE.read_bytes()
+    name = fused.build_name(torch.__version__, "AVX512", source)
+    assert name == fused.build_name(torch.__version__, "AVX512", source)
+    others = {fused.build_name("2.15.0", "AVX512", source), fused.build_name(torch.__version__, "AVX2", source),
+              fused.build_name(torch.__version__, "AVX512", source + b"// changed")}
+    assert name not in others and len(others) == 3
+    assert name.isidentifier()
+    assert fused.tested_torch(torch.__version__)
+    assert not fused.tested_torch("2.13.0") and not fused.tested_torch("3.0.0+cpu")
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    fused.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert fused.load() is False
+        assert ["built only for torch 2.14 (this is torch 2.99.0)" in str(w.message) for w in caught] == [True]
+    finally:
+        fused.load.cache_clear()
+
+
 def test_the_fused_kernel_answers_only_what_it_computes(monkeypatch):
     """Masks, causal attention, float64 and GPUs go to the torch path; so does everything
     with LOCALITYLAB_FUSED_ATTENTION=off."""
