@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from localitylab.attention import fused
 from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, adapter_for
 from localitylab.attention.geometry import TokenGeometry
-from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
+from localitylab.attention.compiled import compiled, grid_pieces, keep_block_memory
 from localitylab.errors import UserError
 
 # The default query block holds this many attention logits (rows of the call x heads x
@@ -178,7 +178,11 @@ def _find_attention_modules(model: nn.Module) -> list[AttentionLayer | UnreadLay
         if inside is not None and name.startswith(inside + "."):
             continue
         adapter = adapter_for(module, model, name)
-        if adapter is not None:
+        refusal = adapter.refusal() if adapter is not None else ""
+        if refusal:  # the adapter's copy of a timm forward is not the installed timm's: not read, and why
+            found.append(UnreadLayer(len(found), name, module, refusal))
+            inside = name
+        elif adapter is not None:
             found.append(AttentionLayer(len(found), name, module, adapter))
             inside = name
         elif looks_like_attention(module) and not any(
@@ -205,11 +209,11 @@ def default_query_block(rows: int, heads: int, keys: int, device: torch.device |
 def softmax_pieces(layer: int, logits: torch.Tensor, where: CallGeometry, rows: torch.Tensor,
                    values: torch.Tensor | None = None) -> tuple[AttentionBlock, torch.Tensor | None]:
     """An `AttentionBlock` from one block of logits (one exponential per grid logit, in the
-    fused passes of `kernels.grid_pieces`) and, given the call's grid `values`, the block's
+    passes of `compiled.grid_pieces`) and, given the call's grid `values`, the block's
     weights @ values, the numerator of its rows of the output."""
     prefix = where.num_prefix_keys
     grid = logits[..., prefix:]
-    weights, grid_max, total, weighted = kernel(grid_pieces, grid.shape[-1])(grid)
+    weights, grid_max, total, weighted = compiled(grid_pieces, grid.shape[-1])(grid)
     numerator = weights @ values if values is not None else None
     prefix_lse = logits[..., :prefix].logsumexp(dim=-1) if prefix else None
     return AttentionBlock(layer, logits, weights, total, grid_max, weighted, prefix_lse, rows, where), numerator
