@@ -583,11 +583,11 @@ def test_plot_overlays_several_tables(targets, digits_images, tmp_path):
     assert result.returncode == 0 and (tmp_path / "cli" / "attention-distance.png").is_file(), result.stderr
 
 
-def test_compiled_kernels_agree_with_the_eager_ones(monkeypatch):
-    """Long sequences reduce their blocks with torch.compile'd kernels (`attention.kernels`):
+def test_compiled_reductions_agree_with_the_eager_ones(monkeypatch):
+    """Long sequences reduce their blocks with torch.compile'd functions (`attention.compiled`):
     the same numbers as the eager functions, masked keys included."""
-    from localitylab.attention import kernels
-    from localitylab.attention.kernels import grid_pieces, kernel, weighted_distance
+    from localitylab.attention import compiled as compiled_module
+    from localitylab.attention.compiled import compiled, grid_pieces, weighted_distance
 
     monkeypatch.setenv("LOCALITYLAB_COMPILE_ATTENTION", "on")
     generator = torch.Generator().manual_seed(0)
@@ -595,12 +595,12 @@ def test_compiled_kernels_agree_with_the_eager_ones(monkeypatch):
     logits[0, 1, 2, :7] = float("-inf")  # masked keys
     centres = torch.rand(5, 2, generator=generator) * 8, torch.rand(40, 2, generator=generator) * 8
     eager = grid_pieces(logits)
-    compiled = kernel(grid_pieces, 40)(logits)
-    for a, b in zip(eager, compiled):
+    found = compiled(grid_pieces, 40)(logits)
+    for a, b in zip(eager, found):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(kernel(weighted_distance, 40)(eager[0], *centres), weighted_distance(eager[0], *centres),
+    torch.testing.assert_close(compiled(weighted_distance, 40)(eager[0], *centres), weighted_distance(eager[0], *centres),
                                rtol=1e-5, atol=1e-5)
-    assert kernels._compiled["grid_pieces"] is not None  # compiled, not the eager fallback
+    assert compiled_module._COMPILED["grid_pieces"] is not None  # compiled, not the eager fallback
 
 
 MAPPED_WHILE_ALIVE = """
