@@ -228,6 +228,16 @@ def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, 
         raise UserError("attention probes read a model in eval mode; this attention call applies dropout")
     keys, values = call.keys_and_values()
     batch, heads, num_queries, _ = call.q.shape
+    if (not needs_weights and len(rows) and 2 * len(rows) >= num_queries
+            and fused.applies(call.q, call.attn_mask, call.is_causal)):
+        # Every query row through the kernel (the few rows not read, prefix queries, cost less
+        # there than a gather, a scatter and an SDPA call of their own); the rows read consumed.
+        sums = fused.attention_rows(call.q, keys, values, call.scale_factor, where.num_prefix_keys,
+                                    where.query_centres, where.key_centres, query_block)
+        grid_max, total, shifted, distance, prefix_lse = (part[..., rows] for part in sums[1:])
+        consume(AttentionBlock(layer, None, None, total, grid_max.unsqueeze(-1), shifted,
+                               prefix_lse if where.num_prefix_keys else None, rows, where, distance))
+        return sums.out
     out = call.q.new_empty(batch, heads, num_queries, values.shape[-1])
     dtype = call.q.dtype if call.q.dtype in (torch.float32, torch.float64) else torch.float32
     read = torch.zeros(num_queries, dtype=torch.bool, device=call.q.device)
@@ -243,7 +253,7 @@ def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, 
             out[..., others, :] = original(call.q[..., others, :], call.k, call.v, attn_mask=mask,
                                            scale=call.scale, enable_gqa=call.enable_gqa)
     prefix = where.num_prefix_keys
-    if not needs_weights and len(rows) and fused.applies(call.q, call.attn_mask, call.is_causal):
+    if not needs_weights and len(rows) and fused.applies(call.q, call.attn_mask, call.is_causal):  # a few rows read
         sums = fused.attention_rows(call.q[..., rows, :], keys, values, call.scale_factor, prefix,
                                     where.query_centres[rows], where.key_centres, query_block)
         out[..., rows, :] = sums.out
