@@ -24,8 +24,11 @@ reader answers it, and where the call's rows and keys sit on the image:
 
 Modules that attend across channels or otherwise have no token-to-token softmax are named
 in `WHY_UNREAD`, so the probes say why they do not apply. Every adapter matches a module by
-its exact forward (see `adapters.py`); the tests compare each with the attention
-materialised independently and check the model's output is unchanged.
+its exact forward (see `adapters.py`), is registered only where this timm has the classes it
+`requires`, and one that runs a copy of a timm forward names it in `copies` with the
+fingerprint of the source it was written for (a changed timm is refused, not read); the
+tests compare each with the attention materialised independently and check the model's
+output is unchanged.
 """
 
 from __future__ import annotations
