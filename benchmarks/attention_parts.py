@@ -9,7 +9,7 @@ that layer's cost into its parts, each timed over every query block of the layer
 - `logits`: q k^T per block (`SdpaCall.logits`), a matrix multiply;
 - `weights @ v`: the block's output numerator, a matrix multiply;
 - `pieces`: the elementwise passes for the row maxima, exp, their sum and the entropy's
-  sum (`kernels.grid_pieces`, compiled where the reader compiles it);
+  sum (`compiled.grid_pieces`, compiled where the reader compiles it);
 - `distance`: the attention-distance reductions of a block (`block_row_values`: the weighted
   pixel distance, entropy and prefix share);
 - `attend`: the reader's whole layer call, torch path, with the attention-distance consumer
@@ -23,7 +23,7 @@ the fused kernel, before any elementwise pass; an unfused reader cannot go below
 Before timing, the layer output of `attend` and `fused` is checked against SDPA's.
 
 The process keeps its block temporaries on the heap, as the reader sets it to
-(`kernels.keep_block_memory`). Inputs: one image's q, k, v of one layer (random, seeded),
+(`compiled.keep_block_memory`). Inputs: one image's q, k, v of one layer (random, seeded),
 one prefix token, a square grid of pixel tokens: pit-n's 4 heads of width 16 and PiT-T's 3
 heads of width 64.
 
@@ -68,7 +68,7 @@ def layer_call(tokens: int, heads: int, width: int, seed: int = 0):
 
 def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
     from localitylab.attention import fused
-    from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
+    from localitylab.attention.compiled import compiled, grid_pieces, keep_block_memory
     from localitylab.attention.reader import attend, default_query_block, softmax_pieces
     from localitylab.probes.attention_distance import block_row_values
 
@@ -92,7 +92,7 @@ def measure(model: str, tokens: int, warmup: int = 1, repeats: int = 5) -> dict:
     pieces = [softmax_pieces(0, block_logits, where, r)[0] for r, block_logits in zip(blocks, logits)]
     prefix = where.num_prefix_keys
     value_grid = call.v[..., prefix:, :]
-    reduce = kernel(grid_pieces, tokens - prefix)
+    reduce = compiled(grid_pieces, tokens - prefix)
 
     parts = {
         "sdpa": lambda: sdpa(call.q, call.k, call.v),

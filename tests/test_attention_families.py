@@ -464,3 +464,50 @@ def test_crossvit_branches_sit_on_their_own_grids():
     assert check_against_reference(model, images) == {layer.index for layer in layers}
     assert {layer.class_name for layer in unread_attention_layers(model)} == {"CrossAttention"}
     check_outputs_unchanged(model, images)
+
+
+def test_an_adapter_refuses_a_timm_whose_copied_forward_changed(monkeypatch):
+    """ConViT's plain layers are read through a copy of timm's MHSA.forward. A timm whose
+    MHSA.forward differs (here the class's own function replaced, no subclass: what an
+    upgrade looks like) is refused: those layers are named as not read with the one-line
+    reason, no number; the GPSA layers, whose copy still matches, are read as before."""
+    import timm
+    from timm.models.convit import MHSA
+
+    from localitylab.attention.families import TIMM_WRITTEN_FOR
+
+    original = MHSA.forward
+
+    def forward(self, x):  # the same computation, from another source
+        return original(self, x) + 0.0
+
+    monkeypatch.setattr(MHSA, "forward", forward)
+    convit = build("convit_tiny", depth=3, embed_dim=64, num_heads=4, local_up_to_layer=2, patch_size=8, img_size=32)
+    reason = f"timm {timm.__version__} changed MHSA.forward; this adapter was written for timm {TIMM_WRITTEN_FOR}"
+    assert [(layer.index, layer.adapter.name) for layer in attention_layers(convit)] == [
+        (0, "convit-gpsa"), (1, "convit-gpsa")]
+    assert [(layer.index, layer.why) for layer in unread_attention_layers(convit)] == [(2, reason)]
+    table = probe_table(convit, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    refused = table[table["layer"] == 2]
+    assert list(refused["note"]) == [f"MHSA is not read: {reason}"] and refused["value"].isna().all()
+    assert table[table["layer"] < 2]["value"].notna().any()
+
+
+def test_fingerprints_see_code_not_comments_or_layout():
+    """A copied forward's fingerprint ignores its docstring, comments and line breaks (timm
+    reformatting is no change) and sees any change to what the code computes."""
+    from localitylab.attention.adapters import source_fingerprint
+
+    def first(self, x):
+        """Docstring."""
+        return self.proj(x) * 2  # a comment
+
+    def second(self, x):
+        # another comment
+        return self.proj(
+            x) * 2
+
+    def third(self, x):
+        return self.proj(x) * 3
+
+    assert source_fingerprint(first) == source_fingerprint(second) != source_fingerprint(third)

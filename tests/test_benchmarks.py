@@ -203,3 +203,33 @@ def test_attention_parts_splits_a_layer_against_sdpa_timed_in_the_same_run(tmp_p
     assert "pit-n" in result.stdout and "floor" in result.stdout
     bad = run_command("--tokens", "100", module="benchmarks.attention_parts")
     assert bad.returncode == 2 and "1 + a square" in bad.stderr
+
+
+def test_kernel_threads_quick_mode_times_the_kernel_and_the_probe_at_one_and_two_threads():
+    """benchmarks.kernel_threads --quick: the fused kernel against SDPA and the whole probe
+    against a forward, at 1 and 2 threads in one process (outputs checked before timing). On
+    a machine with two free cores the kernel's 20 independent (head, query tile) items split
+    between two threads, so its fastest run at 2 threads beats its fastest at 1."""
+    import os
+
+    from benchmarks import kernel_threads
+    from localitylab.attention import fused
+
+    if not fused.load():
+        pytest.skip("the fused kernel did not build on this machine")
+    rows = kernel_threads.run(quick=True, counts=[1, 2])
+    assert [(r["kind"], r["tokens"], r["threads"]) for r in rows] == [
+        ("kernel", 1025, 1), ("kernel", 1025, 2), ("probe", 1025, 1), ("probe", 1025, 2)]
+    for row in rows:
+        assert row["runs"] >= 1 and all(positive(s) for s in row["seconds_runs"] + row["baseline_seconds_runs"])
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline_seconds"])
+        assert row["baseline"] == ("sdpa" if row["kind"] == "kernel" else "forward")
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip(f"{cores} core: no second thread to be faster with")
+    load = os.getloadavg()[0]
+    if load >= cores:
+        pytest.skip(f"load average {load:.1f} on {cores} cores: other work holds the cores, so a thread "
+                    "speedup would measure that work")
+    one, two = rows[0], rows[1]
+    assert two["best"] < one["best"], (one["seconds_runs"], two["seconds_runs"])

@@ -310,6 +310,64 @@ def test_the_fused_kernel_matches_brute_force(prefix, tile):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("prefix,tile", [(0, 7), (1, 64), (5, 300)])
+def test_the_fused_kernel_on_two_threads_equals_itself_on_one_and_brute_force(prefix, tile):
+    """Built with OpenMP, the kernel spreads its (image, head, query tile) items over the
+    intra-op threads, each thread with its own scratch: on 2 threads every answer is the
+    1-thread answer bit for bit (no item is split, so no sum changes order) and brute force's."""
+    from localitylab.attention import fused
+
+    if not fused.load():
+        pytest.skip("the fused kernel did not build on this machine")
+    generator = torch.Generator().manual_seed(prefix)
+    rows, keys = 45, 600 + prefix
+    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
+    k = torch.randn(2, 3, keys, 16, generator=generator)
+    v = torch.randn(2, 3, keys, 24, generator=generator)
+    query_centres, key_centres = torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
+        torch.set_num_threads(2)
+        two = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
+    finally:
+        torch.set_num_threads(threads)
+    expected = brute_force_rows(q, k, v, 0.3, prefix, query_centres, key_centres)
+    for name, a, b, c in zip(fused.RowSums._fields, two, one, expected):
+        assert torch.equal(a, b), name
+        if name != "prefix_lse" or prefix:
+            torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * c.abs().max().item(), msg=name)
+
+
+def test_the_kernel_is_built_per_torch_version_instruction_set_and_source(monkeypatch):
+    """The built library's name (its build folder) changes with the torch version, the ISA and
+    the source, so a library built against another torch is never reused; a torch outside the
+    tested releases is not built against at all: the torch path, said once."""
+    import warnings
+
+    from localitylab.attention import fused
+
+    source = fused.SOURCE.read_bytes()
+    name = fused.build_name(torch.__version__, "AVX512", source)
+    assert name == fused.build_name(torch.__version__, "AVX512", source)
+    others = {fused.build_name("2.15.0", "AVX512", source), fused.build_name(torch.__version__, "AVX2", source),
+              fused.build_name(torch.__version__, "AVX512", source + b"// changed")}
+    assert name not in others and len(others) == 3
+    assert name.isidentifier()
+    assert fused.tested_torch("2.14.1+cu130") and fused.tested_torch("2.14.0")
+    assert not fused.tested_torch("2.13.0") and not fused.tested_torch("3.0.0+cpu")
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    fused.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert fused.load() is False
+        assert ["built only for torch 2.14 (this is torch 2.99.0)" in str(w.message) for w in caught] == [True]
+    finally:
+        fused.load.cache_clear()
+
+
 def test_the_fused_kernel_answers_only_what_it_computes(monkeypatch):
     """Masks, causal attention, float64 and GPUs go to the torch path; so does everything
     with LOCALITYLAB_FUSED_ATTENTION=off."""
@@ -525,11 +583,11 @@ def test_plot_overlays_several_tables(targets, digits_images, tmp_path):
     assert result.returncode == 0 and (tmp_path / "cli" / "attention-distance.png").is_file(), result.stderr
 
 
-def test_compiled_kernels_agree_with_the_eager_ones(monkeypatch):
-    """Long sequences reduce their blocks with torch.compile'd kernels (`attention.kernels`):
+def test_compiled_reductions_agree_with_the_eager_ones(monkeypatch):
+    """Long sequences reduce their blocks with torch.compile'd functions (`attention.compiled`):
     the same numbers as the eager functions, masked keys included."""
-    from localitylab.attention import kernels
-    from localitylab.attention.kernels import grid_pieces, kernel, weighted_distance
+    from localitylab.attention import compiled as compiled_module
+    from localitylab.attention.compiled import compiled, grid_pieces, weighted_distance
 
     monkeypatch.setenv("LOCALITYLAB_COMPILE_ATTENTION", "on")
     generator = torch.Generator().manual_seed(0)
@@ -537,12 +595,12 @@ def test_compiled_kernels_agree_with_the_eager_ones(monkeypatch):
     logits[0, 1, 2, :7] = float("-inf")  # masked keys
     centres = torch.rand(5, 2, generator=generator) * 8, torch.rand(40, 2, generator=generator) * 8
     eager = grid_pieces(logits)
-    compiled = kernel(grid_pieces, 40)(logits)
-    for a, b in zip(eager, compiled):
+    found = compiled(grid_pieces, 40)(logits)
+    for a, b in zip(eager, found):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(kernel(weighted_distance, 40)(eager[0], *centres), weighted_distance(eager[0], *centres),
+    torch.testing.assert_close(compiled(weighted_distance, 40)(eager[0], *centres), weighted_distance(eager[0], *centres),
                                rtol=1e-5, atol=1e-5)
-    assert kernels._compiled["grid_pieces"] is not None  # compiled, not the eager fallback
+    assert compiled_module._COMPILED["grid_pieces"] is not None  # compiled, not the eager fallback
 
 
 MAPPED_WHILE_ALIVE = """

@@ -14,15 +14,28 @@ says the rest, which only it knows:
 The probes never know which implementation they read. Adding a family (relative bias,
 windows, spatial reduction, ...) is one subclass here with one `@register_adapter` line.
 An adapter matches a module by its exact forward: a subclass that overrides `forward`
-computes something else, so it is not read with its parent's adapter.
+computes something else, so it is not read with its parent's adapter. Which adapter reads a
+module is declared (`precedence`: adapters that read a class only inside a given model, as
+PiT's stages and CrossViT's branches read timm's plain Attention, are asked first), not
+left to import order.
+
+An adapter that carries a copy of a timm forward (its computation with the softmax handed
+to SDPA) names it in `copies`, with the fingerprint of the timm source it was written for:
+where the installed timm's source differs, the adapter refuses (`refusal()`), and the probes
+say the layer is not read and why instead of reading a computation the copy does not make.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import hashlib
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -85,6 +98,50 @@ class SdpaCall:
         return logits
 
 
+def source_fingerprint(function: Callable) -> str:
+    """A hash of a function's source as code: its syntax tree without the docstring, so
+    comments, blank lines and formatting do not count, and any change to what it computes does."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    body = tree.body[0]
+    if body.body and isinstance(body.body[0], ast.Expr) and isinstance(getattr(body.body[0], "value", None),
+                                                                       ast.Constant):
+        body.body = body.body[1:]
+    body.name = ""  # an assigned function (a patched forward) keeps the name it was written with
+    return hashlib.sha256(ast.dump(body, annotate_fields=False).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _fingerprint_of(function: Callable) -> str | None:
+    try:
+        return source_fingerprint(function)
+    except (OSError, TypeError, SyntaxError, IndexError):  # no source to read (a compiled or generated function)
+        return None
+
+
+@dataclass(frozen=True)
+class CopiedForward:
+    """A timm function an adapter carries a copy of: `owner.attribute`, the fingerprint of its
+    source when the copy was written (`source_fingerprint`) and that timm's version."""
+
+    owner: type
+    attribute: str
+    fingerprint: str
+    written_for: str
+
+    def changed(self) -> str:
+        """Why the installed timm's function is not the one copied, or "" where it is."""
+        import timm
+
+        name = f"{self.owner.__name__}.{self.attribute}"
+        found = _fingerprint_of(getattr(self.owner, self.attribute))
+        if found is None:
+            return f"timm {timm.__version__}'s {name} has no readable source to check against the copy written " \
+                   f"for timm {self.written_for}"
+        if found != self.fingerprint:
+            return f"timm {timm.__version__} changed {name}; this adapter was written for timm {self.written_for}"
+        return ""
+
+
 @dataclass(eq=False)
 class CallGeometry:
     """Where the rows and columns of one attention call sit on the input image (the reader
@@ -115,6 +172,14 @@ class AttentionAdapter:
 
     name: ClassVar[str] = ""
     module_type: ClassVar[type[nn.Module] | None] = None
+    # Asked before adapters of lower precedence: 1 for an adapter that reads a class only
+    # inside a given model (its `reads_in`) where a general adapter reads the same class.
+    precedence: ClassVar[int] = 0
+    # The timm functions whose copies this adapter runs while reading (see the module's note).
+    copies: ClassVar[tuple[CopiedForward, ...]] = ()
+    # The classes (timm's) the adapter is written for, None where the installed timm lacks one:
+    # then it is not registered.
+    requires: ClassVar[tuple[type | None, ...]] = ()
     # Places its tokens with the model's one token grid (the default geometry). An adapter
     # that places them itself (stages, windows) reads models that have no such grid.
     needs_model_grid: ClassVar[bool] = True
@@ -126,6 +191,11 @@ class AttentionAdapter:
     def reads(cls, module: nn.Module) -> bool:
         return (cls.module_type is not None and isinstance(module, cls.module_type)
                 and type(module).forward is cls.module_type.forward)
+
+    @classmethod
+    def refusal(cls) -> str:
+        """Why this adapter will not read with the installed timm (a copied forward changed), or ""."""
+        return next((why for why in (copy.changed() for copy in cls.copies) if why), "")
 
     @classmethod
     def reads_in(cls, module: nn.Module, model: nn.Module, name: str) -> bool:
@@ -172,7 +242,7 @@ class AttentionAdapter:
                             prefix_count, torch.arange(call.q.shape[0], device=device))
 
 
-_ADAPTERS: list[type[AttentionAdapter]] = []
+_ADAPTERS: list[type[AttentionAdapter]] = []  # in the order adapter_for asks them (precedence, then registration)
 
 # Attention modules no adapter can read, and why (what the probes say instead of a number).
 WHY_UNREAD: dict[str, str] = {}
@@ -189,17 +259,25 @@ def why_unread(module: nn.Module) -> str:
 
 
 def register_adapter(cls: type[AttentionAdapter]) -> type[AttentionAdapter]:
+    """Register an adapter class (the one way to, as a decorator): asked after those of higher
+    `precedence` and after those of its own registered before it. An adapter whose `requires`
+    this timm lacks is left out."""
+    if any(required is None for required in cls.requires):
+        return cls
     if not cls.name or any(other.name == cls.name for other in _ADAPTERS):
         raise ValueError(f"attention adapter name {cls.name!r} missing or registered twice")
     _ADAPTERS.append(cls)
+    _ADAPTERS.sort(key=lambda adapter: -adapter.precedence)  # stable: registration order within a precedence
     return cls
 
 
 def adapter_for(module: nn.Module, model: nn.Module | None = None, name: str = "") -> AttentionAdapter | None:
-    """The adapter that reads `module` (named `name` in `model`, where known), or None. Later
-    registrations are more specific, so they are asked first (CrossViT's branches use timm's
-    plain Attention, placed on their own grids)."""
-    for cls in reversed(_ADAPTERS):
+    """The adapter that reads `module` (named `name` in `model`, where known), or None: the
+    first, by declared precedence, that reads it (CrossViT's branches and PiT's stages read
+    timm's plain Attention inside those models, before the plain adapter). An adapter that
+    refuses the installed timm (`refusal()`) is still the one returned: the reader names the
+    layer as not read, with the reason."""
+    for cls in _ADAPTERS:
         if cls.reads(module) if model is None else cls.reads_in(module, model, name):
             return cls(module) if model is None else cls.bound(module, model, name)
     return None
@@ -210,8 +288,9 @@ def adapter_names() -> list[str]:
 
 
 @contextlib.contextmanager
-def fused(module: nn.Module) -> Iterator[None]:
-    """timm modules: take the `F.scaled_dot_product_attention` path while active."""
+def fused_attn(module: nn.Module) -> Iterator[None]:
+    """timm modules: `fused_attn` on (timm's switch to its `F.scaled_dot_product_attention`
+    path) while active."""
     saved = module.fused_attn
     module.fused_attn = True
     try:
@@ -230,7 +309,7 @@ class TimmAttention(AttentionAdapter):
     module_type = _TimmAttention
 
     def reading(self):
-        return fused(self.module)
+        return fused_attn(self.module)
 
 
 # --- diffusers' Attention (DiT, and the transformers of diffusers' pipelines) -------------------
@@ -274,7 +353,3 @@ class DiffusersAttention(AttentionAdapter):
         finally:
             self.module.processor = saved
 
-
-def sdpa_arguments(args: tuple, kwargs: dict[str, Any]) -> SdpaCall:
-    """An `SdpaCall` from the arguments `scaled_dot_product_attention` was called with."""
-    return SdpaCall.of(*args, **kwargs)

@@ -4,7 +4,7 @@ Each one says how its module's attention reaches `F.scaled_dot_product_attention
 reader answers it, and where the call's rows and keys sit on the image:
 
 - rotary (EVA, EVA-02, `AttentionRope` ViTs) and relative position bias (BEiT, `vit_relpos`):
-  the module's own fused path passes q and k after the rotation, the bias as the mask; the
+  the module's own `fused_attn` path passes q and k after the rotation, the bias as the mask; the
   tokens are the model's. Nothing to add but taking that path.
 - class attention (CaiT, XCiT): the only query is the class token; read as such.
 - CaiT's talking-heads self-attention and ConViT's gated positional self-attention (GPSA),
@@ -24,8 +24,11 @@ reader answers it, and where the call's rows and keys sit on the image:
 
 Modules that attend across channels or otherwise have no token-to-token softmax are named
 in `WHY_UNREAD`, so the probes say why they do not apply. Every adapter matches a module by
-its exact forward (see `adapters.py`); the tests compare each with the attention
-materialised independently and check the model's output is unchanged.
+its exact forward (see `adapters.py`), is registered only where this timm has the classes it
+`requires`, and one that runs a copy of a timm forward names it in `copies` with the
+fingerprint of the source it was written for (a changed timm is refused, not read); the
+tests compare each with the attention materialised independently and check the model's
+output is unchanged.
 """
 
 from __future__ import annotations
@@ -34,15 +37,24 @@ import contextlib
 import importlib
 import math
 import types
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from localitylab.attention.adapters import (WHY_UNREAD, AttentionAdapter, CallGeometry, SdpaCall, fused,
-                                            register_adapter)
+from localitylab.attention.adapters import (WHY_UNREAD, AttentionAdapter, CallGeometry, CopiedForward, SdpaCall,
+                                            TimmAttention, fused_attn, register_adapter)
 from localitylab.attention.geometry import TokenGeometry
+
+
+# The timm release the copies of timm forwards below were checked against (their fingerprints).
+TIMM_WRITTEN_FOR = "1.0.31"
+
+
+def copied(owner: type | None, fingerprint: str, attribute: str = "forward") -> tuple[CopiedForward, ...]:
+    """An adapter's `copies`: it runs a copy of `owner.attribute` as timm TIMM_WRITTEN_FOR wrote it."""
+    return () if owner is None else (CopiedForward(owner, attribute, fingerprint, TIMM_WRITTEN_FOR),)
 
 
 def _timm_class(module: str, name: str) -> type[nn.Module] | None:
@@ -104,57 +116,63 @@ def recording_input(module: nn.Module, record: Callable[[tuple], None]) -> Itera
 
 
 # --- the model's own tokens: rotary embeddings and relative position biases ---------------------------
-class FusedSelfAttention(AttentionAdapter):
-    """A timm module whose fused path passes the attention it computes to SDPA (rotary
+class FusedAttnSelfAttention(AttentionAdapter):
+    """A timm module whose `fused_attn` path passes the attention it computes to SDPA (rotary
     q and k, a relative bias as the mask) over the model's tokens."""
 
     def reading(self):
-        return fused(self.module)
+        return fused_attn(self.module)
 
 
-def _register_fused(name: str, module: str, class_name: str, doc: str) -> None:
+def _fused_attn_adapter(name: str, module: str, class_name: str, doc: str) -> type[FusedAttnSelfAttention]:
+    """The adapter of timm's `module.class_name`, read on its `fused_attn` path."""
     cls = _timm_class(module, class_name)
-    if cls is not None:
-        register_adapter(type(f"Fused{class_name}", (FusedSelfAttention,),
-                              {"name": name, "module_type": cls, "__doc__": doc}))
+    return type(f"FusedAttn{class_name}", (FusedAttnSelfAttention,),
+                {"name": name, "module_type": cls, "requires": (cls,), "__doc__": doc})
 
 
-_register_fused("eva-rotary", "timm.models.eva", "EvaAttention",
-                "EVA / EVA-02 attention: q and k rotated (rotary embedding) before the fused SDPA call.")
-_register_fused("rope-attention", "timm.layers.attention", "AttentionRope",
-                "timm's AttentionRope (rotary ViTs): q and k rotated before the fused SDPA call.")
-_register_fused("beit-relative-bias", "timm.models.beit", "Attention",
-                "BEiT attention: the relative position bias is the SDPA call's additive mask.")
-_register_fused("relpos-bias", "timm.models.vision_transformer_relpos", "RelPosAttention",
-                "vit_relpos attention: the relative position bias is the SDPA call's additive mask.")
-_register_fused("gemma4-rotary", "timm.models.gemma4_vit", "Gemma4Attention",
-                "Gemma 4's vision attention: q and k normalised and rotated (2-D rotary) before the fused SDPA call.")
+register_adapter(_fused_attn_adapter(
+    "eva-rotary", "timm.models.eva", "EvaAttention",
+    "EVA / EVA-02 attention: q and k rotated (rotary embedding) before its `fused_attn` SDPA call."))
+register_adapter(_fused_attn_adapter(
+    "rope-attention", "timm.layers.attention", "AttentionRope",
+    "timm's AttentionRope (rotary ViTs): q and k rotated before its `fused_attn` SDPA call."))
+register_adapter(_fused_attn_adapter(
+    "beit-relative-bias", "timm.models.beit", "Attention",
+    "BEiT attention: the relative position bias is the SDPA call's additive mask."))
+register_adapter(_fused_attn_adapter(
+    "relpos-bias", "timm.models.vision_transformer_relpos", "RelPosAttention",
+    "vit_relpos attention: the relative position bias is the SDPA call's additive mask."))
+register_adapter(_fused_attn_adapter(
+    "gemma4-rotary", "timm.models.gemma4_vit", "Gemma4Attention",
+    "Gemma 4's vision attention: q and k normalised and rotated (2-D rotary) before its `fused_attn` SDPA call."))
 
 
 # --- class attention: the only query is the class token --------------------------------------------
 _ClassAttn = _timm_class("timm.models.cait", "ClassAttn")
 
-if _ClassAttn is not None:
-    @register_adapter
-    class ClassAttention(AttentionAdapter):
-        """CaiT's and XCiT's class attention: the class token attends over itself and the patch
-        tokens; there is no patch query. Read as such: the probes report its prefix share
-        and entropy, and say that a distance needs a query position."""
 
-        name = "class-attention"
-        module_type = _ClassAttn
+@register_adapter
+class ClassAttention(AttentionAdapter):
+    """CaiT's and XCiT's class attention: the class token attends over itself and the patch
+    tokens; there is no patch query. Read as such: the probes report its prefix share
+    and entropy, and say that a distance needs a query position."""
 
-        def reading(self):
-            return fused(self.module)
+    name = "class-attention"
+    module_type = _ClassAttn
+    requires = (_ClassAttn,)
 
-        def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
-            device = call.q.device
-            centres = geometry.centres(device, torch.float64)
-            prefix_keys = call.num_keys - geometry.num_grid_tokens
-            queries = torch.full((call.num_queries, 2), float("nan"), dtype=torch.float64, device=device)
-            return CallGeometry(torch.arange(call.num_queries, device=device), queries, centres, prefix_keys,
-                                torch.arange(call.q.shape[0], device=device), class_query=True,
-                                note="class attention: the class token is the only query")
+    def reading(self):
+        return fused_attn(self.module)
+
+    def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        device = call.q.device
+        centres = geometry.centres(device, torch.float64)
+        prefix_keys = call.num_keys - geometry.num_grid_tokens
+        queries = torch.full((call.num_queries, 2), float("nan"), dtype=torch.float64, device=device)
+        return CallGeometry(torch.arange(call.num_queries, device=device), queries, centres, prefix_keys,
+                            torch.arange(call.q.shape[0], device=device), class_query=True,
+                            note="class attention: the class token is the only query")
 
 
 class HandMadeAttention(AttentionAdapter):
@@ -197,26 +215,30 @@ def _mhsa_forward(self, x: torch.Tensor) -> torch.Tensor:
 _GPSA = _timm_class("timm.models.convit", "GPSA")
 _MHSA = _timm_class("timm.models.convit", "MHSA")
 
-if _GPSA is not None:
-    @register_adapter
-    class GatedPositionalSelfAttention(HandMadeAttention):
-        """ConViT's GPSA: (1 - sigmoid(g)) softmax(q k^T) + sigmoid(g) softmax(positional
-        scores), renormalised: the attention the block really applies, read whole. Its
-        layers run on the patch tokens alone (the class token joins later)."""
 
-        name = "convit-gpsa"
-        module_type = _GPSA
-        replacement = staticmethod(_gpsa_forward)
-        note = "gated positional self-attention: the gated mix of content and positional attention"
+@register_adapter
+class GatedPositionalSelfAttention(HandMadeAttention):
+    """ConViT's GPSA: (1 - sigmoid(g)) softmax(q k^T) + sigmoid(g) softmax(positional
+    scores), renormalised: the attention the block really applies, read whole. Its
+    layers run on the patch tokens alone (the class token joins later)."""
 
-if _MHSA is not None:
-    @register_adapter
-    class ConvitSelfAttention(HandMadeAttention):
-        """ConViT's plain self-attention layers (after its GPSA layers), through SDPA."""
+    name = "convit-gpsa"
+    module_type = _GPSA
+    requires = (_GPSA,)
+    replacement = staticmethod(_gpsa_forward)
+    copies = copied(_GPSA, "b69061eeb206c989")
+    note = "gated positional self-attention: the gated mix of content and positional attention"
 
-        name = "convit-mhsa"
-        module_type = _MHSA
-        replacement = staticmethod(_mhsa_forward)
+
+@register_adapter
+class ConvitSelfAttention(HandMadeAttention):
+    """ConViT's plain self-attention layers (after its GPSA layers), through SDPA."""
+
+    name = "convit-mhsa"
+    module_type = _MHSA
+    requires = (_MHSA,)
+    replacement = staticmethod(_mhsa_forward)
+    copies = copied(_MHSA, "fd9ae322ccfacc0e")
 
 
 # --- CaiT: talking-heads self-attention ----------------------------------------------------------------
@@ -243,17 +265,19 @@ def _talking_heads_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 _TalkingHeads = _timm_class("timm.models.cait", "TalkingHeadAttn")
 
-if _TalkingHeads is not None:
-    @register_adapter
-    class TalkingHeadsAttention(HandMadeAttention):
-        """CaiT's self-attention layers (patch tokens only). The rows read are the softmax of
-        the proj_l-mixed logits, one distribution per head; proj_w then mixes them across
-        heads, so the weights applied to the values are their combinations."""
 
-        name = "cait-talking-heads"
-        module_type = _TalkingHeads
-        replacement = staticmethod(_talking_heads_forward)
-        note = "talking heads: each head's softmax of the proj_l-mixed logits (proj_w mixes heads after it)"
+@register_adapter
+class TalkingHeadsAttention(HandMadeAttention):
+    """CaiT's self-attention layers (patch tokens only). The rows read are the softmax of
+    the proj_l-mixed logits, one distribution per head; proj_w then mixes them across
+    heads, so the weights applied to the values are their combinations."""
+
+    name = "cait-talking-heads"
+    module_type = _TalkingHeads
+    requires = (_TalkingHeads,)
+    replacement = staticmethod(_talking_heads_forward)
+    copies = copied(_TalkingHeads, "38ef28f1ac21c77d")
+    note = "talking heads: each head's softmax of the proj_l-mixed logits (proj_w mixes heads after it)"
 
 
 # --- Swin: (shifted) windows, read at the block --------------------------------------------------------
@@ -306,7 +330,7 @@ class WindowBlockAttention(AttentionAdapter):
         return 0, 0
 
     def attention_reading(self) -> contextlib.AbstractContextManager:
-        return fused(self.attention)
+        return fused_attn(self.attention)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -342,18 +366,19 @@ class SwinBlockAttention(WindowBlockAttention):
 _SwinBlock = _timm_class("timm.models.swin_transformer", "SwinTransformerBlock")
 _SwinV2Block = _timm_class("timm.models.swin_transformer_v2", "SwinTransformerV2Block")
 
-if _SwinBlock is not None:
-    @register_adapter
-    class SwinWindowAttention(SwinBlockAttention):
-        """Swin v1: the block's WindowAttention passes q, k and the relative bias (plus the
-        shift mask) to SDPA on its fused path."""
 
-        name = "swin-windows"
-        module_type = _SwinBlock
+@register_adapter
+class SwinWindowAttention(SwinBlockAttention):
+    """Swin v1: the block's WindowAttention passes q, k and the relative bias (plus the
+    shift mask) to SDPA on its `fused_attn` path."""
 
-        @classmethod
-        def reads(cls, module: nn.Module) -> bool:
-            return super().reads(module) and type(module)._attn is _SwinBlock._attn and hasattr(module.attn, "fused_attn")
+    name = "swin-windows"
+    module_type = _SwinBlock
+    requires = (_SwinBlock,)
+
+    @classmethod
+    def reads(cls, module: nn.Module) -> bool:
+        return super().reads(module) and type(module)._attn is _SwinBlock._attn and hasattr(module.attn, "fused_attn")
 
 
 def with_shift_mask(bias: torch.Tensor, mask: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -393,22 +418,24 @@ def _swin_v2_attention_forward(self, x: torch.Tensor, mask: torch.Tensor | None 
 
 _SwinV2Attention = _timm_class("timm.models.swin_transformer_v2", "WindowAttention")
 
-if _SwinV2Block is not None and _SwinV2Attention is not None:
-    @register_adapter
-    class SwinV2WindowAttention(SwinBlockAttention):
-        """Swin v2: scaled cosine attention with a continuous relative bias, which the module
-        computes by hand; while read, the same logits go to SDPA."""
 
-        name = "swin-v2-windows"
-        module_type = _SwinV2Block
+@register_adapter
+class SwinV2WindowAttention(SwinBlockAttention):
+    """Swin v2: scaled cosine attention with a continuous relative bias, which the module
+    computes by hand; while read, the same logits go to SDPA."""
 
-        @classmethod
-        def reads(cls, module: nn.Module) -> bool:
-            return (super().reads(module) and type(module)._attn is _SwinV2Block._attn
-                    and type(module.attn).forward is _SwinV2Attention.forward)
+    name = "swin-v2-windows"
+    module_type = _SwinV2Block
+    requires = (_SwinV2Block, _SwinV2Attention)
+    copies = copied(_SwinV2Attention, "58f86b26e64bed74")
 
-        def attention_reading(self):
-            return forward_replaced(self.module.attn, _swin_v2_attention_forward)
+    @classmethod
+    def reads(cls, module: nn.Module) -> bool:
+        return (super().reads(module) and type(module)._attn is _SwinV2Block._attn
+                and type(module.attn).forward is _SwinV2Attention.forward)
+
+    def attention_reading(self):
+        return forward_replaced(self.module.attn, _swin_v2_attention_forward)
 
 
 class StageSizedAttention(AttentionAdapter):
@@ -436,135 +463,136 @@ class StageSizedAttention(AttentionAdapter):
 # --- PVT-v2: spatial-reduction attention -----------------------------------------------------------------
 _PvtAttention = _timm_class("timm.models.pvt_v2", "Attention")
 
-if _PvtAttention is not None:
-    @register_adapter
-    class SpatialReductionAttention(StageSizedAttention):
-        """PVT-v2: queries are the stage's tokens; keys and values come from a reduced grid
-        (a strided convolution of `sr_ratio`, or for the linear variant an adaptive average
-        pool), each key at the centre of the tokens it summarises."""
 
-        name = "pvt-spatial-reduction"
-        module_type = _PvtAttention
+@register_adapter
+class SpatialReductionAttention(StageSizedAttention):
+    """PVT-v2: queries are the stage's tokens; keys and values come from a reduced grid
+    (a strided convolution of `sr_ratio`, or for the linear variant an adaptive average
+    pool), each key at the centre of the tokens it summarises."""
 
-        def attention_path(self):
-            return fused(self.module)
+    name = "pvt-spatial-reduction"
+    module_type = _PvtAttention
+    requires = (_PvtAttention,)
 
-        def geometry_key(self, call: SdpaCall) -> tuple:
-            return type(self).__name__, id(self.module), self.resolution, tuple(call.q.shape), tuple(call.k.shape)
+    def attention_path(self):
+        return fused_attn(self.module)
 
-        def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
-            height, width = self.resolution
-            stage = stage_geometry(height, width, geometry)
-            device = call.q.device
-            queries = stage.centres(device, torch.float64)
-            rows, cols, note = self.key_cells(height, width)
-            spacing = float(stage.patch_size)
-            keys = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2).to(device) * spacing
-            if len(keys) != call.num_keys:
-                raise RuntimeError(f"PVT attention: {len(keys)} key cells placed for {call.num_keys} keys")
-            not_model_tokens = torch.full((call.num_queries,), -1, device=device)
-            return CallGeometry(not_model_tokens, queries, keys, 0, torch.arange(call.q.shape[0], device=device),
-                                grid=stage, note=note)
+    def geometry_key(self, call: SdpaCall) -> tuple:
+        return type(self).__name__, id(self.module), self.resolution, tuple(call.q.shape), tuple(call.k.shape)
 
-        def key_cells(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-            """The centres, in tokens of the stage grid, of the key rows and columns."""
-            module = self.module
-            if getattr(module, "pool", None) is not None:  # adaptive average pool to a fixed size, then a 1x1 projection
-                size = module.pool.output_size
-                size = (size, size) if isinstance(size, int) else tuple(size)
+    def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        height, width = self.resolution
+        stage = stage_geometry(height, width, geometry)
+        device = call.q.device
+        queries = stage.centres(device, torch.float64)
+        rows, cols, note = self.key_cells(height, width)
+        spacing = float(stage.patch_size)
+        keys = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2).to(device) * spacing
+        if len(keys) != call.num_keys:
+            raise RuntimeError(f"PVT attention: {len(keys)} key cells placed for {call.num_keys} keys")
+        not_model_tokens = torch.full((call.num_queries,), -1, device=device)
+        return CallGeometry(not_model_tokens, queries, keys, 0, torch.arange(call.q.shape[0], device=device),
+                            grid=stage, note=note)
 
-                def bins(length: int, count: int) -> torch.Tensor:
-                    starts = [math.floor(i * length / count) for i in range(count)]
-                    ends = [math.ceil((i + 1) * length / count) for i in range(count)]
-                    return torch.tensor([(a + b) / 2 for a, b in zip(starts, ends)], dtype=torch.float64)
+    def key_cells(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The centres, in tokens of the stage grid, of the key rows and columns."""
+        module = self.module
+        if getattr(module, "pool", None) is not None:  # adaptive average pool to a fixed size, then a 1x1 projection
+            size = module.pool.output_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
 
-                return bins(height, size[0]), bins(width, size[1]), f"keys from a {size[0]}x{size[1]} adaptive pool"
-            if module.sr is not None:
-                ratio = module.sr.stride[0]
-                count_h, count_w = height // ratio, width // ratio
-                centres = lambda count: (torch.arange(count, dtype=torch.float64) + 0.5) * ratio  # noqa: E731
-                return centres(count_h), centres(count_w), f"keys from a {count_h}x{count_w} grid (spatial reduction {ratio})"
-            return ((torch.arange(height, dtype=torch.float64) + 0.5), (torch.arange(width, dtype=torch.float64) + 0.5),
-                    "keys on the stage grid (no reduction)")
+            def bins(length: int, count: int) -> torch.Tensor:
+                starts = [math.floor(i * length / count) for i in range(count)]
+                ends = [math.ceil((i + 1) * length / count) for i in range(count)]
+                return torch.tensor([(a + b) / 2 for a, b in zip(starts, ends)], dtype=torch.float64)
+
+            return bins(height, size[0]), bins(width, size[1]), f"keys from a {size[0]}x{size[1]} adaptive pool"
+        if module.sr is not None:
+            ratio = module.sr.stride[0]
+            count_h, count_w = height // ratio, width // ratio
+            centres = lambda count: (torch.arange(count, dtype=torch.float64) + 0.5) * ratio  # noqa: E731
+            return centres(count_h), centres(count_w), f"keys from a {count_h}x{count_w} grid (spatial reduction {ratio})"
+        return ((torch.arange(height, dtype=torch.float64) + 0.5), (torch.arange(width, dtype=torch.float64) + 0.5),
+                "keys on the stage grid (no reduction)")
 
 
 # --- CrossViT: two branches of timm Attention, each on its own grid ------------------------------------
 _CrossVit = _timm_class("timm.models.crossvit", "CrossVit")
-_TimmAttention = _timm_class("timm.layers.attention", "Attention")
+@register_adapter
+class CrossVitBranchAttention(AttentionAdapter):
+    """CrossViT: each branch embeds the image (resized to its own size) with its own patch
+    size and attends over its class token and its own grid: branch b's tokens are the
+    image side over its grid side apart. (The fusion layers, where one branch's class
+    token attends over the other branch, are cross-attention and not read.)"""
 
-if _CrossVit is not None and _TimmAttention is not None:
-    @register_adapter
-    class CrossVitBranchAttention(AttentionAdapter):
-        """CrossViT: each branch embeds the image (resized to its own size) with its own patch
-        size and attends over its class token and its own grid: branch b's tokens are the
-        image side over its grid side apart. (The fusion layers, where one branch's class
-        token attends over the other branch, are cross-attention and not read.)"""
+    name = "crossvit-branch"
+    module_type = TimmAttention.module_type
+    requires = (_CrossVit,)
+    precedence = 1  # timm's plain Attention, but inside CrossViT: asked before timm-attention
+    needs_model_grid = False
 
-        name = "crossvit-branch"
-        module_type = _TimmAttention
-        needs_model_grid = False
+    def __init__(self, module: nn.Module, grid: tuple[int, int] = (0, 0), branch: int = 0) -> None:
+        super().__init__(module)
+        self.grid, self.branch = grid, branch
 
-        def __init__(self, module: nn.Module, grid: tuple[int, int] = (0, 0), branch: int = 0) -> None:
-            super().__init__(module)
-            self.grid, self.branch = grid, branch
+    @classmethod
+    def reads_in(cls, module: nn.Module, model: nn.Module, name: str) -> bool:
+        return isinstance(model, _CrossVit) and cls.reads(module) and cls._branch(name) is not None
 
-        @classmethod
-        def reads_in(cls, module: nn.Module, model: nn.Module, name: str) -> bool:
-            return isinstance(model, _CrossVit) and cls.reads(module) and cls._branch(name) is not None
+    @staticmethod
+    def _branch(name: str) -> int | None:
+        parts = name.split(".")  # blocks.<i>.blocks.<branch>.<j>.attn
+        if len(parts) == 6 and parts[0] == "blocks" and parts[2] == "blocks" and parts[5] == "attn":
+            return int(parts[3])
+        return None
 
-        @staticmethod
-        def _branch(name: str) -> int | None:
-            parts = name.split(".")  # blocks.<i>.blocks.<branch>.<j>.attn
-            if len(parts) == 6 and parts[0] == "blocks" and parts[2] == "blocks" and parts[5] == "attn":
-                return int(parts[3])
-            return None
+    @classmethod
+    def bound(cls, module: nn.Module, model: nn.Module, name: str) -> "CrossVitBranchAttention":
+        branch = cls._branch(name)
+        embed = model.patch_embed[branch]
+        grid = tuple(int(embed.img_size[axis] // embed.patch_size[axis]) for axis in (0, 1))
+        return cls(module, grid, branch)
 
-        @classmethod
-        def bound(cls, module: nn.Module, model: nn.Module, name: str) -> "CrossVitBranchAttention":
-            branch = cls._branch(name)
-            embed = model.patch_embed[branch]
-            grid = tuple(int(embed.img_size[axis] // embed.patch_size[axis]) for axis in (0, 1))
-            return cls(module, grid, branch)
+    def reading(self):
+        return fused_attn(self.module)
 
-        def reading(self):
-            return fused(self.module)
+    def geometry_key(self, call: SdpaCall) -> tuple:
+        return type(self).__name__, self.branch, tuple(call.q.shape), str(call.q.device)
 
-        def geometry_key(self, call: SdpaCall) -> tuple:
-            return type(self).__name__, self.branch, tuple(call.q.shape), str(call.q.device)
-
-        def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
-            stage = stage_geometry(*self.grid, geometry)
-            device = call.q.device
-            prefix = call.num_keys - stage.num_grid_tokens
-            centres = stage.centres(device, torch.float64)
-            queries = torch.cat([torch.full((prefix, 2), float("nan"), dtype=torch.float64, device=device), centres])
-            return CallGeometry(torch.full((call.num_queries,), -1, device=device), queries, centres, prefix,
-                                torch.arange(call.q.shape[0], device=device), grid=stage,
-                                note=f"branch {self.branch}: {self.grid[0]}x{self.grid[1]} tokens")
+    def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        stage = stage_geometry(*self.grid, geometry)
+        device = call.q.device
+        prefix = call.num_keys - stage.num_grid_tokens
+        centres = stage.centres(device, torch.float64)
+        queries = torch.cat([torch.full((prefix, 2), float("nan"), dtype=torch.float64, device=device), centres])
+        return CallGeometry(torch.full((call.num_queries,), -1, device=device), queries, centres, prefix,
+                            torch.arange(call.q.shape[0], device=device), grid=stage,
+                            note=f"branch {self.branch}: {self.grid[0]}x{self.grid[1]} tokens")
 
 
 # --- TinyViT and SAM: windows without a shift --------------------------------------------------------
 _TinyVitBlock = _timm_class("timm.models.tiny_vit", "TinyVitBlock")
 _TinyVitAttention = _timm_class("timm.models.tiny_vit", "Attention")
 
-if _TinyVitBlock is not None and _TinyVitAttention is not None:
-    @register_adapter
-    class TinyVitWindowAttention(WindowBlockAttention):
-        """TinyViT: attention (with its learned attention biases, passed as SDPA's mask) in
-        windows of the stage grid; one window when the grid is the window's size."""
 
-        name = "tinyvit-windows"
-        module_type = _TinyVitBlock
+@register_adapter
+class TinyVitWindowAttention(WindowBlockAttention):
+    """TinyViT: attention (with its learned attention biases, passed as SDPA's mask) in
+    windows of the stage grid; one window when the grid is the window's size."""
 
-        @classmethod
-        def reads(cls, module: nn.Module) -> bool:
-            return (super().reads(module) and type(module.attn).forward is _TinyVitAttention.forward
-                    and hasattr(module.attn, "fused_attn"))
+    name = "tinyvit-windows"
+    module_type = _TinyVitBlock
+    requires = (_TinyVitBlock, _TinyVitAttention)
 
-        def window(self) -> tuple[int, int]:
-            height, width = self.resolution
-            size = int(self.module.window_size)
-            return (height, width) if (height, width) == (size, size) else (size, size)
+    @classmethod
+    def reads(cls, module: nn.Module) -> bool:
+        return (super().reads(module) and type(module.attn).forward is _TinyVitAttention.forward
+                and hasattr(module.attn, "fused_attn"))
+
+    def window(self) -> tuple[int, int]:
+        height, width = self.resolution
+        size = int(self.module.window_size)
+        return (height, width) if (height, width) == (size, size) else (size, size)
 
 
 def _sam_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -597,25 +625,27 @@ def _sam_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
 _SamBlock = _timm_class("timm.models.vision_transformer_sam", "Block")
 _SamAttention = _timm_class("timm.models.vision_transformer_sam", "Attention")
 
-if _SamBlock is not None and _SamAttention is not None:
-    @register_adapter
-    class SamWindowAttention(WindowBlockAttention):
-        """SAM's ViT: most blocks attend in windows (no shift), some over the whole grid, all
-        with a decomposed relative position bias."""
 
-        name = "sam-windows"
-        module_type = _SamBlock
+@register_adapter
+class SamWindowAttention(WindowBlockAttention):
+    """SAM's ViT: most blocks attend in windows (no shift), some over the whole grid, all
+    with a decomposed relative position bias."""
 
-        @classmethod
-        def reads(cls, module: nn.Module) -> bool:
-            return super().reads(module) and type(module.attn).forward is _SamAttention.forward
+    name = "sam-windows"
+    module_type = _SamBlock
+    requires = (_SamBlock, _SamAttention)
+    copies = copied(_SamAttention, "f0355c1a5174616c")
 
-        def window(self) -> tuple[int, int]:
-            size = int(self.module.window_size)
-            return (size, size) if size > 0 else self.resolution
+    @classmethod
+    def reads(cls, module: nn.Module) -> bool:
+        return super().reads(module) and type(module.attn).forward is _SamAttention.forward
 
-        def attention_reading(self):
-            return forward_replaced(self.attention, _sam_attention_forward)
+    def window(self) -> tuple[int, int]:
+        size = int(self.module.window_size)
+        return (size, size) if size > 0 else self.resolution
+
+    def attention_reading(self):
+        return forward_replaced(self.attention, _sam_attention_forward)
 
 
 # --- Twins: locally grouped windows, and global sub-sampled keys --------------------------------------
@@ -645,32 +675,35 @@ def _lsa_forward(self, x: torch.Tensor, size) -> torch.Tensor:
 _LocallyGrouped = _timm_class("timm.models.twins", "LocallyGroupedAttn")
 _GlobalSubSample = _timm_class("timm.models.twins", "GlobalSubSampleAttn")
 
-if _LocallyGrouped is not None:
-    @register_adapter
-    class LocallyGroupedAttention(StageSizedAttention):
-        """Twins' locally grouped attention: windows of `ws` tokens of the stage grid."""
 
-        name = "twins-local-windows"
-        module_type = _LocallyGrouped
+@register_adapter
+class LocallyGroupedAttention(StageSizedAttention):
+    """Twins' locally grouped attention: windows of `ws` tokens of the stage grid."""
 
-        def attention_path(self):
-            return forward_replaced(self.module, _lsa_forward)
+    name = "twins-local-windows"
+    module_type = _LocallyGrouped
+    requires = (_LocallyGrouped,)
+    copies = copied(_LocallyGrouped, "7ec97a50680a57b4")
 
-        def geometry_key(self, call: SdpaCall) -> tuple:
-            return type(self).__name__, self.resolution, int(self.module.ws), tuple(call.q.shape), str(call.q.device)
+    def attention_path(self):
+        return forward_replaced(self.module, _lsa_forward)
 
-        def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
-            height, width = self.resolution
-            size = int(self.module.ws)
-            per_image = math.ceil(height / size) * math.ceil(width / size)
-            return window_geometry(call, stage_geometry(height, width, geometry), (size, size), per_image,
-                                   f"windows of {size}x{size} tokens")
+    def geometry_key(self, call: SdpaCall) -> tuple:
+        return type(self).__name__, self.resolution, int(self.module.ws), tuple(call.q.shape), str(call.q.device)
 
-if _GlobalSubSample is not None:
-    @register_adapter
-    class GlobalSubSampledAttention(SpatialReductionAttention):
-        """Twins' global sub-sampled attention: keys from the stage grid reduced by a strided
-        convolution, as in PVT."""
+    def call_geometry(self, call: SdpaCall, geometry: TokenGeometry) -> CallGeometry:
+        height, width = self.resolution
+        size = int(self.module.ws)
+        per_image = math.ceil(height / size) * math.ceil(width / size)
+        return window_geometry(call, stage_geometry(height, width, geometry), (size, size), per_image,
+                               f"windows of {size}x{size} tokens")
 
-        name = "twins-global-subsampled"
-        module_type = _GlobalSubSample
+
+@register_adapter
+class GlobalSubSampledAttention(SpatialReductionAttention):
+    """Twins' global sub-sampled attention: keys from the stage grid reduced by a strided
+    convolution, as in PVT."""
+
+    name = "twins-global-subsampled"
+    module_type = _GlobalSubSample
+    requires = (_GlobalSubSample,)

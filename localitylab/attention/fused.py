@@ -5,8 +5,14 @@ reduction; this kernel is flash attention whose online softmax also accumulates,
 row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and the prefix
 logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
 compiled for this machine's CPU on first use (torch.utils.cpp_extension; about 15 s, cached
-per user; `make` does it when it creates .venv) and used where it applies: CPU, float32, no
-mask, not causal, and a probe that needs only those sums. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
+per user under a name keyed by the torch version, the CPU's instruction set and a hash of the
+source, so a checkout with another torch or another kernel builds its own; `make` does it
+when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a
+probe that needs only those sums. It is built with OpenMP, as torch itself is, so
+`at::parallel_for` spreads query tiles over every intra-op thread (`torch.set_num_threads`).
+It uses internal ATen APIs (`cpublas::brgemm`, the vectorised exp), so it is built only for the
+torch versions it was tested with (`TESTED_TORCH`); any other torch takes the torch path and
+says so once. `LOCALITYLAB_FUSED_ATTENTION=off` uses the torch path instead (it stays
 the reference the kernel is tested against); where building fails (no compiler), the torch
 path is used and that is said once.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +33,9 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_rows.cpp"
 KEY_TILE = 512  # keys per tile: a 256 x 512 tile of logits (512 KiB) stays in a core's L2
+# The torch releases (major.minor) the kernel was built and tested with: its ATen internals
+# may move in any other.
+TESTED_TORCH = ("2.14",)
 
 
 class RowSums(NamedTuple):
@@ -45,7 +55,7 @@ def wanted() -> bool:
 
 
 def _flags(capability: str) -> list[str]:
-    flags = ["-O3"]
+    flags = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for is parallel only under _OPENMP
     if capability.startswith("AVX512"):
         flags += ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
@@ -75,9 +85,26 @@ def _build_tools():
         quiet.setLevel(level)
 
 
+def tested_torch(version: str) -> bool:
+    """Whether torch `version` (e.g. "2.14.1+cu130") is one the kernel was tested with."""
+    return ".".join(version.split("+")[0].split(".")[:2]) in TESTED_TORCH
+
+
+def build_name(torch_version: str, capability: str, source: bytes) -> str:
+    """The built library's name, and so its build folder: one per torch version, instruction
+    set and kernel source (a library built against another torch is never loaded)."""
+    version = "".join(c if c.isalnum() else "_" for c in torch_version.split("+")[0])
+    digest = hashlib.sha256(source).hexdigest()[:12]
+    return f"localitylab_attention_rows_{capability.lower()}_torch{version}_{digest}"
+
+
 @functools.cache
 def load() -> bool:
-    """Build (once per machine) and load the kernel; whether it is there."""
+    """Build (once per machine and torch) and load the kernel; whether it is there."""
+    if not tested_torch(torch.__version__):
+        warnings.warn(f"attention probes use the torch path: the fused CPU kernel is built only for torch "
+                      f"{', '.join(TESTED_TORCH)} (this is torch {torch.__version__})", RuntimeWarning, stacklevel=2)
+        return False
     if hasattr(torch.ops.localitylab, "attention_rows"):
         return True
     capability = torch.backends.cpu.get_cpu_capability()
@@ -85,8 +112,9 @@ def load() -> bool:
         with _build_tools():
             from torch.utils.cpp_extension import load as build
 
-            build(name=f"localitylab_attention_rows_{capability.lower()}", sources=[str(SOURCE)],
-                  extra_cflags=_flags(capability), is_python_module=False, verbose=False)
+            build(name=build_name(torch.__version__, capability, SOURCE.read_bytes()), sources=[str(SOURCE)],
+                  extra_cflags=_flags(capability), extra_ldflags=["-fopenmp"], is_python_module=False,
+                  verbose=False)
         return True
     except Exception as err:  # no compiler, no ninja, a torch without the headers: the torch path
         first_line = (str(err).strip().splitlines() or [""])[0][:200]

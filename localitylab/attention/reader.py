@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from localitylab.attention import fused
 from localitylab.attention.adapters import AttentionAdapter, CallGeometry, SdpaCall, adapter_for
 from localitylab.attention.geometry import TokenGeometry
-from localitylab.attention.kernels import grid_pieces, keep_block_memory, kernel
+from localitylab.attention.compiled import compiled, grid_pieces, keep_block_memory
 from localitylab.errors import UserError
 
 # The default query block holds this many attention logits (rows of the call x heads x
@@ -178,7 +178,11 @@ def _find_attention_modules(model: nn.Module) -> list[AttentionLayer | UnreadLay
         if inside is not None and name.startswith(inside + "."):
             continue
         adapter = adapter_for(module, model, name)
-        if adapter is not None:
+        refusal = adapter.refusal() if adapter is not None else ""
+        if refusal:  # the adapter's copy of a timm forward is not the installed timm's: not read, and why
+            found.append(UnreadLayer(len(found), name, module, refusal))
+            inside = name
+        elif adapter is not None:
             found.append(AttentionLayer(len(found), name, module, adapter))
             inside = name
         elif looks_like_attention(module) and not any(
@@ -205,11 +209,11 @@ def default_query_block(rows: int, heads: int, keys: int, device: torch.device |
 def softmax_pieces(layer: int, logits: torch.Tensor, where: CallGeometry, rows: torch.Tensor,
                    values: torch.Tensor | None = None) -> tuple[AttentionBlock, torch.Tensor | None]:
     """An `AttentionBlock` from one block of logits (one exponential per grid logit, in the
-    fused passes of `kernels.grid_pieces`) and, given the call's grid `values`, the block's
+    passes of `compiled.grid_pieces`) and, given the call's grid `values`, the block's
     weights @ values, the numerator of its rows of the output."""
     prefix = where.num_prefix_keys
     grid = logits[..., prefix:]
-    weights, grid_max, total, weighted = kernel(grid_pieces, grid.shape[-1])(grid)
+    weights, grid_max, total, weighted = compiled(grid_pieces, grid.shape[-1])(grid)
     numerator = weights @ values if values is not None else None
     prefix_lse = logits[..., :prefix].logsumexp(dim=-1) if prefix else None
     return AttentionBlock(layer, logits, weights, total, grid_max, weighted, prefix_lse, rows, where), numerator
@@ -224,6 +228,16 @@ def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, 
         raise UserError("attention probes read a model in eval mode; this attention call applies dropout")
     keys, values = call.keys_and_values()
     batch, heads, num_queries, _ = call.q.shape
+    if (not needs_weights and len(rows) and 2 * len(rows) >= num_queries
+            and fused.applies(call.q, call.attn_mask, call.is_causal)):
+        # Every query row through the kernel (the few rows not read, prefix queries, cost less
+        # there than a gather, a scatter and an SDPA call of their own); the rows read consumed.
+        sums = fused.attention_rows(call.q, keys, values, call.scale_factor, where.num_prefix_keys,
+                                    where.query_centres, where.key_centres, query_block)
+        grid_max, total, shifted, distance, prefix_lse = (part[..., rows] for part in sums[1:])
+        consume(AttentionBlock(layer, None, None, total, grid_max.unsqueeze(-1), shifted,
+                               prefix_lse if where.num_prefix_keys else None, rows, where, distance))
+        return sums.out
     out = call.q.new_empty(batch, heads, num_queries, values.shape[-1])
     dtype = call.q.dtype if call.q.dtype in (torch.float32, torch.float64) else torch.float32
     read = torch.zeros(num_queries, dtype=torch.bool, device=call.q.device)
@@ -239,7 +253,7 @@ def attend(layer: int, call: SdpaCall, where: CallGeometry, rows: torch.Tensor, 
             out[..., others, :] = original(call.q[..., others, :], call.k, call.v, attn_mask=mask,
                                            scale=call.scale, enable_gqa=call.enable_gqa)
     prefix = where.num_prefix_keys
-    if not needs_weights and len(rows) and fused.applies(call.q, call.attn_mask, call.is_causal):
+    if not needs_weights and len(rows) and fused.applies(call.q, call.attn_mask, call.is_causal):  # a few rows read
         sums = fused.attention_rows(call.q[..., rows, :], keys, values, call.scale_factor, prefix,
                                     where.query_centres[rows], where.key_centres, query_block)
         out[..., rows, :] = sums.out

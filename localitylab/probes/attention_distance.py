@@ -25,7 +25,7 @@ import torch
 from pydantic import field_validator
 
 from localitylab.attention import AttentionBlock, TokenGeometry, pixel_distances, unread_attention_layers
-from localitylab.attention.kernels import kernel, weighted_distance
+from localitylab.attention.compiled import compiled, weighted_distance
 from localitylab.probes.attention_probe import AttentionProbe
 from localitylab.probes.base import Measurements, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
@@ -70,7 +70,7 @@ def block_row_values(block: AttentionBlock) -> dict[str, torch.Tensor]:
     else:
         weights = block.grid_weights
         centres = block.query_centres.to(weights.dtype), block.where.key_centres.to(weights.dtype)
-        weighted = kernel(weighted_distance, weights.shape[-1])(weights, *centres)
+        weighted = compiled(weighted_distance, weights.shape[-1])(weights, *centres)
     attended = weighted / block.grid_total
     num_keys = block.where.key_centres.shape[0]
     entropy = block.entropy() / math.log(num_keys) if num_keys > 1 else torch.full_like(attended, float("nan"))

@@ -1,11 +1,11 @@
-"""The elementwise passes over a block of attention logits, eager or compiled.
+"""The elementwise passes over a block of attention logits, eager or compiled (torch.compile).
 
 A block of logits is read for its row maxima, then once more for the weights
 w = exp(s - m), their sum Z and sum w (s - m) (the entropy's term); the attention-distance
 probe reads w once more with the pixel distances, which it computes in place rather than
 reading a table. Eagerly each of these is a separate pass over memory; `torch.compile`
 fuses them into one or two loops, 4-9x faster on a CPU (benchmarks/RESULTS.md), which is
-what brings the probe near the cost of the model's own fused attention on long sequences.
+what brings the probe near the cost of the model's own SDPA attention on long sequences.
 
 Compiling costs seconds to a minute the first time in a process (inductor caches its
 kernels on disk), so it is used where it pays: `LOCALITYLAB_COMPILE_ATTENTION=auto` (the
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 COMPILE_FROM_KEYS = 4096
-_compiled: dict[str, Callable | None] = {}
+_COMPILED: dict[str, Callable | None] = {}  # per function name; None: compiling failed
 
 # glibc's mallopt parameters (malloc.h), and what the reader sets them to.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -56,25 +56,25 @@ def mode() -> str:
     return value if value in ("auto", "on", "off") else "auto"
 
 
-def kernel(function: Callable, num_keys: int) -> Callable:
+def compiled(function: Callable, num_keys: int) -> Callable:
     """`function`, compiled where that pays (see the module's note), else as it is."""
     wanted = mode()
     if wanted == "off" or (wanted == "auto" and num_keys < COMPILE_FROM_KEYS):
         return function
     name = function.__name__
-    if name not in _compiled:
-        _compiled[name] = torch.compile(function, dynamic=True)
-    compiled = _compiled[name]
-    if compiled is None:
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(function, dynamic=True)
+    found = _COMPILED[name]
+    if found is None:
         return function
 
     def guarded(*args):
         try:
-            return compiled(*args)
+            return found(*args)
         except Exception as err:  # a machine without a compiler: the eager path, for the rest of the process
-            warnings.warn(f"attention kernels run eagerly: torch.compile failed ({type(err).__name__})",
+            warnings.warn(f"attention reductions run eagerly: torch.compile failed ({type(err).__name__})",
                           RuntimeWarning, stacklevel=2)
-            _compiled[name] = None
+            _COMPILED[name] = None
             return function(*args)
 
     return guarded
