@@ -141,6 +141,9 @@ def build_timm_pretrained(name: str, weights: str | Path, img_size: int | None =
             overlay["num_classes"] = classes  # the file's head is the model's: load it, strictly
     else:
         _check_has_pretrained(name)
+        from localitylab.network import hub_offline
+
+        hub_offline()  # one connection attempt: unreachable, the hub's cache only (no retries)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except _loading_errors() as err:
@@ -197,10 +200,10 @@ def _weights_error(name: str, weights: str | Path, err: Exception) -> str:
         LocalEntryNotFoundError = OfflineModeIsEnabled = HfHubHTTPError = ()  # noqa: N806
         constants = None
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        from localitylab.network import hub_offline, why_offline
+
         cache = getattr(constants, "HF_HUB_CACHE", "the hub cache")
-        offline = getattr(constants, "HF_HUB_OFFLINE", False)
-        why = ("the hub is offline (HF_HUB_OFFLINE)" if offline
-               else "the hub could not be reached")
+        why = why_offline() if hub_offline() else "the hub could not be reached"
         return (f"timm:{name}: {where} are not in the local hub cache ({cache}) and {why}; "
                 f"download them once with network, or pass --weights FILE")
     if isinstance(err, HfHubHTTPError):
