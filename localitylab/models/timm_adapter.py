@@ -30,9 +30,7 @@ def check_timm_name(name: str) -> None:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name[:6]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise UserError(f"unknown timm model {name!r}{hint}")
+        raise UserError(f"unknown timm model {name!r}{_similar_timm_names(name)}")
     architecture, tag = split_model_name_tag(name)
     if tag:
         try:
@@ -40,6 +38,18 @@ def check_timm_name(name: str) -> None:
         except RuntimeError:
             raise UserError(f"timm has no pretrained tag {tag!r} for {architecture}; tags: "
                             f"{pretrained_tags(architecture)}") from None
+
+
+def _similar_timm_names(name: str) -> str:
+    """'; did you mean: ...' with the timm names closest to `name` by edit distance (difflib's
+    ratio: `vit_smal_patch16_224` -> vit_small_patch16_224), tags matched among the pretrained."""
+    import difflib
+
+    import timm
+
+    names = timm.list_pretrained() if "." in name else timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.75)
+    return f"; did you mean: {', '.join(close)}" if close else "; see timm.list_models()"
 
 
 def pretrained_tags(architecture: str) -> str:
