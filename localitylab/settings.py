@@ -40,13 +40,23 @@ def first_error(err: ValidationError, where: str = "") -> str:
     return f"{where + ' ' if where else ''}{key}: {problem.get('msg', 'invalid').lower()}, got {value!r}"
 
 
+class SettingValueError(ValueError):
+    """A validator's ValueError that names settings (by their Python names), which the
+    InvalidSettings raised for it carries on (`UserError.settings`)."""
+
+    def __init__(self, message: str, *, settings: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.settings = tuple(settings)
+
+
 class InvalidSettings(UserError):
     """The UserError for settings that do not validate: the one line, and pydantic's first
     problem (`problem["loc"]`, `problem["type"]`) for callers that word it their own way."""
 
     def __init__(self, err: ValidationError, where: str = "") -> None:
-        super().__init__(first_error(err, where))
         self.problem = err.errors(include_url=False)[0]
+        error = (self.problem.get("ctx") or {}).get("error")
+        super().__init__(first_error(err, where), settings=tuple(getattr(error, "settings", ())))
 
 
 def parse_settings(cls: type[S], data: Mapping[str, Any], where: str = "") -> S:
