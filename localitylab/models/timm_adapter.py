@@ -104,22 +104,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict into `model`; a shape or key mismatch is a UserError naming it."""
+    """Load a state dict into `model`; a shape or key mismatch is one UserError line naming
+    the first tensor (in the model's order) that disagrees."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+            parts.append(f"{len(wrong)} with other shapes, the first {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)}")
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing (the first {missing[0]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise UserError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+            parts.append(f"{len(unexpected)} unexpected (the first {unexpected[0]})")
+        raise UserError(f"weights in {path} do not fit the model: " + "; ".join(parts)
+                        + "; the model is built from the data set's shapes and model_kw",
+                        setting="model_kw")
     model.load_state_dict(state)
 
 
