@@ -92,7 +92,7 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
 def looks_like_path(name: str) -> bool:
     """Whether `name`, not a model name, was meant as a path: a '/' that is not a patch size
     (`runs/pit-n-digits`), a `.pt`/`.safetensors` file, or a path start ('.', '~')."""
-    family, patch = split_model_name(name)
+    family, _ = split_model_name(name)
     return ("/" in family or name.endswith((".pt", ".pth", ".safetensors", ".json")) or name.startswith((".", "~"))
             or "\\" in name)
 
