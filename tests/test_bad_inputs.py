@@ -685,6 +685,10 @@ def test_hub_unreachable_is_one_line_without_retries(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     network.reset()
+    import huggingface_hub.file_download  # noqa: F401 - imports before the clock: it times the network part
+    import timm  # noqa: F401
+
+    import localitylab.probes  # noqa: F401
     try:
         started = time.monotonic()
         result = run_cli(["probe", "attention-distance", "timm:test_vit.r160_in1k", "--pretrained",
@@ -698,6 +702,30 @@ def test_hub_unreachable_is_one_line_without_retries(tmp_path, monkeypatch):
     assert "Retry" not in result.err and not (tmp_path / "out").exists()
     assert took < 10, f"{took:.1f} s: the hub was retried"  # a guard only: retries took about 55 s
     assert not constants.HF_HUB_OFFLINE  # reset() undid what the module switched
+
+
+def test_hf_data_set_with_the_hub_unreachable_is_one_line(tmp_path, monkeypatch):
+    """`train pit-n hf:NAME` with the hub unreachable and nothing cached: one line naming why."""
+    import datasets
+    from huggingface_hub import constants
+
+    from localitylab import network
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    network.reset()
+    try:
+        result = run_cli(["train", "pit-n", "hf:uoft-cs/cifar10", "--out", str(tmp_path / "out")])
+    finally:
+        network.reset()
+    assert_one_line_error(result, "hf:uoft-cs/cifar10 is not in the local Hugging Face cache and the hub "
+                                  "(http://127.0.0.1:9) could not be reached")
+    assert "Retry" not in result.err and not (tmp_path / "out").exists()
 
 
 def test_download_with_no_network_says_once_what_to_put_where(tmp_path, monkeypatch):
