@@ -104,26 +104,62 @@ def evaluate_cmd(
 
 @app.command()
 def models(
-    img_size: int = typer.Option(32, help="Image size to describe the models at."),
-    in_chans: int = typer.Option(3, help="Input channels."),
-    num_classes: int = typer.Option(100, help="Classes."),
+    data: Optional[str] = typer.Option(None, help="Describe the models on this data set (its image size, "
+                                       "channels and classes), e.g. digits."),
+    img_size: Optional[int] = typer.Option(None, help="Image size to describe the models at (default 32)."),
+    in_chans: Optional[int] = typer.Option(None, help="Input channels (default 3)."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes (default 100)."),
 ) -> None:
     """The model zoo: parameters, tokens per image and patch size at a given image shape.
 
-    Example: localitylab models --img-size 8 --in-chans 1 --num-classes 10
+    Example: localitylab models --data digits
     """
-    from rich.console import Console
-    from rich.table import Table
-
     from localitylab.models.zoo import zoo_rows
 
-    table = Table(title=f"localitylab models at {img_size}x{img_size}x{in_chans}, {num_classes} classes")
-    for column in ("name", "kind", "params", "patch", "tokens/image", "description"):
-        table.add_column(column, justify="right" if column in ("params", "patch", "tokens/image") else "left")
+    shape = (32, 3, 100)
+    if data is not None:
+        shape = _data_shape(data)
+    img_size, in_chans, num_classes = (given if given is not None else default for given, default in
+                                       zip((img_size, in_chans, num_classes), shape))
+    where = f" on {data}" if data else ""
+    table = _table(f"localitylab models{where} at {img_size}x{img_size}x{in_chans}, {num_classes} classes",
+                   ("name", "kind", "params", "patch", "tokens/image", "description"),
+                   right=("params", "patch", "tokens/image"))
     for row in zoo_rows(img_size, in_chans, num_classes):
         table.add_row(row["name"], row["kind"], f"{row['params'] / 1e6:.2f}M", row["patch"], row["tokens"], row["summary"])
-    Console().print(table)
+    _print_table(table)
     print("Any timm model: timm:NAME (with --model-kw key=value and --weights FILE).")
+
+
+def _data_shape(name: str) -> tuple[int, int, int]:
+    """(image size, channels, classes) of a data set: known without loading it, or read from
+    the data set where it is here (the bundled digits; a folder: needs its --img-size)."""
+    from localitylab.data.registry import known_shape, load_dataset
+
+    shape = known_shape(name)
+    if shape is not None:
+        return shape.img_size, shape.in_chans, shape.num_classes
+    info = load_dataset(name).info
+    return info.img_size, info.in_chans, info.num_classes
+
+
+WIDTH = 80  # listings fit a terminal of 80 columns: long cells wrap, nothing is cut
+
+
+def _table(title: str, columns, right=()):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+    return table
+
+
+def _print_table(table) -> None:
+    from rich.console import Console
+
+    console = Console()
+    Console(width=min(console.width, WIDTH) if console.is_terminal else WIDTH).print(table)
 
 
 @app.command()
@@ -132,21 +168,16 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, help="Where data sets
 
     Example: localitylab datasets --data-dir ~/data
     """
-    from rich.console import Console
-    from rich.table import Table
-
     from cli.errors import said
     from localitylab.data import DataOptions, dataset_entries
     from localitylab.train.config import TrainConfig
 
     options, settings = DataOptions(data_dir=data_dir), TrainConfig.model_fields
-    table = Table(title="localitylab data sets")
-    for column in ("name", "what", "here?", "defaults (for what you leave unset)"):
-        table.add_column(column)
+    table = _table("localitylab data sets", ("name", "what", "here?", "defaults (for what you leave unset)"))
     for entry in dataset_entries():
         table.add_row(entry.pattern, said(entry.summary, settings), said(entry.availability(options), settings),
                       entry.defaults_for(entry.pattern).describe())
-    Console().print(table)
+    _print_table(table)
 
 
 def probe(
@@ -183,6 +214,8 @@ def probe(
 
     given = {**parse_model_kw(opt, "--opt"), **(settings or {})}
     common = {key: given.pop(key) for key in list(given) if key in ProbeSettings.model_fields}
+    if out is None:
+        out = _default_probe_out(source)
     request = ProbeRequest(
         source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, out=out,
         model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None, pretrained=pretrained,
@@ -191,7 +224,8 @@ def probe(
         note = ""
         if output.table["note"].ne("").all() and output.table["value"].isna().all():
             note = f" (does not apply: {output.table['note'].iloc[0]})"
-        print(f"{output.probe}: {len(output.table)} rows -> {output.csv}{note}")
+        rows = len(output.table)
+        print(f"{output.probe}: {rows} row{'' if rows == 1 else 's'} -> {output.csv}{note}")
         for figure in output.figures:
             print(f"  figure: {figure}")
 
@@ -284,6 +318,17 @@ def _print_quality(table) -> None:
         print(f"{model}{f' ({setting})' if setting else ''}, {n} images: {'; '.join(parts)}")
 
 
+def _default_probe_out(source: str) -> Path | None:
+    """Where a probe writes without --out: a run's own probes/ folder (None: the library's
+    default), else runs/probes/<model>, never the current folder."""
+    from localitylab.io import safe_name
+    from localitylab.probes.target import is_checkpoint_source
+
+    if is_checkpoint_source(source):
+        return None
+    return Path("runs") / "probes" / safe_name(source.replace("/", "-p").replace(":", "-"))
+
+
 def _print_probe_list() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -307,7 +352,7 @@ def _print_probe_list() -> None:
 def plot(
     name: str = typer.Argument(..., help="The probe whose tables these are."),
     tables: List[Path] = typer.Argument(..., help="One or more <probe>.csv tables; models are overlaid."),
-    out: Path = typer.Option(Path("."), help="Folder for the figures."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the figures (default runs/plots/<probe>)."),
 ) -> None:
     """Draw a probe's figures from one or more tables, models overlaid.
 
@@ -322,7 +367,7 @@ def plot(
             from localitylab.errors import UserError
 
             raise UserError(f"{path} is a {', '.join(sorted(set(frame['probe'])))} table, not {name}")
-    for figure in probe_obj.plot(frames, out):
+    for figure in probe_obj.plot(frames, out if out is not None else Path("runs") / "plots" / probe_obj.name):
         print(f"figure: {figure}")
 
 
@@ -383,17 +428,25 @@ def study_show(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo's runs go."),
-    report_dir: Path = typer.Option(Path("reports/demo"), help="Where the demo's report goes."),
+    report_dir: Optional[Path] = typer.Option(None, help="Where the demo's report goes (default <out>/report)."),
+    overwrite_report: bool = typer.Option(False, help="Replace the report already in --report-dir (e.g. the "
+                                          "committed reports/demo)."),
     jobs: int = typer.Option(2, help="Pieces to run at once."),
 ) -> None:
     """The demo study: pit-n, vit-n/2 and resnet-n on digits, clean and pixel-permuted,
     every probe, one report. Re-running skips what is done.
 
-    Example: localitylab demo --out runs/demo --report-dir reports/demo
+    Example: localitylab demo --out runs/demo
     """
     from cli.study import run_study_command
+    from localitylab.errors import UserError
     from localitylab.studies import bundled_study
 
+    if report_dir is not None and not overwrite_report and any((report_dir / name).exists()
+                                                               for name in ("report.html", "report.pdf")):
+        raise UserError(f"{report_dir} already holds a report (the committed one, if it is reports/demo); pass "
+                        f"--overwrite-report to replace it, or leave --report-dir out (the report goes to "
+                        f"{out}/report)")
     raise typer.Exit(run_study_command(bundled_study("demo"), out, None, jobs, True, report_dir))
 
 

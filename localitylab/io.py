@@ -185,7 +185,21 @@ def safe_torch_load(path: str | Path) -> Any:
             ) from None
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as err:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or not a torch file): {type(err).__name__}") from None
+        raise UserError(f"{path} is not a readable checkpoint: {_unreadable_reason(path, err)}") from None
+
+
+def _unreadable_reason(path: Path, err: BaseException) -> str:
+    """Why torch could not read a file, in words: cut short, not a torch file, or torch's own first line."""
+    size = path.stat().st_size
+    head = path.read_bytes()[:4] if size else b""
+    text = " ".join(str(err).split())
+    if not size:
+        return "the file is empty"
+    if isinstance(err, EOFError) or "central directory" in text or "end of file" in text.lower():
+        return f"it is cut short ({size:,} bytes; a torch file that ends early)"
+    if head[:2] == b"PK":
+        return f"its torch archive is damaged ({text[:160] or type(err).__name__})"
+    return "it is not a torch file (truncated, or another format)"
 
 
 def safe_name(name: str) -> str:

@@ -195,13 +195,40 @@ def _pretrained_registry_study(tmp: Path) -> None:
                                     'pretrained = true\n')
 
 
+def _committed_report(tmp: Path) -> None:
+    (tmp / "report").mkdir()
+    (tmp / "report" / "report.html").write_text("<html>the committed report</html>\n")
+
+
+def _shaped_timm_weights(tmp: Path) -> None:
+    """A timm ViT shaped by --model-kw for digits (1 channel, 8x8, patch 1, width 32), its weights in a file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **SHAPED_TIMM_KW, in_chans=1, img_size=8, num_classes=10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "w.safetensors"))
+
+
+SHAPED_TIMM_KW = {"patch_size": 1, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def _truncated_idx(tmp: Path) -> None:
+    from tests.dataset_fixtures import write_idx_dataset
+
+    write_idx_dataset(tmp / "data" / "MNIST" / "raw")
+    packed = tmp / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    packed.write_bytes(packed.read_bytes()[:12])
+
+
 TRAIN_BASE = ["train", "pit-n", "digits", "--out", "{out}"]
 TRAIN = [*TRAIN_BASE, "--epochs", "1"]  # one epoch, should a case ever get as far as training
 
 CASES = [
     # names
     Case("unknown-model", "a model name not in the registry", ["train", "pit-x", "digits", "--out", "{out}"],
-         "unknown model 'pit-x'; valid:"),
+         "unknown model 'pit-x' (did you mean pit-t or pit-s or pit-n?); valid:"),
     Case("unknown-timm-model", "a timm: name timm does not have", ["train", "timm:no_such_model", "digits", "--out", "{out}"],
          "unknown timm model"),
     Case("unknown-dataset", "a data set name not in the registry", ["train", "pit-n", "places365", "--out", "{out}"],
@@ -210,6 +237,12 @@ CASES = [
          ["train", "pit-n", "web:http://x", "--out", "{out}"], "unknown data set 'web:http://x'"),
     Case("unknown-probe", "a probe name not in the registry", ["probe", "nope", "{fx}/run/ckpt.pt", "--out", "{out}"],
          "unknown probe 'nope'; valid:"),
+    Case("probe-name-typo", "a probe name one letter off", ["probe", "attention-distanse", "vit-n/2", "--out", "{out}"],
+         "unknown probe 'attention-distanse' (did you mean attention-distance"),
+    Case("timm-name-typo", "a timm name one letter off (suggested by edit distance)",
+         ["train", "timm:vit_smal_patch16_224", "digits", "--out", "{out}"], "did you mean: vit_small_patch16_224"),
+    Case("probe-run-folder-missing", "probe of a run folder that does not exist (a path, not a model name)",
+         ["probe", "all", "{tmp}/runs/pit-n-digit", "--out", "{out}"], "runs/pit-n-digit: no such file or folder"),
     Case("unknown-command", "a command that does not exist", ["frobnicate"], "No such command"),
     Case("unknown-pos-embed", "a position embedding that does not exist", [*TRAIN, "--pos-embed", "rope"],
          "unknown position embedding 'rope'"),
@@ -267,6 +300,12 @@ CASES = [
          [*TRAIN, "--model-kw", "depth=-1"], "pit-n cannot be built with {'depth': -1}"),
     Case("pos-embed-std-twice", "the position table's std given as --pos-embed-std and --model-kw, differently",
          [*TRAIN, "--pos-embed-std", "0.5", "--model-kw", "pos_embed_std=1.0"], "given twice", before_data=True),
+    Case("pos-embed-std-for-a-convnet", "--pos-embed-std for a ResNet (it has no position table)",
+         ["train", "resnet-n", "digits", "--pos-embed-std", "1.0", "--out", "{out}"],
+         "--pos-embed-std sets the initial std of a learned position table; resnet-n is a ConvNet", before_data=True),
+    Case("pos-embed-std-for-sincos", "--pos-embed-std with --pos-embed sincos (a fixed table)",
+         [*TRAIN, "--pos-embed", "sincos", "--pos-embed-std", "1.0"], "--pos-embed is 'sincos', not a learned table",
+         before_data=True),
     Case("pos-embed-std-negative", "--pos-embed-std -1", [*TRAIN, "--pos-embed-std", "-1"],
          "--pos-embed-std must be a positive number", before_data=True),
     Case("opt-no-equals", "--opt without '='", ["probe", "attention-maps", "vit-n/2", "--opt", "per_head", "--out", "{out}"],
@@ -309,6 +348,9 @@ CASES = [
     Case("mnist-missing", "MNIST not downloaded, --data-dir without it",
          ["train", "pit-n", "mnist", "--data-dir", "{tmp}/nonexistent", "--out", "{out}"],
          "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz"),
+    Case("mnist-truncated-gzip", "an MNIST file cut short (gzipped)",
+         ["train", "pit-n", "mnist", "--data-dir", "{tmp}/data", "--out", "{out}"],
+         "train-labels-idx1-ubyte.gz is not a readable gzip file", setup=_truncated_idx),
     Case("tiny-imagenet-download", "--download for Tiny-ImageNet, whose source publishes no checksum",
          ["train", "pit-n", "tiny-imagenet", "--download", "--data-dir", "{tmp}/nonexistent", "--out", "{out}"],
          "the source publishes no checksum, so localitylab does not download it"),
@@ -320,7 +362,8 @@ CASES = [
          ["train", "resnet-n", "folder:{fx}/images", "--out", "{out}"], "needs --img-size"),
     # checkpoints
     Case("checkpoint-not-torch", "a text file as a checkpoint", ["eval", "{fx}/notes.txt"], "not a readable checkpoint"),
-    Case("checkpoint-truncated", "a checkpoint cut short", ["eval", "{fx}/truncated.pt"], "not a readable checkpoint"),
+    Case("checkpoint-truncated", "a checkpoint cut short", ["eval", "{fx}/truncated.pt"],
+         "not a readable checkpoint: it is cut short"),
     Case("checkpoint-foreign", "a torch file that is not a localitylab checkpoint", ["eval", "{fx}/foreign.pt"],
          "not a localitylab checkpoint"),
     Case("checkpoint-other-model", "a checkpoint whose weights belong to another model", ["eval", "{fx}/other-model.pt"],
@@ -382,6 +425,11 @@ CASES = [
     Case("probe-pretrained-none-exist", "--pretrained for an architecture timm has no weights for",
          ["probe", "attention-distance", "timm:vit_small_patch16_18x2_224", "--pretrained", "--out", "{out}"],
          "timm has no pretrained weights for vit_small_patch16_18x2_224"),
+    Case("probe-weights-disagree-with-model-kw", "--weights FILE for a timm: model shaped by --model-kw, the "
+         "file's shapes other than the options' (patch 1 in the file, patch_size=2 given)",
+         ["probe", "attention-distance", "timm:vit_tiny_patch16_224", "--model-kw", "patch_size=2", "--model-kw",
+          "embed_dim=32", "--model-kw", "depth=3", "--model-kw", "num_heads=2", "--weights", "{tmp}/w.safetensors",
+          "--out", "{out}"], "the first pos_embed: file (1, 65, 32), model (1, 17, 32)", setup=_shaped_timm_weights),
     Case("probe-weights-of-another-model", "--weights of one timm model for another",
          ["probe", "attention-distance", "timm:test_vit2", "--weights", "{tmp}/test_vit.safetensors", "--out", "{out}"],
          "do not fit timm:test_vit2", setup=_test_vit_weights),
@@ -403,6 +451,8 @@ CASES = [
     Case("plot-other-probe-table", "plot of another probe's table",
          ["plot", "attention-distance", "{fx}/permutation.csv", "--out", "{out}"],
          "is a permutation table, not attention-distance"),
+    Case("demo-committed-report", "demo --report-dir naming a folder that holds a report (the committed reports/demo)",
+         ["demo", "--out", "{out}", "--report-dir", "{tmp}/report"], "already holds a report", setup=_committed_report),
     # studies
     Case("study-not-text", "a binary file as a study", ["study", "run", "{fx}/binary.toml", "--out", "{out}"],
          "not a study file (not UTF-8 text)"),
@@ -617,6 +667,201 @@ def test_probe_default_folder_stays_under_probes(name):
     assert out.parent == Path("probes") and out.name not in (".", "..")
 
 
+
+# --- issue 29: offline in one line, suggestions, commands that do what they say ----------------
+
+def test_hub_unreachable_is_one_line_without_retries(tmp_path, monkeypatch):
+    """--pretrained with the hub unreachable (HF_HUB_OFFLINE unset, HF_ENDPOINT a closed local
+    port: no real network): one connection attempt, then the cache only; one line, status 2.
+    Without it huggingface_hub retried five times (about 55 s, 22 lines)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from localitylab import network
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    network.reset()
+    import huggingface_hub.file_download  # noqa: F401 - imports before the clock: it times the network part
+    import timm  # noqa: F401
+
+    import localitylab.probes  # noqa: F401
+    try:
+        started = time.monotonic()
+        result = run_cli(["probe", "attention-distance", "timm:test_vit.r160_in1k", "--pretrained",
+                          "--out", str(tmp_path / "out")])
+        took = time.monotonic() - started
+        assert constants.HF_HUB_OFFLINE  # switched for the rest of the process
+    finally:
+        network.reset()
+    assert_one_line_error(result, "not in the local hub cache")
+    assert "the hub (http://127.0.0.1:9) could not be reached" in result.err
+    assert "Retry" not in result.err and not (tmp_path / "out").exists()
+    assert took < 10, f"{took:.1f} s: the hub was retried"  # a guard only: retries took about 55 s
+    assert not constants.HF_HUB_OFFLINE  # reset() undid what the module switched
+
+
+def test_hf_data_set_with_the_hub_unreachable_is_one_line(tmp_path, monkeypatch):
+    """`train pit-n hf:NAME` with the hub unreachable and nothing cached: one line naming why."""
+    import datasets
+    from huggingface_hub import constants
+
+    from localitylab import network
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    network.reset()
+    try:
+        result = run_cli(["train", "pit-n", "hf:uoft-cs/cifar10", "--out", str(tmp_path / "out")])
+    finally:
+        network.reset()
+    assert_one_line_error(result, "hf:uoft-cs/cifar10 is not in the local Hugging Face cache and the hub "
+                                  "(http://127.0.0.1:9) could not be reached")
+    assert "Retry" not in result.err and not (tmp_path / "out").exists()
+
+
+def test_download_with_no_network_says_once_what_to_put_where(tmp_path, monkeypatch):
+    """--download when the mirrors' names do not resolve: no second mirror tried, one line that
+    says once which files to put where (it said "put ... by hand" once per mirror)."""
+    import socket
+    import urllib.request
+
+    import torchvision.datasets
+
+    from localitylab.data import files
+
+    tried = []
+
+    def no_network(url, timeout=None):
+        tried.append(url)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(files, "_NO_NETWORK", [])
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["https://a.invalid/", "https://b.invalid/"])
+    result = run_cli(["train", "vit-n/4", "mnist", "--download", "--data-dir", str(tmp_path / "data"),
+                      "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz")
+    assert result.err.count("by hand") == 1 and len(tried) == 1
+    assert not list((tmp_path / "data").rglob("*.gz"))
+
+
+def test_probe_names_take_underscores():
+    from localitylab.probes import get_probe
+
+    assert get_probe("attention_distance").name == "attention-distance"
+
+
+def test_probe_and_plot_write_nothing_in_the_current_folder_but_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["probe", "attention-distance", "vit-n/2", "--images", "4"])
+    assert result.status == 0, result.err
+    table = tmp_path / "runs" / "probes" / "vit-n-p2" / "attention-distance.csv"
+    assert table.is_file()
+    result = run_cli(["plot", "attention-distance", str(table)])
+    assert result.status == 0, result.err
+    assert (tmp_path / "runs" / "plots" / "attention-distance" / "attention-distance.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_a_run_is_evaluated_on_the_data_in_its_own_data_folder(tmp_path):
+    """A run trained with --data-dir D (run.json / the checkpoint's config) reads its data set
+    from D when no --data-dir is given."""
+    import torch
+
+    from localitylab.models.registry import ModelSpec, build_model
+    from localitylab.train.checkpoint import save_checkpoint
+    from tests.dataset_fixtures import write_idx_dataset
+
+    data_dir = tmp_path / "elsewhere"
+    write_idx_dataset(data_dir / "FashionMNIST" / "raw")
+    spec = ModelSpec("resnet-n", 28, 1, 10)
+    info = {"name": "fashion-mnist", "img_size": 28, "in_chans": 1, "class_names": [str(i) for i in range(10)],
+            "mean": [0.5], "std": [0.5]}
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "run" / "ckpt.pt", {
+        "model_spec": spec.to_dict(), "model_state": build_model(spec).state_dict(), "data": info,
+        "config": {"data_dir": str(data_dir), "dataset": "fashion-mnist"}, "epoch": 1})
+    result = run_cli(["eval", str(checkpoint)])
+    assert result.status == 0, result.err
+    assert "on fashion-mnist (test, 6 images)" in result.out
+
+
+@pytest.mark.parametrize("args, title", [(["models", "--data", "digits"], "models on digits at 8x8x1, 10 classes"),
+                                         (["datasets"], "localitylab data sets")])
+def test_listings_fit_80_columns(args, title):
+    result = run_cli(args)
+    assert result.status == 0, result.err
+    assert title in result.out
+    assert max(len(line) for line in result.out.splitlines()) <= 80
+
+
+def test_a_warmup_as_long_as_the_run_is_shortened_and_said(caplog):
+    import torch.nn as nn
+
+    from localitylab.train.config import TrainConfig
+    from localitylab.train.loop import _optimiser, warmup_steps
+
+    assert warmup_steps(5, 1, 1) == 0 and warmup_steps(5, 10, 20) == 4 and warmup_steps(1, 10, 30) == 10
+    said = []
+    reporter = type("Reporter", (), {"message": lambda self, text: said.append(text)})()
+    config = TrainConfig("resnet-n", "digits", epochs=1, batch_size=64, warmup_epochs=5)
+    with caplog.at_level("WARNING"):
+        _, scheduler = _optimiser(nn.Linear(2, 2), config, 10, reporter)
+    assert said == ["warm-up of 5 epochs is at least as long as the run (1 epoch): shortened to 0 of its 1 steps "
+                    "(a fifth)"]
+    assert scheduler.warmup_t == 0 and "Cosine annealing" not in caplog.text
+
+
+def test_pos_embed_std_for_a_convnet_is_not_recorded():
+    from localitylab.errors import UserError
+    from localitylab.train.config import TrainConfig
+
+    with pytest.raises(UserError) as refused:
+        TrainConfig("resnet-n", "digits", pos_embed_std=1.0)
+    assert refused.value.settings[0] == "pos_embed_std"  # the library names the setting; the CLI, its flag
+    assert "pos_embed_std" not in TrainConfig("resnet-n", "digits").command()
+
+
+def test_shaped_timm_weights_give_the_table_of_the_same_model_probed_in_python(tmp_path):
+    """Issue 29 point 7: a timm ViT shaped by --model-kw for digits, its weights in a file, probed
+    from the command line, gives the table of the same model built in Python and probed with
+    localitylab.probe on the same images, normalised as digits are."""
+    import pandas as pd
+    import timm
+    from safetensors.torch import load_file
+
+    import localitylab
+    from localitylab.data import load_dataset
+    from localitylab.probes.target import select_images
+
+    _shaped_timm_weights(tmp_path)
+    args = [a for key, value in SHAPED_TIMM_KW.items() for a in ("--model-kw", f"{key}={value}")]
+    result = run_cli(["probe", "attention-distance", "timm:vit_tiny_patch16_224", *args, "--weights",
+                      str(tmp_path / "w.safetensors"), "--data", "digits", "--images", "8", "--out", str(tmp_path / "out")])
+    assert result.status == 0, result.err
+    cli_table = pd.read_csv(tmp_path / "out" / "attention-distance.csv")
+
+    model = timm.create_model("vit_tiny_patch16_224", **SHAPED_TIMM_KW, in_chans=1, img_size=8, num_classes=10)
+    model.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    digits = load_dataset("digits")
+    images, labels = select_images(digits, 8, seed=0)
+    api_table = localitylab.probe("attention-distance", model, images, labels, preprocessing=digits.info)
+    keys = ["metric", "layer", "head"]
+    both = cli_table.merge(api_table, on=keys, suffixes=("_cli", "_api"))
+    assert len(both) == len(api_table) == len(cli_table) > 0
+    assert both["value_cli"].to_numpy() == pytest.approx(both["value_api"].to_numpy(), rel=1e-5, abs=1e-6, nan_ok=True)
+
+
 # --- the doc ------------------------------------------------------------------------------------
 
 DOC_HEAD = """\
@@ -637,7 +882,33 @@ short); `hf-json/` is a folder of JSON lines;
 `other-model.pt` holds resnet-n weights under the name pit-n; `foreign.pt` is a plain
 `torch.save` of a dict; `malicious.pt` / `malicious.pkl` would run a shell command if
 unpickled (nothing runs); `a-file` is a file; `study.toml` is a small valid study with the
-one change the row describes; `samples` a sample set on digits; `out` is the output folder.
+one change the row describes; `samples` a sample set on digits; `out` is the output folder;
+`w.safetensors` the weights of a timm ViT shaped for digits (`--model-kw patch_size=1
+embed_dim=32 depth=3 num_heads=2`, 1 channel, 8x8); `data/` an MNIST folder with one file
+cut short; `report/` a folder holding a report.
+
+Cases that need a network that is not there, or a run of their own, are tests of their own
+in the same file (same contract: one line, status 2, nothing written):
+
+- the Hugging Face hub unreachable (`HF_HUB_OFFLINE` unset, `HF_ENDPOINT` a closed port), `probe
+  attention-distance timm:test_vit.r160_in1k --pretrained`: `timm:test_vit.r160_in1k:
+  pretrained weights are not in the local hub cache (...) and the hub (http://127.0.0.1:9)
+  could not be reached; download them once with network, or pass --weights FILE`, in well
+  under a second after the imports (one connection attempt, then offline mode for the process;
+  `hf:` data sets the same way);
+- `train vit-n/4 mnist --download` with no network (names do not resolve): `mnist: could not
+  download train-images-idx3-ubyte.gz (...: Name or service not known); put
+  train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, ... in DATA/MNIST/raw by hand`, once,
+  no second mirror tried.
+
+Commands that used to do something else than they said (tests of their own there too):
+`probe`/`plot` without `--out` write under `runs/` (`runs/probes/<model>`,
+`runs/plots/<probe>`), never into the current folder; a run trained with `--data-dir D` is
+probed and evaluated from D; `models --data NAME` describes the zoo on NAME; `models` and
+`datasets` fit 80 columns; a warm-up at least as long as the run is shortened to a fifth of
+it, and said; `--weights FILE` with `--model-kw` for a timm: model gives the table of the
+same model built and probed in Python; MNIST and Fashion-MNIST files are read by content
+(any gzip level), the MD5 kept for `--download`.
 
 Rows marked *pending* are not handled yet: the last column says what happens today and the
 fix it needs; the case is an expected failure (`xfail`) in the tests until the fix lands.

@@ -108,8 +108,8 @@ def test_hf_hub_data_set_offline_from_the_datasets_cache(hf_offline):
 
 
 def test_hf_not_cached_while_offline_is_one_line(hf_offline):
-    with pytest.raises(UserError, match="hf:someone/absent is not in the local Hugging Face cache and the Hub cannot be "
-                                        "reached"):
+    with pytest.raises(UserError, match=r"hf:someone/absent is not in the local Hugging Face cache and the hub is "
+                                        r"offline \(HF_HUB_OFFLINE\)"):
         load_dataset("hf:someone/absent")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import BinaryIO
@@ -44,30 +45,58 @@ def check_md5(path: Path, expected: str | None) -> None:
         raise UserError(f"{path} has MD5 {got}, expected {expected}: the file is damaged or not the official one")
 
 
+class DownloadFailed(UserError):
+    """A download that did not happen; `offline`: the host's name did not resolve (no network)."""
+
+    def __init__(self, message: str, reason: str = "", offline: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        self.offline = offline
+
+
+# Set once a host name failed to resolve: with no network every later download fails the same
+# way, so none is tried again in this process (no minute of retries against no network).
+_NO_NETWORK: list[str] = []
+
+
 def download(url: str, dest: Path, md5: str) -> Path:
     """Fetch `url` to `dest`, checking its MD5 before the file appears under its name."""
+    import socket
+
+    if _NO_NETWORK:
+        raise DownloadFailed(f"could not download {url}: no network ({_NO_NETWORK[0]}); put {dest.name} in "
+                             f"{dest.parent} by hand", f"no network ({_NO_NETWORK[0]})", offline=True)
     try:
         with atomic_path(dest) as tmp:
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            with urllib.request.urlopen(url, timeout=20) as response, open(tmp, "wb") as out:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
             got = md5_of(tmp)
             if got != md5:
                 raise UserError(f"download of {url} has MD5 {got}, expected {md5}; nothing was kept")
     except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"could not download {url}: {err}; put {dest.name} in {dest.parent} by hand") from None
+        reason = getattr(err, "reason", err)
+        offline = isinstance(reason, socket.gaierror)
+        if offline:
+            _NO_NETWORK.append(f"the name of {urllib.parse.urlsplit(url).hostname} did not resolve")
+        raise DownloadFailed(f"could not download {url}: {reason}; put {dest.name} in {dest.parent} by hand",
+                             str(reason), offline) from None
     return dest
 
 
 def download_first(urls: list[str], dest: Path, md5: str) -> Path:
-    """Try each mirror in turn; the error names every one that failed."""
+    """Try each mirror in turn (none once the network is found missing); the one-line error
+    names what failed and says once where to put the file by hand."""
     failures = []
     for url in urls:
         try:
             return download(url, dest, md5)
-        except UserError as err:
-            failures.append(str(err))
-    raise UserError("; ".join(failures))
+        except UserError as err:  # no connection, or a file with another MD5
+            failures.append(f"{url}: {getattr(err, 'reason', err)}")
+            if getattr(err, "offline", False):
+                break
+    raise DownloadFailed(f"could not download {dest.name} ({'; '.join(failures)}); put it in {dest.parent} by hand",
+                         "; ".join(failures), offline=bool(_NO_NETWORK))
 
 
 class HashingReader:

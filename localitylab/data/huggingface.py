@@ -93,6 +93,10 @@ def open_splits(arg: str) -> dict[str, Any]:
                                 f"'train' and 'test' (or 'validation')")
             return dict(loaded)
         source = str(local) if local.is_dir() else name
+        if not local.is_dir():
+            from localitylab.network import hub_offline
+
+            hub_offline()  # one connection attempt: unreachable, the datasets cache only (no retries)
         try:
             # Which reader the data needs, decided from its files before any builder exists
             # (a builder creates its cache folder): anything but Parquet/Arrow stops here.
@@ -104,8 +108,10 @@ def open_splits(arg: str) -> dict[str, Any]:
         except UserError:
             raise
         except ConnectionError:
-            raise UserError(f"hf:{arg} is not in the local Hugging Face cache and the Hub cannot be reached "
-                            f"(offline, or HF_HUB_OFFLINE=1); load it once online, or name a local folder") from None
+            from localitylab.network import why_offline
+
+            raise UserError(f"hf:{arg} is not in the local Hugging Face cache and {why_offline()}; load it once "
+                            f"online, or name a local folder") from None
         except Exception as err:  # noqa: BLE001 - unknown names, configs and files: datasets' own words
             raise UserError(f"hf:{arg}: {err}") from None
         if type(builder).__module__ not in ALLOWED_BUILDERS:

@@ -2,9 +2,12 @@
 
 The four files (`train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
 `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`) live where torchvision keeps them,
-DATA_DIR/MNIST/raw/ and DATA_DIR/FashionMNIST/raw/, gzipped as published or extracted (as
-torchvision's download leaves them). The gzipped files are checked against the MD5s
-torchvision pins; `download` fetches them from torchvision's mirrors.
+DATA_DIR/MNIST/raw/ and DATA_DIR/FashionMNIST/raw/, gzipped (at any compression level: a
+Linux distribution's recompressed copy is the same data) or extracted (as torchvision's
+download leaves them). Files already there are read by their content, as torchvision does
+(it checks that they exist): the IDX header (magic number, type, dimensions), 28x28 images,
+as many labels as images, labels 0-9. `download` fetches them from torchvision's mirrors
+and keeps a file only once its MD5 is the one torchvision pins.
 
 IDX is a plain array format (a 4-byte magic number saying the type and the number of
 dimensions, the dimensions as big-endian 32-bit integers, then the values): read with numpy,
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from localitylab.data.files import check_md5, data_root, download_first
+from localitylab.data.files import DownloadFailed, check_md5, data_root, download_first
 from localitylab.data.registry import DataDefaults, DataOptions, DataShape, ImageDataset, make_dataset, register_dataset
 from localitylab.errors import UserError
 
@@ -82,16 +85,34 @@ def read_idx(raw: bytes, where: str, ndim: int) -> np.ndarray:
 
 
 def _read_file(folder: Path, name: str, md5s: dict[str, str] | None) -> tuple[bytes, str]:
-    """The bytes of `name` (extracted) or `name.gz` (checked against its MD5), and the path read."""
+    """The IDX bytes of `name` or `name.gz` (gzipped or not, whatever its name says), and the
+    path read; checked against `md5s` when given."""
     plain, packed = folder / name, folder / f"{name}.gz"
-    if plain.is_file():
-        return plain.read_bytes(), str(plain)
+    path = plain if plain.is_file() else packed
     if md5s is not None:
-        check_md5(packed, md5s.get(packed.name))
+        check_md5(path, md5s.get(path.name))
+    raw = path.read_bytes()
+    if raw[:2] != GZIP_MAGIC:
+        return raw, str(path)
     try:
-        return gzip.decompress(packed.read_bytes()), str(packed)
+        return gzip.decompress(raw), str(path)
     except (OSError, EOFError, zlib.error) as err:
-        raise UserError(f"{packed} is not a readable gzip file: {err}") from None
+        raise UserError(f"{path} is not a readable gzip file (cut short or damaged): {err}") from None
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _check_content(variant: "IdxVariant", split: str, images: np.ndarray, labels: np.ndarray, folder: Path,
+                   where: str) -> None:
+    """What makes the files this data set: 28x28 images, one label (0-9) for each."""
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{variant.name} {split}: the images in {folder} are {images.shape[1]}x{images.shape[2]}; "
+                        f"{variant.name} images are 28x28")
+    if len(images) != len(labels):
+        raise UserError(f"{variant.name} {split}: {len(images)} images but {len(labels)} labels in {folder}")
+    if len(labels) and int(labels.max()) >= 10:
+        raise UserError(f"{where}: label {int(labels.max())} is not one of the 10 classes")
 
 
 def _missing(folder: Path) -> list[str]:
@@ -99,13 +120,13 @@ def _missing(folder: Path) -> list[str]:
     return [f"{name}.gz" for name in names if not (folder / name).is_file() and not (folder / f"{name}.gz").is_file()]
 
 
-def load_idx_variant(variant: IdxVariant | str, options: DataOptions, md5s: dict[str, str] | None | str = "official"
+def load_idx_variant(variant: IdxVariant | str, options: DataOptions, md5s: dict[str, str] | None = None
                      ) -> ImageDataset:
-    """Load MNIST or Fashion-MNIST. `md5s='official'` checks gzipped files against torchvision's
-    MD5s; tests with miniature files pass their own digests, or None to skip."""
+    """Load MNIST or Fashion-MNIST, the files checked by their content; `md5s` (file name ->
+    digest), when given, also pins the files' MD5s."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
     folder = data_root(options.data_dir) / variant.folder
-    expected = variant.md5s() if md5s == "official" else md5s
+    expected = md5s
     missing = _missing(folder)
     if missing:
         if not options.download:
@@ -114,17 +135,18 @@ def load_idx_variant(variant: IdxVariant | str, options: DataOptions, md5s: dict
         dataset = variant.torchvision_dataset()
         official = variant.md5s()
         for name in missing:
-            download_first([f"{mirror}{name}" for mirror in dataset.mirrors], folder / name, official[name])
+            try:
+                download_first([f"{mirror}{name}" for mirror in dataset.mirrors], folder / name, official[name])
+            except DownloadFailed as err:
+                raise UserError(f"{variant.name}: could not download {name} ({err.reason}); put "
+                                f"{', '.join(missing)} in {folder} by hand") from None
     splits = {}
     for split, (images_name, labels_name) in FILES.items():
         raw, where = _read_file(folder, images_name, expected)
         images = read_idx(raw, where, 3)
         raw, where = _read_file(folder, labels_name, expected)
         labels = read_idx(raw, where, 1)
-        if len(images) != len(labels):
-            raise UserError(f"{variant.name} {split}: {len(images)} images but {len(labels)} labels in {folder}")
-        if len(labels) and int(labels.max()) >= 10:
-            raise UserError(f"{where}: label {int(labels.max())} is not one of the 10 classes")
+        _check_content(variant, split, images, labels, folder, where)
         splits[split] = (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
     return make_dataset(variant.name, *splits["train"], *splits["test"], variant.class_names(),
                         **variant.defaults.augmentation())

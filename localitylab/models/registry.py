@@ -17,7 +17,7 @@ from localitylab.errors import UserError
 from localitylab.models.spec import POS_EMBED_KINDS, POS_EMBEDS, ModelSpec, split_model_name
 from localitylab.models.timm_adapter import build_timm_model
 
-__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "default_pos_embed", "is_model_name", "model_entries", "model_kind", "parse_model_name",
+__all__ = ["POS_EMBEDS", "ModelEntry", "ModelSpec", "build_model", "default_pos_embed", "is_model_name", "looks_like_path", "model_entries", "model_kind", "parse_model_name",
            "register_model", "spec_for_data", "valid_names_hint"]
 
 
@@ -75,7 +75,11 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
     family, patch = split_model_name(name)
     entry = _MODELS.get(family)
     if entry is None:
-        raise UserError(f"unknown model {name!r}; valid: {valid_names_hint()}")
+        if looks_like_path(name):
+            raise UserError(f"{name}: no such file or folder (it looks like a path to a checkpoint or a run "
+                            f"folder, not a model name)")
+        raise UserError(f"unknown model {name!r}{_did_you_mean(family, [e.name for e in _MODELS.values()])}; "
+                        f"valid: {valid_names_hint()}")
     if entry.takes_patch and patch is None:
         raise UserError(f"model {name!r} needs a patch size, e.g. {family}/2")
     if not entry.takes_patch and patch is not None:
@@ -83,6 +87,21 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
     if patch is not None and patch < 1:
         raise UserError(f"patch size must be at least 1, got {patch}")
     return family, patch
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name`, not a model name, was meant as a path: a '/' that is not a patch size
+    (`runs/pit-n-digits`), a `.pt`/`.safetensors` file, or a path start ('.', '~')."""
+    family, _ = split_model_name(name)
+    return ("/" in family or name.endswith((".pt", ".pth", ".safetensors", ".json")) or name.startswith((".", "~"))
+            or "\\" in name)
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def is_model_name(name: str) -> bool:

@@ -30,9 +30,7 @@ def check_timm_name(name: str) -> None:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name[:6]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise UserError(f"unknown timm model {name!r}{hint}")
+        raise UserError(f"unknown timm model {name!r}{_similar_timm_names(name)}")
     architecture, tag = split_model_name_tag(name)
     if tag:
         try:
@@ -40,6 +38,18 @@ def check_timm_name(name: str) -> None:
         except RuntimeError:
             raise UserError(f"timm has no pretrained tag {tag!r} for {architecture}; tags: "
                             f"{pretrained_tags(architecture)}") from None
+
+
+def _similar_timm_names(name: str) -> str:
+    """'; did you mean: ...' with the timm names closest to `name` by edit distance (difflib's
+    ratio: `vit_smal_patch16_224` -> vit_small_patch16_224), tags matched among the pretrained."""
+    import difflib
+
+    import timm
+
+    names = timm.list_pretrained() if "." in name else timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.75)
+    return f"; did you mean: {', '.join(close)}" if close else "; see timm.list_models()"
 
 
 def pretrained_tags(architecture: str) -> str:
@@ -94,22 +104,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict into `model`; a shape or key mismatch is a UserError naming it."""
+    """Load a state dict into `model`; a shape or key mismatch is one UserError line naming
+    the first tensor (in the model's order) that disagrees."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with other shapes (e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+            parts.append(f"{len(wrong)} with other shapes, the first {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(own[k].shape)}")
         if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            parts.append(f"{len(missing)} missing (the first {missing[0]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise UserError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+            parts.append(f"{len(unexpected)} unexpected (the first {unexpected[0]})")
+        raise UserError(f"weights in {path} do not fit the model: " + "; ".join(parts)
+                        + "; the model is built from the data set's shapes and model_kw",
+                        setting="model_kw")
     model.load_state_dict(state)
 
 
@@ -141,6 +155,9 @@ def build_timm_pretrained(name: str, weights: str | Path, img_size: int | None =
             overlay["num_classes"] = classes  # the file's head is the model's: load it, strictly
     else:
         _check_has_pretrained(name)
+        from localitylab.network import hub_offline
+
+        hub_offline()  # one connection attempt: unreachable, the hub's cache only (no retries)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except _loading_errors() as err:
@@ -197,10 +214,10 @@ def _weights_error(name: str, weights: str | Path, err: Exception) -> str:
         LocalEntryNotFoundError = OfflineModeIsEnabled = HfHubHTTPError = ()  # noqa: N806
         constants = None
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        from localitylab.network import hub_offline, why_offline
+
         cache = getattr(constants, "HF_HUB_CACHE", "the hub cache")
-        offline = getattr(constants, "HF_HUB_OFFLINE", False)
-        why = ("the hub is offline (HF_HUB_OFFLINE)" if offline
-               else "the hub could not be reached")
+        why = why_offline() if hub_offline() else "the hub could not be reached"
         return (f"timm:{name}: {where} are not in the local hub cache ({cache}) and {why}; "
                 f"download them once with network, or give them as a file (safetensors or state dict)")
     if isinstance(err, HfHubHTTPError):

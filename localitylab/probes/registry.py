@@ -32,8 +32,15 @@ def _describe_keywords() -> None:
 
 
 def get_probe(name: str) -> Probe:
+    """The probe called `name` (`_` taken for `-`); an unknown name gets the closest valid ones."""
+    if name not in _PROBES and name.replace("_", "-") in _PROBES:
+        name = name.replace("_", "-")
     if name not in _PROBES:
-        raise UserError(f"unknown probe {name!r}; valid: {', '.join(_PROBES)}, all")
+        import difflib
+
+        close = difflib.get_close_matches(name.replace("_", "-"), list(_PROBES), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise UserError(f"unknown probe {name!r}{hint}; valid: {', '.join(_PROBES)}, all")
     return _PROBES[name]
 
 

@@ -39,7 +39,8 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
     if pretrained and not source.startswith("timm:"):
         raise UserError(f"pretrained applies to timm:NAME models (timm's own weights), not to {source}",
                         setting="pretrained")
-    if source.startswith("timm:") and (pretrained or weights):
+    # A user's weights for a timm model they shaped (model_kw) are fed as that model takes them: below.
+    if source.startswith("timm:") and (pretrained or (weights and not model_kw)):
         return load_timm_target(source, torch_device, data, options, model_kw, weights)
     if is_checkpoint_source(source):
         path = Path(source).expanduser()
@@ -68,7 +69,8 @@ def load_target(source: str, device: str = "auto", data: str | None = None, data
         load_weights(model, weights)
     model = model.to(torch_device).eval()
     name = source + (" (untrained)" if not weights else f" ({Path(weights).name})")
-    target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device)
+    target = ProbeTarget(model, spec, info, describe_model(model), name, source, torch_device,
+                         weights={"file": str(Path(weights).resolve())} if weights else {})
     _check_shapes(dataset, DataInfo(info.name, spec.img_size, spec.in_chans, info.class_names, info.mean, info.std))
     return target, dataset
 

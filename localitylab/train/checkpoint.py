@@ -123,9 +123,14 @@ class TrainedRun:
 
     def data_options(self, dataset: str, options: DataOptions) -> DataOptions:
         """How to read `dataset` for this model, as its run read it where `options` do not
-        say otherwise: resized to the run's image size, and its own data set from the hf:
-        columns the run named."""
+        say otherwise: resized to the run's image size, its own data set from the hf:
+        columns the run named, and data sets read from the run's data folder (its data_dir)
+        while that folder exists and no other is given."""
         import dataclasses
+
+        recorded = self.config.get("data_dir")
+        if options.data_dir is None and recorded and Path(recorded).expanduser().is_dir():
+            options = dataclasses.replace(options, data_dir=Path(recorded).expanduser())
 
         if options.img_size is None and takes_img_size(dataset):
             options = dataclasses.replace(options, img_size=self.data.img_size)

@@ -264,7 +264,27 @@ class TrainConfig(Settings):
         if self.task != "diffusion" and self.label_dropout != TrainConfig.model_fields["label_dropout"].default:
             raise SettingValueError("label_dropout applies to task diffusion only", "label_dropout", "task")
         self._check_model_fits_task()
+        self._check_pos_embed_std_applies()
         return self
+
+    def _check_pos_embed_std_applies(self) -> None:
+        """pos_embed_std given for a model without a learned position table is refused (it
+        would be ignored, yet recorded as the run's and in its command)."""
+        from localitylab.settings import SettingValueError
+
+        if (self.recipe_from or {}).get("pos_embed_std") != USER or takes_pos_embed_std(self):
+            return
+        from localitylab.models.registry import model_kind
+
+        try:
+            kind = model_kind(self.model)
+        except (UserError, KeyError):
+            return  # an unknown name: building the model says what is valid
+        why = {"convnet": f"{self.model} is a ConvNet: it has no position table",
+               "timm": f"{self.model} is built by timm's own arguments (model_kw)"}.get(
+            kind, f"pos_embed is {self.pos_embed!r}, not a learned table")
+        raise SettingValueError(f"pos_embed_std sets the initial std of a learned position table; {why}",
+                                "pos_embed_std", "pos_embed", "model_kw")
 
     def _check_model_fits_task(self) -> None:
         """A DiT trains only as a denoiser, and only a DiT does (its forward takes a timestep and a label)."""

@@ -103,7 +103,7 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                  "init_from": init_report.to_dict() if init_report else None, "code_version": code_version(),
                  "recipe": recipe}
     module = _fast_layout(module, config, ranks)
-    optimizer, scheduler = _optimiser(module, config, len(train_x))
+    optimizer, scheduler = _optimiser(module, config, len(train_x), reporter)
     steps_per_epoch = batches_per_epoch(len(train_x), config.batch_size)
     state = TrainState(device)
     if resumed is not None:
@@ -296,7 +296,9 @@ def _initial_weights(model: nn.Module, config: TrainConfig, resumed: dict[str, A
     return report
 
 
-def _optimiser(module: nn.Module, config: TrainConfig, n_train: int):
+def _optimiser(module: nn.Module, config: TrainConfig, n_train: int, reporter=None):
+    import logging
+
     import timm.optim
     from timm.scheduler import CosineLRScheduler
 
@@ -306,11 +308,27 @@ def _optimiser(module: nn.Module, config: TrainConfig, n_train: int):
     optimizer = timm.optim.create_optimizer_v2(module, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
                                                fused=True)
     steps_per_epoch = batches_per_epoch(n_train, config.batch_size)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
-        warmup_t=int(config.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-6, t_in_epochs=False,
-    )
+    total = config.epochs * steps_per_epoch
+    warmup = warmup_steps(config.warmup_epochs, steps_per_epoch, total)
+    if warmup != int(config.warmup_epochs * steps_per_epoch) and reporter is not None:
+        reporter.message(f"warm-up of {config.warmup_epochs:g} epochs is at least as long as the run "
+                         f"({config.epochs} epoch{'' if config.epochs == 1 else 's'}): shortened to {warmup} of its {total} steps (a fifth)")
+    timm_logger = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_logger.level
+    timm_logger.setLevel(logging.ERROR)  # "no effect" for a one-step run: said above where it matters
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=total, lr_min=config.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=1e-6, t_in_epochs=False)
+    finally:
+        timm_logger.setLevel(level)
     return optimizer, scheduler
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total: int) -> int:
+    """The warm-up in steps: as asked, unless that is the whole run or more (a run that is all
+    warm-up never reaches its learning rate): then a fifth of the run."""
+    asked = int(warmup_epochs * steps_per_epoch)
+    return asked if asked < total else total // 5
 
 
 def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:

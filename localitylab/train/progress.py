@@ -101,4 +101,4 @@ def final_message(checkpoint: Any, final: dict[str, Any], task: str = "mae") -> 
         measure = f"test accuracy {final['test_acc']:.4f}"
     else:
         measure = f"test {LOSS_NAMES.get(task, task)} loss {final['test_loss']:.4f}"
-    return f"{checkpoint}: {measure} after {final['epoch']} epochs"
+    return f"{checkpoint}: {measure} after {final['epoch']} epoch{'' if final['epoch'] == 1 else 's'}"
