@@ -95,6 +95,8 @@ def runs(tmp_path_factory):
     killed = {"checkpoint_step": read_checkpoint(root / "cut" / "ckpt.pt")["step"],
               "steps": [entry["step"] for entry in read_index(root / "cut")]}
     resumed = train(TrainConfig("resnet-n", "digits", out=root / "cut", resume=True, **RECIPE))
+    plain = train(TrainConfig("resnet-n", "digits", out=root / "plain", **{**RECIPE, "snapshots": None}))
+    killed["plain"] = read_checkpoint(plain.checkpoint)
     return whole, resumed, killed
 
 
@@ -120,13 +122,23 @@ def test_the_snapshots_are_those_of_the_schedule_and_the_run_lists_them(runs):
 def test_a_killed_and_resumed_run_keeps_the_same_snapshots_bit_for_bit(runs):
     whole, resumed, killed = runs
     # the killed run had written the moment at step 33, past its checkpoint at step 22
-    assert killed == {"checkpoint_step": 22, "steps": [0, 1, 2, 4, 8, 16, 33]}
+    assert (killed["checkpoint_step"], killed["steps"]) == (22, [0, 1, 2, 4, 8, 16, 33])
     assert read_index(resumed.run_dir) == read_index(whole.run_dir)  # steps, epochs, test figures
     for entry in read_index(whole.run_dir):
         a = localitylab.load(whole.run_dir, step=entry["step"]).state_dict()
         b = localitylab.load(resumed.run_dir, step=entry["step"]).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[key], b[key]) for key in a), entry["step"]
+
+
+def test_keeping_snapshots_changes_nothing_in_the_training(runs):
+    """Their evaluations between epoch ends draw nothing from the generators training uses."""
+    whole, _, killed = runs
+    plain, final = killed["plain"], read_checkpoint(whole.checkpoint)
+    assert all(torch.equal(value, final["model_state"][key]) for key, value in plain["model_state"].items())
+    assert plain["history"] == [{**row, "epoch_time_s": mine["epoch_time_s"], "images_per_s": mine["images_per_s"]}
+                                for row, mine in zip(final["history"], plain["history"], strict=True)]
+    assert plain["snapshots"] == [] and not (whole.run_dir.parent / "plain" / "snapshots").exists()
 
 
 def test_the_snapshot_at_step_0_is_the_untrained_model_of_the_seed(runs):
@@ -157,3 +169,38 @@ def test_a_moment_the_run_did_not_keep_is_an_error_listing_the_kept_ones(runs, t
         localitylab.load(whole.run_dir, epoch=2)
     with pytest.raises(UserError, match="not both"):
         localitylab.load(whole.run_dir, step=0, epoch=0)
+
+
+# --- what a plan counts ----------------------------------------------------------------------------
+STUDY = """
+[study]
+name = "snap"
+dataset = "digits"
+
+[recipe]
+epochs = 10
+batch_size = 32
+snapshots = "every:5"
+
+[[models]]
+model = "resnet-n"
+
+[[models]]
+model = "vit-n/2"
+snapshots = [0, 1, 2, 4]
+"""
+
+
+def test_study_show_counts_each_runs_snapshots_and_their_weights_in_its_estimate(tmp_path):
+    from localitylab.models.registry import build_model
+    from localitylab.studies.runner import describe_plan
+    from localitylab.studies.spec import load_study
+    from localitylab.train.snapshots import WRITE_BYTES_PER_S, planned_snapshots
+
+    spec = tmp_path / "snap.toml"
+    spec.write_text(STUDY)
+    rows = {row["model"]: row for row in describe_plan(load_study(spec), tmp_path / "out")["runs"]}
+    assert (rows["resnet-n"]["snapshots"], rows["vit-n/2"]["snapshots"]) == (3, 4)  # epochs 0, 5, 10; 0, 1, 2, 4
+    config = TrainConfig("vit-n/2", "digits", epochs=10, batch_size=32, snapshots="0,1,2,4")
+    parameters = sum(p.numel() for p in build_model(ModelSpec("vit-n/2", 8, 1, 10)).parameters())
+    assert planned_snapshots(config, 1437, parameters) == (4, 4 * 4 * parameters / WRITE_BYTES_PER_S)

@@ -117,6 +117,20 @@ def snapshot_steps(spec: SnapshotSpec | None, steps_per_epoch: int, epochs: int)
     return tuple(epoch * steps_per_epoch for epoch in spec.epochs if epoch <= epochs)
 
 
+# What a plan assumes a snapshot costs: one write of the weights (float32) at this speed, a
+# modest disk's; the evaluation a moment between epoch ends adds is one test pass, left out.
+WRITE_BYTES_PER_S = 200e6
+
+
+def planned_snapshots(config: Any, train_images: int, parameters: int) -> tuple[int, float]:
+    """(snapshots, seconds writing them) of a run planned with `config` (a TrainConfig)."""
+    from localitylab.data.batching import batches_per_epoch
+
+    steps = snapshot_steps(parse_snapshots(config.snapshots), batches_per_epoch(train_images, config.batch_size),
+                           config.epochs)
+    return len(steps), len(steps) * 4 * parameters / WRITE_BYTES_PER_S
+
+
 def file_name(step: int) -> str:
     return f"step-{step:06d}.safetensors"
 
