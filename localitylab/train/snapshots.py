@@ -158,10 +158,16 @@ class SnapshotWriter:
     def resume_at(self, step: int) -> None:
         """Forget (and delete) moments past the checkpoint: a killed run wrote them, and the
         resumed run writes again the ones its schedule has."""
-        for later in [s for s in self.entries if s > step]:
-            (self.folder / self.entries.pop(later)["file"]).unlink(missing_ok=True)
-        if self.writes and self.folder.is_dir():
+        if not self.writes:
+            return
+        later = [s for s in self.entries if s > step]
+        for moment in later:
+            self.entries.pop(moment)
+        if later:
             self._write_index()
+        for path in self.folder.glob("step-*.safetensors"):  # listed or not (killed before the index was)
+            if path.stem[len("step-"):].isdigit() and int(path.stem[len("step-"):]) > step:
+                path.unlink(missing_ok=True)
 
     def write(self, state_dict: dict[str, Any], step: int, test: dict[str, Any]) -> None:
         """Keep the weights after `step`, with its epoch and test figures (test_loss, test_acc)."""
