@@ -6,6 +6,10 @@ MAE pre-training, diffusion) and for one process or many (torchrun + DDP).
     -> per-step warm-up + cosine -> evaluate each epoch -> checkpoint + metrics.csv
     (and, at the moments `--snapshots` names, the weights: localitylab.train.snapshots)
 
+In code, in the order it runs: `_train` -> `_set_up` (data, seeded model, task, optimiser,
+the resumed state) -> per epoch `_train_epoch` (`_step` per batch; `_stop` on a signal)
+-> `_end_epoch` (`_test`, `_snapshot_if_due`, `_save`). `Training` holds what they share.
+
 Reproducibility: batch i of epoch e draws its crops, flips, masks, noise and dropout from seeds
 derived from (seed, e, i) alone. A run resumed from any checkpoint, whether written at the
 end of an epoch or mid-epoch on SIGINT/SIGTERM, replays the remaining steps exactly as an
