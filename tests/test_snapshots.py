@@ -66,6 +66,8 @@ def test_the_command_line_names_the_flag(tmp_path):
 
     result = run_cli(["train", "resnet-n", "digits", "--snapshots", "every:x", "--out", tmp_path / "run"])
     assert_one_line_error(result, "--snapshots must be")
+    result = run_cli(["train", "resnet-n", "digits", "--epochs", "3", "--snapshots", "0,5", "--out", tmp_path / "run"])
+    assert_one_line_error(result, "--snapshots lists epoch 5, but --epochs is 3")
     assert not (tmp_path / "run").exists()
 
 

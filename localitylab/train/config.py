@@ -279,7 +279,7 @@ class TrainConfig(Settings):
 
         spec = parse_snapshots(self.snapshots)
         if spec is not None and spec.epochs and spec.epochs[-1] > self.epochs:
-            raise UserError(f"snapshots lists epoch {spec.epochs[-1]}, but the run trains for {self.epochs} epochs",
+            raise UserError(f"snapshots lists epoch {spec.epochs[-1]}, but epochs is {self.epochs}",
                             settings=("snapshots", "epochs"))
 
     def _check_model_fits_task(self) -> None:
