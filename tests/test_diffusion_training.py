@@ -12,6 +12,8 @@ import signal
 import pytest
 import torch
 
+import localitylab
+
 from localitylab.data.registry import load_dataset
 from localitylab.diffusion.objective import DiffusionObjective
 from localitylab.errors import RunStopped
@@ -101,7 +103,7 @@ class SignalAt(Reporter):
 
 
 def test_a_stopped_diffusion_run_resumes_bit_identically(tmp_path):
-    recipe = dict(task="diffusion", epochs=2, batch_size=64, warmup_epochs=1, device="cpu", seed=3)
+    recipe = dict(task="diffusion", epochs=2, batch_size=64, warmup_epochs=1, device="cpu", seed=3, snapshots=6)
     whole = train(TrainConfig("dit-n/4", "digits", out=tmp_path / "whole", **recipe))
     with pytest.raises(RunStopped):
         train(TrainConfig("dit-n/4", "digits", out=tmp_path / "cut", **recipe), SignalAt(2, 5))
@@ -113,6 +115,16 @@ def test_a_stopped_diffusion_run_resumes_bit_identically(tmp_path):
         assert torch.equal(value, b["model_state"][key]), key
     for key in ("train_loss", "test_loss"):
         assert [r[key] for r in a["history"]] == [r[key] for r in b["history"]], key
+    # The snapshots too (steps 0, 1, 3, 7 and 17 before the stop, 44 after the resume), with
+    # the denoising test loss and no accuracy.
+    from localitylab.train.snapshots import read_index
+
+    kept = read_index(whole.run_dir)
+    assert [e["step"] for e in kept] == [0, 1, 3, 7, 17, 44] and read_index(resumed.run_dir) == kept
+    assert kept[-1]["test_loss"] == whole.history[-1]["test_loss"] and kept[-1]["test_acc"] is None
+    for entry in kept:
+        mine, theirs = (localitylab.load(run.run_dir, step=entry["step"]).state_dict() for run in (whole, resumed))
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine), entry["step"]
 
 
 def test_a_permuted_run_samples_in_natural_pixel_order(tmp_path):

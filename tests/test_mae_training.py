@@ -18,7 +18,8 @@ def mae_run(tmp_path_factory):
     # Position embedding at std 1.0, as the suite's digits runs (tests/conftest.py): from the
     # default 0.02 an 8-epoch fine-tune of pit-n on digits stays near 30% (docs/defaults.md).
     return train(TrainConfig("pit-n", "digits", out=out, task="mae", epochs=6, batch_size=32, warmup_epochs=1,
-                             label_smoothing=0.0, clip_grad=None, device="cpu", model_kw={"pos_embed_std": 1.0}))
+                             label_smoothing=0.0, clip_grad=None, device="cpu", model_kw={"pos_embed_std": 1.0},
+                             snapshots="every:3"))
 
 
 def untrained_test_loss(config: TrainConfig) -> float:
@@ -53,6 +54,21 @@ def test_the_checkpoint_is_an_encoder_every_tool_reads(mae_run):
     assert all(torch.equal(v, data["mae_state"][k]) for k, v in mae.decoder_state_dict().items())
 
 
+def test_mae_snapshots_keep_the_encoder_from_its_initialisation(mae_run):
+    from localitylab.train import load
+    from localitylab.train.snapshots import read_index
+
+    kept = read_index(mae_run.run_dir)
+    assert [entry["epoch"] for entry in kept] == [0.0, 3.0, 6.0] and all(e["test_acc"] is None for e in kept)
+    assert [entry["test_loss"] for entry in kept[1:]] == [mae_run.history[2]["test_loss"], mae_run.history[5]["test_loss"]]
+    # step 0 is the untrained encoder: its masked-token loss is the one computed from the seed alone
+    config = TrainConfig(**{**read_checkpoint(mae_run.checkpoint)["config"], "out": None})
+    assert kept[0]["test_loss"] == pytest.approx(untrained_test_loss(config), rel=1e-9)
+    last, final = load(mae_run.run_dir, step=kept[-1]["step"]), read_checkpoint(mae_run.checkpoint)["model_state"]
+    assert last.state_dict().keys() == final.keys()  # the encoder, as the checkpoint keeps it
+    assert all(torch.equal(value, final[key]) for key, value in last.state_dict().items())
+
+
 def test_fine_tuning_from_mae_reaches_a_sane_accuracy(mae_run, tmp_path):
     result = train(TrainConfig("pit-n", "digits", out=tmp_path / "ft", epochs=8, batch_size=32, warmup_epochs=1,
                                init_from=str(mae_run.checkpoint), device="cpu"))
@@ -78,9 +94,14 @@ def test_pretraining_runs_on_two_processes(tmp_path):
 
     out = tmp_path / "mae-ddp"
     result = run_command("pretrain", "mae", "pit-n", "digits", "--epochs", "1", "--batch-size", "128",
-                         "--warmup-epochs", "0", "--nproc", "2", "--out", out, "--quiet",
+                         "--warmup-epochs", "0", "--nproc", "2", "--out", out, "--quiet", "--snapshots", "2",
                          env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     data = read_checkpoint(out / "ckpt.pt")
     assert data["task"] == "mae" and data["epoch"] == 1 and data["config"]["clip_grad"] is None
     assert "test reconstruction loss" in result.stdout
+    # rank 0 wrote the snapshots (step 0 and the end) and the run lists them
+    from localitylab.train.snapshots import read_index
+
+    assert [entry["step"] for entry in read_index(out)] == [0, data["step"]] == \
+        [entry["step"] for entry in data["snapshots"]]

@@ -519,11 +519,12 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
     from localitylab.models.describe import count_flops
     from localitylab.models.registry import build_model
     from localitylab.train.loop import model_spec_for
+    from localitylab.train.snapshots import planned_snapshots
     from localitylab.data.registry import DataInfo
 
     plan = make_plan(study, out)
     throughput = measured_matmul_flops()
-    rows, total = [], 0.0
+    rows, total, snapshot_s = [], 0.0, 0.0
     for piece in plan.train:
         config = piece.config(study)
         shapes = dataset_shapes(config.dataset)
@@ -535,16 +536,18 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
         # Training costs about 3x the forward pass (forward + backward for inputs and weights).
         train_flops = 3 * flops * shapes["train_images"] * config.epochs
         total += train_flops
+        snapshots, seconds = planned_snapshots(config, shapes["train_images"], sum(p.numel() for p in model.parameters()))
+        snapshot_s += seconds
         rows.append({"run": piece.run_dir.name, "model": piece.entry.model, "dataset": config.dataset, "seed": piece.seed,
                      "permute_pixels": config.permute_pixels, "pixel_permutation": config.pixel_permutation_setting(), "epochs": config.epochs, "gflops_per_image": flops / 1e9,
-                     "train_pflops": train_flops / 1e15, "done": train_done(piece, study)})
+                     "train_pflops": train_flops / 1e15, "snapshots": snapshots, "done": train_done(piece, study)})
     return {"study": study.name, "title": study.title, "dataset": study.dataset, "scale": study.scale,
             "scales": study.scales, "gpu_hours": study.gpu_hours, "runs": rows, "probes": study.probes,
             "pretrained": [{"run": p.run_dir.name, "model": p.pretrained, "done": probe_done(p)}
                            for p in plan.probe if p.pretrained],
             "probe_images": study.probe_images, "total_train_pflops": total / 1e15,
             "device_matmul_gflops": throughput["gflops"], "device": throughput["device"],
-            "estimated_hours": total / (throughput["gflops"] * 1e9 * ASSUMED_UTILISATION) / 3600}
+            "estimated_hours": (total / (throughput["gflops"] * 1e9 * ASSUMED_UTILISATION) + snapshot_s) / 3600}
 
 
 # Training reaches a fraction of the device's measured matmul throughput; 0.3 is what

@@ -73,7 +73,7 @@ def run_record(payload: dict[str, Any]) -> dict[str, Any]:
         "permute_seed": payload["data"]["permute_seed"],
         "permute_setting": payload["data"].get("permute_setting"), "epochs_done": payload["epoch"],
         "command": TrainConfig(**payload["config"]).command(), "init_from": payload["init_from"],
-        "recipe": payload.get("recipe"),
+        "recipe": payload.get("recipe"), "snapshots": payload.get("snapshots", []),
         "versions": versions(), **payload["code_version"],
     }
 
@@ -109,8 +109,9 @@ class TrainedRun:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-    epoch: int = 0
+    epoch: int | float = 0  # epochs done; a snapshot between epoch ends: steps / steps per epoch
     path: Path | None = None
+    step: int | None = None  # a snapshot's optimizer step (None: the run's last checkpoint)
 
     @property
     def run_name(self) -> str:
@@ -159,14 +160,33 @@ def model_from_checkpoint(data: dict[str, Any], path: Path | None = None) -> tup
     return model, run
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint as a ready model in eval mode; `model.run` is its TrainedRun.
+def load(path: str | Path, device: str | torch.device = "cpu", *, step: int | None = None,
+         epoch: float | None = None) -> nn.Module:
+    """Load a checkpoint (its file, or the run folder) as a ready model in eval mode;
+    `model.run` is its TrainedRun.
+
+    step= / epoch=: the run's snapshot at exactly that optimizer step or epoch (a run trained
+    with `snapshots`) instead of its last checkpoint; `model.run` is the run's, with the
+    snapshot's `step`, `epoch` and test figures (`metrics`). No snapshot there: a UserError
+    listing the ones the run has (no nearest one is chosen for you).
 
     >>> model = localitylab.load("runs/pit-n-digits/ckpt.pt")
     >>> logits = model(model.run.data.prepare(uint8_images))
+    >>> untrained = localitylab.load("runs/pit-n-digits", step=0)
     """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
     data = read_checkpoint(path)
-    model, run = model_from_checkpoint(data, Path(path))
+    if step is not None or epoch is not None:
+        from localitylab.train.snapshots import find_snapshot, snapshot_weights
+
+        snapshot = find_snapshot(path.parent, step, epoch)
+        data = {**data, "model_state": snapshot_weights(path.parent, snapshot), "epoch": snapshot["epoch"],
+                "metrics": {key: snapshot[key] for key in ("step", "epoch", "test_loss", "test_acc")}}
+    model, run = model_from_checkpoint(data, path)
+    if step is not None or epoch is not None:
+        run.step, run.epoch = snapshot["step"], snapshot["epoch"]
     model.run = run
     # timm reads normalisation from pretrained_cfg (timm.data.resolve_data_config).
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})

@@ -180,6 +180,10 @@ class TrainConfig(Settings):
                            in_study=False)
     log: Logger | None = setting(None, "Also log the figures to tensorboard (<run folder>/tensorboard) or wandb.",
                                  defines_run=False)
+    # Not defining: a resumed run may keep other moments from its resume point on.
+    snapshots: str | None = setting(
+        None, "Keep the weights at these moments (<run>/snapshots/): N log-spaced steps with step 0 and the end "
+              "(8), every:K epochs, or a list of epochs (0,1,2,5,10).", defines_run=False, strict=False)
     # Where each recipe value came from (RECIPE_SOURCES); filled when the config is made, kept
     # when it is made again from its own dict (a job file, run.json).
     recipe_from: dict[str, str] | None = setting(None, "Where each recipe value came from.", commands=(),
@@ -243,6 +247,16 @@ class TrainConfig(Settings):
         data["recipe_from"] = sources
         return data
 
+    @field_validator("snapshots", mode="before")
+    @classmethod
+    def _snapshots(cls, value: Any) -> Any:
+        """8, "8", "every:5", "0,1,2", [0, 1, 2] -> its one spelling ("8", "every:5", "0,1,2");
+        a bad spec raises the UserError naming `snapshots` (pydantic passes it through)."""
+        from localitylab.train.snapshots import parse_snapshots
+
+        spec = parse_snapshots(value)
+        return None if spec is None else str(spec)
+
     # --- checks of settings together ---------------------------------------------------------------
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":
@@ -265,6 +279,7 @@ class TrainConfig(Settings):
             raise SettingValueError("label_dropout applies to task diffusion only", "label_dropout", "task")
         self._check_model_fits_task()
         self._check_pos_embed_std_applies()
+        self._check_snapshots()
         return self
 
     def _check_pos_embed_std_applies(self) -> None:
@@ -285,6 +300,14 @@ class TrainConfig(Settings):
             kind, f"pos_embed is {self.pos_embed!r}, not a learned table")
         raise SettingValueError(f"pos_embed_std sets the initial std of a learned position table; {why}",
                                 "pos_embed_std", "pos_embed", "model_kw")
+
+    def _check_snapshots(self) -> None:
+        from localitylab.train.snapshots import parse_snapshots
+
+        spec = parse_snapshots(self.snapshots)
+        if spec is not None and spec.epochs and spec.epochs[-1] > self.epochs:
+            raise UserError(f"snapshots lists epoch {spec.epochs[-1]}, but epochs is {self.epochs}",
+                            settings=("snapshots", "epochs"))
 
     def _check_model_fits_task(self) -> None:
         """A DiT trains only as a denoiser, and only a DiT does (its forward takes a timestep and a label)."""

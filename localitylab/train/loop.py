@@ -4,6 +4,11 @@ MAE pre-training, diffusion) and for one process or many (torchrun + DDP).
     data on the device (uint8) -> per-step crop/flip -> [pixel permutation] -> normalise (the task's scale)
     -> this rank's shard -> task loss (bf16 autocast on CUDA) -> backward -> clip -> AdamW
     -> per-step warm-up + cosine -> evaluate each epoch -> checkpoint + metrics.csv
+    (and, at the moments `--snapshots` names, the weights: localitylab.train.snapshots)
+
+In code, in the order it runs: `_train` -> `_set_up` (data, seeded model, task, optimiser,
+the resumed state) -> per epoch `_train_epoch` (`_step` per batch; `_stop` on a signal)
+-> `_end_epoch` (`_test`, `_snapshot_if_due`, `_save`). `Training` holds what they share.
 
 Reproducibility: batch i of epoch e draws its crops, flips, masks, noise and dropout from seeds
 derived from (seed, e, i) alone. A run resumed from any checkpoint, whether written at the
@@ -41,6 +46,7 @@ from localitylab.train.checkpoint import read_checkpoint, write_run
 from localitylab.train.config import DATA_SET, FROM_DATA_SET, RESUMED, TrainConfig, describe_recipe, recipe_record
 from localitylab.train.init_from import InitReport, freeze_all_but_head, init_from_checkpoint
 from localitylab.train.progress import Reporter
+from localitylab.train.snapshots import FOLDER as SNAPSHOTS, SnapshotWriter, parse_snapshots, snapshot_steps
 from localitylab.train.state import TrainState
 from localitylab.train.stopping import StopRequests
 from localitylab.train.tasks import Task, make_task, sums_to_means
@@ -72,24 +78,81 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         ranks.close()
 
 
+@dataclass
+class RunData:
+    """The run's images on the device, as uint8 (cropped, flipped and normalised per step)."""
+
+    info: DataInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    permutation: torch.Tensor | None
+
+
+@dataclass
+class Training:
+    """Everything the loop works with, built once by `_set_up`."""
+
+    config: TrainConfig
+    ranks: distributed.Distributed
+    reporter: Reporter
+    data: RunData
+    model: nn.Module  # what the checkpoint and the snapshots keep (an MAE run: the encoder)
+    task: Task
+    module: nn.Module  # what the optimiser trains (the model, or the task's wrapper of it)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    described: dict[str, Any]  # what every checkpoint says of the run besides its weights and state
+    snapshots: SnapshotWriter
+    use_amp: bool
+    steps_per_epoch: int
+    forward: nn.Module | None = None  # the module under DDP and torch.compile, once the run goes on
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.config.run_dir() / "ckpt.pt"
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.config.run_dir(), self.checkpoint, self.state.history)
+
+
 def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Distributed) -> TrainResult:
-    reporter, device = reporter or Reporter(), ranks.device
     distributed.check_batch_divides(config.batch_size, ranks.world_size)
-    use_amp, use_compile = switched_on(config.amp, device), switched_on(config.compile, device)
     run_dir = config.run_dir()
-    checkpoint = run_dir / "ckpt.pt"
-    config, resumed = _checkpoint_to_resume(config, checkpoint)
+    config, resumed = _checkpoint_to_resume(config, run_dir / "ckpt.pt")
     if ranks.is_main:
         _remove_torn_writes(run_dir)
+    run = _set_up(config, reporter or Reporter(), ranks, resumed)
+    state, reporter = run.state, run.reporter
+    if resumed is not None:
+        if state.epoch >= config.epochs:
+            reporter.message(f"{run_dir}: already trained for {config.epochs} epochs; nothing to do")
+            return run.result()
+        reporter.message(f"resuming {run_dir} at {state.where()}")
+    run.forward = _forward(run.module, ranks, switched_on(config.compile, ranks.device))
 
-    # --- data, on the device as uint8 -----------------------------------------------------
-    dataset = prepare_data(config)
-    info = dataset.info
-    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
-    test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
-    permutation = info.permutation.to(device) if info.permutation is not None else None
+    # --- the epochs: batch i of epoch e draws everything random from (seed, e, i) -----------
+    tracker = make_tracker(config.log, run_dir, config.to_dict(), describe_recipe(run.described["recipe"], config.dataset)) \
+        if ranks.is_main else Tracker()
+    reporter.start(config.epochs, run.steps_per_epoch, state.epoch + 1)
+    with StopRequests() as stop, contextlib.closing(reporter), contextlib.closing(tracker):
+        if state.step == 0:
+            _snapshot_if_due(run)  # the initialisation, before the first step
+        while state.epoch < config.epochs:
+            _train_epoch(run, stop, tracker)
+            _end_epoch(run, tracker)
+    return run.result()
 
-    # --- model, task, optimiser, schedule, and where the run stands -------------------------
+
+def _set_up(config: TrainConfig, reporter: Reporter, ranks: distributed.Distributed,
+            resumed: dict[str, Any] | None) -> Training:
+    """Data on the device, model (seeded), task, optimiser and schedule, and where the run
+    stands: at step 0, or where the resumed checkpoint left it."""
+    device = ranks.device
+    data = data_on_device(config, device)
+    info = data.info
     seed_everything(config.seed)
     spec = model_spec_for(config, info)
     model = build_model(spec)
@@ -103,81 +166,113 @@ def _train(config: TrainConfig, reporter: Reporter | None, ranks: distributed.Di
                  "init_from": init_report.to_dict() if init_report else None, "code_version": code_version(),
                  "recipe": recipe}
     module = _fast_layout(module, config, ranks)
-    optimizer, scheduler = _optimiser(module, config, len(train_x), reporter)
-    steps_per_epoch = batches_per_epoch(len(train_x), config.batch_size)
+    optimizer, scheduler = _optimiser(module, config, len(data.train_x), reporter)
+    steps_per_epoch = batches_per_epoch(len(data.train_x), config.batch_size)
     state = TrainState(device)
     if resumed is not None:
         _restore(resumed, model, task, module, optimizer, state, ranks)
         scheduler.step_update(state.step)
-        if state.epoch >= config.epochs:
-            reporter.message(f"{run_dir}: already trained for {config.epochs} epochs; nothing to do")
-            return TrainResult(run_dir, checkpoint, state.history)
-        reporter.message(f"resuming {run_dir} at {state.where()}")
-    forward = _forward(module, ranks, use_compile)
-
-    # --- the epochs: batch i of epoch e draws everything random from (seed, e, i) -----------
-    report_every = max(1, steps_per_epoch // 20)
-    tracker = make_tracker(config.log, run_dir, config.to_dict(), describe_recipe(recipe, config.dataset)) \
-        if ranks.is_main else Tracker()
-    reporter.start(config.epochs, steps_per_epoch, state.epoch + 1)
-    with StopRequests() as stop, contextlib.closing(reporter), contextlib.closing(tracker):
-        while state.epoch < config.epochs:
-            seed = epoch_seed(config.seed, state.epoch + 1)
-            module.train(not config.linear_probe)  # linear probing: frozen features, eval mode
-            state.start_epoch()
-            batches = train_batches(train_x, train_y, config.batch_size, seed, info.crop_padding, info.hflip,
-                                    start=state.batch)
-            for i, (images, labels) in enumerate(batches, start=state.batch):
-                seed_everything(step_seed(seed, i, ranks.rank))  # dropout, drop-path, mixup
-                if permutation is not None:
-                    images = permute_pixels(images, permutation)
-                images, labels = ranks.shard(images), ranks.shard(labels)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, correct = task.loss(forward, task.inputs(info, images), labels,
-                                              batch_generator(device, seed, i, ranks.rank))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad:
-                    nn.utils.clip_grad_norm_(module.parameters(), config.clip_grad)
-                optimizer.step()
-                state.step += 1
-                scheduler.step_update(state.step)
-                state.add(loss, correct, len(labels))
-                reporting = state.batch % report_every == 0
-                shown = float(loss.detach()) if reporting else None
-                reporter.step(state.epoch + 1, state.batch, shown)
-                if reporting:
-                    tracker.step(state.step, {"train_loss": shown, "lr": optimizer.param_groups[0]["lr"]})
-                # One process reads its flag every step; ranks agree at report points.
-                if (reporting and ranks.any(stop.requested)) if ranks.enabled else stop.requested:
-                    state.check_finite(ranks, steps_per_epoch, checkpoint)
-                    _save(run_dir, described, model, optimizer, task, module, state, ranks)
-                    raise RunStopped(
-                        f"stopped by {stop.signal.name if stop.signal else 'a signal'} after step {state.step} "
-                        f"(epoch {state.epoch + 1}, batch {state.batch} of {steps_per_epoch}); checkpoint written to "
-                        f"{checkpoint}. The same settings with resume=True continue the run.", stop.exit_code)
-            state.check_finite(ranks, steps_per_epoch, checkpoint)
-            row = state.finish_epoch(ranks, task.reports_accuracy)
-            test = sums_to_means(ranks.sum_all(task.evaluate(module, info, test_x[ranks.rank::ranks.world_size],
-                                                       test_y[ranks.rank::ranks.world_size],
-                                                       config.eval_batch_size, use_amp)))
-            state.history.append({**row, "lr": optimizer.param_groups[0]["lr"], "test_loss": test["loss"],
-                                  "test_acc": test["accuracy"] if task.reports_accuracy else None})
-            _save(run_dir, described, model, optimizer, task, module, state, ranks)
-            reporter.epoch_end(state.history[-1])
-            tracker.epoch(state.history[-1])
-    return TrainResult(run_dir, checkpoint, state.history)
+    schedule = parse_snapshots(config.snapshots)
+    snapshots = SnapshotWriter(config.run_dir(), snapshot_steps(schedule, steps_per_epoch, config.epochs),
+                               steps_per_epoch, schedule, writes=ranks.is_main)
+    snapshots.resume_at(state.step)
+    return Training(config, ranks, reporter, data, model, task, module, optimizer, scheduler, state, described,
+                    snapshots, switched_on(config.amp, device), steps_per_epoch)
 
 
-def _save(run_dir: Path, described: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-          module: nn.Module, state: TrainState, ranks: distributed.Distributed) -> None:
+def _train_epoch(run: Training, stop: StopRequests, tracker: Tracker) -> None:
+    """The rest of the epoch in progress (all of it, unless the run resumes mid-epoch)."""
+    config, state, ranks, info = run.config, run.state, run.ranks, run.data.info
+    seed = epoch_seed(config.seed, state.epoch + 1)
+    run.module.train(not config.linear_probe)  # linear probing: frozen features, eval mode
+    state.start_epoch()
+    report_every = max(1, run.steps_per_epoch // 20)
+    batches = train_batches(run.data.train_x, run.data.train_y, config.batch_size, seed, info.crop_padding, info.hflip,
+                            start=state.batch)
+    for i, (images, labels) in enumerate(batches, start=state.batch):
+        loss = _step(run, images, labels, seed, i)
+        if state.batch < run.steps_per_epoch:  # an epoch's last step: kept after its evaluation
+            _snapshot_if_due(run)
+        reporting = state.batch % report_every == 0
+        shown = float(loss.detach()) if reporting else None
+        run.reporter.step(state.epoch + 1, state.batch, shown)
+        if reporting:
+            tracker.step(state.step, {"train_loss": shown, "lr": run.optimizer.param_groups[0]["lr"]})
+        # One process reads its flag every step; ranks agree at report points.
+        if (reporting and ranks.any(stop.requested)) if ranks.enabled else stop.requested:
+            _stop(run, stop)
+
+
+def _step(run: Training, images: torch.Tensor, labels: torch.Tensor, seed: int, i: int) -> torch.Tensor:
+    """One optimiser step on batch i of the epoch seeded `seed`; its loss (on the device)."""
+    config, state, ranks, device = run.config, run.state, run.ranks, run.ranks.device
+    seed_everything(step_seed(seed, i, ranks.rank))  # dropout, drop-path, mixup
+    if run.data.permutation is not None:
+        images = permute_pixels(images, run.data.permutation)
+    images, labels = ranks.shard(images), ranks.shard(labels)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+        loss, correct = run.task.loss(run.forward, run.task.inputs(run.data.info, images), labels,
+                                      batch_generator(device, seed, i, ranks.rank))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad:
+        nn.utils.clip_grad_norm_(run.module.parameters(), config.clip_grad)
+    run.optimizer.step()
+    state.step += 1
+    run.scheduler.step_update(state.step)
+    state.add(loss, correct, len(labels))
+    return loss
+
+
+def _stop(run: Training, stop: StopRequests) -> None:
+    """SIGINT/SIGTERM: the step in progress is done; write a mid-epoch checkpoint and stop."""
+    state = run.state
+    state.check_finite(run.ranks, run.steps_per_epoch, run.checkpoint)
+    _save(run)
+    raise RunStopped(
+        f"stopped by {stop.signal.name if stop.signal else 'a signal'} after step {state.step} "
+        f"(epoch {state.epoch + 1}, batch {state.batch} of {run.steps_per_epoch}); checkpoint written to "
+        f"{run.checkpoint}. The same settings with resume=True continue the run.", stop.exit_code)
+
+
+def _end_epoch(run: Training, tracker: Tracker) -> None:
+    """The epoch's figures and test evaluation, its snapshot if one is due, the checkpoint."""
+    state = run.state
+    state.check_finite(run.ranks, run.steps_per_epoch, run.checkpoint)
+    row = state.finish_epoch(run.ranks, run.task.reports_accuracy)
+    test = _test(run)
+    state.history.append({**row, "lr": run.optimizer.param_groups[0]["lr"], **test})
+    _snapshot_if_due(run, test)
+    _save(run)
+    run.reporter.epoch_end(state.history[-1])
+    tracker.epoch(state.history[-1])
+
+
+def _test(run: Training) -> dict[str, Any]:
+    """test_loss and test_acc (None for tasks without accuracy) over the test split, every rank its share."""
+    ranks, data = run.ranks, run.data
+    sums = run.task.evaluate(run.module, data.info, data.test_x[ranks.rank::ranks.world_size],
+                             data.test_y[ranks.rank::ranks.world_size], run.config.eval_batch_size, run.use_amp)
+    test = sums_to_means(ranks.sum_all(sums))
+    return {"test_loss": test["loss"], "test_acc": test["accuracy"] if run.task.reports_accuracy else None}
+
+
+def _snapshot_if_due(run: Training, test: dict[str, Any] | None = None) -> None:
+    """Keep the weights if the schedule has this step, with its test figures (evaluated here
+    unless given; evaluation draws nothing from the global generators, so training is unchanged)."""
+    if run.snapshots.due(run.state.step):
+        run.snapshots.write(run.model.state_dict(), run.state.step, test or _test(run))
+
+
+def _save(run: Training) -> None:
     """Write ckpt.pt and the files derived from it (rank 0; every rank takes part, since the
     running sums are added over ranks); a failed write keeps the last checkpoint."""
-    payload = {**described, "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-               **task.checkpoint_extras(module), **state.state_dict(ranks)}
-    if ranks.is_main:
-        write_run(run_dir, payload)
-    ranks.barrier()
+    payload = {**run.described, "model_state": run.model.state_dict(), "optimizer_state": run.optimizer.state_dict(),
+               **run.task.checkpoint_extras(run.module), **run.state.state_dict(run.ranks),
+               "snapshots": run.snapshots.listed()}
+    if run.ranks.is_main:
+        write_run(run.config.run_dir(), payload)
+    run.ranks.barrier()
 
 
 def _restore(resumed: dict[str, Any], model: nn.Module, task: Task, module: nn.Module,
@@ -205,6 +300,14 @@ def data_options(config: TrainConfig) -> DataOptions:
     return DataOptions(data_dir=Path(config.data_dir) if config.data_dir else None, download=config.download,
                        img_size=config.img_size, seed=config.seed, hflip=config.hflip, crop_padding=config.crop_padding,
                        cache=config.cache, image_column=config.image_column, label_column=config.label_column)
+
+
+def data_on_device(config: TrainConfig, device: torch.device) -> RunData:
+    dataset = prepare_data(config)
+    info = dataset.info
+    return RunData(info, dataset.train_images.to(device), dataset.train_labels.to(device),
+                   dataset.test_images.to(device), dataset.test_labels.to(device),
+                   info.permutation.to(device) if info.permutation is not None else None)
 
 
 def prepare_data(config: TrainConfig) -> ImageDataset:
@@ -277,6 +380,8 @@ def _remove_torn_writes(run_dir: Path) -> None:
     for name in ("ckpt.pt", "metrics.csv", "run.json"):
         for stale in run_dir.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
+    for stale in (run_dir / SNAPSHOTS).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _initial_weights(model: nn.Module, config: TrainConfig, resumed: dict[str, Any] | None, reporter: Reporter):
