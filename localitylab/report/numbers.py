@@ -12,11 +12,11 @@ import math
 MIN_DIGITS, MAX_DIGITS = 3, 10
 
 
-def _g(number: float, digits: int) -> str:
+def _g(number: float, digits: int, zeros: bool = True) -> str:
     if number == 0:
         return "0"
-    if abs(number) < 1000:  # trailing zeros kept: 0.700 beside 0.766, so the digits line up
-        return f"{number:#.{digits}g}".rstrip(".")
+    if abs(number) < 1000:  # beside an interval trailing zeros stay: 0.700 beside 0.766, so the digits line up
+        return f"{number:#.{digits}g}".rstrip(".") if zeros else f"{number:.{digits}g}"
     whole = len(f"{abs(number):.0f}")  # large numbers keep every integer digit, with separators
     return f"{number:,.{max(digits - whole, 0)}f}"
 
@@ -31,7 +31,8 @@ def digits_needed(*numbers: float | None, least: int = MIN_DIGITS) -> int:
 
 
 def fmt_number(number: float, digits: int = MIN_DIGITS) -> str:
-    return _g(float(number), digits)
+    """A number on its own (a threshold, a cap): no trailing zeros."""
+    return _g(float(number), digits, zeros=False)
 
 
 def fmt_interval(value: float, low: float | None, high: float | None, sep: str = ", ") -> tuple[str, str]:
@@ -39,4 +40,4 @@ def fmt_interval(value: float, low: float | None, high: float | None, sep: str =
     digits = digits_needed(value, low, high)
     if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
         return fmt_number(value, digits), ""
-    return fmt_number(value, digits), f"[{fmt_number(low, digits)}{sep}{fmt_number(high, digits)}]"
+    return _g(value, digits), f"[{_g(low, digits)}{sep}{_g(high, digits)}]"

@@ -180,28 +180,33 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
                   for group in groups if any(name in r.tables for r in group.records)]
         # Per-model pictures (maps) of a seed group: its first seed's; the others' are in their probe folders.
-        later_seeds = {id(r) for group in groups for r in group.records[1:]}
         if probe is not None and tables:
             out = figure_dir / name
             out.mkdir(parents=True, exist_ok=True)
             for path in probe.plot(tables, out):
                 section.figures.append(Figure(path.stem.replace("-", " "), image_uri(path), caption(name, path.stem)))
-        for record in records:
-            if name not in record.tables:
-                section.missing.append((record.name, probe_command(name, record)))
+        for group in groups:  # the appendix: one table per model, a seed group's mean over its seeds
+            present = [r for r in group.records if name in r.tables]
+            section.missing += [(r.name, probe_command(name, r)) for r in group.records if name not in r.tables]
+            if not present:
                 continue
-            rows = _table_rows(record.tables[name])
+            table = over_seeds_table([r.tables[name] for r in present], group.name)
+            rows = _table_rows(table)
             if rows and all(r.get("value") is None for r in rows):  # the probe ran and says why it does not apply
                 why = next((r["note"] for r in rows if r.get("note")), "the probe wrote no value for this model")
-                section.not_applicable.append((record.name, why))
+                section.not_applicable.append((group.name, why))
                 continue
-            # The appendix prints the head-mean and per-model rows; the per-head rows stay in the CSV.
+            # The head-mean and per-model rows; the per-head rows stay in the CSV.
             shown = [r for r in rows if r.get("head") is None] or rows
-            section.tables.append((record.name, shown, len(rows), str(record.path / "probes" / f"{name}.csv")))
-            for path in record.artifacts.get(name, []) if id(record) not in later_seeds else []:
-                if path.suffix == ".png":
-                    section.model_figures.append((record.name, Figure(path.stem.replace("-", " "), image_uri(path),
-                                                                      caption(name, path.stem, per_model=True))))
+            where = str(present[0].path / "probes" / f"{name}.csv")
+            if len(present) > 1:
+                where = f"the probes folder of each of its {len(present)} runs (this table: their mean)"
+            section.tables.append((group.name, shown, len(rows), where))
+            for record in present[:1]:
+                for path in record.artifacts.get(name, []):
+                    if path.suffix == ".png":
+                        section.model_figures.append((record.name, Figure(
+                            path.stem.replace("-", " "), image_uri(path), caption(name, path.stem, per_model=True))))
         sections.append(section)
     return sections
 
