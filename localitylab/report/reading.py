@@ -37,7 +37,8 @@ def _overlap(a: Estimate, b: Estimate) -> bool:
 
 def chance_sentence(chance: dict[str, Chance | None]) -> str:
     """'At chance ...' naming every model whose clean accuracy's interval includes chance."""
-    names = [f"{name} (test accuracy {fmt_estimate(Estimate(c.value, c.low, c.high))}, chance {fmt_number(c.chance)})"
+    names = [f"{name} (clean accuracy {fmt_estimate(Estimate(c.value, c.low, c.high))}"
+             f"{' on the permutation probe' + chr(39) + 's images' if c.low is not None else ''}, chance {fmt_number(c.chance)})"
              for name, c in chance.items() if c is not None and c.at_chance]
     if not names:
         return ""
