@@ -388,6 +388,8 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "sections": sections,
         "generation": _generation_section(records),
         "records": records,
+        # Models and Reproducibility show one run per seed group in full, and the other seeds' folders.
+        "shown_records": [(group.first, [r.path.name for r in group.records[1:]]) for group in groups],
         "training_figure": _training_figure(groups, figure_dir),
         "swaps_figure": _train_swaps_figure(groups, figure_dir),
         "missing": missing,
