@@ -346,3 +346,187 @@ def test_seeds_that_differ_only_in_settings_that_do_not_define_a_run_are_one_exp
     assert [len(group.records) for group in same] == [2]
     apart = group_by_seed([record(0), record(1, lr=0.01)])
     assert [len(group.records) for group in apart] == [1, 1]
+
+
+# --- issue 28: reports that cannot mislead ---------------------------------------------------------
+def _fabricated_run(root: Path, folder: str, spec_name: str, accuracy: float, clean: tuple, permutation: dict,
+                    attention: list | None = None, erf: dict | None = None, pe: dict | None = None) -> Path:
+    """A run folder written the way training and the probes write one, with chosen numbers."""
+    import json
+
+    from localitylab.probes import COLUMNS
+
+    path = root / folder
+    (path / "probes").mkdir(parents=True)
+    name = f"{spec_name} ({folder})"
+    (path / "run.json").write_text(json.dumps({
+        "model_spec": {"name": spec_name, "num_classes": 10, "img_size": 8, "in_chans": 1}, "data": "digits",
+        "config": {"seed": 0, "epochs": 3, "task": "classify"}, "metrics": {"test_acc": accuracy, "epoch": 3},
+        "model_info": {"params": 1000}}))
+
+    def row(probe, metric, value, low=None, high=None, layer=None, setting=None, note=None, n=64):
+        return dict(model=name, probe=probe, metric=metric, layer=layer, head=None, setting=setting, value=value,
+                    ci_low=low, ci_high=high, n_images=n, note=note)
+
+    tables = {"permutation": [row("permutation", "accuracy", *clean, setting="clean")]
+              + [row("permutation", m, *v, setting="global") for m, v in permutation.items()],
+              "receptive-field": [row("receptive-field", m, *v, layer=1) for m, v in (erf or {}).items()],
+              "attention-distance": ([row("attention-distance", "locality_ratio", *v, layer=i) for i, v in enumerate(attention)]
+                                     if attention else [row("attention-distance", "locality_ratio", None,
+                                                            note=f"{spec_name} has no attention layers", n=0)])}
+    if pe:
+        tables["pe-similarity"] = [row("pe-similarity", m, v, n=0) for m, v in pe.items()]
+    for probe, rows in tables.items():
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(path / "probes" / f"{probe}.csv", index=False)
+    (path / "probes" / "meta.json").write_text(json.dumps(
+        {"model": name, "probes": {p: {"data": "digits", "artifacts": [], "versions": {}} for p in tables}}))
+    return path
+
+
+def _visible_text(page: str) -> str:
+    parser = ReportParser()
+    parser.feed(page)
+    return re.sub(r"\s+", " ", " ".join(parser.text))
+
+
+def test_a_model_at_chance_is_marked_and_ranked_nowhere(tmp_path):
+    """pit-n at 10% on ten classes (interval over chance) beside two trained models, with the
+    audit's numbers: an ERF radius 0 [0, 0] and a zero drop that would otherwise top or trail
+    the rankings. It is named at chance in the summary's first sentence and in its row, and no
+    ranking sentence mentions it."""
+    chance_run = _fabricated_run(tmp_path, "pit-chance", "pit-n", 0.10, (0.10, 0.05, 0.16),
+                                 {"accuracy_drop": (0.0, -0.05, 0.05)}, attention=[(0.90, 0.88, 0.92)],
+                                 erf={"erf_r50_frac": (0.0, -0.01, 0.01)})
+    vit = _fabricated_run(tmp_path, "vit-trained", "vit-n/2", 0.875, (0.875, 0.80, 0.93),
+                          {"accuracy_drop": (0.766, 0.70, 0.83)}, attention=[(0.80, 0.78, 0.82)],
+                          erf={"erf_r50_frac": (0.10, 0.09, 0.11)})
+    resnet = _fabricated_run(tmp_path, "resnet-trained", "resnet-n", 0.797, (0.797, 0.72, 0.86),
+                             {"accuracy_drop": (0.698, 0.62, 0.77)}, erf={"erf_r50_frac": (0.30, 0.25, 0.35)})
+    page = build_report([chance_run, vit, resnet], tmp_path / "out", formats=("html",))["html"].read_text()
+    parser = ReportParser()
+    parser.feed(page)
+    answer = html.unescape(re.search(r'<p class="answer">(.*?)</p>', page, re.S).group(1))
+    first_sentence = answer.split(". ")[0]
+    assert "at chance" in first_sentence.lower() and "pit-n (pit-chance)" in first_sentence
+    row = page[page.index('data-model="pit-n (pit-chance)"'):]
+    assert "at chance" in row[:row.index("</tr>")]
+    sentences = re.findall(r"<li>(.*?)</li>", page[page.index('<ul class="reading">'):], re.S)
+    ranking = [html.unescape(s) for s in sentences if "separated" in s or "indistinguishable" in s or "Not ranked" in s]
+    assert ranking, "the two trained models are still compared"
+    assert all("pit-chance" not in s for s in ranking)
+    assert "pit-chance" not in answer.split(". ", 1)[1]  # only the chance sentence names it
+
+
+def test_raw_drops_are_not_ranked_and_order_dependence_is():
+    """Two models lose the same 0.4 of accuracy under a global shuffle, one from 0.9, one from
+    0.5 (chance 0.1): the raw drops are shown with their cap and not ranked; the normalised
+    measure, (clean - shuffled) / (clean - chance) = 0.5 against 1.0, ranks them."""
+    from localitylab.report.judge import Chance
+    from localitylab.report.summary import Estimate, reading
+
+    chance = {"a": Chance(0.1, 0.9, 0.85, 0.95), "b": Chance(0.1, 0.5, 0.45, 0.55)}
+    drops = {"a": {"global_drop": Estimate(0.4, 0.35, 0.45)}, "b": {"global_drop": Estimate(0.4, 0.35, 0.45)}}
+    raw = next(s for s in reading(drops, chance) if "global shuffle" in s)
+    assert "Not ranked" in raw and "capped at 0.8 " in raw and "capped at 0.4 " in raw  # the caps: 0.9-0.1, 0.5-0.1
+    normalised = {name: {**row, "order_global": Estimate(value, value - 0.05, value + 0.05)}
+                  for (name, row), value in zip(drops.items(), (0.5, 1.0))}
+    ranked = [s for s in reading(normalised, chance) if "global shuffle" in s]
+    assert len(ranked) == 1 and ranked[0].startswith("b depends most on pixel order")
+
+
+def test_radii_fixed_by_patch_geometry_are_not_called_tightest():
+    """The audit's case: a PiT's last-block r50 is 0 [0, 0] by construction (the field sits on
+    its own pixel); the reading says geometry decides and names no tightest field."""
+    from localitylab.report.summary import Estimate, reading
+
+    rows = {"pit": {"erf_r50": Estimate(0.0, 0.0, 0.0)}, "vit": {"erf_r50": Estimate(0.0884, 0.0884, 0.0884)},
+            "resnet": {"erf_r50": Estimate(0.3, 0.25, 0.35)}}
+    sentence = next(s for s in reading(rows) if s.startswith("ERF"))
+    assert "tightest" not in sentence and "patch geometry alone decides" in sentence
+
+
+def test_locality_within_the_smallest_effect_is_no_meaningful_locality(tmp_path):
+    """A ratio of 0.998 [0.9977, 0.9987] excludes 1 but is 0.2% from it: "no meaningful
+    locality"; 0.80 [0.78, 0.82] is local. The threshold is printed in the report."""
+    from localitylab.report.effects import SMALLEST_EFFECT
+
+    faint = _fabricated_run(tmp_path, "vit-faint", "vit-n/2", 0.51, (0.51, 0.45, 0.57), {},
+                            attention=[(0.998, 0.9977, 0.9987)])
+    local = _fabricated_run(tmp_path, "vit-local", "vit-n/2", 0.9, (0.9, 0.85, 0.95), {}, attention=[(0.80, 0.78, 0.82)])
+    page = html.unescape(build_report([faint, local], tmp_path / "out", formats=("html",))["html"].read_text())
+    answer = re.search(r'<p class="answer">(.*?)</p>', page, re.S).group(1)
+    assert "No meaningful locality" in answer and "0.9980 [0.9977, 0.9987]" in answer
+    assert re.search(r"Local \(.*vit-local", answer) and not re.search(r"Local \([^.]*vit-faint", answer)
+    assert f"locality_ratio {SMALLEST_EFFECT['locality_ratio']}" in page
+
+
+def test_a_value_and_interval_differing_in_the_fourth_figure_print_differently():
+    from localitylab.report.numbers import fmt_interval
+
+    value, interval = fmt_interval(1.00251, 1.00242, 1.00260)
+    low, high = interval.strip("[]").split(", ")
+    assert len({value, low, high}) == 3 and float(value) == pytest.approx(1.00251, abs=5e-5)
+    assert fmt_interval(0.5, 0.5, 0.5) == ("0.500", "[0.500, 0.500]")  # equal numbers print equal
+    assert fmt_interval(0.766, 0.70, 0.83) == ("0.766", "[0.700, 0.830]")  # no more digits than needed
+
+
+def test_a_table_that_barely_moved_is_said_to_describe_its_initialisation():
+    from localitylab.report.reading import pe_notes
+    from localitylab.report.summary import Estimate
+
+    notes = pe_notes({"pit": {"pe_moved": Estimate(0.03)}, "vit": {"pe_moved": Estimate(0.5)}, "resnet": {}})
+    assert len(notes) == 1 and notes[0].startswith("pit") and "describe its initialisation" in notes[0]
+
+
+def test_a_demo_like_pdf_fits_its_summary_and_has_at_most_40_pages(probed_runs, tmp_path):
+    """The demo's shape: three models, each trained on natural and on permuted pixels, three
+    seeds each (18 runs, 6 summary rows), here copies of the probed runs relabelled. Every
+    summary column's header is in the PDF's text (a column cut at the page edge is not), the
+    header counts 6 models, and the PDF has at most 40 pages (the committed demo had 188)."""
+    import json
+
+    from pypdf import PdfReader
+
+    folders = []
+    for source in probed_runs:
+        for permuted in (False, True):
+            for seed in range(3):
+                folder = tmp_path / "runs" / f"{source.name}-s{seed}{'-perm0' if permuted else ''}"
+                shutil.copytree(source, folder)
+                run = json.loads((folder / "run.json").read_text())
+                run["config"]["seed"] = seed
+                if permuted:
+                    run["config"]["permute_pixels"], run["permute_seed"] = 0, 0
+                (folder / "run.json").write_text(json.dumps(run))
+                folders.append(folder)
+    paths = build_report(folders, tmp_path / "out")
+    page = paths["html"].read_text()
+    assert "6 models from 18 runs" in page
+    pages = PdfReader(paths["pdf"]).pages
+    text = re.sub(r"\s+", " ", " ".join(p.extract_text() for p in pages))
+    headers = re.findall(r'<th class="num" title="[^"]*">([^<]+)</th>', page)
+    assert len(headers) >= 10
+    for header in headers:
+        assert all(word in text for word in html.unescape(header).split()), header
+    assert len(pages) <= 40
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'); CI installs it")
+def test_html_needs_no_horizontal_scroll_at_1280_px(report, tmp_path):
+    """In Chromium at a 1280 px window, the document and every table are no wider than the
+    viewport. A copy of the page carries a script that writes the widths into the DOM (the
+    report itself has no script); --dump-dom reads them back."""
+    paths, _ = report
+    probe = tmp_path / "widths.html"
+    script = ("<script>window.addEventListener('load', () => { const d = document.documentElement;"
+              " const widest = Math.max(0, ...[...document.querySelectorAll('table')].map(t => t.getBoundingClientRect().right));"
+              " document.body.setAttribute('data-widths', d.scrollWidth + ',' + d.clientWidth + ',' + Math.ceil(widest)); });"
+              "</script></body>")
+    probe.write_text(paths["html"].read_text().replace("</body>", script))
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1280,900", "--virtual-time-budget=3000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    scroll, client, widest = map(int, re.search(r'data-widths="(\d+),(\d+),(\d+)"', result.stdout).groups())
+    assert client <= 1280 and scroll <= client and widest <= client

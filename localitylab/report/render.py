@@ -20,7 +20,9 @@ import pandas as pd
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
-from localitylab.report.summary import columns, group_by_seed, locality_answer, metric_bounds, reading, summary_row
+from localitylab.report.captions import caption
+from localitylab.report.numbers import fmt_interval
+from localitylab.report.summary import EXTRA_KEYS, columns, group_by_seed, metric_bounds, summary_row
 
 FORMATS = ("html", "pdf")
 
@@ -38,14 +40,15 @@ class ProbeSection:
     summary: str
     figures: list[Figure] = field(default_factory=list)
     model_figures: list[tuple[str, Figure]] = field(default_factory=list)
-    tables: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (model, rows)
+    tables: list[tuple[str, list[dict[str, Any]], int, str]] = field(default_factory=list)  # (model, rows shown, all, csv)
+    not_applicable: list[tuple[str, str]] = field(default_factory=list)  # (model, why)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (model, command)
 
 
 def fmt(value: Any, kind: str = "float") -> str:
     """How a number is shown; the exact value travels in the cell's data-value attribute."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not isinstance(value, (int, float, str)):
+        return "—"  # also a field an older run.json does not record
     if isinstance(value, str):  # a published qualitative fact
         return value
     if kind == "pct":
@@ -66,8 +69,29 @@ def interval_text(estimate, kind: str = "float") -> str:
     if estimate.seeds > 1 and estimate.spread is not None:
         return f"± {fmt(estimate.spread, kind)} sd, {estimate.seeds} seeds"
     if estimate.has_interval:
+        if kind == "float":
+            return fmt_interval(estimate.value, estimate.low, estimate.high)[1]
         return f"[{fmt(estimate.low, kind)}, {fmt(estimate.high, kind)}]"
     return ""
+
+
+def value_text(estimate, kind: str = "float") -> str:
+    """A summary number at the digits its interval needs (docs/probes.md, Digits)."""
+    if estimate is None:
+        return fmt(None)
+    if kind == "float" and estimate.has_interval and estimate.seeds == 1:
+        return fmt_interval(estimate.value, estimate.low, estimate.high)[0]
+    return fmt(estimate.value, kind)
+
+
+def row_text(row: dict[str, Any]) -> tuple[str, str]:
+    """A probe-table row's value and interval, printed at the digits they need together."""
+    if row.get("value") is None:
+        return "", ""
+    if row.get("ci_low") is None or row.get("ci_high") is None:
+        return fmt(row["value"]), ""
+    value, interval = fmt_interval(row["value"], row["ci_low"], row["ci_high"], sep=" – ")
+    return value, interval.strip("[]")
 
 
 def image_uri(path: Path) -> str:
@@ -156,20 +180,33 @@ def _probe_sections(records: list[RunRecord], figure_dir: Path) -> list[ProbeSec
         tables = [over_seeds_table([r.tables[name] for r in group.records if name in r.tables], group.name)
                   for group in groups if any(name in r.tables for r in group.records)]
         # Per-model pictures (maps) of a seed group: its first seed's; the others' are in their probe folders.
-        later_seeds = {id(r) for group in groups for r in group.records[1:]}
         if probe is not None and tables:
             out = figure_dir / name
             out.mkdir(parents=True, exist_ok=True)
             for path in probe.plot(tables, out):
-                section.figures.append(Figure(path.stem.replace("-", " "), image_uri(path)))
-        for record in records:
-            if name in record.tables:
-                section.tables.append((record.name, _table_rows(record.tables[name])))
-                for path in record.artifacts.get(name, []) if id(record) not in later_seeds else []:
+                section.figures.append(Figure(path.stem.replace("-", " "), image_uri(path), caption(name, path.stem)))
+        for group in groups:  # the appendix: one table per model, a seed group's mean over its seeds
+            present = [r for r in group.records if name in r.tables]
+            section.missing += [(r.name, probe_command(name, r)) for r in group.records if name not in r.tables]
+            if not present:
+                continue
+            table = over_seeds_table([r.tables[name] for r in present], group.name)
+            rows = _table_rows(table)
+            if rows and all(r.get("value") is None for r in rows):  # the probe ran and says why it does not apply
+                why = next((r["note"] for r in rows if r.get("note")), "the probe wrote no value for this model")
+                section.not_applicable.append((group.name, why))
+                continue
+            # The head-mean and per-model rows; the per-head rows stay in the CSV.
+            shown = [r for r in rows if r.get("head") is None] or rows
+            where = str(present[0].path / "probes" / f"{name}.csv")
+            if len(present) > 1:
+                where = f"the probes folder of each of its {len(present)} runs (this table: their mean)"
+            section.tables.append((group.name, shown, len(rows), where))
+            for record in present[:1]:
+                for path in record.artifacts.get(name, []):
                     if path.suffix == ".png":
-                        section.model_figures.append((record.name, Figure(path.stem.replace("-", " "), image_uri(path))))
-            else:
-                section.missing.append((record.name, probe_command(name, record)))
+                        section.model_figures.append((record.name, Figure(
+                            path.stem.replace("-", " "), image_uri(path), caption(name, path.stem, per_model=True))))
         sections.append(section)
     return sections
 
@@ -281,44 +318,84 @@ def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
                   "which perturb a model trained on natural pixels.")
 
 
+def _summary_cell(column, estimate, group, at_chance: bool) -> dict[str, Any]:
+    """One summary cell: the number at the digits its interval needs, the setting it quotes,
+    or "does not apply" (grey, with why) where the probe ran, or "missing" where it did not."""
+    from localitylab.probes.registry import probe_names
+    from localitylab.report.judge import not_applicable_reason
+
+    cell = {"key": column.key, "text": value_text(estimate, column.kind), "value": estimate.value if estimate else None,
+            "interval": interval_text(estimate, column.kind), "low": estimate.low if estimate else None,
+            "high": estimate.high if estimate else None, "missing": None, "na": None,
+            "setting": estimate.setting if estimate else "", "chance": at_chance and column.key == "accuracy"}
+    if estimate is None and column.probe is not None:
+        reason = next((not_applicable_reason(column, r) for r in group.records if column.probe in r.tables), None)
+        if reason is None and column.probe in probe_names() and group.first.config.get("task") == "diffusion":
+            reason = _denoiser_reason(column.probe)
+        if reason is None and column.probe in probe_names():
+            cell["missing"] = probe_command(column.probe, group.first)
+        else:
+            cell["na"] = reason or "no value"
+    elif estimate is None:
+        cell["na"] = {"perm_gap": "needs the same recipe trained on permuted pixels"}.get(column.key, "not recorded")
+    return cell
+
+
+def _denoiser_reason(probe_name: str) -> str | None:
+    from localitylab.probes.registry import get_probe
+
+    probe = get_probe(probe_name)
+    return None if probe.on_denoiser is not None else f"a denoiser: {probe.denoiser_reason}"
+
+
 def build_context(records: list[RunRecord], title: str, figure_dir: Path,
                   expectations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from localitylab import __version__
+    from localitylab.report.effects import PE_MOVED_MIN, SMALLEST_EFFECT
+    from localitylab.report.judge import chance_of
+    from localitylab.report.reading import chance_sentence, locality_answer, pe_notes, reading
 
     groups = group_by_seed(records)
     rows = {group.name: summary_row(group, records) for group in groups}
-    summary = []
-    shown = columns()
-    for group in groups:
-        cells = []
-        for column in shown:
-            estimate = rows[group.name][column.key]
-            missing_cmd = None
-            if estimate is None and column.probe is not None and column.probe not in group.first.tables:
-                missing_cmd = probe_command(column.probe, group.first)
-            cells.append({"key": column.key, "text": fmt(estimate.value if estimate else None, column.kind),
-                          "value": estimate.value if estimate else None, "interval": interval_text(estimate, column.kind),
-                          "low": estimate.low if estimate else None, "high": estimate.high if estimate else None,
-                          "missing": missing_cmd})
-        summary.append({"model": group.name, "cells": cells, "seeds": len(group.records)})
+    chance = {group.name: chance_of(group.records) for group in groups}
+    at_chance = {name for name, c in chance.items() if c is not None and c.at_chance}
+    # The Round 3 columns appear once some run's tables hold them.
+    shown = [c for c in columns() if c.key not in EXTRA_KEYS or any(row.get(c.key) is not None for row in rows.values())]
+    summary = [{"model": group.name, "seeds": len(group.records), "chance": group.name in at_chance,
+                "cells": [_summary_cell(c, rows[group.name][c.key], group, group.name in at_chance) for c in shown]}
+               for group in groups]
     sections = _probe_sections(records, figure_dir)
     missing = [(s.name, model, cmd) for s in sections for model, cmd in s.missing]
+    reasons: dict[tuple[str, str], list[str]] = {}  # (model, why) -> the columns it explains
+    for row in summary:
+        for column, cell in zip(shown, row["cells"]):
+            if cell["na"]:
+                reasons.setdefault((row["model"], cell["na"]), []).append(column.label)
+    not_applicable = [(model, ", ".join(labels), why) for (model, why), labels in reasons.items()]
     return {
         "title": title,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
         "columns": shown,
         "summary": summary,
-        "reading": reading(rows),
-        "answer": locality_answer(groups),
+        "models_count": len(groups),
+        "reading": reading(rows, chance) + pe_notes(rows),
+        "answer": locality_answer(groups, chance),
+        "chance_sentence": chance_sentence(chance),
+        "effects": sorted(SMALLEST_EFFECT.items()),
+        "pe_moved_min": PE_MOVED_MIN,
+        "not_applicable": not_applicable,
         "sections": sections,
         "generation": _generation_section(records),
         "records": records,
+        # Models and Reproducibility show one run per seed group in full, and the other seeds' folders.
+        "shown_records": [(group.first, [r.path.name for r in group.records[1:]]) for group in groups],
         "training_figure": _training_figure(groups, figure_dir),
         "swaps_figure": _train_swaps_figure(groups, figure_dir),
         "missing": missing,
         "expectations": expectations or [],
         "fmt": fmt,
+        "row_text": row_text,
     }
 
 

@@ -30,6 +30,8 @@ class Column:
     probe: str | None  # the probe whose table the value comes from (None: training)
     better: str = ""  # 'low' or 'high' where a direction means "more local"; '' otherwise
     kind: str = "float"  # float | int | pct | flops
+    metric: str = ""  # the probe table's metric the value comes from
+    skip_tasks: tuple[str, ...] = ()
 
 
 # From training (run.json): before the probes' columns.
@@ -61,6 +63,7 @@ class Estimate:
     high: float | None = None
     spread: float | None = None
     seeds: int = 1
+    setting: str = ""  # the row's setting where the column does not fix one (a denoiser's 't=500')
 
     @property
     def has_interval(self) -> bool:
@@ -100,7 +103,7 @@ def over_seeds(estimates: list[Estimate], bounds: tuple[float, float] = UNBOUNDE
     mean, spread = statistics.fmean(values), statistics.stdev(values)
     image_halves = [(e.high - e.low) / 2 for e in kept if e.has_interval]
     half = seed_half_width(spread, len(values), statistics.fmean(image_halves) if image_halves else 0.0)
-    return Estimate(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), spread, len(values))
+    return Estimate(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), spread, len(values), kept[0].setting)
 
 
 def seed_half_width(spread, seeds, image_half=0.0):
@@ -184,15 +187,43 @@ def group_by_seed(records: list[RunRecord]) -> list[ModelGroup]:
     return groups
 
 
+# Columns the report adds for the Round 3 measures (docs/probes.md) where a probe's table holds
+# them and the probe does not declare a column of its own for them: shown only when some run has them.
+EXTRA_COLUMNS = (
+    SummaryColumn("order_global", "order dependence, global shuffle",
+                  "(clean - shuffled) / (clean - chance): the share of the headroom above chance that a global pixel "
+                  "shuffle removes", "order_dependence", setting="global", better="high", skip_tasks=("mae",),
+                  sentence="depends most on pixel order (largest share of its headroom above chance lost under a "
+                           "global shuffle)", probe="permutation"),
+    SummaryColumn("erf_outside", "ERF outside token",
+                  "share of the last layer's effective receptive field outside the pixels of its own token",
+                  "erf_outside_token", layer="last", better="low",
+                  sentence="has the most local effective receptive field in its last layer (least ERF mass outside "
+                           "its own token)", probe="receptive-field"),
+    SummaryColumn("pe_moved", "PE moved", "||P - P0|| / ||P0||: how far the position table moved from its initial "
+                  "state", "pe_moved", probe="pe-similarity"),
+)
+EXTRA_KEYS = tuple(c.key for c in EXTRA_COLUMNS)
+
+
 def probe_columns() -> list[SummaryColumn]:
-    """Every registered probe's summary columns, in registry order, each knowing its probe."""
+    """Every registered probe's summary columns, in registry order, each knowing its probe,
+    each followed by the EXTRA_COLUMNS of its probe that it does not declare itself."""
     from localitylab.probes.registry import get_probe, probe_names
 
-    return [replace(column, probe=name) for name in probe_names() for column in get_probe(name).summary_columns]
+    declared = [replace(column, probe=name) for name in probe_names() for column in get_probe(name).summary_columns]
+    have = {(c.probe, c.metric, c.setting) for c in declared} | {c.key for c in declared}
+    result = []
+    for name in probe_names():
+        result += [c for c in declared if c.probe == name]
+        result += [c for c in EXTRA_COLUMNS if c.probe == name and c.key not in have
+                   and (c.probe, c.metric, c.setting) not in have]
+    return result
 
 
 def columns() -> list[Column]:
-    probe_part = [Column(c.key, c.label, c.help, c.probe, c.better, c.kind) for c in probe_columns()]
+    probe_part = [Column(c.key, c.label, c.help, c.probe, c.better, c.kind, c.metric, c.skip_tasks)
+                  for c in probe_columns()]
     return [*TRAINING_COLUMNS, *probe_part, *PAIR_COLUMNS]
 
 
@@ -202,9 +233,11 @@ def _run_values(record: RunRecord, records: list[RunRecord]) -> dict[str, Estima
              "tokens": record.model_info.get("tokens_per_image"), "flops": flops / 1e9 if flops else None,
              "perm_gap": permutation_gap(record, records)}
     row: dict[str, Estimate | None] = {k: None if v is None else Estimate(v) for k, v in plain.items()}
+    from localitylab.report.judge import read_cell
+
     for column in probe_columns():
-        read = None if record.config.get("task") in column.skip_tasks else column.read(record.tables.get(column.probe))
-        row[column.key] = None if read is None else Estimate(*read)
+        read = None if record.config.get("task") in column.skip_tasks else read_cell(column, record.tables.get(column.probe))
+        row[column.key] = None if read is None else Estimate(*read[0], setting=read[1])
     return row
 
 
@@ -234,103 +267,20 @@ def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None
     return None
 
 
-# --- what the numbers support ----------------------------------------------------------------------
+# --- what the numbers support: localitylab/report/reading.py (kept importable from here) ----------
 def fmt_estimate(estimate: Estimate, digits: int = 3) -> str:
-    text = f"{estimate.value:.{digits}g}"
-    if estimate.seeds > 1 and estimate.spread is not None:
-        text += f" ± {estimate.spread:.2g} (sd over {estimate.seeds} seeds"
-        text += f"; 95% CI [{estimate.low:.{digits}g}, {estimate.high:.{digits}g}])" if estimate.has_interval else ")"
-    elif estimate.has_interval:
-        text += f" [{estimate.low:.{digits}g}, {estimate.high:.{digits}g}]"
-    return text
+    from localitylab.report.reading import fmt_estimate as fmt
+
+    return fmt(estimate, digits)
 
 
-def _overlap(a: Estimate, b: Estimate) -> bool:
-    return a.low <= b.high and b.low <= a.high
+def reading(rows: dict[str, dict[str, Estimate | None]], chance: dict | None = None) -> list[str]:
+    from localitylab.report.reading import reading as read
+
+    return read(rows, chance)
 
 
-def reading(rows: dict[str, dict[str, Estimate | None]]) -> list[str]:
-    """One sentence per locality measure: a model is named first only where its 95% interval
-    separates from every other model's. Otherwise the models are called indistinguishable only
-    where every two intervals overlap; where some do not, the sentence names the models whose
-    intervals overlap the first's and, apart, those the intervals place behind it."""
-    sentences = []
-    for column in probe_columns():
-        if not column.sentence:
-            continue
-        values = {name: row[column.key] for name, row in rows.items() if row.get(column.key) is not None}
-        if len(values) < 2:
-            continue
-        low_is_better = column.better == "low"
-        ordered = sorted(values.items(), key=lambda kv: kv[1].value, reverse=not low_is_better)
-        best_name, best = ordered[0]
-        listed = "; ".join(f"{n} {fmt_estimate(e)}" for n, e in ordered)
-        if not all(e.has_interval for e in values.values()):
-            sentences.append(f"{column.label}: {listed}. Not ranked: without an interval for every model (one "
-                             f"training seed and a property of the weights) a difference cannot be told from chance.")
-            continue
-        others = [e for name, e in ordered[1:]]
-        separated = all(best.high < o.low for o in others) if low_is_better else all(best.low > o.high for o in others)
-        if separated:
-            sentences.append(f"{best_name} {column.sentence}, separated from every other model by the 95% "
-                             f"intervals: {listed}.")
-        elif all(_overlap(a, b) for (_, a), (_, b) in combinations(ordered, 2)):
-            sentences.append(f"{column.label}: the models are indistinguishable within the 95% intervals ({listed}).")
-        else:
-            leading = "; ".join(f"{n} {fmt_estimate(e)}" for n, e in ordered if _overlap(best, e))
-            behind = "; ".join(f"{n} {fmt_estimate(e)}" for n, e in ordered if not _overlap(best, e))
-            text = (f"{column.label}: no model is separated from every other by the 95% intervals. "
-                    f"Overlapping the first's interval: {leading}.")
-            sentences.append(text + (f" Behind them, separated from the first: {behind}." if behind
-                                     else " Some pairs among them are separated by their intervals."))
-    return sentences
+def locality_answer(groups: list[ModelGroup], chance: dict | None = None) -> str:
+    from localitylab.report.reading import locality_answer as answer
 
-
-def locality_answer(groups: list[ModelGroup]) -> str:
-    """One sentence answering "how much locality did each model learn?" from the locality
-    ratio of every layer: a layer attends locally where its interval lies below 1."""
-    local, measured, unmeasured, single_seed = {}, [], [], False
-    for group in groups:
-        per_layer = _ratio_per_layer(group)
-        if not per_layer:
-            unmeasured.append(group.name)
-            continue
-        measured.append(group.name)
-        single_seed |= len(group.records) == 1
-        local[group.name] = {layer: e for layer, e in per_layer.items() if e.has_interval and e.high < 1}
-    if not measured:
-        return "No model here has attention to measure; see the receptive fields and the permutation tests."
-    tail = f" ({', '.join(unmeasured)}: no attention to measure.)" if unmeasured else ""
-    if not any(local.values()):
-        return ("No model attends more locally than uniform attention would, within the 95% intervals of its "
-                f"locality ratios.{tail}")
-    parts = []
-    for name, layers in local.items():
-        if layers:
-            ratios = [e.value for e in layers.values()]
-            span = f"{min(ratios):.3g}" if len(ratios) == 1 else f"{min(ratios):.3g}-{max(ratios):.3g}"
-            parts.append(f"{name} in layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} "
-                         f"(ratio {span})")
-    rest = [name for name, layers in local.items() if not layers]
-    text = "Attending more locally than uniform attention would (locality ratio below 1, 95% interval): " \
-           + "; ".join(parts) + "."
-    if rest:
-        text += f" Not in any layer: {', '.join(rest)}."
-    if single_seed:
-        text += " Intervals are over images for each trained model, not over training seeds."
-    return text + tail
-
-
-def _ratio_per_layer(group: ModelGroup) -> dict[int, Estimate]:
-    """Layer -> the head-mean locality ratio, over the group's seeds."""
-    per_layer: dict[int, list[Estimate]] = {}
-    for record in group.records:
-        table = record.tables.get("attention-distance")
-        if table is None:
-            continue
-        rows = table[(table["metric"] == "locality_ratio") & table["head"].isna() & table["value"].notna()]
-        for row in rows.itertuples():
-            low = None if pd.isna(row.ci_low) else float(row.ci_low)
-            high = None if pd.isna(row.ci_high) else float(row.ci_high)
-            per_layer.setdefault(int(row.layer), []).append(Estimate(float(row.value), low, high))
-    return {layer: over_seeds(estimates) for layer, estimates in sorted(per_layer.items())}
+    return answer(groups, chance)
