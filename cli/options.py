@@ -110,6 +110,7 @@ def slurm_options(function):
     `slurm`, the values given ({name: value}, `slurm_opt` parsed from key=value)."""
     import functools
     import inspect
+    import types
     import typing
     from typing import List, Optional
 
@@ -120,8 +121,9 @@ def slurm_options(function):
 
     added = []
     for name, field in SlurmSettings.model_fields.items():
-        kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
-        kind = kinds[0]
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`: the str
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         annotation = Optional[List[str]] if (typing.get_origin(kind) or kind) is dict else Optional[kind]
         added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                        default=typer.Option(None, flag_of(name), help=field.description)))

@@ -16,6 +16,8 @@ resubmitted; any other piece (failed, cancelled, pre-empted, never submitted) is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -147,6 +149,11 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def check_sbatch() -> None:
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UserError("executor 'slurm' submits through submitit, which is not installed: "
+                        "pip install 'localitylab[slurm]'", setting="executor") from None
     if shutil.which("sbatch") is None or shutil.which("squeue") is None:
         raise UserError("SLURM's sbatch and squeue are not on PATH here; submit from a machine of the cluster "
                         "(a login node), or run the study with executor 'local'", setting="executor")
@@ -202,12 +209,10 @@ def submit(work: list[Work], record: JobRecord, settings: SlurmSettings, waiting
     for group in groups:
         after = sorted({waiting[name] for w in group for name in w.after if name in waiting})
         executor = _executor(folder, settings, after)
-        try:
-            if len(group) > 1:
-                with executor.batch():
-                    jobs = [executor.submit(run_piece, w.function, w.args, __version__) for w in group]
-            else:
-                jobs = [executor.submit(run_piece, group[0].function, group[0].args, __version__)]
+        try:  # submitit echoes sbatch's complaints on stderr: they come back in the error, once
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), \
+                    _maybe_batch(executor, len(group) > 1):
+                jobs = [executor.submit(run_piece, w.function, w.args, __version__) for w in group]
         except Exception as err:  # sbatch said no: its own words, in one line
             record.write()
             raise UserError(f"SLURM refused the job of {group[0].name}: {_sbatch_words(err)}",
@@ -216,6 +221,11 @@ def submit(work: list[Work], record: JobRecord, settings: SlurmSettings, waiting
             record.jobs[w.name] = {"job": str(job.job_id), "folder": str(folder)}
             waiting[w.name] = str(job.job_id)
         record.write()
+
+
+def _maybe_batch(executor, batch: bool):
+    """submitit's batch() (the pieces as one job array), or nothing."""
+    return executor.batch() if batch else contextlib.nullcontext()
 
 
 def _executor(folder: Path, settings: SlurmSettings, after: list[str]):
