@@ -86,8 +86,10 @@ def _interrupted(file: Path, folder: Path) -> int:
 
 
 def click_choice():
-    import typer._click as click  # noqa: F401  (Typer vendors Click in recent versions)
-
+    try:
+        import typer._click as click  # Typer vendors Click in recent versions; its prompt takes its Choice
+    except ImportError:
+        import click
     return click.Choice(["cancel", "leave"])
 
 

@@ -64,9 +64,28 @@ def slurm_settings(table: dict[str, Any] | None, given: dict[str, Any] | None = 
 
 
 # --- on the node -------------------------------------------------------------------------
+class PieceNotDone(Exception):
+    """Ends a job whose piece did not finish with a failing status, so that SLURM cancels the
+    jobs that wait for it (afterok) rather than probing a half-trained run."""
+
+
 def run_piece(function: Callable[..., str], args: tuple, version: str) -> tuple[str, str]:
-    """What a job runs: the piece, unless this node's localitylab is not the one that submitted it.
-    Returns ("done" | "failed" | "refused", message)."""
+    """What a job runs: the piece, its outcome written beside the job's log (outcome.json);
+    a piece that did not finish fails the job."""
+    from submitit import JobEnvironment
+
+    status, message = piece_outcome(function, args, version)
+    write_json(JobEnvironment().paths.folder / "outcome.json", {"status": status, "message": message})
+    if status != "done":
+        raise PieceNotDone(message.splitlines()[0] if message else status)
+    return status, message
+
+
+def piece_outcome(function: Callable[..., str], args: tuple, version: str) -> tuple[str, str]:
+    """The piece, unless this node's localitylab is not the one that submitted it.
+    Returns ("done" | "failed" | "stopped" | "refused", message); "stopped": the job was
+    cancelled or pre-empted (SIGTERM) and the training wrote its checkpoint first."""
+    from localitylab.errors import RunStopped
     from localitylab.studies.runner import _call
     from localitylab.version import __version__
 
@@ -76,7 +95,18 @@ def run_piece(function: Callable[..., str], args: tuple, version: str) -> tuple[
     threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or None
     if threads:
         args = (*args[:-1], threads)  # every piece function takes its thread count last
-    ok, message = _call(function, *args)
+    stopped: list[str] = []
+
+    def attempt(*arguments):
+        try:
+            return function(*arguments)
+        except RunStopped as signal:
+            stopped.append(" ".join(str(signal).split()))
+            raise
+
+    ok, message = _call(attempt, *args)
+    if stopped:
+        return "stopped", stopped[0]
     return ("done" if ok else "failed"), message
 
 
@@ -110,6 +140,10 @@ class JobRecord:
     def outcome(self, name: str) -> tuple[str, str] | None:
         """(status, message) from the job's result file; None while it has none."""
         paths = _paths(self.jobs[name])
+        written = paths.folder / "outcome.json"
+        if written.is_file():
+            outcome = json.loads(written.read_text())
+            return outcome["status"], outcome["message"]
         if not paths.result_pickle.is_file():
             return None
         from submitit.core.utils import pickle_load
@@ -215,8 +249,10 @@ def submit(work: list[Work], record: JobRecord, settings: SlurmSettings, waiting
                 jobs = [executor.submit(run_piece, w.function, w.args, __version__) for w in group]
         except Exception as err:  # sbatch said no: its own words, in one line
             record.write()
-            raise UserError(f"SLURM refused the job of {group[0].name}: {_sbatch_words(err)}",
-                            settings=_named_in(_sbatch_words(err), settings)) from None
+            named = _named_in(_sbatch_words(err), settings)
+            given = "".join(f" ({name} = {getattr(settings, name)!r})" for name in named)
+            raise UserError(f"SLURM refused the job of {group[0].name}: {_sbatch_words(err)}{given}",
+                            settings=named) from None
         for w, job in zip(group, jobs):
             record.jobs[w.name] = {"job": str(job.job_id), "folder": str(folder)}
             waiting[w.name] = str(job.job_id)
@@ -357,7 +393,9 @@ def study_status(out: Path) -> list[dict[str, str]]:
         elif state in LIVE:
             row["state"] = state.lower()
         elif outcome is not None:
-            row["state"] = {"done": "finished (--resume collects it)"}.get(outcome[0], f"failed: {outcome[1]}")
+            row["state"] = {"done": "finished (--resume collects it)",
+                            "stopped": f"stopped (--resume submits it again): {outcome[1]}"}.get(outcome[0],
+                                                                                                f"failed: {outcome[1]}")
         elif name in ledger.get("failed", {}):
             row["state"] = "failed: " + ledger["failed"][name].splitlines()[0]
         elif entry:
