@@ -69,13 +69,16 @@ def _interrupted(file: Path, folder: Path) -> int:
     from localitylab.studies.slurm import cancel, live_jobs
 
     jobs = live_jobs(folder)
+    if not jobs:
+        print("localitylab: interrupted", file=sys.stderr)
+        return 130
     answer = "leave"
-    if jobs and sys.stdin.isatty():
+    if sys.stdin.isatty():
         import typer
 
         answer = typer.prompt(f"\n{len(jobs)} job(s) of this study are still queued or running: cancel them, or "
                               f"leave them running?", type=click_choice(), default="leave")
-    if jobs and answer == "cancel":
+    if answer == "cancel":
         cancel(jobs)
         print(f"cancelled {len(jobs)} job(s); `localitylab study run {file} --out {folder} --resume` submits "
               f"them again", file=sys.stderr)
