@@ -168,7 +168,7 @@ def test_a_detached_study_cancelled_mid_training_resumes_to_the_local_tables(slu
     assert "train vit-n-p2" in status.out and "pieces done" in status.out
     states = slurm_study["states"]  # what `study status` showed
     # SIGTERM: the training checkpoints and stops (or, were it slower than KillWait, SIGKILL)
-    assert states["train vit-n-p2"].startswith(("stopped (--resume submits it again)", "ended cancelled")), states
+    assert states["train vit-n-p2"].startswith(("stopped (resuming the study submits it again)", "ended cancelled")), states
     assert "finished" in states["train resnet-n"] or states["train resnet-n"] == "running", states
 
     assert slurm_study["cancelled_at"] < 3  # it was cancelled mid-training

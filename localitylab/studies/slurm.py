@@ -37,7 +37,7 @@ from localitylab.settings import Settings, parse_settings
 
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
         "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
-# A job that ended this way did not run its piece to the end: the piece is submitted again on --resume.
+# A job that ended this way did not run its piece to the end: resuming the study submits the piece again.
 STOPPED = {"CANCELLED", "PREEMPTED", "TIMEOUT", "NODE_FAIL", "DEADLINE", "BOOT_FAIL", "OUT_OF_MEMORY"}
 
 
@@ -220,7 +220,7 @@ def submission(settings: SlurmSettings, after_jobs: list[str] = ()) -> dict[str,
     extra = {key: str(value) for key, value in settings.slurm_opt.items()}
     if after_jobs:  # a piece's job returns normally even when the piece failed: afterok fails only if the job died
         extra["dependency"] = "afterok:" + ":".join(after_jobs)
-        extra["kill-on-invalid-dep"] = "yes"  # ... and then SLURM cancels the waiting job (--resume submits both)
+        extra["kill-on-invalid-dep"] = "yes"  # ... and then SLURM cancels the waiting job (resuming submits both)
     parameters: dict[str, Any] = {"job_name": "localitylab", "time": settings.time, "cpus_per_task": settings.cpus_per_run,
                                   "additional_parameters": extra, "stderr_to_stdout": True}
     if settings.partition:
@@ -360,7 +360,7 @@ def _wait(watch: Watch, pieces: dict[str, Any], ledger, settings: SlurmSettings,
                 ledger.write()
                 raise UserError(f"{name}: {message}; its log: {log}")
             ledger.record(pieces[name], status == "done", message if status != "stopped" else
-                          f"{message}; --resume submits it again (log: {log})")
+                          f"{message}; resuming the study submits it again (log: {log})")
         if progress is not None:
             progress(total - len(watch.waiting), total, states)
         if watch.waiting:
@@ -393,13 +393,13 @@ def study_status(out: Path) -> list[dict[str, str]]:
         elif state in LIVE:
             row["state"] = state.lower()
         elif outcome is not None:
-            row["state"] = {"done": "finished (--resume collects it)",
-                            "stopped": f"stopped (--resume submits it again): {outcome[1]}"}.get(outcome[0],
+            row["state"] = {"done": "finished (resuming the study collects it)",
+                            "stopped": f"stopped (resuming the study submits it again): {outcome[1]}"}.get(outcome[0],
                                                                                                 f"failed: {outcome[1]}")
         elif name in ledger.get("failed", {}):
             row["state"] = "failed: " + ledger["failed"][name].splitlines()[0]
         elif entry:
-            row["state"] = f"ended {(state or 'gone').lower()} without a result (--resume submits it again)"
+            row["state"] = f"ended {(state or 'gone').lower()} without a result (resuming the study submits it again)"
         else:
             row["state"] = "not submitted"
         rows.append(row)
