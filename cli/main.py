@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from cli.errors import run_cli
-from cli.options import parse_model_kw, probe_options, training_options
+from cli.options import parse_model_kw, probe_options, slurm_options, training_options
 
 app = typer.Typer(
     name="localitylab",
@@ -33,12 +33,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 @app.command()
 @training_options("train")
-def train(config, nproc: int, quiet: bool) -> None:
+def train(config, nproc: int, quiet: bool, nnodes: int = 1) -> None:
     """Train MODEL on DATASET and write ckpt.pt, metrics.csv and run.json to the run folder.
 
     Example: localitylab train vit-n/2 digits --epochs 30 --out runs/vit-digits
     """
-    _run_training(config, nproc, quiet)
+    _run_training(config, nproc, quiet, nnodes)
 
 
 pretrain_app = typer.Typer(help="Self-supervised pre-training of a PiT or ViT encoder.", no_args_is_help=True)
@@ -56,9 +56,10 @@ def pretrain_mae(config, nproc: int, quiet: bool) -> None:
     _run_training(config, nproc, quiet)
 
 
-def _run_training(config, nproc: int, quiet: bool) -> None:
-    """Train in this process, or start `nproc` ranks through torchrun and let them train."""
-    from cli.worker import how_to_continue, launch
+def _run_training(config, nproc: int, quiet: bool, nnodes: int = 1) -> None:
+    """Train in this process, or start `nproc` ranks through torchrun and let them train
+    (on each of `nnodes` nodes of a SLURM allocation, through srun)."""
+    from cli.worker import how_to_continue, launch, launch_nodes
     from localitylab.errors import RunStopped, UserError
     from localitylab.train import distributed, train
     from localitylab.train.job import write_job
@@ -66,6 +67,14 @@ def _run_training(config, nproc: int, quiet: bool) -> None:
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nnodes < 1:
+        raise UserError(f"--nnodes must be at least 1, got {nnodes}")
+    if nnodes > 1 and not distributed.is_worker():
+        distributed.check_batch_divides(config.batch_size, nnodes * nproc)
+        job = write_job(config, quiet, folder=config.run_dir().parent)  # every node reads it: beside the runs
+        launch_nodes(job, nnodes, nproc)
+        job.unlink(missing_ok=True)
+        return
     if nproc > 1 and not distributed.is_worker():
         distributed.check_batch_divides(config.batch_size, nproc)
         job = write_job(config, quiet)
@@ -394,13 +403,20 @@ app.add_typer(study_app, name="study")
 
 
 @study_app.command("run")
+@slurm_options
 def study_run(
     file: Path = typer.Argument(..., help="A study file (TOML), e.g. studies/demo.toml."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default runs/<study name>[-<scale>])."),
     scale: Optional[str] = typer.Option(None, help="Run the study's smaller variant [scale.NAME]."),
     jobs: int = typer.Option(1, help="Pieces to run at once (processes; CPU threads are divided)."),
-    resume: bool = typer.Option(False, help="Continue a study in an existing --out, skipping what is done."),
+    resume: bool = typer.Option(False, help="Continue a study in an existing --out, skipping what is done "
+                                "(with SLURM: collect finished jobs, wait for queued ones, resubmit the rest)."),
     report_dir: Optional[Path] = typer.Option(None, help="Where the report goes (default <out>/report)."),
+    executor: Optional[str] = typer.Option(None, help="local (this machine; the default) or slurm (every piece a "
+                                           "SLURM job through submitit; the default for a folder submitted so)."),
+    detach: bool = typer.Option(False, help="With --executor slurm: return once submitted (then study status, "
+                                "and study run --resume to collect and report)."),
+    slurm=None,
 ) -> None:
     """Train, probe and report everything a study file asks for; re-runs skip finished pieces.
 
@@ -408,13 +424,16 @@ def study_run(
     """
     from cli.study import run_study_command
 
-    raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir))
+    raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir, executor, slurm, detach))
 
 
 @study_app.command("show")
+@slurm_options
 def study_show(
     file: Path = typer.Argument(..., help="A study file (TOML)."),
     scale: Optional[str] = typer.Option(None, help="Show the study's smaller variant [scale.NAME]."),
+    executor: Optional[str] = typer.Option(None, help="slurm: also show the jobs that would be submitted."),
+    slurm=None,
 ) -> None:
     """What a study would run, with FLOPs per run and an estimate of the time on this device.
 
@@ -422,7 +441,18 @@ def study_show(
     """
     from cli.study import show_study
 
-    show_study(file, scale)
+    show_study(file, scale, executor, slurm)
+
+
+@study_app.command("status")
+def study_status(folder: Path = typer.Argument(..., help="A study's output folder (with study.json).")) -> None:
+    """Each piece of a study: done, queued, running or failed, with its SLURM job and log.
+
+    Example: localitylab study status runs/patch-scaling
+    """
+    from cli.study import print_status
+
+    print_status(folder)
 
 
 @app.command()

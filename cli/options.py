@@ -57,21 +57,28 @@ def training_options(name: str):
                    ("quiet", bool, typer.Option(False, "--quiet/--no-quiet", help="No progress bar; one line per epoch."))]
 
     def decorate(function):
+        # A command that can train across nodes takes `nnodes` (inside a SLURM allocation).
+        nodes = "nnodes" in inspect.signature(function).parameters
+        options = parameters + ([("nnodes", int, typer.Option(1, "--nnodes", help="Nodes to train on, inside a SLURM "
+                                                               "allocation (srun starts torchrun on each; --nproc per node)."))]
+                                if nodes else [])
+
         @functools.wraps(function)
         def run(context: typer.Context, **values):
             nproc, quiet = values.pop("nproc"), values.pop("quiet")
+            more = {"nnodes": values.pop("nnodes")} if nodes else {}
             # Only what the user typed: the rest takes the data set's default or the global one,
             # and the run records which (TrainConfig.recipe_from).
             values = {key: from_command_line.get(key, lambda v: v)(value) for key, value in values.items()
                       if _given(context, key)}
-            return function(command.config(values), nproc, quiet)
+            return function(command.config(values), nproc, quiet, **more)
 
         run.__signature__ = inspect.Signature(
             [inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
             + [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-               for option, annotation, default in parameters])
+               for option, annotation, default in options])
         run.__annotations__ = {"context": typer.Context,
-                               **{option: annotation for option, annotation, _ in parameters}}
+                               **{option: annotation for option, annotation, _ in options}}
         return run
 
     return decorate
@@ -150,3 +157,40 @@ def _plain_type(annotation):
             annotation = args[0]
         else:
             return annotation
+
+
+def slurm_options(function):
+    """Decorator: SlurmSettings' fields become options of the command (their flags from their
+    names, their help from their descriptions, all unset by default); the function receives
+    `slurm`, the values given ({name: value}, `slurm_opt` parsed from key=value)."""
+    import functools
+    import inspect
+    import types
+    import typing
+    from typing import List, Optional
+
+    import typer
+
+    from cli.errors import flag_of
+    from localitylab.studies.slurm import SlurmSettings
+
+    added = []
+    for name, field in SlurmSettings.model_fields.items():
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`: the str
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        annotation = Optional[List[str]] if (typing.get_origin(kind) or kind) is dict else Optional[kind]
+        added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                       default=typer.Option(None, flag_of(name), help=field.description)))
+    own = [p for p in inspect.signature(function).parameters.values() if p.name != "slurm"]
+
+    @functools.wraps(function)
+    def run(**values):
+        given = {p.name: values.pop(p.name) for p in added}
+        if given.get("slurm_opt") is not None:
+            given["slurm_opt"] = parse_model_kw(given["slurm_opt"], flag_of("slurm_opt"))
+        return function(**values, slurm={k: v for k, v in given.items() if v is not None})
+
+    run.__signature__ = inspect.Signature(own + added)
+    run.__annotations__ = {p.name: p.annotation for p in own + added}
+    return run

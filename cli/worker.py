@@ -43,6 +43,38 @@ def launch(job: Path, nproc: int) -> None:
         ) from None
 
 
+def launch_nodes(config_file: Path, nnodes: int, nproc: int) -> None:
+    """Train the job in `config_file` on `nnodes` nodes of the SLURM allocation this runs in,
+    `nproc` processes each: srun starts one torchrun per node (one per task where the
+    allocation has fewer nodes than that, e.g. several tasks on one node), and they meet at a
+    c10d rendezvous on the allocation's first node. `config_file` must be on a file system
+    every node sees."""
+    import shutil
+    import subprocess
+
+    from localitylab.errors import UserError
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or shutil.which("srun") is None:
+        raise UserError(f"nnodes {nnodes} trains across the nodes of a SLURM allocation: run it inside one (sbatch "
+                        f"or salloc asking for {nnodes} nodes or tasks), where srun starts torchrun on each",
+                        setting="nnodes")
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")],
+                           capture_output=True, text=True).stdout.split() or ["localhost"]
+    endpoint = f"{nodes[0]}:{29400 + int(job) % 1000}"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=localitylab-{job}",
+                "--module", WORKER, str(config_file)]
+    placement = ["--nodes", str(nnodes), "--ntasks-per-node=1"] if len(nodes) >= nnodes else []
+    srun = ["srun", f"--ntasks={nnodes}", *placement, "--kill-on-bad-exit=1", "--unbuffered"]
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", os.environ.get(
+        "SLURM_CPUS_PER_TASK", "1"))}
+    code = subprocess.run(srun + torchrun, env=environment).returncode
+    if code != 0:
+        raise UserError(f"training on {nnodes} nodes failed (srun exit {code}); the ranks' messages are above. "
+                        f"Re-run: {shlex.join(srun + torchrun)}")
+
+
 def how_to_continue(stopped, config):
     """A stopped run's message as the command line says it: the command that continues it."""
     from localitylab.errors import RunStopped

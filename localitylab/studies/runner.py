@@ -299,13 +299,32 @@ def study_folder(study: Study, out: str | Path | None, resume: bool) -> Path:
 
 
 def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str], None] = print,
-              formats: tuple[str, ...] = ("html", "pdf"), report_dir: str | Path | None = None) -> StudyResult:
+              formats: tuple[str, ...] = ("html", "pdf"), report_dir: str | Path | None = None,
+              executor: str = "local", slurm: Any = None, detach: bool = False,
+              progress: Callable[[int, int, dict[str, str]], None] | None = None) -> StudyResult:
+    """Run what is not done and write the report. `executor`: "local" (here, `jobs` pieces at
+    once) or "slurm" (each piece a job, `slurm` a SlurmSettings; with `detach`, return once
+    submitted: no report yet). `progress(finished, total, {job: state})` while waiting for SLURM."""
     if jobs < 1:
         raise UserError(f"jobs must be at least 1, got {jobs}", setting="jobs")
+    if executor not in ("local", "slurm"):
+        raise UserError(f"executor must be 'local' or 'slurm', got {executor!r}", setting="executor")
     plan = make_plan(study, out)
     ledger = _Ledger(StudyResult(plan), log)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     ledger.write()
+    if executor == "slurm":
+        from localitylab.studies.slurm import SlurmSettings, run_on_slurm
+
+        if not run_on_slurm(plan, ledger, slurm or SlurmSettings(), detach, progress):
+            return ledger.result  # submitted; `study status` and --resume take it from here
+    else:
+        _run_locally(plan, ledger, jobs)
+    return _report(plan, ledger, formats, report_dir)
+
+
+def _run_locally(plan: Plan, ledger: "_Ledger", jobs: int) -> None:
+    study = plan.study
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     # Runs that start from another run's checkpoint wait for it: one wave per generation.
     waiting = list(plan.train)
     while waiting:
@@ -322,19 +341,38 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
                  and (p.classifier is None or f"train {p.classifier.name}" not in failed)]
     _run_stage(samplable, sample_done, _run_sample, lambda p: (p, threads), jobs, ledger)
 
+
+def _report(plan: Plan, ledger: "_Ledger", formats: tuple[str, ...], report_dir: str | Path | None) -> StudyResult:
     from localitylab.report.render import build_report
 
-    result = ledger.result
+    study, result = plan.study, ledger.result
     runs = [p.run_dir for p in plan.train if (p.run_dir / "run.json").is_file()]
     runs += [p.run_dir / "probes" for p in plan.probe if p.pretrained and (p.run_dir / "probes" / "meta.json").is_file()]
     if runs:
         result.report = build_report(runs, Path(report_dir) if report_dir else plan.report_dir, title=study.title, formats=formats,
                                      expectations=expectations(study, plan))
-        log(f"report {', '.join(str(p) for p in result.report.values())}")
+        ledger.log(f"report {', '.join(str(p) for p in result.report.values())}")
     ledger.write()
-    log(f"study {study.name}: {len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed "
-        f"in {time.perf_counter() - ledger.started:.0f} s")
+    ledger.log(f"study {study.name}: {len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed "
+               f"in {time.perf_counter() - ledger.started:.0f} s")
     return result
+
+
+def piece_work(plan: Plan) -> list[tuple[Any, Callable[[], bool], Callable[..., str], tuple, list[str]]]:
+    """Every piece in the order it can run: (piece, is it done?, its function, its arguments
+    (the thread count last), the names of the pieces it waits for)."""
+    study = plan.study
+    work: list[tuple[Any, Callable[[], bool], Callable[..., str], tuple, list[str]]] = []
+    for piece in plan.train:
+        work.append((piece, lambda p=piece: train_done(p, study), _run_train, (study, piece, None),
+                     [piece.source.name] if piece.source is not None else []))
+    for piece in plan.probe:
+        work.append((piece, lambda p=piece: probe_done(p), _run_probe, (piece, None),
+                     [] if piece.pretrained else [f"train {piece.run_dir.name}"]))
+    for piece in plan.sample:
+        after = [f"train {piece.run_dir.name}"] + ([f"train {piece.classifier.name}"] if piece.classifier else [])
+        work.append((piece, lambda p=piece: sample_done(p), _run_sample, (piece, None), after))
+    return work
 
 
 @dataclass

@@ -18,6 +18,9 @@ published numbers are. Validated on load; a mistake names the key and its line.
                (`localitylab sample` and `evaluate-samples`) so the report's generation
                section is filled
     [report]   title
+    [executor.slurm]  how pieces are submitted with executor "slurm": partition, account,
+               gpus_per_run, cpus_per_run, time (minutes), slurm_opt = {key = value},
+               poll_interval (localitylab.studies.slurm.SlurmSettings)
     [[expect]] model, metric, published, setting, source: shown as "published" beside "ours";
                ours is the model's test accuracy, or with probe = "...": the probe's metric
                at layer ("first", "last" or an index), reduced over heads ("min", "max",
@@ -95,6 +98,7 @@ class Study:
     scale_recipe: dict[str, Any] = field(default_factory=dict)  # a scale's settings win over per-model ones
     model_map: dict[str, str] = field(default_factory=dict)  # a scale's substitutions, e.g. pit-t -> pit-n
     samples: dict[str, Any] = field(default_factory=dict)  # [samples]: how diffusion runs are sampled; {} for none
+    slurm: dict[str, Any] = field(default_factory=dict)  # [executor.slurm]: SlurmSettings' values; {} for none
 
     def train_settings(self, entry: StudyModel, seed: int, permute: int | None, out: Path,
                        init_from: Path | None = None) -> dict[str, Any]:
@@ -200,7 +204,7 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         probe_options=_probe_options(probes_raw),
         expect=[dict(e) for e in expect], gpu_hours=study.get("gpu_hours"), notes=str(study.get("notes", "")),
         scale=scale, scales=list(data.get("scale", {})), scale_recipe=scale_recipe, model_map=model_map,
-        samples=samples,
+        samples=samples, slurm=_executor_table(data, locator),
     )
     _validate_values(result, locator)
     _validate_samples(result, locator)
@@ -224,8 +228,8 @@ def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
 
 def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
     """The tables the file has, their keys and kinds: [study], [recipe], [[models]], [[expect]], [scale.NAME]."""
-    _check_keys(data, {"study", "recipe", "models", "probes", "samples", "report", "expect", "scale"}, "the file", locator,
-                None)
+    _check_keys(data, {"study", "recipe", "models", "probes", "samples", "report", "expect", "scale", "executor"},
+                "the file", locator, None)
     study = data.get("study")
     if not isinstance(study, dict):
         raise locator.error("needs a [study] table with at least name and dataset")
@@ -265,6 +269,25 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
             if not isinstance(small, str):
                 raise locator.error(f"[scale.{scale_name}] models: {full} must map to a model name (\"\" to leave it "
                                     f"out) or a table with a 'model' key, got {small!r}", full, f"scale.{scale_name}")
+
+
+def _executor_table(data: dict[str, Any], locator: _Locator) -> dict[str, Any]:
+    """[executor.slurm]: SlurmSettings' keys and values, checked here; {} without one."""
+    from localitylab.studies.slurm import slurm_settings
+
+    executor = data.get("executor", {})
+    if not isinstance(executor, dict):
+        raise locator.error("'executor' must be a table of [executor.NAME] tables", "executor")
+    _check_keys(executor, {"slurm"}, "[executor]", locator, "executor")
+    table = executor.get("slurm", {})
+    if not isinstance(table, dict):
+        raise locator.error("[executor] slurm must be a [executor.slurm] table", "slurm", "executor")
+    try:
+        slurm_settings(table)
+    except UserError as err:
+        key = next((k for k in table if k in str(err)), None)
+        raise locator.error(str(err), key, "executor.slurm") from None
+    return dict(table)
 
 
 def _check_seeds(seeds: Any, table: str, locator: _Locator) -> None:

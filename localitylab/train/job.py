@@ -18,10 +18,13 @@ from localitylab.io import write_json
 from localitylab.train.config import TrainConfig
 
 
-def write_job(config: TrainConfig, quiet: bool) -> Path:
+def write_job(config: TrainConfig, quiet: bool, folder: Path | None = None) -> Path:
     """The job file for `config`, in the system's temporary folder (not the run folder:
-    a job that fails before training leaves that untouched)."""
-    fd, name = tempfile.mkstemp(prefix="localitylab-train-", suffix=".json")
+    a job that fails before training leaves that untouched), or in `folder` (one that every
+    node of a multi-node job sees)."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".localitylab-train-", suffix=".json", dir=folder)
     os.close(fd)
     write_json(Path(name), {"config": config.to_dict(), "quiet": quiet})
     return Path(name)
