@@ -307,16 +307,16 @@ def first_line(err: BaseException) -> str:
 
 def cover(pairs: list[tuple[str, str]], probes: Iterable[str] = PROBES, log=None) -> pd.DataFrame:
     """One row per architecture: family, name, how it was built, and each probe's outcome."""
-    import localitylab.probes.base as probe_base
+    import localitylab.probes.measurements as probe_measurements
 
     probes = list(probes)
     rows = []
-    saved, probe_base.RESAMPLES = probe_base.RESAMPLES, RESAMPLES
+    saved, probe_measurements.RESAMPLES = probe_measurements.RESAMPLES, RESAMPLES
     try:
         for module, name in pairs:
             rows.append(cover_one(module, name, probes, log))
     finally:
-        probe_base.RESAMPLES = saved
+        probe_measurements.RESAMPLES = saved
     return pd.DataFrame(rows)
 
 

@@ -327,7 +327,7 @@ def test_the_report_shows_the_figure_in_the_probe_section(mae_run, tmp_path):
     section = page[page.index('<section id="probe-mae-reconstruction"'):]
     section = section[:section.index("</section>")]
     assert section.count("data:image/png;base64,") >= 2  # the per-model figure and the relative-MSE bars
-    assert "mae reconstruction</figcaption>" in html.unescape(section)
+    assert "reconstruction with the visible pixels pasted back, and the original</figcaption>" in html.unescape(section)
 
 
 def test_probe_takes_another_mask_ratio_and_rejects_bad_options(mae_run, tmp_path):

@@ -174,15 +174,14 @@ def test_img_size_overrides_the_input_size_on_purpose(weights_file):
                             data_options=DataOptions(img_size=64))
     assert target.preprocessing.input_size == (3, 64, 64) and target.info.grid == (4, 4)
     assert target.model.pos_embed.shape[1] == 1 + 16
-    assert "--img-size 64" in target.preprocessing.source
+    assert "input size 64" in target.preprocessing.source
     target, _ = load_target("timm:test_vit", device="cpu", weights=str(weights_file), data="shapes-16")
     assert target.preprocessing.input_size == (3, 160, 160)
 
 
 # --- bad inputs --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["timm:test_vit.r160_in1k", "--pretrained", "--weights", "{w}"], "give --pretrained (timm's own weights) or "
-                                                                       "--weights FILE, not both"),
+    (["timm:test_vit.r160_in1k", "--pretrained", "--weights", "{w}"], "give --pretrained or --weights, not both"),
     (["pit-n", "--pretrained"], "--pretrained applies to timm:NAME models"),
     (["timm:test_vit.no_such_tag", "--pretrained"], "timm has no pretrained tag 'no_such_tag' for test_vit; tags: "
                                                     "r160_in1k"),

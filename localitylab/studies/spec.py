@@ -45,7 +45,7 @@ from typing import Any
 from localitylab.errors import UserError
 from localitylab.io import safe_name
 from localitylab.settings import InvalidSettings
-from localitylab.train.config import STUDY_SETTINGS, TrainConfig
+from localitylab.train.config import STUDY_SETTINGS, TrainConfig, learns_positions
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
@@ -110,6 +110,12 @@ class Study:
         if "model_kw" in own:  # the substitute's model_kw adds to the entry's (e.g. its pos_embed) rather than replacing it
             own["model_kw"] = {**settings.get("model_kw", {}), **own["model_kw"]}
         settings = {**settings, **own, "seed": seed}
+        if not learns_positions(entry.model, settings.get("pos_embed", TrainConfig.model_fields["pos_embed"].default)):
+            # A scale's shared start for learned tables (pos_embed_std) means nothing to the
+            # sin-cos, table-free and ConvNet entries it also reaches: dropped for them, not refused.
+            settings.pop("pos_embed_std", None)
+            if "pos_embed_std" in settings.get("model_kw", {}):
+                settings["model_kw"] = {k: v for k, v in settings["model_kw"].items() if k != "pos_embed_std"}
         if self.permute_pixels is not None:  # [study] permute_pixels: every model once natural, once permuted
             settings["permute_pixels"] = permute
             if permute is None:  # the natural variant: a [recipe] swaps setting is the permuted variant's

@@ -364,6 +364,8 @@ class TrainConfig(Settings):
             value, default = getattr(self, name), command.default(name)
             if name in ("model", "dataset", "out", "resume") or value == default:
                 continue
+            if name == "pos_embed_std" and not takes_pos_embed_std(self):
+                continue  # filled from the data set's recipe, but the model has no learned table
             if name == "model_kw":
                 for key, item in value.items():
                     parts += [_flag(name), f"{key}={item!r}"]
@@ -488,11 +490,16 @@ def _std_from_model_kw(data: dict[str, Any]) -> None:
 def takes_pos_embed_std(config: TrainConfig) -> bool:
     """Whether the run's model is built with a learned position table (a pit, vit or dit with
     pos_embed learn), the only models `pos_embed_std` applies to."""
+    return learns_positions(config.model, config.pos_embed)
+
+
+def learns_positions(model: str, pos_embed: str) -> bool:
+    """Whether `model` built with `pos_embed` has a learned position table."""
     from localitylab.models.registry import model_kind
     from localitylab.models.spec import POS_EMBED_KINDS
 
     try:
-        return model_kind(config.model) in POS_EMBED_KINDS and config.pos_embed == "learn"
+        return model_kind(model) in POS_EMBED_KINDS and pos_embed == "learn"
     except (UserError, KeyError):
         return False
 
