@@ -167,7 +167,7 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
         return {}
     wanted = {j.split("_")[0] for j in job_ids}
     try:
-        listed = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", "%i %T", "-j", ",".join(sorted(wanted))],
+        listed = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(sorted(wanted))],
                                 capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise UserError(f"cannot ask SLURM about the study's jobs (squeue): {err}") from None
