@@ -146,7 +146,7 @@ def _generation_section(records: list[RunRecord]) -> GenerationSection:
                 seen.add(key)
                 tables.append(row)
         elif diffusion and record.sample_grid is not None:
-            section.missing.append((record.name, f"localitylab evaluate-samples {record.path} --classifier RUN"))
+            section.missing.append((record.name, f"localitylab evaluate-samples {record.path}, with a classifier trained on the same data"))
     order = {"fd": 0, "precision": 1, "recall": 2, "class": 3, "fid": 4, "sfid": 5, "inception": 6}
     section.rows = sorted(tables, key=lambda r: (order.get(r["metric"].split("_")[0], 9), r["metric"],
                                                  r["model"].startswith("reference:"), r["model"]))
@@ -312,7 +312,7 @@ def _train_swaps_figure(groups: list, figure_dir: Path) -> Figure | None:
     path = save_figure(fig, figure_dir / "train-swaps.png")
     return Figure("accuracy against train-time pixel swaps", image_uri(path),
                   "Each model trained and tested on pixels after T random swaps within distance d (the PiT paper's "
-                  "experiment; `localitylab train --permute-pixels SEED --swaps T --swap-distance d`); T = 0: natural "
+                  "experiment: the training settings permute_pixels, swaps T and swap_distance d); T = 0: natural "
                   "pixels, full: one fixed random permutation of all pixels. Bars: the 95% t interval of the mean over "
                   "training seeds (none where a model has one seed). Not the permutation probe's test-time swaps, "
                   "which perturb a model trained on natural pixels.")
