@@ -115,10 +115,15 @@ def test_bad_calls_say_what_is_wrong(weights_file):
         localitylab.probe("attention-distance", model, images, timesteps=[10])
 
 
-def test_a_model_named_by_its_class_is_probed(weights_file):
-    """Without model_name the table names the model's class, which is no registry name."""
+def test_a_model_named_by_its_timm_name_is_probed(weights_file):
+    """Without model_name the table names the timm model (not its class); attrs say how."""
     model = timm_model(weights_file)
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    table = localitylab.probe("attention-distance", model, images)
-    assert set(table["model"]) == {"VisionTransformer"}
+    with pytest.warns(UserWarning, match="16x16 px resized to 160x160.*bicubic"):
+        table = localitylab.probe("attention-distance", model, images)
+    assert set(table["model"]) == {"timm:test_vit"}
+    assert table.attrs["preprocessing"]["input_size"] == (3, 160, 160)
+    assert table.attrs["interval"]["level"] == 0.95 and "bootstrap" in table.attrs["interval"]["method"]
+    assert "torch" in str(table.attrs["versions"]) and "_px" in table.attrs["units"]
+    assert "mean over" in table.attrs["head"]
     assert table[table["metric"] == "mean_distance_px"]["value"].notna().all()
