@@ -78,9 +78,12 @@ def _split_item(item: Any) -> tuple[Any, Any]:
 
 def _array(image: Any) -> torch.Tensor:
     if hasattr(image, "getbands"):  # a PIL image
-        image = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        image = np.array(image.convert("RGB") if image.mode not in ("L", "RGB") else image)  # a writable copy
     try:
-        tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        if not isinstance(image, torch.Tensor):
+            image = np.asarray(image)
+            image = image if image.flags.writeable else image.copy()
+        tensor = torch.as_tensor(image)
     except (TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"images must be arrays, tensors or PIL images, got {type(image).__name__}") from error
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
@@ -144,8 +147,6 @@ def fit_to_model(target: Any, images: torch.Tensor | list[torch.Tensor]) -> torc
 
 
 def _resize(image: torch.Tensor, chans: int, side: tuple[int, int]) -> torch.Tensor:
-    import torch.nn.functional as F
-
     if image.shape[0] != chans:
         if image.shape[0] == 1 and chans == 3:
             image = image.expand(3, -1, -1)
@@ -157,8 +158,9 @@ def _resize(image: torch.Tensor, chans: int, side: tuple[int, int]) -> torch.Ten
             raise UserError(f"images with {image.shape[0]} channels cannot feed a model that takes {chans}")
     if tuple(image.shape[1:]) == side:
         return image[None].contiguous()
-    out = F.interpolate(image[None].float(), size=side, mode="bilinear", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(image[None].contiguous(), list(side), antialias=True)  # bilinear, uint8 in and out
 
 
 def check_prepared(images: torch.Tensor | list[torch.Tensor], expects: str) -> torch.Tensor:
