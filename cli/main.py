@@ -7,6 +7,7 @@ imports torch.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -232,7 +233,8 @@ def probe(
     for output in run_probes([name], request):
         note = ""
         if output.table["note"].ne("").all() and output.table["value"].isna().all():
-            note = f" (does not apply: {output.table['note'].iloc[0]})"
+            reason = output.table["note"].iloc[0]
+            note = f" ({reason})" if re.search(r"\bdo(es)? not apply\b", reason) else f" (does not apply: {reason})"
         rows = len(output.table)
         print(f"{output.probe}: {rows} row{'' if rows == 1 else 's'} -> {output.csv}{note}")
         for figure in output.figures:
