@@ -206,6 +206,7 @@ def probe(
     pos_embed: Optional[str] = typer.Option(None, help="Position embedding of an untrained pit/vit."),
     opt: Optional[List[str]] = typer.Option(None, "--opt", help="A probe option as key=value (repeatable); the same "
                                             "as its own flag."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     settings: dict = None,
 ) -> None:
     """Run a locality probe and write its table, figures and meta.json.
@@ -230,7 +231,9 @@ def probe(
         source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, out=out,
         model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None, pretrained=pretrained,
         pos_embed=pos_embed, options=given, **common)
-    for output in run_probes([name], request):
+    from localitylab.progress import make_progress
+
+    for output in run_probes([name], request, make_progress(not quiet)):
         note = ""
         if output.table["note"].ne("").all() and output.table["value"].isna().all():
             reason = output.table["note"].iloc[0]

@@ -34,6 +34,7 @@ from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.settings import parse_probe_settings, probe_fields
 from localitylab.probes.sources import loaded_target
 from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps
+from localitylab.progress import make_progress
 
 # preprocessing= values besides a Preprocessing or a DataInfo
 AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
@@ -42,7 +43,7 @@ AUTO, TIMM, PREPARED = "auto", "timm", "prepared"
 def probe(name: str, model: nn.Module, images: Any, labels: torch.Tensor | np.ndarray | None = None,
           *, preprocessing: str | Preprocessing | DataInfo = AUTO, model_name: str | None = None,
           figures: bool | str | Path | None = None, options: Mapping[str, Any] | None = None,
-          layout: str | None = None, **settings: Any) -> pd.DataFrame | tuple[pd.DataFrame, list]:
+          layout: str | None = None, progress: bool = True, **settings: Any) -> pd.DataFrame | tuple[pd.DataFrame, list]:
     """Run probe `name` ('all' for every probe) on `model` and return its tidy table.
 
     images: uint8 or float images as (N, C, H, W), (N, H, W, C) or (N, H, W), a list of
@@ -60,6 +61,7 @@ def probe(name: str, model: nn.Module, images: Any, labels: torch.Tensor | np.nd
                 and normalised as `create_transform` would;
         'prepared': the images are the model's input already;
         a `Preprocessing` (another data config) or a `DataInfo` (normalise only).
+    progress: False hides the progress bars (shown in a terminal or a notebook).
     figures: True returns `(table, [matplotlib figures])`; a folder draws the probe's figures
         into it; None draws nothing.
     settings: the probe settings as keywords (localitylab/probes/settings.py: `batch_size`,
@@ -91,10 +93,11 @@ def probe(name: str, model: nn.Module, images: Any, labels: torch.Tensor | np.nd
         images = check_prepared(images, expects(model, target))
     else:
         images = fit_to_model(target, images)
-    tables = []
-    with _eval_mode(model), figures_to(figures) as (folder, drawn):
+    tables, bars = [], make_progress(progress)
+    with _eval_mode(model), figures_to(figures) as (folder, drawn), bars.task("probes", len(probes)) as task:
         for one, parsed in zip(probes, run.options):
-            result = one.run(target, images, labels, parsed, settings=run.settings)
+            result = one.run(target, images, labels, parsed, settings=run.settings, progress=bars)
+            task.advance()
             if folder is not None:
                 one.plot([result.table], folder)
                 if result.applies:
