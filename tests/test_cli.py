@@ -149,3 +149,9 @@ def test_probe_all_shows_progress_on_a_terminal_and_none_with_quiet(tmp_path, mo
     assert quiet.status == 0, quiet.err
     assert "probes on" not in quiet.err and "\x1b[" not in quiet.err
     assert quiet.out.replace(str(tmp_path / "b"), "") == shown.out.replace(str(tmp_path / "a"), "")
+    # The probes that do not apply to a ConvNet say so once, each naming itself (issue 29, point 5).
+    refused = [line for line in shown.out.splitlines() if "not apply" in line]
+    assert len(refused) == 4 and all(line.count("not apply") == 1 for line in refused), refused
+    for line in refused:
+        probe = line.split(":")[0]
+        assert f"{probe} does not apply" in line, line
