@@ -7,6 +7,7 @@ imports torch.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -205,6 +206,7 @@ def probe(
     pos_embed: Optional[str] = typer.Option(None, help="Position embedding of an untrained pit/vit."),
     opt: Optional[List[str]] = typer.Option(None, "--opt", help="A probe option as key=value (repeatable); the same "
                                             "as its own flag."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     settings: dict = None,
 ) -> None:
     """Run a locality probe and write its table, figures and meta.json.
@@ -229,10 +231,13 @@ def probe(
         source=source, data=data, data_dir=str(data_dir) if data_dir else None, img_size=img_size, out=out,
         model_kw=parse_model_kw(model_kw), weights=str(weights) if weights else None, pretrained=pretrained,
         pos_embed=pos_embed, options=given, **common)
-    for output in run_probes([name], request):
+    from localitylab.progress import make_progress
+
+    for output in run_probes([name], request, make_progress(not quiet)):
         note = ""
         if output.table["note"].ne("").all() and output.table["value"].isna().all():
-            note = f" (does not apply: {output.table['note'].iloc[0]})"
+            reason = output.table["note"].iloc[0]
+            note = f" ({reason})" if re.search(r"\bdo(es)? not apply\b", reason) else f" (does not apply: {reason})"
         rows = len(output.table)
         print(f"{output.probe}: {rows} row{'' if rows == 1 else 's'} -> {output.csv}{note}")
         for figure in output.figures:
@@ -267,6 +272,7 @@ def sample(
     data: Optional[str] = typer.Option(None, help="For dit-*/P: the data set that gives its shapes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default <run folder>/samples)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Sample a diffusion run: samples.npz (uint8 images, labels, how they were drawn) and a
     samples.png grid, one row per class; both written atomically.
@@ -274,9 +280,11 @@ def sample(
     Example: localitylab sample runs/dit-n-p1-digits --n 1000 --guidance 2.0
     """
     from localitylab.generation.runs import SampleRequest, sample_run
+    from localitylab.progress import make_progress
 
     samples, folder = sample_run(SampleRequest(source, n=n, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                                               batch_size=batch_size, device=device, data=data, out=out))
+                                               batch_size=batch_size, device=device, data=data, out=out),
+                                 make_progress(not quiet))
     print(f"{len(samples.images)} samples ({samples.setting}, seed {seed}) -> {folder / 'samples.npz'}")
     print(f"  grid: {folder / 'samples.png'}")
 
@@ -293,6 +301,7 @@ def evaluate_samples_cmd(
     untrained_reference: bool = typer.Option(True, help="Sample the untrained-DiT reference row too."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: the sample set's)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Measure a sample set against a data set's train split: the Fréchet distance, precision,
     recall and class accuracy in a trained classifier's features, with reference rows (the
@@ -302,6 +311,7 @@ def evaluate_samples_cmd(
     """
     from localitylab.errors import UserError
     from localitylab.generation.runs import EvaluateRequest, evaluate_samples
+    from localitylab.progress import make_progress
 
     if classifier is None:
         raise UserError("evaluate-samples needs --classifier RUN: a classifier trained on the same data "
@@ -309,7 +319,7 @@ def evaluate_samples_cmd(
     table, csv = evaluate_samples(EvaluateRequest(
         str(samples), classifier, against=against, data_dir=str(data_dir) if data_dir else None, device=device,
         untrained_reference=untrained_reference, inception_weights=str(inception_weights) if inception_weights else None,
-        out=out))
+        out=out), make_progress(not quiet))
     _print_quality(table)
     print(f"-> {csv}")
 
@@ -386,14 +396,17 @@ def report(
     out: Path = typer.Option(Path("reports/report"), help="Folder for report.html and report.pdf."),
     title: str = typer.Option("How much locality did each model learn?", help="The report's title."),
     format: List[str] = typer.Option(["html", "pdf"], "--format", help="html and/or pdf (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Write one HTML page and one PDF comparing the runs; reads tables only, runs no model.
 
     Example: localitylab report runs/pit-digits runs/vit-digits runs/resnet-digits --out reports/digits
     """
+    from localitylab.progress import make_progress
     from localitylab.report import build_report
 
-    for kind, path in build_report(runs, out, title=title, formats=tuple(format)).items():
+    for kind, path in build_report(runs, out, title=title, formats=tuple(format),
+                                   progress=make_progress(not quiet)).items():
         print(f"{kind}: {path}")
 
 

@@ -11,6 +11,13 @@ timm) happen on first use, so `localitylab --help` stays quick.
 
 from localitylab.version import __version__  # noqa: F401
 
+# The API (loaded on first use, below); `dir(localitylab)` lists it.
+__all__ = ["load", "probe", "train", "TrainConfig", "evaluate", "Preprocessing", "__version__"]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 def __getattr__(name):
     # Lazy: importing the package must not import torch. `localitylab.train` is always the

@@ -934,6 +934,72 @@ def observed_message(case: Case, fx: Path, tmp: Path, result) -> str:
     return f"`{line}`"
 
 
+# --- the Python API: `localitylab.probe` with images it cannot take ---------------------------
+@dataclass
+class ApiCase:
+    id: str
+    what: str
+    call: str  # the images (and keywords) given to localitylab.probe("attention-distance", model, ...)
+    message: str  # the UserError's message starts with this
+
+
+API_CASES = [
+    ApiCase("api-layout-ambiguous", "a shape where either end could be the channels",
+            "torch.zeros(2, 1, 8, 1, dtype=torch.uint8)",
+            "cannot tell whether images of shape (1, 8, 1) are (C, H, W) or (H, W, C): pass layout='NCHW' or "
+            "layout='NHWC'"),
+    ApiCase("api-layout-no-channels", "no axis of 1 or 3 channels at either end",
+            "torch.zeros(2, 5, 8, 8, dtype=torch.uint8)", "images of shape (5, 8, 8) have no channel axis of size 1 or 3"),
+    ApiCase("api-layout-unknown", "a layout that is not NCHW or NHWC",
+            "torch.zeros(2, 1, 8, 8, dtype=torch.uint8), layout='CHW'", "layout must be one of NCHW, NHWC, got 'CHW'"),
+    ApiCase("api-integer-images", "integer images that are not uint8", "torch.zeros(2, 1, 8, 8, dtype=torch.int64)",
+            "images must be uint8 (0-255) or floats, got torch.int64"),
+    ApiCase("api-mixed-dtypes", "a list mixing uint8 and float images",
+            "[torch.zeros(1, 8, 8, dtype=torch.uint8), torch.zeros(1, 8, 8)]", "images mix dtypes"),
+    ApiCase("api-no-images", "an empty list", "[]", "images must hold at least one image, got none"),
+    ApiCase("api-floats-of-two-sizes", "float images (taken as prepared) of two sizes",
+            "[torch.zeros(1, 8, 8), torch.zeros(1, 16, 16)]",
+            "float images are taken as prepared (the model's input) and must share one size"),
+    ApiCase("api-labels-count", "labels for another number of images",
+            "torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(3)", "3 labels for 2 images"),
+]
+
+
+def api_error(case: ApiCase) -> str:
+    """The UserError's message for one API case (a tiny ViT made for 8x8 grey images)."""
+    import timm
+    import torch
+
+    import localitylab
+    from localitylab.errors import UserError
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1,
+                              num_heads=1, num_classes=2)
+    try:
+        eval(f'localitylab.probe("attention-distance", model, {case.call}, progress=False)',
+             {"localitylab": localitylab, "torch": torch, "model": model})
+    except UserError as error:
+        return str(error)
+    return "(no error)"
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
+def test_bad_images_in_python_are_one_user_error(case: ApiCase):
+    assert api_error(case).startswith(case.message)
+
+
+API_HEAD = """
+
+## In Python: `localitylab.probe` with images it cannot take
+
+Each raises one `localitylab.errors.UserError` (no library internals); the call is
+`localitylab.probe("attention-distance", model, IMAGES...)` with a ViT for 8x8 grey images.
+
+| id | bad input | images given | the error |
+| --- | --- | --- | --- |
+"""
+
+
 def write_doc() -> None:
     """Run every case and write docs/bad-inputs.md with the messages seen."""
     rows = []
@@ -950,14 +1016,18 @@ def write_doc() -> None:
             result, _, _ = run_case(case, fx, tmp)
             rows.append(doc_row(case, observed_message(case, fx, tmp, result)))
             shutil.rmtree(tmp)
+    api_rows = [f"| {c.id} | {_cell(c.what)} | `{_cell(c.call)}` | `{_cell(api_error(c))}` |" for c in API_CASES]
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(DOC_HEAD + "\n".join(rows) + "\n", encoding="utf-8")
+    DOC.write_text(DOC_HEAD + "\n".join(rows) + API_HEAD + "\n".join(api_rows) + "\n", encoding="utf-8")
 
 
 def test_doc_lists_every_case():
     text = DOC.read_text(encoding="utf-8")
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "`" in line}
-    assert sorted(rows) == sorted(c.id for c in CASES), "docs/bad-inputs.md is out of date: run tests/test_bad_inputs.py"
+    assert sorted(rows) == sorted([c.id for c in CASES] + [c.id for c in API_CASES]), \
+        "docs/bad-inputs.md is out of date: run tests/test_bad_inputs.py"
+    for api in API_CASES:
+        assert _cell(api.message) in rows[api.id], f"{api.id}: the message changed; regenerate the doc"
     for case in CASES:
         row = rows[case.id]
         assert f"| `{_cell(case.command)}` |" in row, f"{case.id}: the command changed; regenerate the doc"

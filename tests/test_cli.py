@@ -132,3 +132,26 @@ def test_a_stopped_run_is_continued_with_the_command_and_resume():
     said = how_to_continue(stopped, config)
     assert str(said) == ("stopped by SIGINT after step 3 (epoch 1, batch 3 of 10); checkpoint written to runs/x/ckpt.pt. "
                          f"Continue with: {config.command()} --resume") and said.exit_code == 130
+
+
+def test_probe_all_shows_progress_on_a_terminal_and_none_with_quiet(tmp_path, monkeypatch):
+    """rich bars (forced as on a terminal) count the probes and each probe's batches; --quiet
+    gets none, and the lines on stdout are the same."""
+    from tests.cli_helpers import run_cli
+
+    monkeypatch.setenv("LOCALITYLAB_FORCE_TERMINAL", "1")
+    args = ["probe", "all", "resnet-n", "--data", "digits", "--images", "2", "--device", "cpu"]
+    shown = run_cli([*args, "--out", tmp_path / "a"])
+    assert shown.status == 0, shown.err
+    assert "probes on resnet-n" in shown.err and "6/6" in shown.err  # every probe counted
+    assert "receptive-field (batches)" in shown.err and "\x1b[" in shown.err  # a terminal's bars
+    quiet = run_cli([*args, "--out", tmp_path / "b", "--quiet"])
+    assert quiet.status == 0, quiet.err
+    assert "probes on" not in quiet.err and "\x1b[" not in quiet.err
+    assert quiet.out.replace(str(tmp_path / "b"), "") == shown.out.replace(str(tmp_path / "a"), "")
+    # The probes that do not apply to a ConvNet say so once, each naming itself (issue 29, point 5).
+    refused = [line for line in shown.out.splitlines() if "not apply" in line]
+    assert len(refused) == 4 and all(line.count("not apply") == 1 for line in refused), refused
+    for line in refused:
+        probe = line.split(":")[0]
+        assert f"{probe} does not apply" in line, line

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from localitylab.diffusion.objective import Schedule, to_uint8
+from localitylab.progress import SILENT, Progress
 
 SAMPLERS = ("ddim", "dpm-solver")
 # DPM-Solver++ at 25 steps by default: on dit-n/2 trained on digits it matched or beat DDIM
@@ -97,18 +98,21 @@ def sample_batches(n: int, batch_size: int) -> Iterator[range]:
 @torch.no_grad()
 def generate(model: nn.Module, labels: torch.Tensor, schedule: Schedule, *, in_chans: int, img_size: int,
              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float = 1.0, seed: int = 0,
-             batch_size: int = 256, null_class: int, amp: bool = False) -> torch.Tensor:
-    """uint8 images (N, C, H, W), one per label; the same for the same seed at any batch size."""
+             batch_size: int = 256, null_class: int, amp: bool = False, progress: Progress = SILENT) -> torch.Tensor:
+    """uint8 images (N, C, H, W), one per label; the same for the same seed at any batch size.
+    `progress` counts the images drawn."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = torch.empty((len(labels), in_chans, img_size, img_size), dtype=torch.uint8)
     try:
-        for indices in sample_batches(len(labels), batch_size):
-            noise = initial_noise((in_chans, img_size, img_size), seed, indices).to(device)
-            batch_labels = labels[indices.start:indices.stop].to(device)
-            images = denoise(model, noise, batch_labels, schedule, sampler, steps, guidance, null_class, amp)
-            out[indices.start:indices.stop] = to_uint8(images).cpu()
+        with progress.task("sampling (images)", total=len(labels)) as task:
+            for indices in sample_batches(len(labels), batch_size):
+                noise = initial_noise((in_chans, img_size, img_size), seed, indices).to(device)
+                batch_labels = labels[indices.start:indices.stop].to(device)
+                images = denoise(model, noise, batch_labels, schedule, sampler, steps, guidance, null_class, amp)
+                out[indices.start:indices.stop] = to_uint8(images).cpu()
+                task.advance(len(indices))
     finally:
         model.train(was_training)
     return out

@@ -21,6 +21,7 @@ from localitylab.errors import UserError
 from localitylab.generation.quality import PROBE, feature_space, reference_sources, sample_quality, sample_sources
 from localitylab.generation.samples import ARRAY_NAME, SampleSet, read_samples, write_samples
 from localitylab.io import check_folder, make_folder, write_json
+from localitylab.progress import SILENT, Progress
 
 QUALITY_NAME = f"{PROBE}.csv"
 
@@ -51,9 +52,9 @@ def check_sample_request(request: SampleRequest) -> None:
                         setting="guidance")
 
 
-def sample_run(request: SampleRequest) -> tuple[SampleSet, Path]:
+def sample_run(request: SampleRequest, progress: Progress = SILENT) -> tuple[SampleSet, Path]:
     """Draw `request.n` class-balanced samples from a diffusion run and write them; returns
-    the sample set and its folder."""
+    the sample set and its folder. `progress` counts the images drawn."""
     from localitylab.probes.target import load_target
 
     check_sample_request(request)
@@ -70,7 +71,7 @@ def sample_run(request: SampleRequest) -> tuple[SampleSet, Path]:
     images = generate(target.model, labels, schedule, in_chans=target.spec.in_chans, img_size=target.spec.img_size,
                       sampler=request.sampler, steps=request.steps, guidance=request.guidance, seed=request.seed,
                       batch_size=request.batch_size, null_class=target.model.null_class,
-                      amp=target.device.type == "cuda")
+                      amp=target.device.type == "cuda", progress=progress)
     permutation = target.data.permutation
     if permutation is not None:  # generated in the permuted order the model was trained in
         images = permute_pixels(images, invert_permutation(permutation))
@@ -106,8 +107,9 @@ class EvaluateRequest:
     out: Path | None = None
 
 
-def evaluate_samples(request: EvaluateRequest) -> tuple[pd.DataFrame, Path]:
-    """The sample-quality table of a sample set with its reference rows; written as CSV."""
+def evaluate_samples(request: EvaluateRequest, progress: Progress = SILENT) -> tuple[pd.DataFrame, Path]:
+    """The sample-quality table of a sample set with its reference rows; written as CSV.
+    `progress` counts its steps (features of each source, Inception)."""
     from localitylab.probes.runner import write_table
     from localitylab.probes.target import load_target
 
@@ -130,14 +132,18 @@ def evaluate_samples(request: EvaluateRequest) -> tuple[pd.DataFrame, Path]:
         raise UserError(f"classifier {request.classifier}: give the run folder or checkpoint of a trained network; "
                         "an untrained network's features measure nothing", setting="classifier")
     space = feature_space(classifier)
-    sources = [*sample_sources(samples, len(dataset.test_images)),
-               *reference_sources(dataset, samples, request.untrained_reference)]
-    table = sample_quality(space, dataset.train_images, sources)
-    if request.inception_weights:
-        from localitylab.generation.inception import inception_rows, load_inception
+    with progress.task("evaluating samples (steps)", total=3 if request.inception_weights else 2) as task:
+        sources = [*sample_sources(samples, len(dataset.test_images)),
+                   *reference_sources(dataset, samples, request.untrained_reference)]
+        task.advance()
+        table = sample_quality(space, dataset.train_images, sources)
+        task.advance()
+        if request.inception_weights:
+            from localitylab.generation.inception import inception_rows, load_inception
 
-        extractor = load_inception(request.inception_weights, classifier.device)
-        table = pd.concat([table, inception_rows(extractor, dataset.train_images, sources)], ignore_index=True)
+            extractor = load_inception(request.inception_weights, classifier.device)
+            table = pd.concat([table, inception_rows(extractor, dataset.train_images, sources)], ignore_index=True)
+            task.advance()
     csv = write_table(table, make_folder(folder) / QUALITY_NAME)
     write_json(folder / "sample-quality.json", {
         "samples": str(path), "sample_meta": samples.meta, "against": against, "reference": "train split",

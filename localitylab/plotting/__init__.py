@@ -7,8 +7,9 @@ throughout.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import matplotlib
 
@@ -71,9 +72,29 @@ def grouped_bars(ax, frame, category: str, order: list[str], colours: dict, hori
     (ax.set_yticks if horizontal else ax.set_xticks)(np.arange(len(order)), order)
 
 
+# While `collecting_figures` is active, figures are handed to its list instead of written.
+_COLLECTING: list[list[plt.Figure]] = []
+
+
+@contextlib.contextmanager
+def collecting_figures() -> Iterator[list[plt.Figure]]:
+    """Within the block, `save_figure` writes nothing: it appends each figure (open) to the
+    list yielded, for a caller that returns figures (`localitylab.probe(figures=True)`)."""
+    figures: list[plt.Figure] = []
+    _COLLECTING.append(figures)
+    try:
+        yield figures
+    finally:
+        _COLLECTING.remove(figures)
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Write a figure atomically (format from the suffix) and close it."""
+    """Write a figure atomically (format from the suffix) and close it (or, while
+    `collecting_figures`, hand it over open)."""
     path = Path(path)
+    if _COLLECTING:
+        _COLLECTING[-1].append(fig)
+        return path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)

@@ -17,15 +17,15 @@ from localitylab.probes.base import Probe, ProbeInputs
 from localitylab.probes.target import ProbeTarget
 
 
-def no_attention_reason(target: ProbeTarget) -> str | None:
-    """Why the attention probes cannot read this model, or None if they can."""
+def no_attention_reason(target: ProbeTarget, probe: str = "the attention probes") -> str | None:
+    """Why `probe` (an attention probe) cannot read this model, or None if it can."""
     layers = attention_layers(target.model)
     if not layers:
         unread = unread_attention_classes(target.model)
         if unread:
             return (f"attention modules {', '.join(unread)} found, but no attention adapter reads them: "
-                    "attention probes do not apply")
-        return "no attention modules (a ConvNet or another kind of mixing): attention distance does not apply"
+                    f"{probe} does not apply")
+        return f"no attention modules (a ConvNet or another kind of mixing): {probe} does not apply"
     side = target.data.img_size
     if target.info.grid_for((side, side)) is None and any(layer.adapter.needs_model_grid for layer in layers):
         found = sorted({type(layer.module).__name__ for layer in layers if layer.adapter.needs_model_grid})
@@ -63,7 +63,7 @@ class AttentionProbe(Probe):
     on_denoiser = "per-level"
 
     def not_applicable(self, target: ProbeTarget) -> str | None:
-        return super().not_applicable(target) or no_attention_reason(target)
+        return super().not_applicable(target) or no_attention_reason(target, self.name)
 
     def query_tokens(self, inputs: ProbeInputs) -> torch.Tensor | None:
         """Token indices (prefix included) of the queries read; None: every non-prefix token."""

@@ -24,6 +24,7 @@ import torch
 from localitylab.probes.measurements import (COLUMNS, Measurement, Measurements, SummaryColumn,  # noqa: F401
                                              typed_frame)
 from localitylab.probes.settings import ProbeSettings, checked
+from localitylab.progress import SILENT, Progress, Task
 from localitylab.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class ProbeInputs:
     batch_size: int = ProbeSettings.model_fields["batch_size"].default
     seed: int = ProbeSettings.model_fields["seed"].default
     timestep: int | None = None  # a denoiser's noise level the images are taken to
+    task: Task = field(default_factory=Task)  # advanced after each batch (progress)
 
     @property
     def n_images(self) -> int:
@@ -90,6 +92,7 @@ class ProbeInputs:
                 inputs = inputs.detach().clone().requires_grad_(True)
             with torch.enable_grad() if gradients else contextlib.nullcontext():
                 yield Batch(start, images, labels, inputs, timesteps)
+            self.task.advance()
 
 
 @dataclass
@@ -167,12 +170,13 @@ class Probe:
     # --- the pipeline ---------------------------------------------------------------------
     def run(self, target: "ProbeTarget", images: torch.Tensor, labels: torch.Tensor,
             options: Mapping[str, Any] | Settings | None = None, batch_size: int | None = None, seed: int | None = None,
-            timesteps: Sequence[int] | None = None, settings: ProbeSettings | None = None) -> ProbeResult:
+            timesteps: Sequence[int] | None = None, settings: ProbeSettings | None = None,
+            progress: Progress = SILENT) -> ProbeResult:
         """Measure `target` on uint8 `images`: the table, and what the figures are drawn from.
         `settings` (or `batch_size`, `seed`, `timesteps` given alone; ProbeSettings' defaults for
         the rest) say how. A denoiser is measured at each noise level of `timesteps` (its
         defaults when None), the rows of level t with `setting` 't=<t>', and the figures drawn
-        per level."""
+        per level. `progress` counts the batches measured."""
         if settings is None:
             given = {"batch_size": batch_size, "seed": seed, "timesteps": timesteps}
             settings = checked(ProbeSettings, {k: v for k, v in given.items() if v is not None})
@@ -185,15 +189,17 @@ class Probe:
             out.single("applies", None, note=reason, n_images=len(images))
         elif target.denoising is not None and self.on_denoiser == "per-level":
             self.check(target, parsed)
-            for timestep in target.denoising.levels(timesteps):
-                out.level = f"t={timestep}"
-                level_drawings[timestep] = self.measure(
-                    ProbeInputs(target, images, labels, parsed, batch_size, seed, timestep), out)
+            with progress.task(f"{self.name} (batches)") as task:
+                for timestep in target.denoising.levels(timesteps):
+                    out.level = f"t={timestep}"
+                    level_drawings[timestep] = self.measure(
+                        ProbeInputs(target, images, labels, parsed, batch_size, seed, timestep, task), out)
             out.level = None
             out.add_intervals(seed)
         else:
             self.check(target, parsed)
-            drawing = self.measure(ProbeInputs(target, images, labels, parsed, batch_size, seed), out)
+            with progress.task(f"{self.name} (batches)") as task:
+                drawing = self.measure(ProbeInputs(target, images, labels, parsed, batch_size, seed, task=task), out)
             out.add_intervals(seed)
         return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing,
                            level_drawings)

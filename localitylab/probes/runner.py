@@ -26,6 +26,7 @@ from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.settings import ProbeRun, ProbeSettings, parse_probe_settings
 from localitylab.probes.sources import load_target, select_images
 from localitylab.probes.target import ProbeTarget, check_timesteps
+from localitylab.progress import SILENT, Progress
 
 
 @dataclass
@@ -66,8 +67,9 @@ class ProbeOutput:
     seconds: float
 
 
-def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
-    """Run the named probes ('all' for every registered one) on one model."""
+def run_probes(names: list[str], request: ProbeRequest, progress: Progress = SILENT) -> list[ProbeOutput]:
+    """Run the named probes ('all' for every registered one) on one model; `progress` counts
+    the probes and each probe's batches."""
     if names == ["all"]:
         names = probe_names()
     probes = [get_probe(name) for name in names]
@@ -91,15 +93,20 @@ def run_probes(names: list[str], request: ProbeRequest) -> list[ProbeOutput]:
         if probe.not_applicable(target) is None:
             probe.check(target, parsed)
     out_dir = make_folder(Path(request.out) if request.out is not None else target.default_out_dir())
-    return [_run_one(probe, parsed, count, target, images, labels, run, dataset.name, out_dir)
-            for probe, parsed, count in zip(probes, run.options, counts)]
+    outputs = []
+    with progress.task(f"probes on {target.display_name}", total=len(probes)) as task:
+        for probe, parsed, count in zip(probes, run.options, counts):
+            outputs.append(_run_one(probe, parsed, count, target, images, labels, run, dataset.name, out_dir,
+                                    progress))
+            task.advance()
+    return outputs
 
 
 def _run_one(probe, parsed, count: int, target: ProbeTarget, images: torch.Tensor, labels: torch.Tensor,
-             run: ProbeRun, data_name: str, out_dir: Path) -> ProbeOutput:
+             run: ProbeRun, data_name: str, out_dir: Path, progress: Progress = SILENT) -> ProbeOutput:
     """One probe's table, figures and meta.json entry."""
     started = time.perf_counter()
-    result = probe.run(target, images[:count], labels[:count], parsed, settings=run.settings)
+    result = probe.run(target, images[:count], labels[:count], parsed, settings=run.settings, progress=progress)
     csv_path = write_table(result.table, out_dir / f"{probe.name}.csv")
     figures = probe.plot([result.table], out_dir)
     model_figures = []

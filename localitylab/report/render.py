@@ -23,6 +23,7 @@ from localitylab.report.collect import RunRecord, collect_runs
 from localitylab.report.captions import caption
 from localitylab.report.numbers import fmt_interval
 from localitylab.report.summary import EXTRA_KEYS, columns, group_by_seed, metric_bounds, summary_row
+from localitylab.progress import SILENT, Progress
 
 FORMATS = ("html", "pdf")
 
@@ -408,22 +409,29 @@ def render_html(context: dict[str, Any]) -> str:
 
 
 def build_report(run_dirs: list[str | Path], out: str | Path, title: str = "How much locality did each model learn?",
-                 formats: tuple[str, ...] = FORMATS, expectations: list[dict[str, Any]] | None = None) -> dict[str, Path]:
-    """Write report.html and/or report.pdf into `out`; returns the paths written."""
+                 formats: tuple[str, ...] = FORMATS, expectations: list[dict[str, Any]] | None = None,
+                 progress: Progress = SILENT) -> dict[str, Path]:
+    """Write report.html and/or report.pdf into `out`; returns the paths written. `progress`
+    counts the steps (reading the runs, the figures, each format)."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UserError(f"unknown report format {unknown[0] if unknown else ''!r}; valid: html, pdf")
     out = check_folder(out)
-    records = collect_runs(list(run_dirs))
-    written: dict[str, Path] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        html = render_html(build_context(records, title, Path(tmp), expectations))
-    if "html" in formats:
-        written["html"] = write_text(out / "report.html", html)
-    if "pdf" in formats:
-        from weasyprint import HTML
+    with progress.task("report (steps)", total=2 + len(set(formats))) as task:
+        records = collect_runs(list(run_dirs))
+        task.advance()
+        written: dict[str, Path] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            html = render_html(build_context(records, title, Path(tmp), expectations))
+        task.advance()
+        if "html" in formats:
+            written["html"] = write_text(out / "report.html", html)
+            task.advance()
+        if "pdf" in formats:
+            from weasyprint import HTML
 
-        with atomic_path(out / "report.pdf") as tmp_pdf:
-            HTML(string=html, base_url=str(out)).write_pdf(tmp_pdf)
-        written["pdf"] = out / "report.pdf"
+            with atomic_path(out / "report.pdf") as tmp_pdf:
+                HTML(string=html, base_url=str(out)).write_pdf(tmp_pdf)
+            written["pdf"] = out / "report.pdf"
+            task.advance()
     return written
