@@ -12,6 +12,12 @@ each section, so a failure keeps what was measured):
                       (each case in its own process; on a CPU the 50,177-token case
                       alone takes ~15 minutes: --skip attention-distance to leave it out)
   probe-throughput    images/s of every registered probe on an untrained pit-t at 32x32
+  kernel-threads      the fused attention-distance kernel against SDPA and the probe against
+                      a forward, at 1 thread and at every thread (benchmarks/kernel_threads.py;
+                      skipped where the kernel does not build)
+  probe-costs         `probe all` per probe on an untrained ViT-S/16 (4 images, 224 px): seconds
+                      spent against the forwards and backwards its definition needs
+                      (benchmarks/probe_costs.py; minutes on 2 cores, so not in --quick)
 
 Every figure is a median of several runs after warm-up; the JSON records how many. --quick
 runs a small version of every section on one thread (a smoke test: seconds, not figures
@@ -25,9 +31,11 @@ import math
 import sys
 import time
 
-from benchmarks import attention_distance, common, cost_growth, probe_throughput, train_throughput
+from benchmarks import (attention_distance, common, cost_growth, kernel_threads, probe_costs, probe_throughput,
+                        train_throughput)
 
-SECTIONS = ("train-throughput", "cost-growth", "attention-distance", "probe-throughput")
+SECTIONS = ("train-throughput", "cost-growth", "attention-distance", "probe-throughput", "kernel-threads",
+            "probe-costs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +122,23 @@ def main(argv: list[str] | None = None) -> int:
             probe_throughput.print_table(results["probe_throughput"])
 
         section("probe-throughput", probes)
+    if "kernel-threads" in sections:
+        def threads() -> None:
+            from localitylab.attention import fused
+
+            if not fused.load():
+                print("the fused kernel did not build here: skipped")
+                return
+            results["kernel_threads"] = kernel_threads.run(args.quick)
+            kernel_threads.print_table(results["kernel_threads"])
+
+        section("kernel-threads", threads)
+    if "probe-costs" in sections and not args.quick:
+        def costs() -> None:
+            results["probe_costs"] = probe_costs.run()
+            probe_costs.print_table(results["probe_costs"])
+
+        section("probe-costs", costs)
 
     print("\nsection seconds (wall / CPU, this process and its children): "
           + ", ".join(f"{k} {v:.1f} / {results['cpu_seconds'][k]:.1f}" for k, v in results["seconds"].items()))

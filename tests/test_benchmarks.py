@@ -48,6 +48,12 @@ def test_quick_mode_writes_every_section_and_prints_tables(quick):
     assert figures["quick"] is True and figures["command"].startswith("python -m benchmarks --quick")
     for heading in ("images/s", "MFU", "ours/usual", "peak MB", "probe", env["date"]):
         assert heading in stdout
+    from localitylab.attention import fused
+
+    if fused.load():  # the kernel-threads section, at the quick mode's one thread
+        rows = figures["kernel_threads"]
+        assert {(r["kind"], r["threads"]) for r in rows} == {("kernel", 1), ("probe", 1)}
+    assert "probe_costs" not in figures  # minutes on 2 cores: never in --quick
 
 
 def test_training_figures_are_real_measurements_ordered_by_cost(quick):
@@ -233,3 +239,17 @@ def test_kernel_threads_quick_mode_times_the_kernel_and_the_probe_at_one_and_two
                     "speedup would measure that work")
     one, two = rows[0], rows[1]
     assert two["best"] < one["best"], (one["seconds_runs"], two["seconds_runs"])
+
+
+def test_probe_costs_counts_the_passes_receptive_field_needs_by_its_definition():
+    """benchmarks.probe_costs on a tiny timm ViT (12 blocks) at 32 px, 2 images, 2
+    IntegratedGradients steps: receptive-field needs ERF 1 F + 12 B, Saliency 1 F + 1 B and
+    IG 2 F + 2 B, and the row's ratio is spent over what those passes cost in the same run."""
+    from benchmarks import probe_costs
+
+    rows = probe_costs.run("vit_tiny_patch16_224", 2, 32, ["receptive-field"], {"receptive-field": {"ig_steps": 2}})
+    (row,) = rows
+    assert (row["probe"], row["forwards"], row["backwards"]) == ("receptive-field", 4, 15)
+    assert positive(row["spent_s"]) and positive(row["forward_s"]) and positive(row["needed_s"])
+    assert row["needed_s"] == pytest.approx(4 * row["forward_s"] + 15 * max(row["forward_backward_s"] - row["forward_s"], 0))
+    assert row["ratio"] == pytest.approx(row["spent_s"] / row["needed_s"])

@@ -331,3 +331,24 @@ def test_cli_bad_probe_option_is_one_line_and_status_2(trained_runs, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("localitylab: error:") and "bogus" in lines[0]
     assert "--window-sizes" in lines[0]  # names what is valid, as the flags a user types
     assert not out.exists()
+
+
+def test_ring_radii_equal_pixel_radii():
+    """The bootstrap's radii over rings of equal distance (`distance_rings`, `ring_radii`) equal
+    `mass_radii` over pixels: on random maps, sparse maps, a uniform map (whose mass crosses
+    0.5 exactly), an all-zero map, and at centres on and off the pixel grid."""
+    import numpy as np
+
+    from localitylab.probes.erf_geometry import distance_rings, mass_radii, ring_radii
+
+    rng = np.random.default_rng(0)
+    shape = (14, 10)
+    maps = rng.random((5, 140)) ** 4
+    maps[1, rng.random(140) < 0.9] = 0.0
+    maps = np.vstack([maps, np.ones((1, 140)), np.zeros((1, 140))])
+    for centre in ((7.0, 5.0), (7.5, 5.5), (3.2, 8.9)):
+        order, starts, distance = distance_rings(shape, centre)
+        rings = np.add.reduceat(maps[:, order], starts, axis=1)
+        assert len(distance) < 140 and np.all(np.diff(distance) > 0)
+        for fraction in (0.5, 0.9):
+            np.testing.assert_array_equal(ring_radii(rings, distance, fraction), mass_radii(maps, shape, centre, fraction))

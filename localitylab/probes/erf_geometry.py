@@ -51,6 +51,29 @@ def mass_radii(maps: np.ndarray, shape: tuple[int, int], centre: tuple[float, fl
     return np.where(totals > 0, distance[order][index], np.nan)
 
 
+def distance_rings(shape: tuple[int, int], centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of `mass_radii`'s order grouped by equal distance from `centre`: (order,
+    starts of each group in it) and each group's distance. A map's mass summed per group
+    (`np.add.reduceat(map[order], starts)`) gives `mass_radii` the same radius at a fraction
+    of the pixels, so a bootstrap sums its resamples over rings rather than pixels."""
+    height, width = shape
+    rows = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    cols = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    distance = np.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2).ravel()
+    order = np.argsort(distance, kind="stable")
+    ordered = distance[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    return order, starts, ordered[starts]
+
+
+def ring_radii(rings: np.ndarray, ring_distance: np.ndarray, fraction: float) -> np.ndarray:
+    """`mass_radii` of (B, R) maps already summed per ring (`distance_rings`)."""
+    totals = rings.sum(axis=1)
+    cumulative = np.cumsum(rings, axis=1) / np.where(totals > 0, totals, 1.0)[:, None]
+    index = (cumulative < fraction - 1e-9).sum(axis=1).clip(max=len(ring_distance) - 1)
+    return np.where(totals > 0, ring_distance[index], np.nan)
+
+
 def centroid(mass: torch.Tensor) -> tuple[float, float]:
     height, width = mass.shape[-2:]
     weights = mass.double() / mass.double().sum().clamp_min(1e-300)

@@ -41,8 +41,8 @@ import torch.nn as nn
 from pydantic import field_validator
 
 from localitylab.models.anchors import conv_arithmetic
-from localitylab.probes.erf_geometry import (FeatureFn, centre_location, centroid, layer_feature_maps,  # noqa: F401
-                                             mass_radii, mass_radius)
+from localitylab.probes.erf_geometry import (FeatureFn, centre_location, centroid, distance_rings,  # noqa: F401
+                                             layer_feature_maps, mass_radii, mass_radius, ring_radii)
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
@@ -109,16 +109,21 @@ def erf_radii_resampler(gradients: torch.Tensor, centres: list[tuple[float, floa
     its images' gradient maps (with multiplicity), normalised."""
     count, layers, height, width = gradients.shape
     flat = gradients.double().reshape(count, layers, height * width).numpy()
+    # Each image's map summed over rings of equal distance once: resamples then sum rings, not pixels.
+    rings = []
+    for layer, centre in enumerate(centres):
+        order, starts, distance = distance_rings((height, width), centre)
+        rings.append((np.add.reduceat(flat[:, layer][:, order], starts, axis=1), distance))
 
     def resample(indices: np.ndarray) -> np.ndarray:
         indices = np.atleast_2d(indices)
         weights = np.zeros((len(indices), count))
         np.add.at(weights, (np.arange(len(indices))[:, None], indices), 1.0)
         radii = []
-        for layer, centre in enumerate(centres):
-            summed = weights @ flat[:, layer]  # (B, H*W): the resample's ERF, unnormalised
+        for layer_rings, distance in rings:
+            summed = weights @ layer_rings  # (B, rings): the resample's ERF, unnormalised
             for percent in (50, 90):
-                radius = mass_radii(summed, (height, width), centre, percent / 100)
+                radius = ring_radii(summed, distance, percent / 100)
                 radii += [radius, radius / side]
         return np.stack(radii)
 
