@@ -108,3 +108,19 @@ def test_the_reading_names_the_first_epoch_the_ratio_stays_below_1_or_says_it_ne
     assert "became spatially ordered" in ordered([(0, _e(0.0)), (5, _e(0.3))], [])
     assert "did not become spatially ordered" in ordered([(0, _e(0.0)), (5, _e(0.005))], [])
     assert "describe its initialisation" in ordered([(0, _e(0.0)), (5, _e(0.3))], [(5, _e(0.05, 0))])
+
+
+def test_a_study_with_over_training_writes_both_tables_and_then_counts_the_piece_done(run, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from localitylab.studies.runner import _run_probe, probe_done
+
+    copy = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("probes", "single"))
+    piece = SimpleNamespace(pretrained=None, run_dir=copy, images=8, batch_size=None, seed=0,
+                            options={"over_training": True}, probes=["pe-similarity"])
+    assert not probe_done(piece)
+    _run_probe(piece, 1)
+    assert (copy / "probes" / "pe-similarity.csv").is_file()
+    assert (copy / "probes" / "over-training" / "pe-similarity.csv").is_file()
+    assert probe_done(piece)
