@@ -31,6 +31,10 @@ def __getattr__(name):
         from localitylab.probes.api import probe
 
         return probe
+    if name == "probe_over_training":
+        from localitylab.probes.over_training import probe_over_training
+
+        return probe_over_training
     if name == "Preprocessing":
         from localitylab.models.preprocessing import Preprocessing
 

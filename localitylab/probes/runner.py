@@ -51,6 +51,7 @@ class ProbeRequest:
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # shown after the model's name in the tables ('<model> (<label>)'), as a run folder is
     timesteps: list[int] | None = None  # a denoiser's noise levels (None: its defaults)
+    over_training: bool | None = None  # every snapshot of the run (localitylab/probes/over_training.py)
 
     def settings_for(self, probes: list) -> ProbeRun:
         """The checked settings of every probe; a bad value is a UserError naming it (no model needed)."""
@@ -65,6 +66,7 @@ class ProbeOutput:
     csv: Path
     figures: list[Path]
     seconds: float
+    probed: int = 1  # over training: the snapshots probed by this call (the others were read back)
 
 
 def run_probes(names: list[str], request: ProbeRequest, progress: Progress = SILENT) -> list[ProbeOutput]:
@@ -77,6 +79,10 @@ def run_probes(names: list[str], request: ProbeRequest, progress: Progress = SIL
     settings = run.settings
     if request.out is not None:
         check_folder(request.out)
+    if settings.over_training:
+        from localitylab.probes.over_training import run_over_training
+
+        return run_over_training(probes, request, run)
     data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
                                img_size=request.img_size, seed=settings.seed)
     target, dataset = load_target(request.source, settings.device, request.data, data_options, request.model_kw,

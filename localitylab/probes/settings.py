@@ -71,6 +71,9 @@ class ProbeSettings(Settings):
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", in_memory=False)
     timesteps: Annotated[list[int] | None, BeforeValidator(_timesteps)] = option(
         None, "A diffusion model's noise levels to probe at, e.g. 999,500,100,10 (its defaults when not given).")
+    over_training: bool = option(False, "Probe every snapshot of the run (trained with snapshots) on the same images: "
+                                 "<out>/over-training/<probe>.csv gains step and epoch columns; snapshots already "
+                                 "probed are not probed again.", in_memory=False)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class RunRecord:
     sample_quality: pd.DataFrame | None = None
     sample_grid: Path | None = None
     sample_meta: dict[str, Any] = field(default_factory=dict)
+    # probe NAME RUN --over-training: long tables (with step, epoch) by probe; the run's snapshots (run.json)
+    over_training: dict[str, pd.DataFrame] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def trained(self) -> bool:
@@ -76,7 +79,7 @@ def collect_run(path: str | Path) -> RunRecord:
             path=path, name=f"{spec.get('name', '?')} ({path.name})", spec=spec, data=run.get("data", "?"),
             config=run.get("config", {}), final=run.get("metrics", {}), model_info=run.get("model_info", {}),
             versions=run.get("versions", {}), git_commit=run.get("git_commit"), permute_seed=run.get("permute_seed"),
-            command=run.get("command", ""),
+            command=run.get("command", ""), snapshots=run.get("snapshots") or [],
         )
         metrics_csv = path / "metrics.csv"
         if metrics_csv.is_file():
@@ -92,6 +95,8 @@ def collect_run(path: str | Path) -> RunRecord:
             record.tables[csv_path.stem] = table
         for probe, entry in record.probe_meta.items():
             record.artifacts[probe] = [probe_dir / name for name in entry.get("artifacts", []) if (probe_dir / name).is_file()]
+        for csv_path in sorted((probe_dir / "over-training").glob("*.csv")):
+            record.over_training[csv_path.stem] = read_table(csv_path)
     _collect_samples(record, path / "samples")
     return record
 

@@ -354,6 +354,7 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
     from localitylab import __version__
     from localitylab.report.effects import PE_MOVED_MIN, SMALLEST_EFFECT
     from localitylab.report.judge import chance_of
+    from localitylab.report.over_training import over_training_section
     from localitylab.report.reading import chance_sentence, locality_answer, pe_notes, reading
 
     groups = group_by_seed(records)
@@ -393,6 +394,7 @@ def build_context(records: list[RunRecord], title: str, figure_dir: Path,
         "shown_records": [(group.first, [r.path.name for r in group.records[1:]]) for group in groups],
         "training_figure": _training_figure(groups, figure_dir),
         "swaps_figure": _train_swaps_figure(groups, figure_dir),
+        "over_training": over_training_section(groups, figure_dir),
         "missing": missing,
         "expectations": expectations or [],
         "fmt": fmt,

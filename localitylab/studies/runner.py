@@ -22,6 +22,8 @@ Layout of the output folder:
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import statistics
@@ -191,12 +193,15 @@ def probe_done(piece: ProbePiece) -> bool:
     except json.JSONDecodeError:
         return False
     names = probe_names() if piece.probes == ["all"] else piece.probes
+    options = {k: v for k, v in piece.options.items() if k != "over_training"}  # a setting, not an option
     for name in names:
         entry = meta.get(name)
         if entry is None or not (piece.run_dir / "probes" / f"{name}.csv").is_file():
             return False
+        if piece.options.get("over_training") and not (piece.run_dir / "probes" / "over-training" / f"{name}.csv").is_file():
+            return False
         same = (entry.get("images_requested"), entry.get("seed"), entry.get("options"))
-        if same != (piece.images, piece.seed, piece.options):
+        if same != (piece.images, piece.seed, options):
             return False
     return True
 
@@ -254,8 +259,12 @@ def _run_probe(piece: ProbePiece, threads: int | None) -> str:
                                n_images=piece.images, batch_size=piece.batch_size, seed=piece.seed, device="auto",
                                options=dict(piece.options))
     else:
+        options = {k: v for k, v in piece.options.items() if k != "over_training"}
         request = ProbeRequest(source=str(piece.run_dir / "ckpt.pt"), n_images=piece.images,
-                               batch_size=piece.batch_size, seed=piece.seed, device="auto", options=dict(piece.options))
+                               batch_size=piece.batch_size, seed=piece.seed, device="auto", options=options)
+        if piece.options.get("over_training"):  # the last model's tables, then every snapshot's (resumable)
+            run_probes(list(piece.probes), request)
+            request = dataclasses.replace(request, over_training=True)
     outputs = run_probes(list(piece.probes), request)
     return f"{piece.run_dir.name}: {', '.join(o.probe for o in outputs)}"
 
@@ -576,6 +585,9 @@ def describe_plan(study: Study, out: str | Path = "runs/study") -> dict[str, Any
         total += train_flops
         snapshots, seconds = planned_snapshots(config, shapes["train_images"], sum(p.numel() for p in model.parameters()))
         snapshot_s += seconds
+        if study.probe_options.get("over_training") and study.probes:  # every snapshot probed: about 3 passes each
+            probe_flops = 3 * flops * (study.probe_images or 256) * len(study.probes)
+            total += snapshots * probe_flops
         rows.append({"run": piece.run_dir.name, "model": piece.entry.model, "dataset": config.dataset, "seed": piece.seed,
                      "permute_pixels": config.permute_pixels, "pixel_permutation": config.pixel_permutation_setting(), "epochs": config.epochs, "gflops_per_image": flops / 1e9,
                      "train_pflops": train_flops / 1e15, "snapshots": snapshots, "done": train_done(piece, study)})
