@@ -12,7 +12,7 @@ timm) happen on first use, so `localitylab --help` stays quick.
 from localitylab.version import __version__  # noqa: F401
 
 # The API (loaded on first use, below); `dir(localitylab)` lists it.
-__all__ = ["load", "probe", "train", "TrainConfig", "evaluate", "Preprocessing", "__version__"]
+__all__ = ["load", "probe", "train", "TrainConfig", "evaluate", "probe_over_training", "Preprocessing", "__version__"]
 
 
 def __dir__():
