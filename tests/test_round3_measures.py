@@ -1,0 +1,119 @@
+"""The Round 3 measures (docs/probes.md): order dependence, the continuous ERF measures and
+where a 1x1 stage's field sits, and how far a position table moved."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from localitylab.probes import Measurements, get_probe
+from localitylab.probes.api import memory_target
+from localitylab.probes.order_dependence import order_dependence_resampler, order_dependence_rows
+
+SIDE = 8
+CLASSES = 10
+
+
+class ScriptedClassifier(nn.Module):
+    """Predictions chosen per image: channel 1 holds the image's index (constant, so it
+    survives any shuffle), channel 0 a raster ramp that is in order only on the clean image.
+    In order: `clean[index]`; shuffled: `shuffled[index]`."""
+
+    def __init__(self, clean: list[int], shuffled: list[int]) -> None:
+        super().__init__()
+        self.num_classes = CLASSES
+        self.register_buffer("clean", torch.tensor(clean))
+        self.register_buffer("shuffled", torch.tensor(shuffled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = x[:, 0].flatten(1)
+        in_order = (ramp.diff(dim=1) > 0).all(dim=1)
+        index = x[:, 1].mean(dim=(1, 2)).round().long()
+        prediction = torch.where(in_order, self.clean[index], self.shuffled[index])
+        return nn.functional.one_hot(prediction, CLASSES).float()
+
+
+def scripted_images(count: int) -> torch.Tensor:
+    ramp = torch.arange(SIDE * SIDE, dtype=torch.float32).view(1, 1, SIDE, SIDE).expand(count, 1, SIDE, SIDE)
+    index = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1).expand(count, 1, SIDE, SIDE)
+    return torch.cat([ramp, index], dim=1).contiguous()
+
+
+def scripted_table(clean_right: int, shuffled_right: int, count: int = 100):
+    """A model right on the first `clean_right` clean images and the first `shuffled_right`
+    shuffled ones (labels cycle through the classes)."""
+    labels = torch.arange(count) % CLASSES
+    wrong = (labels + 1) % CLASSES
+    clean = torch.where(torch.arange(count) < clean_right, labels, wrong)
+    shuffled = torch.where(torch.arange(count) < shuffled_right, labels, wrong)
+    images = scripted_images(count)
+    target = memory_target(ScriptedClassifier(clean.tolist(), shuffled.tolist()), images, "prepared")
+    options = {"window_sizes": [], "tile_grids": [], "swap_fractions": [], "draws": 2}
+    table = get_probe("permutation").run(target, images, labels, options, 50, seed=0).table
+    return table.set_index(["metric", "setting"])
+
+
+def test_order_dependence_tells_apart_models_with_the_same_drop():
+    """Both lose 0.4 under a global shuffle; from 0.9 that is half the headroom above chance
+    (0.1), from 0.5 all of it."""
+    high, low = scripted_table(90, 50), scripted_table(50, 10)
+    for table in (high, low):
+        assert table.loc[("accuracy_drop", "global"), "value"] == pytest.approx(0.4)
+    assert high.loc[("order_dependence", "global"), "value"] == pytest.approx(0.5)
+    assert low.loc[("order_dependence", "global"), "value"] == pytest.approx(1.0)
+    for table, value in ((high, 0.5), (low, 1.0)):
+        row = table.loc[("order_dependence", "global")]
+        assert row["ci_low"] <= value <= row["ci_high"] and row["ci_high"] > row["ci_low"]
+    # separated by their paired intervals
+    assert high.loc[("order_dependence", "global"), "ci_high"] < low.loc[("order_dependence", "global"), "ci_low"]
+
+
+def test_order_dependence_is_empty_at_chance():
+    table = scripted_table(10, 0)
+    clean = table.loc[("accuracy", "clean")]
+    assert clean["ci_low"] <= 0.1 <= clean["ci_high"]
+    row = table.loc[("order_dependence", "global")]
+    assert pd_isna(row["value"]) and pd_isna(row["ci_low"]) and "includes chance" in row["note"]
+    assert table.loc[("accuracy_drop", "global"), "value"] == pytest.approx(0.1)  # the raw drop stays
+
+
+def pd_isna(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def test_order_dependence_resamples_agree_with_a_direct_computation():
+    rng = np.random.default_rng(1)
+    clean = rng.integers(0, 2, 9).astype(float)
+    altered = rng.integers(0, 2, (3, 9)).astype(float)
+    indices = rng.integers(0, 9, (50, 9))
+    got = order_dependence_resampler(clean, altered, 0.25, seed=7)(indices)[0]
+    draws = np.random.default_rng(7).integers(0, 3, (50, 3))
+    for b in range(50):
+        c = clean[indices[b]].mean()
+        a = np.mean([altered[d][indices[b]].mean() for d in draws[b]])
+        expected = (c - a) / (c - 0.25) if c != 0.25 else np.nan
+        assert got[b] == pytest.approx(expected, nan_ok=True)
+
+
+def test_order_dependence_interval_matches_the_exact_bootstrap_distribution():
+    """Six images, one draw: every one of the 6^6 resamples, enumerated, gives the exact
+    bootstrap distribution; the probe's 2,000-resample percentile interval sits at its 2.5%
+    and 97.5% quantiles (within Monte Carlo error)."""
+    clean = np.array([1, 1, 1, 1, 0, 1], dtype=float)
+    altered = np.array([[0, 1, 0, 0, 0, 1]], dtype=float)
+    chance = 0.1
+    every = np.array(list(itertools.product(range(6), repeat=6)))
+    exact = order_dependence_resampler(clean, altered, chance, seed=0)(every)[0]
+    out = Measurements()
+    out.per_image("accuracy", torch.tensor(clean), setting="clean")
+    order_dependence_rows(out, torch.tensor(clean), torch.tensor(altered), chance, "global", 0, "")
+    out.add_intervals(3)
+    row = out.rows[-1]
+    assert row.value == pytest.approx((5 / 6 - 2 / 6) / (5 / 6 - 0.1))
+    low, high = row.interval
+    assert np.quantile(exact, 0.01) <= low <= np.quantile(exact, 0.05)
+    assert np.quantile(exact, 0.95) <= high <= np.quantile(exact, 0.99)
