@@ -117,3 +117,67 @@ def test_order_dependence_interval_matches_the_exact_bootstrap_distribution():
     low, high = row.interval
     assert np.quantile(exact, 0.01) <= low <= np.quantile(exact, 0.05)
     assert np.quantile(exact, 0.95) <= high <= np.quantile(exact, 0.99)
+
+
+# --- the continuous ERF measures and the location of a 1x1 stage -------------------------------------
+def _ones_stack(kernel: int, stride: int, padding: int, depth: int) -> nn.Sequential:
+    convs = [nn.Conv2d(1, 1, kernel, stride=stride, padding=padding, bias=False) for _ in range(depth)]
+    for conv in convs:
+        nn.init.ones_(conv.weight)
+    return nn.Sequential(*convs).eval()
+
+
+def _erf(stack: nn.Sequential, size: int):
+    from localitylab.probes.receptive_field import effective_receptive_field_locations, layer_feature_maps
+
+    return effective_receptive_field_locations(layer_feature_maps(stack), torch.randn(3, 1, size, size), 2)
+
+
+def _last_row(table, metric):
+    rows = table[table["metric"] == metric]
+    return rows[rows["layer"] == rows["layer"].max()].iloc[0]
+
+
+def test_outside_token_and_area_of_linear_stacks_in_closed_form():
+    from localitylab.probes.erf_geometry import area_ratios, outside_cell
+
+    # Two 3x3 stride-1 convolutions: the field is (1 2 3 2 1)^T (1 2 3 2 1) around the centre
+    # pixel, whose own cell is that pixel: 9 of 81 paths end on it.
+    maps, locations = _erf(_ones_stack(3, 1, 1, 2), 16)
+    flat = maps[-1].reshape(1, -1).numpy()
+    assert outside_cell(flat, (16, 16), locations[-1].cell)[0] == pytest.approx(1 - 9 / 81)
+    # The 50% area: the fewest pixels, largest weights first, holding 40.5 of the 81 paths.
+    weights = sorted((a * b for a in (1, 2, 3, 2, 1) for b in (1, 2, 3, 2, 1)), reverse=True)
+    needed = next(i + 1 for i in range(25) if sum(weights[:i + 1]) >= 0.5 * 81)
+    assert area_ratios(flat, (0.5,))[0, 0] == pytest.approx(needed / 256)
+    # Three 2x2 stride-2 convolutions (a patchify stem of 8): each location's field is its own
+    # 8x8 patch, uniform: nothing outside, and 50% of the mass on 32 of the image's 1024 pixels.
+    maps, locations = _erf(_ones_stack(2, 2, 0, 3), 32)
+    flat = maps[-1].reshape(1, -1).numpy()
+    assert locations[-1].cell == (16.0, 16.0, 24.0, 24.0)
+    assert outside_cell(flat, (32, 32), locations[-1].cell)[0] == pytest.approx(0.0, abs=1e-12)
+    assert area_ratios(flat, (0.2, 0.3, 0.5, 0.99))[:, 0] == pytest.approx(np.array([13, 20, 32, 64]) / 1024)
+
+
+def test_a_one_by_one_stage_is_measured_at_its_true_centre():
+    """Three 3x3 stride-2 convolutions take 8x8 to 1x1: the one location sits at pixel
+    (0.5, 0.5) by convolution arithmetic (not the image centre), its cell is the 8x8 stride
+    cell around it (clipped to the image: pixels 0..3 whole, 4 half), and the note says so."""
+    from localitylab.probes.erf_geometry import cell_overlap
+
+    maps, locations = _erf(_ones_stack(3, 2, 1, 3), 8)
+    last = locations[-1]
+    assert last.centre == (0.5, 0.5) and (last.row, last.col) == (0, 0)
+    assert "1x1 map" in last.note and "(0.5, 0.5)" in last.note and "convolution arithmetic" in last.note
+    assert cell_overlap((8, 8), last.cell).reshape(8, 8)[:, 0].tolist() == [1, 1, 1, 1, 0.5, 0, 0, 0]
+    assert all(not location.note for location in locations[:-1])  # 4x4, 2x2: a location covers the centre
+    stack = _ones_stack(3, 2, 1, 3)
+    images = torch.randn(4, 1, 8, 8)
+    table = get_probe("receptive-field").run(memory_target(stack, images, "prepared"), images,
+                                             torch.zeros(4, dtype=torch.long), {}, 4).table
+    for metric in ("erf_r50_px", "erf_outside_token", "erf_area_50", "uniform_r50_px"):
+        assert "(0.5, 0.5)" in _last_row(table, metric)["note"], metric
+    assert _last_row(table, "uniform_outside_token")["value"] == pytest.approx(1 - 4.5 ** 2 / 64)  # a 4.5 x 4.5 cell inside the image
+    for metric in ("erf_outside_token", "erf_area_50"):  # a linear stack: every image has the same field
+        row = _last_row(table, metric)
+        assert row["ci_low"] == pytest.approx(row["value"]) == pytest.approx(row["ci_high"])
