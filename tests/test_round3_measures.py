@@ -181,3 +181,39 @@ def test_a_one_by_one_stage_is_measured_at_its_true_centre():
     for metric in ("erf_outside_token", "erf_area_50"):  # a linear stack: every image has the same field
         row = _last_row(table, metric)
         assert row["ci_low"] == pytest.approx(row["value"]) == pytest.approx(row["ci_high"])
+
+
+# --- how far the position table moved ---------------------------------------------------------------
+def test_pe_moved_of_a_trained_run_and_of_an_untrained_model(trained_runs):
+    """A trained run's pe_moved is ||P - P0|| / ||P0|| with P0 the untrained model of the same
+    spec and seed, built independently by load_target; an untrained model has not moved; a
+    model in memory without a run record has no P0."""
+    import localitylab
+    from localitylab.probes import load_target
+    from localitylab.probes.api import memory_target
+
+    run = trained_runs["vit-n/2"]
+    model = localitylab.load(run.run_dir)
+    table = get_probe("pe-similarity").run(memory_target(model, torch.zeros(1, 1, 8, 8, dtype=torch.uint8)),
+                                           torch.zeros(1, 1, 8, 8, dtype=torch.uint8),
+                                           torch.zeros(1, dtype=torch.long), {}, 1).table.set_index("metric")
+    spec = model.run.spec
+    start, _ = load_target("vit-n/2", device="cpu", data="digits", seed=model.run.config["seed"],
+                           model_kw={"pos_embed_std": spec.model_kw["pos_embed_std"]})
+    assert start.spec == spec
+    first, last = start.model.pos_embed.detach()[0, 1:].double(), model.pos_embed.detach()[0, 1:].double()
+    assert table.loc["pe_moved", "value"] == pytest.approx(float((last - first).norm() / first.norm()), rel=1e-9)
+    assert table.loc["pe_moved", "value"] > 0 and pd_isna(table.loc["pe_moved", "ci_low"])
+    untrained = get_probe("pe-similarity").run(start, torch.zeros(1, 1, 8, 8, dtype=torch.uint8),
+                                               torch.zeros(1, dtype=torch.long), {}, 1).table.set_index("metric")
+    assert untrained.loc["pe_moved", "value"] == 0.0 and "untrained" in untrained.loc["pe_moved", "note"]
+    copy = memory_target(_pe_copy(start.model), torch.zeros(1, 1, 8, 8), "prepared")
+    stranger = get_probe("pe-similarity").run(copy, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long),
+                                              {}, 1).table.set_index("metric")
+    assert pd_isna(stranger.loc["pe_moved", "value"]) and stranger.loc["pe_moved", "note"]
+
+
+def _pe_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
