@@ -90,7 +90,9 @@ def plot_attention_distance(tables: list[pd.DataFrame], out_dir: Path) -> list[P
     for ax in (ax_dist, ax_ratio):
         ax.xaxis.get_major_locator().set_params(integer=True)
     keep_reference_in_view(ax_ratio, 1.0, RATIO_MIN_SPAN)
-    keep_reference_in_view(ax_dist, 0.0)  # distances from 0, the uniform lines in view
+    ax_dist.set_ylim(0.0, max(ax_dist.get_ylim()[1], 1e-9) * 1.08)  # from 0, the uniform lines in view
+    fig.suptitle("Attention distance in input pixels (left) and as a ratio to uniform attention (right; "
+                 "1 = no preference for near tokens, below 1 = local)", fontsize="medium")
     ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
                    framealpha=0.8)
     return [save_figure(fig, Path(out_dir) / "attention-distance.png"), *paths]
