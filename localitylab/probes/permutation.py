@@ -19,6 +19,11 @@ drawn from a seed derived from the probe's seed and the setting's name; the shuf
 `localitylab.data.permutation`, where `permutation_for_setting(setting, height, width,
 seed)` rebuilds one exactly; the seed is in each row's `note`.
 
+Per setting: `accuracy`, `accuracy_drop` (clean - altered, paired per image) and
+`order_dependence` = (clean - altered) / (clean - chance), the share of the headroom above
+chance the shuffle removes (localitylab/probes/order_dependence.py): raw drops are capped by
+clean accuracy minus chance, so only the share compares models.
+
 Equivariance certificate: permute the model's input pixels by pi and the position-embedding
 rows by the same pi (in a copy of the model; [cls] and register rows untouched), and
 compare its logits with the untouched model on the untouched input. Attention, MLPs and
