@@ -196,24 +196,21 @@ def learned_part(folder: Path) -> tuple[float, float]:
     from the one the run started with (rebuilt from the run's seed and spec, as training
     builds it), and whether the part it added encodes the grid."""
     sys.path.insert(0, str(ROOT))
-    import torch
-
     import localitylab
     from localitylab.attention import TokenGeometry
-    from localitylab.models.registry import ModelSpec, build_model
+    from localitylab.models.registry import ModelSpec
+    from localitylab.probes.pe_moved import initial_model, relative_change
     from localitylab.probes.pe_similarity import distance_spearman
-    from localitylab.train.loop import seed_everything
 
     run = json.loads((folder / "run.json").read_text())
-    seed_everything(run["config"]["seed"])
-    start = build_model(ModelSpec.from_dict(run["model_spec"]))
+    start = initial_model(ModelSpec.from_dict(run["model_spec"]), run["config"]["seed"])
     model = localitylab.load(folder / "ckpt.pt")
     prefix = model.num_prefix_tokens
     first, last = start.pos_embed.detach()[0, prefix:], model.pos_embed.detach()[0, prefix:]
     patch = run["model_info"]["patch_size"]
     side = run["model_spec"]["img_size"] // patch
     rho, _ = distance_spearman(last - first, TokenGeometry((side, side), patch, prefix), seed=0)
-    return float((last - first).norm() / first.norm()), rho
+    return relative_change(last, first), rho
 
 
 _TEST_COUNTS: dict[str, int] = {}

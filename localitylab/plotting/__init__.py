@@ -88,6 +88,28 @@ def collecting_figures() -> Iterator[list[plt.Figure]]:
         _COLLECTING.remove(figures)
 
 
+def keep_reference_in_view(ax, reference: float | None = None, min_span: float = 0.0) -> None:
+    """Y range that includes `reference` (a uniform map's or uniform attention's value) and
+    spans at least `min_span`, so an axis never zooms into differences smaller than the
+    scale a reader should judge them on (the intervals' and the smallest effect's)."""
+    low, high = ax.get_ylim()
+    if reference is not None:
+        low, high = min(low, reference), max(high, reference)
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+        if reference is not None:  # still in view after widening
+            low, high = min(low, reference), max(high, reference)
+    ax.set_ylim(low, high)
+
+
+def legend_if_labelled(ax, **options) -> None:
+    """A legend only where something carries a label (no empty-legend warning)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, **options)
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Write a figure atomically (format from the suffix) and close it (or, while
     `collecting_figures`, hand it over open)."""

@@ -14,7 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.plotting import apply_style, errorbar, grouped_bars, model_colours, model_markers, save_figure
+from localitylab.plotting import (apply_style, errorbar, grouped_bars, keep_reference_in_view, legend_if_labelled,
+                                 model_colours, model_markers, save_figure)
+
+# The narrowest y range of a ratio to 1 (locality ratio): twice the smallest difference worth a
+# word (docs/probes.md, effect size), so noise never fills the axis.
+RATIO_MIN_SPAN = 0.1
+RADIUS_MIN_SPAN_PX = 1.0
 
 REFERENCES_PER_SIDE = 8  # pe-similarity: reference tokens per side of the grid
 
@@ -83,6 +89,10 @@ def plot_attention_distance(tables: list[pd.DataFrame], out_dir: Path) -> list[P
                  title="Locality ratio, mean over heads (bars: 95% CI)")
     for ax in (ax_dist, ax_ratio):
         ax.xaxis.get_major_locator().set_params(integer=True)
+    keep_reference_in_view(ax_ratio, 1.0, RATIO_MIN_SPAN)
+    ax_dist.set_ylim(0.0, max(ax_dist.get_ylim()[1], 1e-9) * 1.08)  # from 0, the uniform lines in view
+    fig.suptitle("Attention distance in input pixels (left) and as a ratio to uniform attention (right; "
+                 "1 = no preference for near tokens, below 1 = local)", fontsize="medium")
     ax_dist.legend(fontsize="small", title="dotted: uniform attention", title_fontsize="x-small", loc="best",
                    framealpha=0.8)
     return [save_figure(fig, Path(out_dir) / "attention-distance.png"), *paths]
@@ -121,6 +131,7 @@ def plot_noise_levels(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
             line = frame[(frame["model"] == model) & (frame["layer"] == layer)]
             errorbar(ax, line["timestep"], line, color=colours[model], marker=markers[model], label=model)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        keep_reference_in_view(ax, 1.0, RATIO_MIN_SPAN)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_title(f"layer {layer}", fontsize="small")
     for ax in axes.flat[len(layers):]:
@@ -188,6 +199,9 @@ def _draw(maps: torch.Tensor, pictures: np.ndarray, query: tuple[int, int], geom
     n_rows = n_images * n_heads
     fig, axes = plt.subplots(n_rows, n_layers + 1, figsize=(1.7 * (n_layers + 1), 1.7 * n_rows + 0.4), squeeze=False)
     grey = pictures.ndim == 3
+    # One colour scale for every thumbnail, so shades compare across layers and heads.
+    top = float(maps.max()) if maps.numel() else 1.0
+    norm = plt.Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
     for image in range(n_images):
         for head in range(n_heads):
             axes_row = axes[image * n_heads + head]
@@ -198,7 +212,7 @@ def _draw(maps: torch.Tensor, pictures: np.ndarray, query: tuple[int, int], geom
                 ax = axes_row[layer + 1]
                 ax.imshow(pictures[image], cmap="gray" if grey else None, extent=extent)
                 ax.imshow(maps[image, layer, head].numpy(), cmap="inferno", alpha=0.65, extent=extent,
-                          interpolation="nearest")
+                          interpolation="nearest", norm=norm)
                 if image == 0 and head == 0:
                     ax.set_title(f"layer {layer}", fontsize="small")
             for ax in axes_row:
@@ -206,8 +220,11 @@ def _draw(maps: torch.Tensor, pictures: np.ndarray, query: tuple[int, int], geom
                 ax.set_xticks([])
                 ax.set_yticks([])
     axes[0][0].set_title("input", fontsize="small")
+    scale = plt.cm.ScalarMappable(norm=norm, cmap="inferno")
+    fig.colorbar(scale, ax=axes, shrink=0.8, label="attention weight on the key token")
     what = "per head" if head_labels is not None else "mean over heads"
-    fig.suptitle(f"{model_name}: attention of pixel ({query[0]}, {query[1]}), {what}", fontsize="medium")
+    fig.suptitle(f"{model_name}: where the query at pixel ({query[0]}, {query[1]}) (cyan x) attends, per layer, "
+                 f"{what}", fontsize="medium")
     return save_figure(fig, path)
 
 
@@ -231,13 +248,16 @@ def pe_similarity_figures(target: Any, unit: torch.Tensor, out_dir: Path) -> lis
             ax.set_xticks([])
             ax.set_yticks([])
             if a == len(ref_rows) - 1:
-                ax.set_xlabel(str(col), fontsize="x-small")
+                ax.set_xlabel(str(col), fontsize="medium")
             if b == 0:
-                ax.set_ylabel(str(row), fontsize="x-small")
-    fig.supxlabel("reference token column", fontsize="small")
-    fig.supylabel("reference token row", fontsize="small")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-    fig.suptitle(f"{target.display_name}: position embedding similarity", fontsize="medium")
+                ax.set_ylabel(str(row), fontsize="medium", rotation=0, labelpad=10, va="center")
+    fig.supxlabel("reference token: column", fontsize="medium")
+    fig.supylabel("reference token: row", fontsize="medium")
+    bar = fig.colorbar(image, ax=axes, shrink=0.8)
+    bar.set_label("cosine similarity", fontsize="medium")
+    bar.ax.tick_params(labelsize="medium")
+    fig.suptitle(f"{target.display_name}: cosine similarity of each reference token's position embedding\n"
+                 "with every token's (one map per reference token, placed at its grid position)", fontsize="medium")
     return [save_figure(fig, Path(out_dir) / "pe-similarity.png")]
 
 
@@ -256,7 +276,7 @@ def plot_pe_similarity(tables: list[pd.DataFrame], out_dir: Path, METRICS: tuple
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set(xlabel="", ylabel="score (1 = the grid, 0 = none)", title="Position embedding vs the 2-D grid",
            ylim=(min(-0.1, float(frame["value"].min()) - 0.05), 1.05))
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", title="no interval: properties of the weights", title_fontsize="x-small")
     return [save_figure(fig, Path(out_dir) / "pe-similarity-metrics.png")]
 
 
@@ -322,7 +342,8 @@ def plot_radius_by_depth(frame: pd.DataFrame, path: Path) -> Path:
     frame = frame[frame["layer"].notna()]
     models = sorted(frame["model"].unique())
     colours, markers = model_colours(models), model_markers(models)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    outside = frame[frame["metric"] == "erf_outside_token"]
+    fig, axes = plt.subplots(1, 3 if len(outside) else 2, figsize=(15 if len(outside) else 10, 4))
     for ax, percent in zip(axes, (50, 90)):
         for model in models:
             rows = frame[frame["model"] == model]
@@ -333,8 +354,22 @@ def plot_radius_by_depth(frame: pd.DataFrame, path: Path) -> Path:
                     linewidth=1)
         ax.set(xlabel="layer (block / stage)", title=f"ERF radius holding {percent}% of the mass (bars: 95% CI)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].set_ylabel("radius (px); dashed: uniform map")
+        keep_reference_in_view(ax, 0.0, RADIUS_MIN_SPAN_PX)
+        ax.set_ylabel("radius (px); dashed: uniform map")
+    if len(outside):
+        ax = axes[2]
+        for model in models:
+            rows = frame[frame["model"] == model]
+            share = rows[rows["metric"] == "erf_outside_token"].sort_values("layer")
+            uniform = rows[rows["metric"] == "uniform_outside_token"].sort_values("layer")
+            errorbar(ax, share["layer"], share, marker=markers[model], color=colours[model], label=model)
+            ax.plot(uniform["layer"].astype(int), uniform["value"], "--", color=colours[model], alpha=0.5, linewidth=1)
+        ax.set(xlabel="layer (block / stage)", ylabel="share of ERF mass; dashed: uniform map", ylim=(-0.02, 1.02),
+               title="ERF mass outside the own token / stride cell (bars: 95% CI)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
+    fig.suptitle("Effective receptive field against depth, at the feature location holding the image centre "
+                 "(a 1x1 map: its own location)", fontsize="medium")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -375,7 +410,12 @@ def plot_erf_maps(maps: torch.Tensor, centres: list[tuple[float, float]], radii:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
-    fig.suptitle(f"{model_name}: effective receptive field, log scale (circles: r50, r90 dashed)")
+        if norm is not None:
+            bar = fig.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize="small")
+    fig.suptitle(f"{model_name}: effective receptive field per layer, share of the gradient mass per input pixel\n"
+                 "(log colour scale; black: exactly 0) of the feature location at + (the one holding the image centre; "
+                 "a 1x1 map's own location); circles: r50, r90 dashed")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -390,10 +430,14 @@ def plot_permutations(tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
     frame = overlay(tables)
     if frame is None or not frame["metric"].eq("accuracy").any():
         return []
-    return [plot_permutation(frame, Path(out_dir) / "permutation.png")]
+    # Models whose clean accuracy's interval includes chance: their order dependence is empty, with this note.
+    everything = overlay([t.assign(value=t["value"].fillna(0.0)) for t in tables])
+    at_chance = set(everything.loc[(everything["metric"] == "order_dependence")
+                                   & everything["note"].astype(str).str.contains("includes chance"), "model"])
+    return [plot_permutation(frame, Path(out_dir) / "permutation.png", at_chance)]
 
 
-def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
+def plot_permutation(frame: pd.DataFrame, path: Path, at_chance: set[str] = frozenset()) -> Path:
     """Left: accuracy against the number of test-time swaps T (one line per model and
     distance d). Right: accuracy against the mean pixel displacement of every shuffle,
     models overlaid. Bars: 95% intervals over images and permutation draws."""
@@ -411,6 +455,7 @@ def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
     for model in models:
         colour = colours[model]
         rows = accuracy.loc[model]
+        name = f"{model} (at chance)" if model in at_chance else model
         clean = rows.loc["clean", "value"] if "clean" in rows.index else None
         swaps = rows[rows.index.str.startswith("swaps-")]
         distances = sorted({s.rsplit("-", 1)[1] for s in swaps.index}, key=lambda d: math.inf if d == "inf" else float(d))
@@ -421,7 +466,7 @@ def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
                 sweep = pd.concat([rows.loc[["clean"]].assign(swaps=0), sweep[sweep["swaps"] > 0]])
             sweep = sweep.sort_values("swaps")
             errorbar(swaps_ax, sweep["swaps"], sweep, color=colour, linestyle=line_styles[i % len(line_styles)],
-                     marker="o", label=f"{model}, d={distance}")
+                     marker="o", label=f"{name}, d={distance}")
         for family, marker in family_markers.items():
             points = rows[[(_family(s) == family or (family == "swaps" and s.startswith("swaps-")))
                            and (model, s) in displacement.index for s in rows.index]]
@@ -431,7 +476,7 @@ def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
             order = sorted(range(len(x)), key=x.__getitem__)
             errorbar(strength_ax, [x[i] for i in order], points.iloc[order], color=colour, marker=marker,
                      linestyle="-" if family != "swaps" else "none", markersize=6 if family != "swaps" else 4,
-                     alpha=1.0 if family != "swaps" else 0.7, label=f"{model}: {family}")
+                     alpha=1.0 if family != "swaps" else 0.7, label=f"{name}: {family}")
         if clean is not None:
             strength_ax.axhline(clean, color=colour, linewidth=0.8, alpha=0.5)
     swaps_ax.set_xscale("symlog", linthresh=1)
@@ -439,7 +484,8 @@ def plot_permutation(frame: pd.DataFrame, path: Path) -> Path:
                  ylim=(0, 1.02))
     strength_ax.set(xlabel="mean pixel displacement (px)", ylabel="test accuracy",
                     title="Accuracy against shuffle strength", ylim=(0, 1.02))
-    swaps_ax.legend(fontsize=7, loc="lower left")
-    strength_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    legend_if_labelled(swaps_ax, fontsize=7, loc="lower left")
+    legend_if_labelled(strength_ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Test accuracy under test-time pixel shuffles; thin lines: clean accuracy", fontsize="medium")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -81,6 +81,9 @@ class Measurements:
     def __init__(self) -> None:
         self.rows: list[Measurement] = []
         self.level: str | None = None
+        # Run once every interval exists: rows whose value depends on another row's interval
+        # (order dependence is empty where clean accuracy's interval includes chance).
+        self.checks: list[Callable[[], None]] = []
 
     def _setting(self, setting: str | None) -> str | None:
         if self.level is None:
@@ -131,6 +134,8 @@ class Measurements:
                 lo, hi = np.atleast_1d(low)[row.output], np.atleast_1d(high)[row.output]
                 if row.value is not None and np.isfinite(lo) and np.isfinite(hi):
                     row.interval = (float(lo), float(hi))
+        for check in self.checks:
+            check()
 
     def to_frame(self, model: str, probe: str) -> pd.DataFrame:
         records = [{

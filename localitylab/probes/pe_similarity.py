@@ -20,6 +20,11 @@ gives the score of a fixed 2-D sin-cos table on the same grid, the scale to read
 - `pe_linear_r2`: R^2 of (row, column) predicted from P by ridge regression (RidgeCV over
   a log grid of penalties), out of fold over 5 shuffled folds: how linearly readable the
   position is.
+- `pe_moved`: ||P - P0||_F / ||P0||_F, how far training moved the table from its initial
+  state P0, rebuilt exactly as training builds it (the run's seed, then its model spec, which
+  holds pos_embed_std); 0 for an untrained model; empty with a note where P0 cannot be
+  rebuilt (weights trained elsewhere, a run started from other weights, a model in memory).
+  Below PE_MOVED_LITTLE the scores describe the initialisation.
 
 Figure (from the same table P): the ViT paper's grid of maps S[i, :] over the token
 grid for up to 8 x 8 reference tokens i; `plot` draws the three scores per model.
@@ -36,6 +41,7 @@ import torch
 
 from localitylab.attention import TokenGeometry
 from localitylab.models.pos_embed import sincos_2d
+from localitylab.probes.pe_moved import moved_row
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
@@ -183,6 +189,7 @@ class PeSimilarity(Probe):
             scale = (f"a fixed 2-D sin-cos table on this {geometry.grid[0]}x{geometry.grid[1]} grid scores "
                      f"{perfect:.3g}")
             out.single(metric, value, note="; ".join(part for part in (note, scale) if part), n_images=0)
+        moved_row(inputs.target, table, out)
         return table
 
     def figures(self, target: ProbeTarget, table: torch.Tensor, out_dir: Path) -> list[Path]:

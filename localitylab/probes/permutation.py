@@ -19,6 +19,11 @@ drawn from a seed derived from the probe's seed and the setting's name; the shuf
 `localitylab.data.permutation`, where `permutation_for_setting(setting, height, width,
 seed)` rebuilds one exactly; the seed is in each row's `note`.
 
+Per setting: `accuracy`, `accuracy_drop` (clean - altered, paired per image) and
+`order_dependence` = (clean - altered) / (clean - chance), the share of the headroom above
+chance the shuffle removes (localitylab/probes/order_dependence.py): raw drops are capped by
+clean accuracy minus chance, so only the share compares models.
+
 Equivariance certificate: permute the model's input pixels by pi and the position-embedding
 rows by the same pi (in a copy of the model; [cls] and register rows untouched), and
 compare its logits with the untouched model on the untouched input. Attention, MLPs and
@@ -44,6 +49,7 @@ from localitylab.data.permutation import (distance_label, mean_displacement, par
 from localitylab.errors import UserError
 from localitylab.probes.equivariance import (equivariance_rows, logit_difference,  # noqa: F401
                                              permutable_embedding, position_outside_table)
+from localitylab.probes.order_dependence import order_dependence_rows
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
@@ -180,6 +186,7 @@ class PermutationProbe(Probe):
         caveat = target.accuracy_caveat()
         trained_on = trained_permutation_note(target)
         clean = correct_per_image(inputs, None)
+        chance = 1.0 / target.spec.num_classes if target.spec.num_classes > 0 else None
         out.per_image("accuracy", clean, setting="clean",
                       note="; ".join(n for n in (trained_on and f"{trained_on}: no test-time shuffle", caveat) if n))
         for setting in settings:
@@ -196,6 +203,8 @@ class PermutationProbe(Probe):
                 note += f"; {caveat}"
             out.per_image("accuracy", correct, setting=setting, note=note)
             out.per_image("accuracy_drop", clean[None, :] - correct, setting=setting, note=note + "; paired per image")
+            if chance is not None:
+                order_dependence_rows(out, clean, correct, chance, setting, inputs.seed, note)
             displacement = sum(mean_displacement(p, height, width) for p in permutations) / len(permutations)
             out.single("mean_displacement_px", displacement, setting=setting, note=note, n_images=0)
         equivariance_rows(inputs, out)

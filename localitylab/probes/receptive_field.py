@@ -13,10 +13,15 @@ Layers are the blocks of a transformer and the stages of a ConvNet, both through
 `layer` counts stages), or the children of an `nn.Sequential`. Everything else is the same
 code path.
 
-Radii: `erf_rXX_px` is the radius of the smallest disc around the centre of that feature
-location (((i + 0.5) * H / h, (j + 0.5) * W / w) in pixels, as in docs/probes.md) that holds XX%
-of the mass, pixels counted at their centres. `uniform_rXX_px` is the same for a uniform
-map: pure geometry. Attribution maps (Saliency; IntegratedGradients from a zero baseline,
+Radii: `erf_rXX_px` is the radius of the smallest disc around the anchor of that feature
+location (the centre of its receptive field by convolution arithmetic, docs/probes.md) that
+holds XX% of the mass, pixels counted at their centres. `uniform_rXX_px` is the same for a
+uniform map: pure geometry. A 1x1 map has no location at the centre: its own location is
+used, centred where convolution arithmetic puts it, and the rows' note says so. Radii of
+transformers take the few values their patch allows, so the continuous measures sit beside
+them: `erf_outside_token` (the mass outside the location's own cell: its token's patch, a
+ConvNet location's stride cell; `uniform_outside_token` for a uniform map) and RepLKNet's
+`erf_area_20/30/50/99` (the smallest share of the image holding that share of the mass). Attribution maps (Saliency; IntegratedGradients from a zero baseline,
 i.e. the mean image, with `internal_batch_size` bounding memory) are measured per image
 around the map's own mass centroid, since an object need not sit at the image centre:
 `attribution_r50_px` is the mean over images; `uniform_r50_px` with setting `attribution`
@@ -41,8 +46,10 @@ import torch.nn as nn
 from pydantic import field_validator
 
 from localitylab.models.anchors import conv_arithmetic
-from localitylab.probes.erf_geometry import (FeatureFn, centre_location, centroid, distance_rings,  # noqa: F401
-                                             layer_feature_maps, mass_radii, mass_radius, ring_radii)
+from localitylab.probes.erf_geometry import (AREA_PERCENTS, FeatureFn, FieldLocation, area_ratios,  # noqa: F401
+                                             centre_location, centroid, erf_resampler, erf_statistics,
+                                             field_location, layer_feature_maps, mass_radii, mass_radius,
+                                             outside_cell)
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
@@ -55,16 +62,16 @@ DEFAULT_IG_STEPS = 16
 
 # --- the effective receptive field ------------------------------------------------------------
 
-def layer_gradients(features: FeatureFn, batch: torch.Tensor) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+def layer_gradients(features: FeatureFn, batch: torch.Tensor) -> tuple[torch.Tensor, list[FieldLocation]]:
     """(B, L, H, W) float32 |gradient| of each layer's centre feature with respect to each
     image's pixels of `batch` (a leaf that requires a gradient), summed over input channels,
-    and the pixel anchor of the feature location each layer was read at (the convolution
-    arithmetic's, `localitylab.models.anchors`). One forward and one backward per layer: the
-    images of a batch are independent in eval mode, so the gradient of the batch sum holds
-    every image's own gradient."""
+    and the feature location each layer was read at (its pixel anchor from the convolution
+    arithmetic, `localitylab.models.anchors`, and its cell). One forward and one backward per
+    layer: the images of a batch are independent in eval mode, so the gradient of the batch
+    sum holds every image's own gradient."""
     height, width = batch.shape[-2:]
     model = getattr(features, "model", None)
-    gradients, centres = [], []
+    gradients, locations = [], []
     with torch.enable_grad():
         recording = conv_arithmetic(model, (height, width)) if model is not None else contextlib.nullcontext()
         with recording as arithmetic:
@@ -74,22 +81,22 @@ def layer_gradients(features: FeatureFn, batch: torch.Tensor) -> tuple[torch.Ten
                 raise ValueError(f"layer {index} gave a {feature_map.ndim}-D output; NCHW maps are needed")
             grid_h, grid_w = feature_map.shape[-2:]
             anchor = arithmetic.anchor(grid_h, grid_w) if arithmetic is not None else None
-            row, col, centre = centre_location(height, width, grid_h, grid_w, anchor)
-            centres.append(centre)
-            selected = feature_map[:, :, row, col].sum()
+            location = field_location(height, width, grid_h, grid_w, anchor)
+            locations.append(location)
+            selected = feature_map[:, :, location.row, location.col].sum()
             (gradient,) = torch.autograd.grad(selected, batch, retain_graph=index < len(maps) - 1)
             gradients.append(gradient.abs().sum(1).cpu())
-    return torch.stack(gradients, dim=1), centres
+    return torch.stack(gradients, dim=1), locations
 
 
-def input_gradients(features: FeatureFn, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[float, float]]]:
-    """`layer_gradients` of every batch, as (N, L, H, W); the centres are the first batch's."""
-    pieces, centres = [], None
+def input_gradients(features: FeatureFn, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, list[FieldLocation]]:
+    """`layer_gradients` of every batch, as (N, L, H, W); the locations are the first batch's."""
+    pieces, locations = [], None
     for batch in batches:
-        gradients, batch_centres = layer_gradients(features, batch)
+        gradients, batch_locations = layer_gradients(features, batch)
         pieces.append(gradients)
-        centres = batch_centres if centres is None else centres
-    return torch.cat(pieces), centres or []
+        locations = batch_locations if locations is None else locations
+    return torch.cat(pieces), locations or []
 
 
 def erf_maps(gradients: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -103,41 +110,21 @@ def erf_maps(gradients: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.where(sums > 0, totals / sums.clamp_min(1e-300), torch.zeros_like(totals))
 
 
-def erf_radii_resampler(gradients: torch.Tensor, centres: list[tuple[float, float]], side: int):
-    """For the bootstrap: the r50 and r90 radii (px, then / side) of every layer's ERF on
-    resampled images, in the order `measure` lists them. The ERF of a resample is the sum of
-    its images' gradient maps (with multiplicity), normalised."""
-    count, layers, height, width = gradients.shape
-    flat = gradients.double().reshape(count, layers, height * width).numpy()
-    # Each image's map summed over rings of equal distance once: resamples then sum rings, not pixels.
-    rings = []
-    for layer, centre in enumerate(centres):
-        order, starts, distance = distance_rings((height, width), centre)
-        rings.append((np.add.reduceat(flat[:, layer][:, order], starts, axis=1), distance))
-
-    def resample(indices: np.ndarray) -> np.ndarray:
-        indices = np.atleast_2d(indices)
-        weights = np.zeros((len(indices), count))
-        np.add.at(weights, (np.arange(len(indices))[:, None], indices), 1.0)
-        radii = []
-        for layer_rings, distance in rings:
-            summed = weights @ layer_rings  # (B, rings): the resample's ERF, unnormalised
-            for percent in (50, 90):
-                radius = ring_radii(summed, distance, percent / 100)
-                radii += [radius, radius / side]
-        return np.stack(radii)
-
-    return resample
-
-
 def effective_receptive_fields(features: FeatureFn, inputs: torch.Tensor,
                                batch_size: int) -> tuple[torch.Tensor, list[tuple[float, float]]]:
     """(L, H, W) ERF maps of prepared `inputs` (no ProbeInputs: any stack of layers), each
     summing to 1 (zeros where the gradient vanished), and the centre in pixels of the feature
-    location each layer was read at."""
+    location each layer was read at (`effective_receptive_field_locations`: the locations)."""
+    maps, locations = effective_receptive_field_locations(features, inputs, batch_size)
+    return maps, [location.centre for location in locations]
+
+
+def effective_receptive_field_locations(features: FeatureFn, inputs: torch.Tensor,
+                                        batch_size: int) -> tuple[torch.Tensor, list[FieldLocation]]:
+    """`effective_receptive_fields` with each layer's FieldLocation (centre, cell, note)."""
     batches = (piece.detach().clone().requires_grad_(True) for piece in inputs.split(batch_size))
-    gradients, centres = input_gradients(features, batches)
-    return erf_maps(gradients, batch_size), centres
+    gradients, locations = input_gradients(features, batches)
+    return erf_maps(gradients, batch_size), locations
 
 
 def attribution_maps(model: nn.Module, inputs: ProbeInputs, method: str, ig_steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
@@ -182,14 +169,16 @@ class ErfDrawing:
 @register_probe
 class ReceptiveFieldProbe(Probe):
     name = "receptive-field"
-    summary = ("Effective receptive field per block/stage (gradient of the centre feature w.r.t. input pixels): "
-               "r50/r90 radii vs a uniform map; captum attribution radii")
+    summary = ("Effective receptive field per block/stage (gradient of the feature location at the image centre, or a "
+               "1x1 map's own location, w.r.t. input pixels): share outside the location's own token/cell, "
+               "high-contribution area ratios, r50/r90 radii vs a uniform map; captum attribution radii")
     applies_to = "every classifier with per-layer feature maps (timm forward_intermediates)"
     Options = ReceptiveFieldOptions
     denoiser_reason = "it differentiates a classifier's features; denoisers are not measured yet"
     summary_columns = (
         SummaryColumn("erf_r50", "ERF r50 (frac)",
-                      "radius holding 50% of the effective receptive field of the last layer, / image side",
+                      "radius holding 50% of the last layer's effective receptive field (of the feature location at "
+                      "the image centre; a 1x1 map's own location, centred by convolution arithmetic), / image side",
                       "erf_r50_frac", layer="last", better="low",
                       sentence="has the tightest effective receptive field in its last layer (ERF r50)"),
     )
@@ -203,25 +192,28 @@ class ReceptiveFieldProbe(Probe):
     def measure(self, inputs: ProbeInputs, out: Measurements) -> ErfDrawing:
         target = inputs.target
         batches = (batch.inputs for batch in inputs.batches(gradients=True))
-        gradients, centres = input_gradients(layer_feature_maps(target.model), batches)
+        gradients, locations = input_gradients(layer_feature_maps(target.model), batches)
         maps = erf_maps(gradients, inputs.batch_size)
         height, width = maps.shape[-2:]
         side = max(height, width)
         note = "on the model's permuted input grid" if target.data.permutation is not None else ""
         uniform = torch.ones(height, width)
         statistics = []
-        for layer, (erf, centre) in enumerate(zip(maps, centres)):
-            layer_note = note if erf.sum() > 0 else "the gradient vanished at this layer"
+        for layer, (erf, location) in enumerate(zip(maps, locations)):
+            layer_note = "; ".join(n for n in (note, location.note) if n)
+            if erf.sum() == 0:
+                layer_note = "the gradient vanished at this layer"
+            flat = erf.reshape(1, -1).numpy()
+            statistics += [dict(metric=metric, value=float(value[0]), layer=layer, note=layer_note)
+                           for metric, value in erf_statistics(flat, (height, width), location, side)]
+        out.statistics(statistics, erf_resampler(gradients, locations, side), inputs.n_images)
+        for layer, location in enumerate(locations):  # a uniform map's radii: geometry alone, no interval
             for percent in (50, 90):
-                radius = mass_radius(erf, centre, percent / 100)
-                statistics += [dict(metric=f"erf_r{percent}_px", value=radius, layer=layer, note=layer_note),
-                               dict(metric=f"erf_r{percent}_frac", value=radius / side, layer=layer, note=layer_note)]
-        out.statistics(statistics, erf_radii_resampler(gradients, centres, side), inputs.n_images)
-        for layer, centre in enumerate(centres):  # a uniform map's radii: geometry alone, no interval
-            for percent in (50, 90):
-                reference = mass_radius(uniform, centre, percent / 100)
-                out.single(f"uniform_r{percent}_px", reference, layer=layer, n_images=0)
-                out.single(f"uniform_r{percent}_frac", reference / side, layer=layer, n_images=0)
+                reference = mass_radius(uniform, location.centre, percent / 100)
+                out.single(f"uniform_r{percent}_px", reference, layer=layer, n_images=0, note=location.note)
+                out.single(f"uniform_r{percent}_frac", reference / side, layer=layer, n_images=0, note=location.note)
+            outside = float(outside_cell(uniform.reshape(1, -1).double().numpy(), (height, width), location.cell)[0])
+            out.single("uniform_outside_token", outside, layer=layer, n_images=0, note=location.note)
         ig_steps = inputs.options.ig_steps
         for method in ("saliency", "integrated-gradients"):
             if target.no_head_reason():  # no class to attribute: the ERF above is all there is
@@ -238,7 +230,7 @@ class ReceptiveFieldProbe(Probe):
             out.per_image("attribution_r50_frac", radii / side, setting=method, note=method_note)
         out.single("uniform_r50_px", mass_radius(uniform, (height / 2, width / 2), 0.5), setting="attribution",
                    note="uniform map around the image centre", n_images=inputs.n_images)
-        return ErfDrawing(maps, centres)
+        return ErfDrawing(maps, [location.centre for location in locations])
 
     def figures(self, target: ProbeTarget, drawing: ErfDrawing, out_dir: Path) -> list[Path]:
         radii = [tuple(mass_radius(erf, centre, fraction) for fraction in (0.5, 0.9))
