@@ -30,7 +30,7 @@ def settings(quick: bool, device: torch.device) -> dict:
 
 def run(quick: bool = False, probes: list[str] | None = None) -> list[dict]:
     from localitylab.probes.registry import get_probe, probe_names
-    from localitylab.probes.target import load_target, select_images
+    from localitylab.probes.sources import load_target, select_images
 
     common.register_bench_datasets()
     device = common.bench_device()

@@ -341,7 +341,7 @@ def _default_probe_out(source: str) -> Path | None:
     """Where a probe writes without --out: a run's own probes/ folder (None: the library's
     default), else runs/probes/<model>, never the current folder."""
     from localitylab.io import safe_name
-    from localitylab.probes.target import is_checkpoint_source
+    from localitylab.probes.sources import is_checkpoint_source
 
     if is_checkpoint_source(source):
         return None

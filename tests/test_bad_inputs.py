@@ -842,7 +842,7 @@ def test_shaped_timm_weights_give_the_table_of_the_same_model_probed_in_python(t
 
     import localitylab
     from localitylab.data import load_dataset
-    from localitylab.probes.target import select_images
+    from localitylab.probes.sources import select_images
 
     _shaped_timm_weights(tmp_path)
     args = [a for key, value in SHAPED_TIMM_KW.items() for a in ("--model-kw", f"{key}={value}")]

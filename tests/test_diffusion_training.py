@@ -37,7 +37,7 @@ def test_a_diffusion_run_is_an_ordinary_run_with_its_schedule(trained_dit):
     history = trained_dit.history
     assert history[-1]["test_loss"] < 0.5 * history[0]["test_loss"]
 
-    from localitylab.probes.target import load_target
+    from localitylab.probes.sources import load_target
 
     target, _ = load_target(str(trained_dit.run_dir), device="cpu")
     assert target.denoising.objective.options() == checkpoint["diffusion_options"]

@@ -54,7 +54,7 @@ def test_samples_are_also_measured_at_the_floors_count():
 
 @pytest.fixture(scope="module")
 def digits_space(trained_runs):
-    from localitylab.probes.target import load_target
+    from localitylab.probes.sources import load_target
 
     target, dataset = load_target(str(trained_runs["resnet-n"].run_dir), device="cpu")
     return feature_space(target), dataset

@@ -214,7 +214,7 @@ def test_hf_needs_train_and_a_labelled_test_split(tmp_path, hf_offline):
 
 
 def test_an_hf_run_is_probed_and_evaluated_on_the_columns_it_was_trained_with(tmp_path, hf_offline, monkeypatch):
-    from localitylab.probes.target import load_target
+    from localitylab.probes.sources import load_target
     from localitylab.train import TrainConfig, train
     from localitylab.train.evaluation import evaluate_checkpoint
 

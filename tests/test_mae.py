@@ -293,7 +293,7 @@ def test_probe_writes_rows_that_match_the_model_and_a_figure(mae_run, digits):
     assert table["value"].notna().all() and (table["n_images"] == 12).all()
 
     # an independent computation: the rebuilt MAE on the same images, one batch per probe batch
-    from localitylab.probes.target import select_images
+    from localitylab.probes.sources import select_images
 
     images, _ = select_images(digits, 12, 0)
     mae = mae_from_checkpoint(data).eval()

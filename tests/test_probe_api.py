@@ -13,7 +13,7 @@ import localitylab
 from localitylab.data import load_dataset
 from localitylab.errors import UserError
 from localitylab.probes import read_table
-from localitylab.probes.target import select_images
+from localitylab.probes.sources import select_images
 from tests.cli_helpers import run_cli, tree
 from tests.hub_cache import write_weights_file
 

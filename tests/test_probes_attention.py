@@ -21,7 +21,7 @@ from localitylab.probes import Measurements, get_probe, load_target
 from localitylab.probes.attention_distance import add_distance_rows, attention_row_values, block_row_values
 from localitylab.probes.attention_maps import parse_queries
 from localitylab.probes.pe_similarity import distance_spearman, linear_r2, topology_r2
-from localitylab.probes.target import select_images
+from localitylab.probes.sources import select_images
 from tests.cli_helpers import run_command
 
 

@@ -13,7 +13,8 @@ import torch
 from localitylab.attention import attention_layers, read_attention
 from localitylab.errors import UserError
 from localitylab.probes.registry import get_probe
-from localitylab.probes.target import check_timesteps, load_target, select_images
+from localitylab.probes.target import check_timesteps
+from localitylab.probes.sources import load_target, select_images
 
 
 @pytest.fixture(scope="module")

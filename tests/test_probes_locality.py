@@ -36,7 +36,7 @@ from localitylab.probes.receptive_field import (
     layer_feature_maps,
     mass_radius,
 )
-from localitylab.probes.target import load_target, select_images
+from localitylab.probes.sources import load_target, select_images
 from localitylab.train import TrainConfig, train
 from tests.cli_helpers import run_command
 

@@ -265,7 +265,7 @@ def test_attention_to_itself_is_distance_zero_and_entropy_zero(rows, cols, patch
 @functools.lru_cache(maxsize=None)
 def tiny_target(source: str):
     """An untrained registry model on digits, and 6 test images (built once per session)."""
-    from localitylab.probes.target import load_target, select_images
+    from localitylab.probes.sources import load_target, select_images
 
     target, dataset = load_target(source, device="cpu", seed=0)
     images, labels = select_images(dataset, 6, seed=0)

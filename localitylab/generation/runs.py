@@ -55,7 +55,7 @@ def check_sample_request(request: SampleRequest) -> None:
 def sample_run(request: SampleRequest, progress: Progress = SILENT) -> tuple[SampleSet, Path]:
     """Draw `request.n` class-balanced samples from a diffusion run and write them; returns
     the sample set and its folder. `progress` counts the images drawn."""
-    from localitylab.probes.target import load_target
+    from localitylab.probes.sources import load_target
 
     check_sample_request(request)
     if request.out is not None:
@@ -111,7 +111,7 @@ def evaluate_samples(request: EvaluateRequest, progress: Progress = SILENT) -> t
     """The sample-quality table of a sample set with its reference rows; written as CSV.
     `progress` counts its steps (features of each source, Inception)."""
     from localitylab.probes.runner import write_table
-    from localitylab.probes.target import load_target
+    from localitylab.probes.sources import load_target
 
     path = Path(request.samples).expanduser()
     if path.is_dir() and not (path / ARRAY_NAME).is_file() and (path / "samples" / ARRAY_NAME).is_file():

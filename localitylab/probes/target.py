@@ -182,16 +182,3 @@ class ProbeTarget:
 
             images = permute_pixels(images, self.data.permutation.to(images.device))
         return to_diffusion_scale(images)
-
-
-# The loaders live in localitylab/probes/sources.py; these names are still importable from here.
-_MOVED = ("is_checkpoint_source", "load_target", "loaded_target", "load_timm_target", "checkpoint_extras",
-          "select_images", "EXTRA_KEYS")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from localitylab.probes import sources
-
-        return getattr(sources, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
