@@ -9,11 +9,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from localitylab.attention import TokenGeometry
 from localitylab.models.registry import ModelSpec, build_model
 from localitylab.probes.measurements import Measurements
 from localitylab.probes.target import ProbeTarget
 
 PE_MOVED_LITTLE = 0.10  # docs/probes.md: a table that moved less still describes its initialisation
+
+
+def position_table(model: torch.nn.Module, geometry: TokenGeometry) -> torch.Tensor | None:
+    """The (T, C) rows of the absolute position embedding for the grid tokens, or None."""
+    pos_embed = getattr(model, "pos_embed", None)
+    if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 3:
+        return None
+    table = pos_embed.detach()[0]
+    prefix = 0 if getattr(model, "no_embed_class", False) else geometry.num_prefix_tokens
+    if table.shape[0] != prefix + geometry.num_grid_tokens:
+        return None
+    return table[prefix:].float().cpu()
 
 
 def initial_model(spec: ModelSpec, seed: int) -> torch.nn.Module:
@@ -49,8 +62,6 @@ def initial_table(target: ProbeTarget) -> tuple[torch.Tensor | None, str]:
         if config.get("seed") is None:
             return None, "the run records no seed: its initial table cannot be rebuilt"
         start = initial_model(target.spec, int(config["seed"]))
-        from localitylab.probes.pe_similarity import position_table
-
         table = position_table(start, target.geometry)
         if table is None:
             return None, "the rebuilt initial model has no position table of this shape"
@@ -58,8 +69,6 @@ def initial_table(target: ProbeTarget) -> tuple[torch.Tensor | None, str]:
     if target.weights:
         return None, "weights trained elsewhere: the table they started from is unknown"
     if target.display_name.endswith("(untrained)"):
-        from localitylab.probes.pe_similarity import position_table
-
         return position_table(target.model, target.geometry), "untrained: the table is its initial state"
     return None, "a model in memory with no run record: its initial table cannot be rebuilt"
 

@@ -41,7 +41,7 @@ import torch
 
 from localitylab.attention import TokenGeometry
 from localitylab.models.pos_embed import sincos_2d
-from localitylab.probes.pe_moved import moved_row
+from localitylab.probes.pe_moved import moved_row, position_table
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
 from localitylab.plotting import probes as drawings
 from localitylab.probes.registry import register_probe
@@ -54,18 +54,6 @@ MAX_TOPOLOGY_ROWS = 400
 FOLDS = 5
 REFERENCES_PER_SIDE = 8
 METRICS = ("pe_distance_spearman", "pe_topology_r2", "pe_linear_r2")
-
-
-def position_table(model: torch.nn.Module, geometry: TokenGeometry) -> torch.Tensor | None:
-    """The (T, C) rows of the absolute position embedding for the grid tokens, or None."""
-    pos_embed = getattr(model, "pos_embed", None)
-    if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 3:
-        return None
-    table = pos_embed.detach()[0]
-    prefix = 0 if getattr(model, "no_embed_class", False) else geometry.num_prefix_tokens
-    if table.shape[0] != prefix + geometry.num_grid_tokens:
-        return None
-    return table[prefix:].float().cpu()
 
 
 def _unit_rows(table: torch.Tensor) -> torch.Tensor:

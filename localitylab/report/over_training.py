@@ -32,7 +32,7 @@ CURVES = (("attention-distance", "locality_ratio", "locality ratio (head mean)")
 
 @dataclass
 class OverTrainingSection:
-    figure: Any = None  # render.Figure
+    figure: Any = None  # report.figures.Figure
     readings: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -149,7 +149,7 @@ def _figure(curves: dict, accuracy: dict, figure_dir: Path):
     import matplotlib.pyplot as plt
 
     from localitylab.plotting import apply_style, model_colours, save_figure
-    from localitylab.report.render import Figure, image_uri
+    from localitylab.report.figures import Figure, image_uri
 
     panels = [(key, label) for *key, label in CURVES if any(c[tuple(key)] for c in curves.values())]
     apply_style()

@@ -7,7 +7,6 @@ view time. The PDF is WeasyPrint over the same HTML with print CSS.
 
 from __future__ import annotations
 
-import base64
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -21,18 +20,12 @@ from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, write_text
 from localitylab.report.collect import RunRecord, collect_runs
 from localitylab.report.captions import caption
+from localitylab.report.figures import Figure, image_uri
 from localitylab.report.numbers import fmt_interval
 from localitylab.report.summary import EXTRA_KEYS, columns, group_by_seed, metric_bounds, summary_row
 from localitylab.progress import SILENT, Progress
 
 FORMATS = ("html", "pdf")
-
-
-@dataclass
-class Figure:
-    title: str
-    data_uri: str
-    caption: str = ""
 
 
 @dataclass
@@ -93,10 +86,6 @@ def row_text(row: dict[str, Any]) -> tuple[str, str]:
         return fmt(row["value"]), ""
     value, interval = fmt_interval(row["value"], row["ci_low"], row["ci_high"], sep=" – ")
     return value, interval.strip("[]")
-
-
-def image_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def probe_command(probe: str, record: RunRecord) -> str:

@@ -12,8 +12,6 @@ import math
 import re
 import statistics
 from dataclasses import dataclass, replace
-from itertools import combinations
-from typing import Any
 
 import pandas as pd
 
