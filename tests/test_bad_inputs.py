@@ -386,7 +386,7 @@ CASES = [
     Case("probe-unknown-option", "--opt with a name no chosen probe reads",
          ["probe", "attention-distance", "vit-n/2", "--opt", "nope=1", "--out", "{out}"],
          "unknown setting '--nope' for attention-distance; valid: --images, --batch-size, --seed, --device, "
-         "--timesteps, --query-block"),
+         "--timesteps, --over-training, --query-block"),
     Case("probe-query-block-zero", "--opt query_block=0",
          ["probe", "attention-distance", "vit-n/2", "--opt", "query_block=0", "--out", "{out}"],
          "--query-block must be a positive integer"),

@@ -121,7 +121,7 @@ def test_an_encoder_without_a_head_is_refused_by_accuracy_and_keeps_its_receptiv
     labels = torch.tensor([1, 2])
     refused = localitylab.probe("permutation", encoder, images, labels)
     assert refused["value"].isna().all()
-    assert refused["note"].iloc[0] == ("VisionTransformer has no classifier head (num_classes = 0: its output is "
+    assert refused["note"].iloc[0] == ("timm:vit_tiny_patch16_224 has no classifier head (num_classes = 0: its output is "
                                        "features, not class scores), so accuracies under shuffles do not apply")
     options = {"ig_steps": 2}
     ours = localitylab.probe("receptive-field", encoder, images, labels, options=options)
@@ -133,7 +133,7 @@ def test_an_encoder_without_a_head_is_refused_by_accuracy_and_keeps_its_receptiv
         reference.loc[reference["metric"].str.startswith(("erf_", "uniform_")), cols].reset_index(drop=True))
     attribution = ours[ours["metric"].str.startswith("attribution_")]
     assert len(attribution) == 4 and attribution["value"].isna().all()
-    assert set(attribution["note"]) == {"VisionTransformer has no classifier head (num_classes = 0: its output is "
+    assert set(attribution["note"]) == {"timm:vit_tiny_patch16_224 has no classifier head (num_classes = 0: its output is "
                                         "features, not class scores): no class to attribute"}
     assert reference[reference["metric"].str.startswith("attribution_")]["value"].notna().all()
 

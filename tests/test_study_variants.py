@@ -23,7 +23,8 @@ def trained_pieces() -> dict[str, Path]:
 
 
 def _defined_by(config) -> str:
-    return json.dumps(config.defining(), sort_keys=True, default=str)
+    # snapshots do not define a run, but a copy must carry the ones its study probes over training
+    return json.dumps({**config.defining(), "snapshots": config.snapshots}, sort_keys=True, default=str)
 
 
 @pytest.mark.parametrize("path, scale", list(small_variants()), ids=lambda v: getattr(v, "name", str(v)))
@@ -47,6 +48,8 @@ def test_small_variant_runs_end_to_end(tmp_path, path, scale, trained_pieces):
             piece.run_dir.mkdir(parents=True)
             for name in ("ckpt.pt", "metrics.csv", "run.json"):
                 shutil.copy2(trained / name, piece.run_dir / name)
+            if (trained / "snapshots").is_dir():
+                shutil.copytree(trained / "snapshots", piece.run_dir / "snapshots")
     result = run_study(study, tmp_path, log=lambda line: None, formats=("html",))
     assert not result.failed, result.failed
     for piece in plan.train:
