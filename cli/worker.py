@@ -84,6 +84,22 @@ def how_to_continue(stopped, config):
     return RunStopped(text if found else f"{text} {hint}", stopped.exit_code)
 
 
+def stop_with_the_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a launcher killed outright
+    (SIGKILL, the OOM killer) would leave its ranks training and holding the run folder's
+    lock. On Linux a rank asks for SIGTERM when its parent dies: it then stops as on Ctrl-C
+    (the step finishes, a checkpoint is written, the lock is let go)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     from localitylab.errors import RunStopped, UserError
     from localitylab.train.distributed import print_main
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print(f"usage: python -m {WORKER} JOB.json", file=sys.stderr)
         return 2
+    stop_with_the_launcher()
     # The same one-line messages and exit statuses as the localitylab command.
     warnings.showwarning = notes(warnings.showwarning)
     try:

@@ -56,6 +56,26 @@ def epochs_done(out: Path) -> int:
         return 0
 
 
+def lock_is_free(folder: Path) -> bool:
+    """Whether no process holds the run folder's lock (localitylab.io.folder_lock)."""
+    import fcntl
+
+    from localitylab.io import LOCK_NAME
+
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(process.pid, sig)
     process.wait(timeout=60)
@@ -184,6 +204,12 @@ def test_two_gloo_processes_equal_one_and_resume_under_ddp(reference, tmp_path):
     process = start(out, "--nproc", "2")
     wait_for(lambda: epochs_done(out) >= 1, process, timeout=240)
     kill_group(process)
+    # torchrun's ranks lead sessions of their own: the launcher's death reaches them as
+    # SIGTERM (cli/worker.py), and they stop, checkpoint and let the folder go.
+    deadline = time.monotonic() + 60
+    while not lock_is_free(out):
+        assert time.monotonic() < deadline, "the killed launcher's ranks kept the run folder"
+        time.sleep(0.05)
     code, _, stderr = finish(start(out, "--resume", "--nproc", "2"))
     assert code == 0, stderr
     single, ddp = read_checkpoint(reference / "ckpt.pt"), read_checkpoint(out / "ckpt.pt")
