@@ -286,6 +286,18 @@ def brute_force_rows(q, k, v, scale, prefix, query_centres, key_centres):
             (weights * (grid - grid_max[..., None])).sum(-1), (weights * distance).sum(-1), prefix_lse)
 
 
+def _kernel_case(prefix: int):
+    """Random logits large enough that tiles change the row maxima: 600 grid keys (a 512-key
+    tile and a ragged one, a tail shorter than one vector) after `prefix` prefix keys, 45 query
+    rows, values wider than the keys, anchors anywhere: (q, k, v, query centres, key centres)."""
+    generator = torch.Generator().manual_seed(prefix)
+    rows, keys = 45, 600 + prefix
+    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
+    k = torch.randn(2, 3, keys, 16, generator=generator)
+    v = torch.randn(2, 3, keys, 24, generator=generator)
+    return q, k, v, torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+
+
 @pytest.mark.parametrize("prefix,tile", [(0, 7), (1, 64), (5, 300)])
 def test_the_fused_kernel_matches_brute_force(prefix, tile):
     """Random logits large enough that tiles change the row maxima: 600 grid keys (a 512-key
@@ -295,12 +307,7 @@ def test_the_fused_kernel_matches_brute_force(prefix, tile):
 
     if not fused.load():
         pytest.skip("the fused kernel did not build on this machine")
-    generator = torch.Generator().manual_seed(prefix)
-    rows, keys = 45, 600 + prefix
-    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
-    k = torch.randn(2, 3, keys, 16, generator=generator)
-    v = torch.randn(2, 3, keys, 24, generator=generator)
-    query_centres, key_centres = torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+    q, k, v, query_centres, key_centres = _kernel_case(prefix)
     found = fused.attention_rows(q, k, v, 0.3, prefix, query_centres, key_centres, tile)
     expected = brute_force_rows(q, k, v, 0.3, prefix, query_centres, key_centres)
     for name, a, b in zip(fused.RowSums._fields, found, expected):
@@ -319,12 +326,7 @@ def test_the_fused_kernel_on_two_threads_equals_itself_on_one_and_brute_force(pr
 
     if not fused.load():
         pytest.skip("the fused kernel did not build on this machine")
-    generator = torch.Generator().manual_seed(prefix)
-    rows, keys = 45, 600 + prefix
-    q = torch.randn(2, 3, rows, 16, generator=generator) * 3
-    k = torch.randn(2, 3, keys, 16, generator=generator)
-    v = torch.randn(2, 3, keys, 24, generator=generator)
-    query_centres, key_centres = torch.rand(rows, 2, generator=generator) * 30, torch.rand(600, 2, generator=generator) * 30
+    q, k, v, query_centres, key_centres = _kernel_case(prefix)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
