@@ -24,8 +24,30 @@ DIGITS_DEFAULTS = DataDefaults(batch_size=32, warmup_epochs=1, hflip=False, crop
 @register_dataset("digits", "8x8 grey handwritten digits, 10 classes, 1,797 images (scikit-learn, bundled)",
                   defaults=DIGITS_DEFAULTS)
 def load_digits(options: DataOptions) -> ImageDataset:
+    from importlib.metadata import version
+
+    from localitylab.data.cache import cached_decode
+
+    # The split, once made, is read from the image cache: importing scikit-learn takes longer
+    # than a short run's first epoch (1-3.5 s here). Keyed by its version, whose split it is.
+    key = {"sklearn": version("scikit-learn"), "test_fraction": TEST_FRACTION, "split_seed": SPLIT_SEED}
+    splits = cached_decode("digits", key, _split_digits, options.cache)
+    return make_dataset(
+        "digits",
+        splits.train_images,
+        splits.train_labels,
+        splits.test_images,
+        splits.test_labels,
+        class_names=splits.class_names,
+        **DIGITS_DEFAULTS.augmentation(),
+    )
+
+
+def _split_digits():
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
+
+    from localitylab.data.cache import DecodedSplits
 
     bunch = sk_load_digits()
     # Pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap); map them onto 0..255.
@@ -35,12 +57,5 @@ def load_digits(options: DataOptions) -> ImageDataset:
         np.arange(len(labels)), test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels
     )
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    return make_dataset(
-        "digits",
-        images_t[train_idx],
-        labels_t[train_idx],
-        images_t[test_idx],
-        labels_t[test_idx],
-        class_names=[str(d) for d in range(10)],
-        **DIGITS_DEFAULTS.augmentation(),
-    )
+    return DecodedSplits(images_t[train_idx], labels_t[train_idx], images_t[test_idx], labels_t[test_idx],
+                         [str(d) for d in range(10)])
