@@ -18,6 +18,10 @@ each section, so a failure keeps what was measured):
   probe-costs         `probe all` per probe on an untrained ViT-S/16 (4 images, 224 px): seconds
                       spent against the forwards and backwards its definition needs
                       (benchmarks/probe_costs.py; minutes on 2 cores, so not in --quick)
+  whole-process       `localitylab train` against the usual way's script, each a whole process,
+                      pit-n, vit-n/2, resnet-n on digits, 15 epochs, 3 interleaved rounds
+                      (benchmarks/whole_process.py, which also runs the default 100 epochs;
+                      minutes on 2 cores, so not in --quick)
 
 Every figure is a median of several runs after warm-up; the JSON records how many. --quick
 runs a small version of every section on one thread (a smoke test: seconds, not figures
@@ -32,10 +36,10 @@ import sys
 import time
 
 from benchmarks import (attention_distance, common, cost_growth, kernel_threads, probe_costs, probe_throughput,
-                        train_throughput)
+                        train_throughput, whole_process)
 
 SECTIONS = ("train-throughput", "cost-growth", "attention-distance", "probe-throughput", "kernel-threads",
-            "probe-costs")
+            "probe-costs", "whole-process")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             probe_costs.print_table(results["probe_costs"])
 
         section("probe-costs", costs)
+    if "whole-process" in sections and not args.quick:
+        def whole() -> None:
+            results["whole_process"] = whole_process.run(epochs=15, rounds=3, threads=args.threads)
+
+        section("whole-process", whole)
 
     print("\nsection seconds (wall / CPU, this process and its children): "
           + ", ".join(f"{k} {v:.1f} / {results['cpu_seconds'][k]:.1f}" for k, v in results["seconds"].items()))

@@ -253,3 +253,25 @@ def test_probe_costs_counts_the_passes_receptive_field_needs_by_its_definition()
     assert positive(row["spent_s"]) and positive(row["forward_s"]) and positive(row["needed_s"])
     assert row["needed_s"] == pytest.approx(4 * row["forward_s"] + 15 * max(row["forward_backward_s"] - row["forward_s"], 0))
     assert row["ratio"] == pytest.approx(row["spent_s"] / row["needed_s"])
+
+
+def test_usual_way_script_saves_weights_that_ours_evaluates_to_the_same_accuracy(tmp_path):
+    """The referee of benchmarks/whole_process.py, in this process (no workers): its saved
+    weights load into the registry's model, and localitylab's own evaluation (uint8 images,
+    `DataInfo.prepare`) finds the test accuracy it reported through torchvision's transforms."""
+    from benchmarks.usual_way import train_usual_way
+    from localitylab.data.registry import load_dataset
+    from localitylab.models.registry import build_model
+    from localitylab.train import TrainConfig
+    from localitylab.train.loop import model_spec_for
+    from localitylab.train.tasks import classification_sums, sums_to_means
+
+    result = train_usual_way("resnet-n", "digits", epochs=1, workers=0, device="cpu", out=str(tmp_path))
+    assert result["epoch"] == 1 and result["batch_size"] == 32 and result["workers"] == 0
+    assert math.isfinite(result["train_loss"]) and 0 <= result["test_acc"] <= 1
+    data = load_dataset("digits")
+    model = build_model(model_spec_for(TrainConfig("resnet-n", "digits"), data.info))
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    ours = sums_to_means(classification_sums(model, data.info, data.test_images, data.test_labels))
+    assert abs(ours["accuracy"] - result["test_acc"]) <= 1 / len(data.test_labels)
+    assert ours["loss"] == pytest.approx(result["test_loss"], rel=1e-4)
