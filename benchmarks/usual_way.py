@@ -1,4 +1,5 @@
-"""Training "the usual way", for the ours/usual ratio of `train_throughput.py`.
+"""Training "the usual way": the referee of `train_throughput.py` (images/s, in-process) and of
+`whole_process.py` (a whole training run, as its own process).
 
 The usual way is what most training scripts do: the same model (same registry builder and
 initialisation), a torch DataLoader whose CPU workers apply torchvision v2 transforms image
@@ -12,6 +13,15 @@ timed from the first batch request to the last optimiser step, the first epoch i
 (worker start-up, allocator) and the figure is the median images/s of the later ones.
 
     .venv/bin/python -m benchmarks.train_throughput [--quick]   # ours and the usual way, side by side
+
+As a process, `train_usual_way` is a whole training script as people write it: imports, the
+data set read through scikit-learn for digits (no localitylab cache), the registry's model,
+a DataLoader with one worker per core (persistent; pinned memory on CUDA) applying the v2
+transforms per image, torch AdamW with its defaults on that device, label smoothing,
+clipping, per-step linear warm-up and cosine decay (torch's LinearLR + CosineAnnealingLR),
+the test accuracy after every epoch (its own DataLoader) and the final weights saved:
+
+    .venv/bin/python -m benchmarks.usual_way MODEL [--epochs 100] [--out DIR]
 """
 
 from __future__ import annotations
