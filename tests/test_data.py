@@ -323,3 +323,21 @@ def test_train_batches_cover_each_image_at_most_once_per_epoch():
     seen = [lab for _, lab in train_batches(images, labels, 3, seed=0)]
     flat = torch.cat(seen)
     assert len(flat) == 9 and len(set(flat.tolist())) == 9  # last partial batch dropped
+
+
+def test_digits_read_from_the_cache_equal_the_split_scikit_learn_makes(tmp_path, monkeypatch):
+    """digits keeps its split in the image cache; read back (with scikit-learn unimportable),
+    it is the split scikit-learn makes, tensor for tensor."""
+    import sys
+
+    monkeypatch.setenv("LOCALITYLAB_CACHE_DIR", str(tmp_path / "cache"))
+    split = load_dataset("digits", DataOptions(cache=False))
+    assert not (tmp_path / "cache").exists()
+    load_dataset("digits")
+    (entry,) = (tmp_path / "cache").iterdir()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # any import of it now fails
+    cached = load_dataset("digits")
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        ours, theirs = getattr(cached, name), getattr(split, name)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+    assert cached.info == split.info and len(cached.test_labels) == 360
