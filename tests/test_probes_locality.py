@@ -29,7 +29,7 @@ from localitylab.data.permutation import (
     swap_permutation,
 )
 from localitylab.probes import Measurements, ProbeInputs, get_probe, probe_names
-from localitylab.probes.permutation import PermutationOptions, correct_per_image, equivariance_rows
+from localitylab.probes.permutation import PermutationOptions, correct_per_image, equivariance_rows, logit_difference
 from localitylab.probes.receptive_field import (
     centre_location,
     effective_receptive_fields,
@@ -94,6 +94,27 @@ def test_vit_equivariance_holds_for_whole_patches_only(probed):
     assert max_abs["equivariance-patch"].value < 1e-4
     assert max_abs["equivariance-pixel"].value > 1e-2
     assert "does not hold" in max_abs["equivariance-pixel"].note
+
+
+def test_certificates_from_the_clean_pass_logits_equal_a_direct_comparison(probed):
+    """The permutation probe hands the certificates its clean pass's logits, and a ViT's pixel
+    certificate and its input-only row are one comparison: each row equals `logit_difference`
+    run on its own, with the reference model run afresh."""
+    from localitylab.data.permutation import global_permutation, setting_seed
+
+    target, context = probed["vit-n/2"]
+    logits: dict = {}
+    correct_per_image(context, None, logits)
+    out = Measurements()
+    equivariance_rows(context, out, logits)
+    height, width = target.prepare(context.images[:1]).shape[-2:]
+    pixel_pi = global_permutation(height, width, setting_seed(context.seed, "equivariance-pixel"))
+    direct = logit_difference(target.model, target.model, context, pixel_pi)
+    for setting in ("equivariance-pixel", "input-only"):
+        assert _rows_by_setting(out.rows, "equivariance_max_abs")[setting].value == direct[0]
+        assert _rows_by_setting(out.rows, "equivariance_rel")[setting].value == direct[1]
+    assert [(r.metric, r.setting, r.value) for r in out.rows] == [(r.metric, r.setting, r.value)
+                                                                  for r in certificate(context)]
 
 
 def test_convnet_has_no_embedding_to_permute(probed):

@@ -159,6 +159,26 @@ def test_outside_token_and_area_of_linear_stacks_in_closed_form():
     assert area_ratios(flat, (0.2, 0.3, 0.5, 0.99))[:, 0] == pytest.approx(np.array([13, 20, 32, 64]) / 1024)
 
 
+def test_area_ratios_in_chunks_on_threads_equal_the_direct_definition(monkeypatch):
+    """The bootstrap's area ratios (rows sorted a few at a time, on two threads) are the
+    definition's, bit for bit: decreasing mass, cumulative share, first pixel past it."""
+    from localitylab.probes import erf_geometry
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((23, 300)) ** 4
+    maps[3] = 0.0  # an all-zero map: NaN
+    maps[5, :200] = 0.0  # ties at zero
+    maps[7] = 1.0  # a uniform map: ties everywhere
+    fractions = (0.2, 0.3, 0.5, 0.99)
+    totals = maps.sum(axis=1)
+    cumulative = np.cumsum(-np.sort(-maps, axis=1), axis=1) / np.where(totals > 0, totals, 1.0)[:, None]
+    direct = np.stack([((cumulative < f - 1e-9).sum(axis=1) + 1).clip(max=300) / 300 for f in fractions])
+    direct[:, totals == 0] = np.nan
+    monkeypatch.setattr(erf_geometry, "AREA_CHUNK_ELEMENTS", 4 * 300 + 7)  # 4 rows a chunk: 6 chunks
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    np.testing.assert_array_equal(erf_geometry.area_ratios(maps, fractions), direct)
+
+
 def test_a_one_by_one_stage_is_measured_at_its_true_centre():
     """Three 3x3 stride-2 convolutions take 8x8 to 1x1: the one location sits at pixel
     (0.5, 0.5) by convolution arithmetic (not the image centre), its cell is the 8x8 stride

@@ -98,6 +98,23 @@ def build_name(torch_version: str, capability: str, source: bytes) -> str:
     return f"localitylab_attention_rows_{capability.lower()}_torch{version}_{digest}"
 
 
+def _source_in_build_folder(name: str) -> Path:
+    """The kernel's source, copied into its build folder once: torch's build file names the
+    source by its path, so checkouts in different folders sharing one build folder (the name
+    is the same for the same source) each rebuilt the library (12-170 s) when another had
+    built it last. The copy is written only where it is missing or differs (its mtime is
+    what ninja compares with the built object)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    source = SOURCE.read_bytes()
+    copy = Path(_get_build_directory(name, False)) / SOURCE.name
+    if not copy.exists() or copy.read_bytes() != source:
+        partial = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+        partial.write_bytes(source)
+        os.replace(partial, copy)
+    return copy
+
+
 @functools.cache
 def load() -> bool:
     """Build (once per machine and torch) and load the kernel; whether it is there."""
@@ -112,9 +129,9 @@ def load() -> bool:
         with _build_tools():
             from torch.utils.cpp_extension import load as build
 
-            build(name=build_name(torch.__version__, capability, SOURCE.read_bytes()), sources=[str(SOURCE)],
-                  extra_cflags=_flags(capability), extra_ldflags=["-fopenmp"], is_python_module=False,
-                  verbose=False)
+            name = build_name(torch.__version__, capability, SOURCE.read_bytes())
+            build(name=name, sources=[str(_source_in_build_folder(name))], extra_cflags=_flags(capability),
+                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return True
     except Exception as err:  # no compiler, no ninja, a torch without the headers: the torch path
         first_line = (str(err).strip().splitlines() or [""])[0][:200]

@@ -108,16 +108,22 @@ def logit_difference(reference: nn.Module, candidate: nn.Module, inputs: ProbeIn
     return max_abs, math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-30)
 
 
-def equivariance_rows(inputs: ProbeInputs, out: Measurements) -> None:
-    """The certificate rows; pi acts on the model's input (after any training permutation)."""
+def equivariance_rows(inputs: ProbeInputs, out: Measurements, expected: dict | None = None) -> None:
+    """The certificate rows; pi acts on the model's input (after any training permutation).
+    `expected`: the untouched model's logits per batch where they were already computed (the
+    permutation probe's clean pass)."""
     target = inputs.target
     model = target.model
     height, width = target.prepare(inputs.images[:1]).shape[-2:]
 
-    expected: dict = {}  # the untouched model's logits, shared by every certificate
+    expected = {} if expected is None else expected  # the untouched model's logits, shared by every certificate
+    compared: dict = {}  # (candidate, pi) -> its errors: a ViT's pixel certificate and input-only are one comparison
 
     def add(setting: str, permutation: torch.Tensor, candidate: nn.Module, note: str) -> None:
-        max_abs, rel = logit_difference(model, candidate, inputs, permutation, expected)
+        key = (id(candidate), id(permutation))
+        if key not in compared:  # the pair is kept alive with its errors, so no later object takes its ids
+            compared[key] = candidate, permutation, logit_difference(model, candidate, inputs, permutation, expected)
+        max_abs, rel = compared[key][2]
         out.single("equivariance_max_abs", max_abs, setting=setting, note=note, n_images=inputs.n_images)
         out.single("equivariance_rel", rel, setting=setting, note=note, n_images=inputs.n_images)
 

@@ -140,9 +140,11 @@ def trained_permutation_note(target: ProbeTarget) -> str:
 
 
 @torch.no_grad()
-def correct_per_image(inputs: ProbeInputs, permutation: torch.Tensor | None) -> torch.Tensor:
+def correct_per_image(inputs: ProbeInputs, permutation: torch.Tensor | None, logits: dict | None = None) -> torch.Tensor:
     """(N,) 1.0 where the model's prediction on the image, with its pixels moved by
-    `permutation` before the model's own preparation, is its label."""
+    `permutation` before the model's own preparation, is its label. `logits`, when given,
+    receives each batch's logits (float64, by batch index): the clean pass's are the
+    equivariance certificates' reference (`logit_difference`'s cache), not run again."""
     model = inputs.target.model
     was_training = model.training
     model.eval()
@@ -150,7 +152,12 @@ def correct_per_image(inputs: ProbeInputs, permutation: torch.Tensor | None) -> 
     if permutation is not None:
         on_device = permutation.to(inputs.target.device)
         transform = lambda batch: permute_pixels(batch, on_device)  # noqa: E731
-    correct = [(model(batch.inputs).argmax(-1) == batch.labels).double().cpu() for batch in inputs.batches(transform)]
+    correct = []
+    for index, batch in enumerate(inputs.batches(transform)):
+        found = model(batch.inputs)
+        if logits is not None:
+            logits[index] = found.double()
+        correct.append((found.argmax(-1) == batch.labels).double().cpu())
     model.train(was_training)
     return torch.cat(correct)
 
@@ -185,7 +192,8 @@ class PermutationProbe(Probe):
         settings = shuffle_settings(height, width, inputs.options.shuffles())
         caveat = target.accuracy_caveat()
         trained_on = trained_permutation_note(target)
-        clean = correct_per_image(inputs, None)
+        clean_logits: dict = {}  # the untouched model on the untouched images, shared with the certificates
+        clean = correct_per_image(inputs, None, clean_logits)
         chance = 1.0 / target.spec.num_classes if target.spec.num_classes > 0 else None
         out.per_image("accuracy", clean, setting="clean",
                       note="; ".join(n for n in (trained_on and f"{trained_on}: no test-time shuffle", caveat) if n))
@@ -207,7 +215,7 @@ class PermutationProbe(Probe):
                 order_dependence_rows(out, clean, correct, chance, setting, inputs.seed, note)
             displacement = sum(mean_displacement(p, height, width) for p in permutations) / len(permutations)
             out.single("mean_displacement_px", displacement, setting=setting, note=note, n_images=0)
-        equivariance_rows(inputs, out)
+        equivariance_rows(inputs, out, clean_logits)
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         return drawings.plot_permutations(tables, out_dir)
