@@ -62,6 +62,32 @@ def print_curves(records: list, probes: tuple[str, ...], label: str) -> None:
             print("-", line)
 
 
+def flattened_table_check(runs: list[Path], n_images: int) -> None:
+    """Is the learned locality carried by the position table? Each final model's locality ratio
+    per block as trained, and with its grid rows of the table replaced by their mean (position
+    removed, the table's average kept), on the same first test images."""
+    import torch
+
+    import localitylab
+    from localitylab.data import load_dataset
+
+    images = load_dataset(DATA).test_images[:n_images]
+    print(f"locality ratio per block, final model, first {n_images} test images: as trained / table flattened")
+    for run in runs:
+        cells = []
+        for flatten in (False, True):
+            model = localitylab.load(run)
+            if flatten:
+                with torch.no_grad():
+                    grid = model.pos_embed[:, model.pos_embed.shape[1] - model.patch_embed.num_patches:]
+                    grid.copy_(grid.mean(1, keepdim=True).expand_as(grid))
+            table = localitylab.probe("attention-distance", model, images, progress=False, n_images=n_images)
+            rows = table[(table.metric == "locality_ratio") & table["head"].isna()].sort_values("layer")
+            cells.append(" ".join(f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(rows.value, rows.ci_low,
+                                                                                       rows.ci_high)))
+        print(f"{run.name}: {cells[0]}\n{'':{len(run.name)}}  {cells[1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("runs/witness"))
@@ -85,6 +111,8 @@ def main() -> None:
 
     print_curves([collect_run(run) for run in runs], probes,
                  f"{args.model} on {DATA}, seeds {args.seeds}, {args.images} test images; mean over seeds [95% interval]")
+    if probes == ATTENTION_PROBES:
+        flattened_table_check(runs, args.images)
 
 
 if __name__ == "__main__":
