@@ -51,7 +51,7 @@ def print_curves(records: list, probes: tuple[str, ...], label: str) -> None:
 
     print(label)
     print(f"test_acc: {cells(accuracy_curve(records))}")
-    metrics = {"attention-distance": ("locality_ratio",), "pe-similarity": ("pe_distance_spearman", "pe_moved"),
+    metrics = {"attention-distance": ("locality_ratio",), "pe-similarity": ("pe_distance_spearman", "pe_linear_r2", "pe_topology_r2", "pe_moved"),
                "receptive-field": ("erf_r50_px",)}
     for probe in probes:
         for metric in metrics[probe]:
