@@ -20,6 +20,7 @@ SMALLEST_EFFECT: dict[str, float] = {
     "erf_area_50": 0.02,  # 2% of the image
     "pe_distance_spearman": 0.10,
     "pe_topology_r2": 0.10,
+    "pe_linear_r2": 0.10,
     "permutation_gap": 0.05,
 }
 
