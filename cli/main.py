@@ -429,6 +429,7 @@ def study_run(
                                            "SLURM job through submitit; the default for a folder submitted so)."),
     detach: bool = typer.Option(False, help="With --executor slurm: return once submitted (then study status, "
                                 "and study run --resume to collect and report)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no line per piece (failures still print)."),
     slurm=None,
 ) -> None:
     """Train, probe and report everything a study file asks for; re-runs skip finished pieces.
@@ -437,7 +438,7 @@ def study_run(
     """
     from cli.study import run_study_command
 
-    raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir, executor, slurm, detach))
+    raise typer.Exit(run_study_command(file, out, scale, jobs, resume, report_dir, executor, slurm, detach, quiet))
 
 
 @study_app.command("show")

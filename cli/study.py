@@ -8,7 +8,7 @@ from pathlib import Path
 
 def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int, resume: bool,
                       report_dir: Path | None, executor: str | None = None, slurm: dict | None = None,
-                      detach: bool = False) -> int:
+                      detach: bool = False, quiet: bool = False) -> int:
     from localitylab.studies import load_study, run_study, study_folder
     from localitylab.studies.slurm import slurm_settings
 
@@ -19,11 +19,12 @@ def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int
     settings = slurm_settings(study.slurm, slurm) if executor == "slurm" else None
 
     def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        if not quiet or "FAILED" in line:
+            print(line, file=sys.stderr, flush=True)
 
     try:
-        if executor == "slurm" and not detach:
-            result = _run_with_progress(study, folder, jobs, report_dir, settings)
+        if not detach and not quiet:
+            result = _run_with_progress(study, folder, jobs, report_dir, executor, settings)
         else:
             result = run_study(study, folder, jobs=jobs, log=log, report_dir=report_dir, executor=executor,
                                slurm=settings, detach=detach)
@@ -44,8 +45,9 @@ def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int
     return 0
 
 
-def _run_with_progress(study, folder: Path, jobs: int, report_dir: Path | None, settings):
-    """run_study on SLURM with a progress bar on stderr (the log lines print above it)."""
+def _run_with_progress(study, folder: Path, jobs: int, report_dir: Path | None, executor: str, settings):
+    """run_study with a progress bar on stderr (the log lines print above it): the pieces
+    running here, or the SLURM jobs' states."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,15 +55,18 @@ def _run_with_progress(study, folder: Path, jobs: int, report_dir: Path | None, 
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("waiting for SLURM", total=None)
+        task = bar.add_task("waiting for SLURM" if executor == "slurm" else "starting", total=None)
 
         def progress(finished: int, total: int, states: dict[str, str]) -> None:
-            counts = {state: list(states.values()).count(state) for state in sorted(set(states.values()))}
-            bar.update(task, completed=finished, total=total,
-                       description=", ".join(f"{n} {s.lower()}" for s, n in counts.items()) or "collecting")
+            if executor == "local":
+                description = ", ".join(states) or "writing the report"
+            else:
+                counts = {state: list(states.values()).count(state) for state in sorted(set(states.values()))}
+                description = ", ".join(f"{n} {s.lower()}" for s, n in counts.items()) or "collecting"
+            bar.update(task, completed=finished, total=total, description=description)
 
         return run_study(study, folder, jobs=jobs, log=lambda line: bar.console.print(line, markup=False, highlight=False, soft_wrap=True),
-                         report_dir=report_dir, executor="slurm", slurm=settings, progress=progress)
+                         report_dir=report_dir, executor=executor, slurm=settings, progress=progress)
 
 
 def _interrupted(file: Path, folder: Path) -> int:

@@ -387,6 +387,10 @@ CASES = [
          ["probe", "attention-distance", "vit-n/2", "--opt", "nope=1", "--out", "{out}"],
          "unknown setting '--nope' for attention-distance; valid: --images, --batch-size, --seed, --device, "
          "--timesteps, --over-training, --query-block"),
+    Case("probe-over-training-no-snapshots", "--over-training on a run trained without snapshots",
+         ["probe", "attention-distance", "{fx}/run", "--over-training", "--out", "{out}"],
+         "keeps no snapshot: train it with --snapshots=8 (or every:K, or a list of epochs) to probe it with "
+         "--over-training"),
     Case("probe-query-block-zero", "--opt query_block=0",
          ["probe", "attention-distance", "vit-n/2", "--opt", "query_block=0", "--out", "{out}"],
          "--query-block must be a positive integer"),

@@ -108,6 +108,12 @@ def test_the_reading_names_the_first_epoch_the_ratio_stays_below_1_or_says_it_ne
     assert "became spatially ordered" in ordered([(0, _e(0.0)), (5, _e(0.3))], [])
     assert "did not become spatially ordered" in ordered([(0, _e(0.0)), (5, _e(0.005))], [])
     assert "describe its initialisation" in ordered([(0, _e(0.0)), (5, _e(0.3))], [(5, _e(0.05, 0))])
+    # Not ordered by distance, but position reads out linearly: the reading says both.
+    flat = [(0, _e(0.0)), (5, _e(0.04, 0.1))]
+    reading = ordered(flat, [], [(0, _e(-0.07)), (5, _e(0.38, 0.2))])
+    assert "did not become spatially ordered" in reading and "yet position can be read from it" in reading
+    assert "yet" not in ordered(flat, [], [(0, _e(-0.07)), (5, _e(0.05, 0.2))])  # inside the 0.10 worth a word
+    assert "yet" not in ordered([(0, _e(0.0)), (5, _e(0.3))], [], [(5, _e(0.38, 0.2))])  # already ordered
 
 
 def test_a_study_with_over_training_writes_both_tables_and_then_counts_the_piece_done(run, tmp_path):

@@ -14,8 +14,10 @@ from localitylab.data import load_dataset
 from localitylab.data.generated import (
     NONLOCAL_CLASSES,
     SHAPE_NAMES,
+    STRIPE_NAMES,
     generate_nonlocal,
     generate_shapes,
+    generate_stripes,
     nonlocal_layout,
 )
 from localitylab.data.permutation import (
@@ -291,7 +293,8 @@ def test_receptive_field_table_and_figures(probed, tmp_path):
 
 # --- generated data sets -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("generate", [generate_shapes, generate_nonlocal], ids=["shapes", "nonlocal"])
+@pytest.mark.parametrize("generate", [generate_shapes, generate_stripes, generate_nonlocal],
+                         ids=["shapes", "stripes", "nonlocal"])
 def test_generators_are_seeded(generate):
     images, labels = generate(16, 40, seed=1)
     again_images, again_labels = generate(16, 40, seed=1)
@@ -302,7 +305,8 @@ def test_generators_are_seeded(generate):
 
 
 @pytest.mark.parametrize("name, classes", [("shapes-16", SHAPE_NAMES), ("nonlocal-16", NONLOCAL_CLASSES),
-                                           ("shapes-11", SHAPE_NAMES), ("nonlocal-24", NONLOCAL_CLASSES)])
+                                           ("shapes-11", SHAPE_NAMES), ("nonlocal-24", NONLOCAL_CLASSES),
+                                           ("stripes-8", STRIPE_NAMES)])
 def test_generated_data_sets_load_identically(name, classes):
     first, second = load_dataset(name), load_dataset(name)
     size = int(name.split("-")[1])
@@ -319,6 +323,18 @@ def test_nonlocal_label_is_the_relation_of_the_two_fixed_patches():
     patch_b = images[:, :, by:by + side, bx:bx + side].flatten(1)
     assert torch.equal((patch_a == patch_b).all(1).long(), labels)
     assert (ay, ax) == (1, 1) and by + side == 15  # opposite corners, far apart
+
+
+def test_stripes_label_is_the_direction_along_which_neighbours_agree():
+    # By hand: a grating is constant along its stripes, so the neighbour difference is smallest
+    # in the stripes' direction (0 deg: along a row; 45: up-right; 90: down a column; 135: down-right).
+    images, labels = generate_stripes(16, 400, seed=3)
+    x = images.float().mean(1)
+    steps = [x[:, :, 1:] - x[:, :, :-1], x[:, 1:, :-1] - x[:, :-1, 1:], x[:, 1:, :] - x[:, :-1, :],
+             x[:, 1:, 1:] - x[:, :-1, :-1]]
+    found = torch.stack([step.pow(2).mean((1, 2)) for step in steps], 1).argmin(1)
+    assert (found == labels).float().mean() > 0.97
+    assert torch.bincount(labels, minlength=4).min() > 70  # balanced over the four orientations
 
 
 def test_shapes_are_learnable_by_a_convnet(tmp_path):

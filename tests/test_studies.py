@@ -193,8 +193,16 @@ def test_a_failed_piece_is_reported_and_the_rest_goes_on(tmp_path):
     spec.write_text(TINY.replace('model = "vit-n/2"', 'model = "vit-n/2"\nmodel_kw = { no_such_arg = 1 }')
                     .replace("permute_pixels = 3\n", ""))
     study = load_study(spec)
-    first = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))
+    ticks = []
+    first = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",),
+                      progress=lambda finished, total, running: ticks.append((finished, total, sorted(running))))
     assert set(first.failed) == {"train vit-n-p2"} and "no_such_arg" in first.failed["train vit-n-p2"]
+    # The progress bar's feed: every piece seen running, then finished; the count only grows.
+    total = ticks[0][1]
+    assert [finished for finished, _, _ in ticks] == sorted(finished for finished, _, _ in ticks)
+    # All pieces but the failed run's probe, which is never tried, are finished at the end.
+    assert ticks[-1][0] == total - 1 and ticks[-1][2] == [] and all(t == total for _, t, _ in ticks)
+    assert {"train vit-n-p2", "train resnet-n", "probe resnet-n"} <= {name for *_, running in ticks for name in running}
     assert "train resnet-n" in first.done and "probe resnet-n" in first.done
     assert (tmp_path / "out" / "report" / "report.html").is_file()  # the report covers what did finish
     again = run_study(study, tmp_path / "out", log=lambda line: None, formats=("html",))

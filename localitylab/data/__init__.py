@@ -3,7 +3,7 @@
 Built in: `digits` (bundled), `mnist`, `fashion-mnist`, `svhn`, `cifar10`, `cifar100`,
 `stl10`, `tiny-imagenet`, `imagenet` (official files, safe readers), `hf:NAME[:CONFIG]`
 (Hugging Face datasets, Parquet/Arrow only), `folder:PATH`, and the generated `shapes-S`,
-`nonlocal-S`. Each registers its recipe defaults (`DataDefaults`); image files are decoded
+`stripes-S`, `nonlocal-S`. Each registers its recipe defaults (`DataDefaults`); image files are decoded
 once and cached (`data/cache.py`).
 """
 

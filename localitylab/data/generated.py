@@ -1,4 +1,4 @@
-"""Generated data sets whose locality is known, at any size S (`shapes-S`, `nonlocal-S`).
+"""Generated data sets whose locality is known, at any size S (`shapes-S`, `stripes-S`, `nonlocal-S`).
 
 Both are drawn by a seeded `torch.Generator` on the CPU, so the same seed gives identical
 tensors on every machine. The loaders always use GENERATOR_SEED: a data set is part of the
@@ -13,6 +13,15 @@ the image, filled with one colour drawn per channel from [128, 256). Shapes (r =
 (apex up) -r <= dy <= 0.7 r and |dx| <= 0.6 (dy + r); cross: two bars of half-width
 max(0.5, 0.3 r) and half-length r; ring 0.55 r <= |d| <= r. Everything that decides the
 label lies within a disc of radius r around the shape.
+
+stripes-S (label = a local texture, present in every small window). Four classes: the
+orientation of a grating, 0, 45, 90 or 135 degrees (0 = stripes running left to right).
+Each image: a sine grating of period U[3, 6) px at a uniform random phase, mixed between two
+colours drawn per channel from [0, 256) (at least 96 apart in their mean), plus per-pixel,
+per-channel uniform noise in [-32, 32]. Every 3 x 3 window carries the orientation; the
+random phase makes each pixel's expected value the same for every class, so no read-out of
+single pixels at fixed places (what a model can do without comparing neighbours) carries the
+label.
 
 nonlocal-S (label = a relation between two distant regions; no local structure carries it).
 Two fixed q x q patches, q = max(1, S // 8), sit in opposite corners (inset S // 16):
@@ -35,6 +44,7 @@ from localitylab.data.registry import DataDefaults, DataOptions, ImageDataset, m
 
 GENERATOR_SEED = 1406_2024  # fixed: every run, whatever its seed, sees the same images
 SHAPE_NAMES = ("disc", "square", "triangle", "cross", "ring")
+STRIPE_NAMES = ("0 deg", "45 deg", "90 deg", "135 deg")
 NONLOCAL_CLASSES = ("different", "same")
 # Saturated colours far from the dark noise and from each other (RGB).
 PALETTE = torch.tensor([[230, 40, 40], [40, 200, 40], [50, 80, 240], [240, 220, 40], [220, 60, 220], [40, 220, 230]],
@@ -91,6 +101,28 @@ def generate_shapes(size: int, count: int, seed: int) -> tuple[torch.Tensor, tor
         masks = shape_masks(labels[part], centre_y[part], centre_x[part], radius[part], size).unsqueeze(1)
         images[part] = torch.where(masks, colour[part], images[part])
     return images, labels
+
+
+def generate_stripes(size: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` stripes-S images (uint8, N x 3 x S x S) and orientation labels, from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(STRIPE_NAMES), (count,), generator=generator)
+    angle = labels.to(torch.float64) * (torch.pi / len(STRIPE_NAMES))
+    period = 3 + 3 * torch.rand(count, generator=generator, dtype=torch.float64)
+    phase = 2 * torch.pi * torch.rand(count, generator=generator, dtype=torch.float64)
+    dark = torch.randint(0, 256, (count, 3), generator=generator).to(torch.float64)
+    light = torch.randint(0, 256, (count, 3), generator=generator).to(torch.float64)
+    # Keep the two colours at least 96 apart in their mean, so every grating is visible.
+    gap = (light - dark).mean(1, keepdim=True)
+    push = torch.clamp(96 - gap.abs(), min=0) * torch.where(gap >= 0, 1.0, -1.0) / 2
+    dark, light = (dark - push).clamp(0, 255), (light + push).clamp(0, 255)
+    rows, cols = (grid.to(torch.float64) for grid in _pixel_grid(size))
+    # Distance along the grating's normal: stripes at angle a run along (cos a, -sin a).
+    across = rows * torch.cos(angle).view(-1, 1, 1) + cols * torch.sin(angle).view(-1, 1, 1)
+    profile = 0.5 + 0.5 * torch.sin(2 * torch.pi * across / period.view(-1, 1, 1) + phase.view(-1, 1, 1))
+    images = dark.view(count, 3, 1, 1) + (light - dark).view(count, 3, 1, 1) * profile.unsqueeze(1)
+    noise = torch.randint(-32, 33, (count, 3, size, size), generator=generator).to(torch.float64)
+    return (images + noise).round().clamp(0, 255).to(torch.uint8), labels
 
 
 def nonlocal_layout(size: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
@@ -154,6 +186,18 @@ def load_shapes(size: int, options: DataOptions) -> ImageDataset:
     train, test = image_counts(size)
     images, labels = generate_shapes(size, train + test, GENERATOR_SEED)
     return _split(f"shapes-{size}", images, labels, train, SHAPE_NAMES, SHAPES_DEFAULTS)
+
+
+# Flips would swap 45 and 135 degrees; shifts keep every grating what it is.
+STRIPES_DEFAULTS = DataDefaults(hflip=False, crop_padding=None)
+
+
+@register_dataset("stripes", "generated: orientation of a grating at random phase and period over noise "
+                  "(local label, in every 3 x 3 window)", sized=True, defaults=STRIPES_DEFAULTS)
+def load_stripes(size: int, options: DataOptions) -> ImageDataset:
+    train, test = image_counts(size)
+    images, labels = generate_stripes(size, train + test, GENERATOR_SEED)
+    return _split(f"stripes-{size}", images, labels, train, STRIPE_NAMES, STRIPES_DEFAULTS)
 
 
 @register_dataset("nonlocal", "generated: same/different colour of two fixed distant patches, among distractors "

@@ -353,7 +353,7 @@ def _fixed_size(dataset: ImageDataset, options: DataOptions) -> ImageDataset:
 # How listings and error messages order the built-in data sets: small to large, then your own
 # data, then the generated sets. Sets registered elsewhere (benchmarks) follow.
 LISTING_ORDER = ("digits", "mnist", "fashion-mnist", "svhn", "cifar10", "cifar100", "stl10", "tiny-imagenet", "imagenet",
-                 "hf", "folder", "shapes", "nonlocal")
+                 "hf", "folder", "shapes", "stripes", "nonlocal")
 
 
 def _listed() -> list[DatasetEntry]:

@@ -42,8 +42,8 @@ def snapshots_of(source: str) -> tuple[Path, list[dict[str, Any]]]:
     run_dir = path if path.is_dir() else path.parent
     entries = read_index(run_dir)
     if not entries:
-        raise UserError(f"{run_dir} keeps no snapshots: train it with snapshots (e.g. 8) to probe it over training",
-                        setting="over_training")
+        raise UserError(f"{run_dir} keeps no snapshot: train it with snapshots=8 (or every:K, or a list of epochs) "
+                        "to probe it with over_training", settings=("snapshots", "over_training"))
     return run_dir, entries
 
 

@@ -7,6 +7,8 @@ from 1 (uniform attention) as well as between models.
 
 from __future__ import annotations
 
+from localitylab.probes.pe_moved import PE_MOVED_LITTLE
+
 # metric (or summary column key) -> smallest difference worth a word, in the metric's own unit
 SMALLEST_EFFECT: dict[str, float] = {
     "locality_ratio": 0.05,  # 5% nearer than uniform attention
@@ -18,11 +20,13 @@ SMALLEST_EFFECT: dict[str, float] = {
     "erf_area_50": 0.02,  # 2% of the image
     "pe_distance_spearman": 0.10,
     "pe_topology_r2": 0.10,
+    "pe_linear_r2": 0.10,
     "permutation_gap": 0.05,
 }
 
-# A position table that moved less than this, relative to its initial norm, still describes its initialisation.
-PE_MOVED_MIN = 0.10
+# A position table that moved less than this, relative to its initial norm, still describes its
+# initialisation: the probe's own threshold (its notes say the same), read here, never restated.
+PE_MOVED_MIN = PE_MOVED_LITTLE
 
 # Summary columns -> the metric whose threshold they use.
 COLUMN_METRIC = {"ratio_first": "locality_ratio", "ratio_last": "locality_ratio", "global_drop": "accuracy_drop",

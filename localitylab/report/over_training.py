@@ -106,11 +106,20 @@ def emergence(points: list[tuple[float, Estimate]], effect: float) -> str:
     return text + "never below 1 for good"
 
 
-def ordered(points: list[tuple[float, Estimate]], moved: list[tuple[float, Estimate]]) -> str:
+def _clearly_above_zero(estimate: Estimate, metric: str) -> bool:
+    low = estimate.low if estimate.has_interval else estimate.value
+    return low > 0 and estimate.value >= (smallest_effect(metric) or 0.0)
+
+
+def ordered(points: list[tuple[float, Estimate]], moved: list[tuple[float, Estimate]],
+            linear: list[tuple[float, Estimate]] = ()) -> str:
+    """The table's reading: PE Spearman at the start and the end; where it is not ordered by
+    distance but a linear read-out of position is clearly above 0, that too (a table can tell
+    positions apart without its similarity falling with distance)."""
     epoch, end = points[-1]
     effect = smallest_effect("pe_distance_spearman") or 0.0
     low = end.low if end.has_interval else end.value
-    if low > 0 and end.value >= effect:
+    if _clearly_above_zero(end, "pe_distance_spearman"):
         verdict = "became spatially ordered"
     elif low > 0:
         verdict = f"became weakly ordered (above 0, below the {effect:g} worth a word)"
@@ -118,6 +127,9 @@ def ordered(points: list[tuple[float, Estimate]], moved: list[tuple[float, Estim
         verdict = "did not become spatially ordered"
     text = f"the position table {verdict}: PE Spearman {_interval(points[0][1])} at epoch {points[0][0]:g}, " \
            f"{_interval(end)} at epoch {epoch:g}"
+    if linear and verdict != "became spatially ordered" and _clearly_above_zero(linear[-1][1], "pe_linear_r2"):
+        text += (f"; yet position can be read from it: PE linear R² {_interval(linear[-1][1])} at epoch "
+                 f"{linear[-1][0]:g} (its similarity does not fall steadily with distance)")
     if moved:
         last = moved[-1][1]
         text += f"; it moved {last.value:.2f} of its start" + (
@@ -139,8 +151,10 @@ def over_training_section(groups: list, figure_dir: Path) -> OverTrainingSection
             section.readings.append(f"{name}, block {layer}: locality ratio " + emergence(points, effect) + ".")
         spearman = model_curves[("pe-similarity", "pe_distance_spearman")].get(None)
         if spearman:
+            group = next(g for g in drawn if g.name == name)
+            linear = curve(group.records, "pe-similarity", "pe_linear_r2").get(None, [])
             section.readings.append(f"{name}: " + ordered(spearman, model_curves[("pe-similarity", "pe_moved")].get(
-                None, [])) + ".")
+                None, []), linear) + ".")
     section.figure = _figure(curves, accuracy, figure_dir)
     return section
 

@@ -313,13 +313,14 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
               progress: Callable[[int, int, dict[str, str]], None] | None = None) -> StudyResult:
     """Run what is not done and write the report. `executor`: "local" (here, `jobs` pieces at
     once) or "slurm" (each piece a job, `slurm` a SlurmSettings; with `detach`, return once
-    submitted: no report yet). `progress(finished, total, {job: state})` while waiting for SLURM."""
+    submitted: no report yet). `progress(finished, total, {piece or job: state})` whenever a
+    piece starts or ends here (state RUNNING), and while waiting for SLURM (its job states)."""
     if jobs < 1:
         raise UserError(f"jobs must be at least 1, got {jobs}", setting="jobs")
     if executor not in ("local", "slurm"):
         raise UserError(f"executor must be 'local' or 'slurm', got {executor!r}", setting="executor")
     plan = make_plan(study, out)
-    ledger = _Ledger(StudyResult(plan), log)
+    ledger = _Ledger(StudyResult(plan), log, on_change=progress if executor == "local" else None)
     ledger.write()
     if executor == "slurm":
         from localitylab.studies.slurm import SlurmSettings, run_on_slurm
@@ -391,20 +392,35 @@ class _Ledger:
 
     result: StudyResult
     log: Callable[[str], None]
+    # (finished, total, {piece: state}) on every change, for a progress bar; None: none.
+    on_change: Callable[[int, int, dict[str, str]], None] | None = None
     started: float = field(default_factory=time.perf_counter)
+    running: list[str] = field(default_factory=list)
+
+    def counts(self) -> tuple[int, int]:
+        """(pieces finished: done, skipped or failed; all pieces)."""
+        plan, result = self.result.plan, self.result
+        return (len(result.done) + len(result.skipped) + len(result.failed),
+                len(plan.train) + len(plan.probe) + len(plan.sample))
 
     def progress(self) -> str:
-        """Pieces finished (done, skipped or failed) of all pieces, and the time so far."""
-        plan, result = self.result.plan, self.result
-        finished = len(result.done) + len(result.skipped) + len(result.failed)
-        return f"[{finished}/{len(plan.train) + len(plan.probe) + len(plan.sample)} {time.perf_counter() - self.started:.0f}s]"
+        """Pieces finished of all pieces, and the time so far."""
+        finished, total = self.counts()
+        return f"[{finished}/{total} {time.perf_counter() - self.started:.0f}s]"
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(*self.counts(), {name: "RUNNING" for name in self.running})
 
     def skip(self, piece) -> None:
         self.result.skipped.append(piece.name)
         self.log(f"{self.progress()} skip   {piece.name} (done)")
+        self.changed()
 
     def start(self, piece) -> None:
         self.log(f"{self.progress()} start  {piece.name}")
+        self.running.append(piece.name)
+        self.changed()
 
     def record(self, piece, ok: bool, message: str) -> None:
         if ok:
@@ -413,7 +429,10 @@ class _Ledger:
         else:
             self.result.failed[piece.name] = message
             self.log(f"{self.progress()} FAILED {piece.name}: {message.splitlines()[0]}")
+        if piece.name in self.running:
+            self.running.remove(piece.name)
         self.write()
+        self.changed()
 
     def write(self) -> None:
         _write_state(self.result.plan, self.result)
