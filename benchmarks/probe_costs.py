@@ -52,19 +52,16 @@ def passes(name: str, table, options: dict) -> tuple[int, int]:
     return 0, 0
 
 
-def run(model_name: str = "vit_small_patch16_224", images: int = 4, side: int = 224,
-        probes: list[str] | None = None, options: dict[str, dict] | None = None) -> list[dict]:
+def _case(model_name: str, images: int, side: int):
+    """An untrained timm model, its uint8 images and labels, and a forward and a forward +
+    backward of those images (warmed up once), the passes a probe's cost is priced in."""
     import timm
-
-    from localitylab.probes.api import probe
-    from localitylab.probes.registry import probe_names
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, img_size=side).eval() if side != 224 else timm.create_model(model_name).eval()
     pixels = torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8)
     labels = torch.randint(0, model.num_classes, (images,))
     x = torch.randn(images, 3, side, side)
-    options = options or {}
 
     def forward() -> None:
         with torch.no_grad():
@@ -75,6 +72,16 @@ def run(model_name: str = "vit_small_patch16_224", images: int = 4, side: int = 
         torch.autograd.grad(model(inputs).sum(), inputs)
 
     forward(), forward_backward()  # warm-up
+    return model, pixels, labels, x, forward, forward_backward
+
+
+def run(model_name: str = "vit_small_patch16_224", images: int = 4, side: int = 224,
+        probes: list[str] | None = None, options: dict[str, dict] | None = None) -> list[dict]:
+    from localitylab.probes.api import probe
+    from localitylab.probes.registry import probe_names
+
+    model, pixels, labels, x, forward, forward_backward = _case(model_name, images, side)
+    options = options or {}
     rows = []
     for name in probes or probe_names():
         f_s, fb_s = _seconds(forward), _seconds(forward_backward)
@@ -104,26 +111,10 @@ def end_to_end(model_name: str = "vit_small_patch16_224", images: int = 16, side
     """`probe("all", ...)` in one call, as a notebook runs it, each probe's seconds taken from
     its `Probe.run`; a forward and a forward + backward of the same images are timed before
     and after (their means are the passes' prices). Returns the rows and the total seconds."""
-    import timm
-
     from localitylab.probes.api import probe
     from localitylab.probes.base import Probe
 
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, img_size=side).eval() if side != 224 else timm.create_model(model_name).eval()
-    pixels = torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8)
-    labels = torch.randint(0, model.num_classes, (images,))
-    x = torch.randn(images, 3, side, side)
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
-
-    def forward_backward() -> None:
-        inputs = x.clone().requires_grad_(True)
-        torch.autograd.grad(model(inputs).sum(), inputs)
-
-    forward(), forward_backward()  # warm-up
+    model, pixels, labels, x, forward, forward_backward = _case(model_name, images, side)
     before = _seconds(forward), _seconds(forward_backward)
     spent, original = {}, Probe.run
 
