@@ -135,7 +135,7 @@ def linear_r2(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[
 def similarity_reason(target: ProbeTarget) -> str | None:
     if target.info.grid is None or target.info.patch_size is None:
         if not target.info.is_transformer:
-            return "no position table on a token grid that the probes read (a ConvNet, or attention that no adapter reads), so pe-similarity does not apply"
+            return "no position embedding: the model has no token grid (a ConvNet), so pe-similarity does not apply"
         why = f" ({target.info.layout_note})" if target.info.layout_note else ""
         return f"its tokens are not one fixed grid{why}, so no position table to compare with it: pe-similarity does not apply"
     pos_embed = getattr(target.model, "pos_embed", None)
