@@ -168,9 +168,11 @@ def generate_nonlocal(size: int, count: int, seed: int) -> tuple[torch.Tensor, t
     return images, labels
 
 
-def _split(name: str, images: torch.Tensor, labels: torch.Tensor, train_count: int,
-           class_names: tuple[str, ...], defaults: DataDefaults) -> ImageDataset:
-    return make_dataset(name, images[:train_count], labels[:train_count], images[train_count:], labels[train_count:],
+def _generated(name: str, size: int, generate, class_names: tuple[str, ...], defaults: DataDefaults) -> ImageDataset:
+    """A generated set at size S: its images drawn with GENERATOR_SEED, split train / test."""
+    train, test = image_counts(size)
+    images, labels = generate(size, train + test, GENERATOR_SEED)
+    return make_dataset(name, images[:train], labels[:train], images[train:], labels[train:],
                         class_names=list(class_names), **defaults.augmentation())
 
 
@@ -183,9 +185,7 @@ NONLOCAL_DEFAULTS = DataDefaults(hflip=False, crop_padding=0)
 @register_dataset("shapes", "generated: 5 shape classes at random position, scale and colour over noise (local label)",
                   sized=True, defaults=SHAPES_DEFAULTS)
 def load_shapes(size: int, options: DataOptions) -> ImageDataset:
-    train, test = image_counts(size)
-    images, labels = generate_shapes(size, train + test, GENERATOR_SEED)
-    return _split(f"shapes-{size}", images, labels, train, SHAPE_NAMES, SHAPES_DEFAULTS)
+    return _generated(f"shapes-{size}", size, generate_shapes, SHAPE_NAMES, SHAPES_DEFAULTS)
 
 
 # Flips would swap 45 and 135 degrees; shifts keep every grating what it is.
@@ -195,14 +195,10 @@ STRIPES_DEFAULTS = DataDefaults(hflip=False, crop_padding=None)
 @register_dataset("stripes", "generated: orientation of a grating at random phase and period over noise "
                   "(local label, in every 3 x 3 window)", sized=True, defaults=STRIPES_DEFAULTS)
 def load_stripes(size: int, options: DataOptions) -> ImageDataset:
-    train, test = image_counts(size)
-    images, labels = generate_stripes(size, train + test, GENERATOR_SEED)
-    return _split(f"stripes-{size}", images, labels, train, STRIPE_NAMES, STRIPES_DEFAULTS)
+    return _generated(f"stripes-{size}", size, generate_stripes, STRIPE_NAMES, STRIPES_DEFAULTS)
 
 
 @register_dataset("nonlocal", "generated: same/different colour of two fixed distant patches, among distractors "
                   "(no local label)", sized=True, defaults=NONLOCAL_DEFAULTS)
 def load_nonlocal(size: int, options: DataOptions) -> ImageDataset:
-    train, test = image_counts(size)
-    images, labels = generate_nonlocal(size, train + test, GENERATOR_SEED)
-    return _split(f"nonlocal-{size}", images, labels, train, NONLOCAL_CLASSES, NONLOCAL_DEFAULTS)
+    return _generated(f"nonlocal-{size}", size, generate_nonlocal, NONLOCAL_CLASSES, NONLOCAL_DEFAULTS)
