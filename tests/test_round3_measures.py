@@ -159,24 +159,61 @@ def test_outside_token_and_area_of_linear_stacks_in_closed_form():
     assert area_ratios(flat, (0.2, 0.3, 0.5, 0.99))[:, 0] == pytest.approx(np.array([13, 20, 32, 64]) / 1024)
 
 
-def test_area_ratios_in_chunks_on_threads_equal_the_direct_definition(monkeypatch):
-    """The bootstrap's area ratios (rows sorted a few at a time, on two threads) are the
-    definition's, bit for bit: decreasing mass, cumulative share, first pixel past it."""
-    from localitylab.probes import erf_geometry
+def _direct_area_ratios(maps, fractions):
+    """The definition as written: decreasing mass, cumulative share, first pixel past it."""
+    count, totals = maps.shape[1], maps.sum(axis=1)
+    cumulative = np.cumsum(-np.sort(-maps, axis=1), axis=1) / np.where(totals > 0, totals, 1.0)[:, None]
+    direct = np.stack([((cumulative < f - 1e-9).sum(axis=1) + 1).clip(max=count) / count for f in fractions])
+    direct[:, ~(totals > 0)] = np.nan
+    return direct
+
+
+def test_binned_area_ratios_equal_the_direct_definition():
+    """The bootstrap's area ratios (each map binned by its values' leading bits, only the
+    boundary's bin sorted) are the definition's on maps that stress the bins: ties, zeros,
+    -0.0, a uniform map, values over 300 factors of 2, and a map with negative values."""
+    from localitylab.probes.area_ratio import area_ratios, sorted_area_ratios
 
     rng = np.random.default_rng(0)
-    maps = rng.random((23, 300)) ** 4
+    maps = rng.random((24, 300)) ** 4
     maps[3] = 0.0  # an all-zero map: NaN
     maps[5, :200] = 0.0  # ties at zero
+    maps[6, ::2] = -0.0  # its sign bit set
     maps[7] = 1.0  # a uniform map: ties everywhere
-    fractions = (0.2, 0.3, 0.5, 0.99)
-    totals = maps.sum(axis=1)
-    cumulative = np.cumsum(-np.sort(-maps, axis=1), axis=1) / np.where(totals > 0, totals, 1.0)[:, None]
-    direct = np.stack([((cumulative < f - 1e-9).sum(axis=1) + 1).clip(max=300) / 300 for f in fractions])
-    direct[:, totals == 0] = np.nan
-    monkeypatch.setattr(erf_geometry, "AREA_CHUNK_ELEMENTS", 4 * 300 + 7)  # 4 rows a chunk: 6 chunks
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    np.testing.assert_array_equal(erf_geometry.area_ratios(maps, fractions), direct)
+    maps[8] = 2.0 ** -rng.integers(0, 300, 300)  # values far below the top bin's 40 factors of 2
+    maps[9, :5] = -maps[9, :5]  # negative values: the sorted path
+    maps[10] = rng.integers(0, 3, 300).astype(float)  # a few tied levels
+    fractions = (0.2, 0.3, 0.5, 0.99, 1.0)
+    expected = _direct_area_ratios(maps, fractions)
+    np.testing.assert_array_equal(area_ratios(maps, fractions), expected)
+    np.testing.assert_array_equal(sorted_area_ratios(maps, fractions), expected)
+    assert np.isnan(expected[:, 3]).all() and not np.isnan(expected[:, 4:]).any()
+
+
+def test_an_area_boundary_among_values_below_the_binned_range():
+    """One large pixel and 100,000 faint ones at 1e-13 and 3e-14 of it (below the 2**-40 the
+    bins resolve: they share the lowest bin, sorted like any other). The count is the exact
+    one (sums by math.fsum); the sorted running sum drifts here, adding each faint value to 1."""
+    import math
+
+    from localitylab.probes.area_ratio import area_ratios
+
+    faint = np.full(100_000, 1e-13)
+    faint[::3] = 3e-14
+    row = np.concatenate([[1.0], faint])
+    ordered = np.sort(row)[::-1].tolist()
+    total = math.fsum(ordered)
+
+    def exact(fraction):  # the fewest largest pixels whose exact sum reaches the share
+        low, high = 1, len(ordered)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if math.fsum(ordered[:mid]) / total >= fraction - 1e-9 else (mid + 1, high)
+        return low / len(ordered)
+
+    assert area_ratios(row[None], (0.99, 1.0))[:, 0].tolist() == [exact(0.99), exact(1.0)]
+    assert exact(0.99) == 1 / len(ordered) and 0.6 < exact(1.0) < 0.7
+    assert _direct_area_ratios(row[None], (1.0,))[0, 0] > exact(1.0)  # the drift: 178 pixels too many
 
 
 def test_a_one_by_one_stage_is_measured_at_its_true_centre():

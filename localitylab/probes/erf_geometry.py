@@ -7,7 +7,6 @@ the smallest share of the image holding a share of the mass (`erf_area_XX`).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,11 +16,11 @@ import torch.nn as nn
 
 from localitylab.errors import UserError
 from localitylab.models.anchors import GridAnchor
+from localitylab.probes.area_ratio import area_ratios
 
 FeatureFn = Callable[[torch.Tensor], list[torch.Tensor]]
 
 AREA_PERCENTS = (20, 30, 50, 99)  # RepLKNet's high-contribution area ratios
-AREA_CHUNK_ELEMENTS = 2**19  # map values sorted at once by `area_ratios` (4 MiB of float64)
 
 
 @dataclass(frozen=True)
@@ -70,30 +69,6 @@ def outside_cell(maps: np.ndarray, shape: tuple[int, int], cell: tuple[float, fl
     inside = maps @ cell_overlap(shape, cell)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(totals > 0, 1.0 - inside / totals, np.nan)
-
-
-def area_ratios(maps: np.ndarray, fractions: tuple[float, ...]) -> np.ndarray:
-    """(len(fractions), B): the smallest share of the pixels of each row of (B, H*W) maps that
-    holds `fraction` of its mass, pixels taken in decreasing order of mass (RepLKNet's
-    high-contribution area ratio; NaN for an all-zero map). The bootstrap asks this of 2,000
-    resampled maps per layer: rows are sorted a few MiB at a time (the temporaries stay in
-    cache), on torch's intra-op thread count (numpy sorts without the GIL)."""
-    totals = maps.sum(axis=1)
-    scale = np.where(totals > 0, totals, 1.0)
-    count = maps.shape[1]
-    ratios = np.empty((len(fractions), len(maps)))
-    step = max(1, AREA_CHUNK_ELEMENTS // max(1, count))
-
-    def rows(start: int) -> None:
-        cumulative = np.cumsum(np.sort(maps[start:start + step], axis=1)[:, ::-1], axis=1)  # decreasing mass
-        cumulative /= scale[start:start + step, None]
-        for index, fraction in enumerate(fractions):
-            ratios[index, start:start + step] = ((cumulative < fraction - 1e-9).sum(axis=1) + 1).clip(max=count) / count
-
-    starts = range(0, len(maps), step)
-    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(starts)))) as pool:
-        list(pool.map(rows, starts))
-    return np.where(totals[None, :] > 0, ratios, np.nan)
 
 
 def erf_statistics(maps: np.ndarray, shape: tuple[int, int], location: FieldLocation,
