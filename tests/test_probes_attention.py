@@ -343,8 +343,9 @@ def test_the_fused_kernel_on_two_threads_equals_itself_on_one_and_brute_force(pr
 
 
 def test_the_kernel_is_built_per_torch_version_instruction_set_and_source(monkeypatch):
-    """The built library's name (its build folder) changes with the torch version, the ISA and
-    the source, so a library built against another torch is never reused; a torch outside the
+    """The built library's name (its build folder) changes with the torch version, the ISA,
+    the source and the torch installation, so a library built against another torch is never
+    reused; a torch outside the
     tested releases is not built against at all: the torch path, said once."""
     import warnings
 
@@ -354,8 +355,9 @@ def test_the_kernel_is_built_per_torch_version_instruction_set_and_source(monkey
     name = fused.build_name(torch.__version__, "AVX512", source)
     assert name == fused.build_name(torch.__version__, "AVX512", source)
     others = {fused.build_name("2.15.0", "AVX512", source), fused.build_name(torch.__version__, "AVX2", source),
-              fused.build_name(torch.__version__, "AVX512", source + b"// changed")}
-    assert name not in others and len(others) == 3
+              fused.build_name(torch.__version__, "AVX512", source + b"// changed"),
+              fused.build_name(torch.__version__, "AVX512", source, "/another/venv/site-packages/torch")}
+    assert name not in others and len(others) == 4
     assert name.isidentifier()
     assert fused.tested_torch("2.14.1+cu130") and fused.tested_torch("2.14.0")
     assert not fused.tested_torch("2.13.0") and not fused.tested_torch("3.0.0+cpu")

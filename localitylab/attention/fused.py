@@ -6,7 +6,7 @@ row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and 
 logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
 compiled for this machine's CPU on first use (torch.utils.cpp_extension; about 15 s, cached
 per user under a name keyed by the torch version, the CPU's instruction set and a hash of the
-source, so a checkout with another torch or another kernel builds its own; `make` does it
+source and of torch's folder, so an environment with another torch or another kernel builds its own; `make` does it
 when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a
 probe that needs only those sums. It is built with OpenMP, as torch itself is, so
 `at::parallel_for` spreads query tiles over every intra-op thread (`torch.set_num_threads`).
@@ -90,11 +90,14 @@ def tested_torch(version: str) -> bool:
     return ".".join(version.split("+")[0].split(".")[:2]) in TESTED_TORCH
 
 
-def build_name(torch_version: str, capability: str, source: bytes) -> str:
+def build_name(torch_version: str, capability: str, source: bytes, torch_home: str = "") -> str:
     """The built library's name, and so its build folder: one per torch version, instruction
-    set and kernel source (a library built against another torch is never loaded)."""
+    set, kernel source and torch installation (`torch_home`, the folder of its headers: two
+    environments with the same torch compile with different include paths, and each rebuilt
+    the library whenever the other had built it last). A library built against another torch
+    is never loaded."""
     version = "".join(c if c.isalnum() else "_" for c in torch_version.split("+")[0])
-    digest = hashlib.sha256(source).hexdigest()[:12]
+    digest = hashlib.sha256(source + b"\0" + torch_home.encode()).hexdigest()[:12]
     return f"localitylab_attention_rows_{capability.lower()}_torch{version}_{digest}"
 
 
@@ -129,7 +132,7 @@ def load() -> bool:
         with _build_tools():
             from torch.utils.cpp_extension import load as build
 
-            name = build_name(torch.__version__, capability, SOURCE.read_bytes())
+            name = build_name(torch.__version__, capability, SOURCE.read_bytes(), str(Path(torch.__file__).parent))
             build(name=name, sources=[str(_source_in_build_folder(name))], extra_cflags=_flags(capability),
                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return True
