@@ -79,10 +79,14 @@ def _interrupted(file: Path, folder: Path) -> int:
         return 130
     answer = "leave"
     if sys.stdin.isatty():
-        import typer
+        # rich's prompt asks again until the answer is one of the choices (typer's own prompt
+        # changed how it takes choices between releases; rich's has not)
+        from rich.console import Console
+        from rich.prompt import Prompt
 
-        answer = typer.prompt(f"\n{len(jobs)} job(s) of this study are still queued or running: cancel them, or "
-                              f"leave them running?", type=click_choice(), default="leave")
+        answer = Prompt.ask(f"\n{len(jobs)} job(s) of this study are still queued or running: cancel them, or "
+                            f"leave them running?", choices=["cancel", "leave"], default="leave",
+                            console=Console(stderr=True))
     if answer == "cancel":
         cancel(jobs)
         print(f"cancelled {len(jobs)} job(s); `localitylab study run {file} --out {folder} --resume` submits "
@@ -91,14 +95,6 @@ def _interrupted(file: Path, folder: Path) -> int:
         print(f"{len(jobs)} job(s) left running; `localitylab study status {folder}` shows them and "
               f"`localitylab study run {file} --out {folder} --resume` collects them", file=sys.stderr)
     return 130
-
-
-def click_choice():
-    try:
-        import typer._click as click  # Typer vendors Click in recent versions; its prompt takes its Choice
-    except ImportError:
-        import click
-    return click.Choice(["cancel", "leave"])
 
 
 def print_status(folder: Path) -> None:

@@ -261,3 +261,51 @@ def test_a_bad_executor_table_names_the_key_and_its_line(tmp_path):
     spec.write_text(STUDY.replace("cpus_per_run = 1", "cpus_per_run = 0"))
     line = assert_one_line_error(run_cli(["study", "show", spec]), "cpus_per_run")
     assert f"{spec} line {STUDY.splitlines().index('cpus_per_run = 1') + 1}" in line
+
+
+class _Terminal:
+    """stdin as a person at a terminal types it."""
+
+    def __init__(self, typed: str):
+        import io
+
+        self._lines = io.StringIO(typed)
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, *args) -> str:
+        return self._lines.readline(*args)
+
+
+@pytest.mark.parametrize("typed, cancelled", [("stop\ncancel\n", True), ("\n", False)])
+def test_ctrl_c_while_waiting_asks_whether_to_cancel_the_jobs(tmp_path, monkeypatch, capsys, typed, cancelled):
+    """Ctrl-C while a study waits on SLURM: at a terminal the shell asks (an answer other than
+    cancel or leave is asked again; Enter leaves them), cancels only if told, and names the
+    command that goes on either way; exit status 130."""
+    from cli import study as shell
+    from localitylab.studies import slurm
+
+    asked_to_cancel = []
+    monkeypatch.setattr(slurm, "live_jobs", lambda folder: ["41", "42"])
+    monkeypatch.setattr(slurm, "cancel", asked_to_cancel.append)
+    monkeypatch.setattr(sys, "stdin", _Terminal(typed))
+    assert shell._interrupted(tmp_path / "s.toml", tmp_path / "out") == 130
+    err = capsys.readouterr().err
+    assert asked_to_cancel == ([["41", "42"]] if cancelled else [])
+    assert ("cancelled 2 job(s)" in err) == cancelled and ("2 job(s) left running" in err) != cancelled
+    assert f"--out {tmp_path / 'out'} --resume" in err
+
+
+def test_ctrl_c_without_a_terminal_leaves_the_jobs_running(tmp_path, monkeypatch, capsys):
+    from cli import study as shell
+    from localitylab.studies import slurm
+
+    monkeypatch.setattr(slurm, "live_jobs", lambda folder: ["41"])
+    monkeypatch.setattr(slurm, "cancel", lambda jobs: pytest.fail("cancelled without asking"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    assert shell._interrupted(tmp_path / "s.toml", tmp_path / "out") == 130
+    assert "1 job(s) left running" in capsys.readouterr().err
+    monkeypatch.setattr(slurm, "live_jobs", lambda folder: [])
+    assert shell._interrupted(tmp_path / "s.toml", tmp_path / "out") == 130
+    assert capsys.readouterr().err == "localitylab: interrupted\n"
