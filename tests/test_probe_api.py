@@ -234,3 +234,37 @@ def test_figures_true_returns_figures_and_writes_nothing(loaded_vit, tmp_path, m
 def test_dir_lists_the_api():
     assert {"probe", "load", "train", "Preprocessing", "__version__"} <= set(dir(localitylab))
     assert set(localitylab.__all__) <= set(dir(localitylab))
+
+
+def test_a_notebook_gets_progress_bars_and_a_log_does_not(monkeypatch, capsys):
+    """`localitylab.probe` draws bars in a Jupyter kernel (IPython's ZMQInteractiveShell)
+    even though its stderr is no terminal; in a terminal IPython writing to a log, or with
+    progress=False, it stays silent. The bars count what the probes tell them, nested steps
+    in one display, and a step of unknown length ends at what it counted."""
+    import sys
+    import types
+
+    from localitylab import progress
+
+    class ZMQInteractiveShell:
+        pass
+
+    class TerminalInteractiveShell:
+        pass
+
+    monkeypatch.delenv("LOCALITYLAB_FORCE_TERMINAL", raising=False)
+    ipython = types.ModuleType("IPython")
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    ipython.get_ipython = lambda: TerminalInteractiveShell()
+    assert progress.make_progress() is progress.SILENT  # stderr is pytest's capture here
+    ipython.get_ipython = lambda: ZMQInteractiveShell()
+    assert progress.make_progress(show=False) is progress.SILENT
+    bars = progress.make_progress()
+    assert isinstance(bars, progress.RichProgress)
+    with bars.task("probe all", total=2) as outer:
+        with bars.task("batches") as inner:
+            inner.advance()
+            inner.advance(2)
+        outer.advance()
+    assert {t.description: (t.completed, t.total) for t in bars.bars.tasks} == {"probe all": (1, 2), "batches": (3, 3)}
+    assert "probe all" in capsys.readouterr().err
