@@ -250,7 +250,7 @@ def probe_command(full: bool = True):
     `localitylab --help` lists it, without the probe settings."""
     fields = []
     if full:
-        from localitylab.probes.settings import probe_fields
+        from localitylab.probes.registry import probe_fields
 
         fields = probe_fields()
     return probe_options(fields)(probe)

@@ -92,7 +92,7 @@ def _given(ctx, name: str) -> bool:
 
 def probe_options(fields):
     """Decorator for `probe`: after the function's own parameters (the model and where its
-    data come from), one option per probe setting in `fields` (localitylab/probes/settings.py
+    data come from), one option per probe setting in `fields` (localitylab/probes/registry.py
     `probe_fields`: ProbeSettings' and every probe's options; type, default and help from the
     field). The function receives the settings the user typed as `settings` (a dict by
     Python name), the rest of its parameters as they are."""

@@ -30,8 +30,8 @@ from localitylab.models.preprocessing import Preprocessing
 from localitylab.models.registry import ModelSpec
 from localitylab.probes.inputs import check_prepared, collect, fit_to_model
 from localitylab.probes.memory import built_size, default_name, dit_data, expects, figures_to, table_attrs
-from localitylab.probes.registry import get_probe, probe_names
-from localitylab.probes.settings import parse_probe_settings, probe_fields
+from localitylab.probes.base import parse_probe_settings
+from localitylab.probes.registry import get_probe, probe_fields, probe_names
 from localitylab.probes.sources import loaded_target
 from localitylab.probes.target import Denoising, ProbeTarget, check_timesteps
 from localitylab.progress import make_progress

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Se
 import pandas as pd
 import torch
 
+from localitylab.errors import UserError
 from localitylab.probes.measurements import (COLUMNS, Measurement, Measurements, SummaryColumn,  # noqa: F401
                                              typed_frame)
 from localitylab.probes.settings import ProbeSettings, checked
@@ -204,3 +205,30 @@ class Probe:
         return ProbeResult(self.name, out.to_frame(target.display_name, self.name), not reason, drawing,
                            level_drawings)
 
+
+# --- the settings of one run of several probes -----------------------------------------------
+# Here rather than in settings.py: the parse asks each Probe for its Options, and settings.py
+# sits below the Probe.
+@dataclass
+class ProbeRun:
+    """Checked settings of one run of several probes: the common ones and each probe's options."""
+
+    settings: ProbeSettings
+    options: list[Settings]  # one per probe, in the order given
+    given: dict[str, Any]  # the probe options as given (for meta.json)
+
+
+def parse_probe_settings(probes: Sequence[Probe], values: Mapping[str, Any]) -> ProbeRun:
+    """Split `values` into ProbeSettings and each probe's options and check them all (no model
+    needed). An unknown key, or a value a probe cannot use, is a UserError naming the setting."""
+    common = {k: v for k, v in values.items() if k in ProbeSettings.model_fields}
+    given = {k: v for k, v in values.items() if k not in ProbeSettings.model_fields}
+    known = {name for probe in probes for name in probe.option_names()}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        valid = [*ProbeSettings.model_fields, *sorted(known)]
+        raise UserError(f"unknown setting {unknown[0]!r} for {', '.join(p.name for p in probes)}; valid: "
+                        f"{', '.join(valid)}", settings=(unknown[0], *valid))
+    settings = checked(ProbeSettings, common)
+    options = [probe.parse_options({k: v for k, v in given.items() if k in probe.option_names()}) for probe in probes]
+    return ProbeRun(settings, options, given)

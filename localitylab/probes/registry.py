@@ -7,8 +7,12 @@ registry is full whenever the package is imported and never imports a probe itse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Iterable
+
 from localitylab.errors import UserError
 from localitylab.probes.base import Probe
+from localitylab.probes.settings import ProbeSettings
 
 _PROBES: dict[str, Probe] = {}
 
@@ -46,3 +50,41 @@ def get_probe(name: str) -> Probe:
 
 def probe_names() -> list[str]:
     return list(_PROBES)
+
+
+# The front ends' settings are generated from every registered probe, so they are listed here,
+# above the Probe, rather than in settings.py, which the Probe's own module imports.
+@dataclass(frozen=True)
+class ProbeField:
+    """One setting as the front ends offer it: its name, default, help, and whose it is
+    ('' for a setting of every probe, else the probes that declare it as an option)."""
+
+    name: str
+    default: Any
+    help: str
+    annotation: Any
+    probes: tuple[str, ...] = ()
+    in_memory: bool = True  # a keyword of `localitylab.probe` (a model in memory has its own device)
+
+
+def probe_fields(probes: Iterable[Probe] | None = None) -> list[ProbeField]:
+    """ProbeSettings' fields, then every option of `probes` (all registered ones by default),
+    each once, in declaration order."""
+    if probes is None:
+        probes = [get_probe(name) for name in probe_names()]
+    fields = [ProbeField(name, info.get_default(), info.description or "", info.annotation, (),
+                         (info.json_schema_extra or {}).get("in_memory", True))
+              for name, info in ProbeSettings.model_fields.items()]
+    index = {field.name: i for i, field in enumerate(fields)}
+    for probe in probes:
+        for name, info in probe.Options.model_fields.items():
+            if name in index:
+                known = fields[index[name]]
+                if not known.probes:
+                    raise ValueError(f"probe {probe.name}'s option {name!r} clashes with the setting of every probe")
+                fields[index[name]] = ProbeField(name, known.default, known.help, known.annotation,
+                                                 known.probes + (probe.name,))
+                continue
+            index[name] = len(fields)
+            fields.append(ProbeField(name, info.get_default(), info.description or "", info.annotation, (probe.name,)))
+    return fields

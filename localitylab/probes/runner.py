@@ -23,7 +23,8 @@ from localitylab.data.registry import DataOptions
 from localitylab.errors import UserError
 from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
 from localitylab.probes.registry import get_probe, probe_names
-from localitylab.probes.settings import ProbeRun, ProbeSettings, parse_probe_settings
+from localitylab.probes.base import ProbeRun, parse_probe_settings
+from localitylab.probes.settings import ProbeSettings
 from localitylab.probes.sources import load_target, select_images
 from localitylab.probes.target import ProbeTarget, check_timesteps
 from localitylab.progress import SILENT, Progress

@@ -385,7 +385,7 @@ def _study_models(entries: list[Any], substitutes: dict[str, str | dict[str, Any
 def probe_keys() -> set[str]:
     """The keys of a [probes] table: run, options and every probe setting but the runner's,
     from the probes' settings (so a new probe option is a key with no edit here)."""
-    from localitylab.probes.settings import probe_fields
+    from localitylab.probes.registry import probe_fields
 
     return PROBE_TABLE_KEYS | {PROBE_KEY_NAMES.get(field.name, field.name) for field in probe_fields()
                                if field.name not in RUNNER_SETTINGS}
@@ -459,7 +459,7 @@ def _validate_values(study: Study, locator: _Locator) -> None:
         if name != "all" and name not in probe_names():
             raise locator.error(f"unknown probe {name!r}; valid: {', '.join(probe_names())}, all", "run", "probes")
     from localitylab.probes.registry import get_probe
-    from localitylab.probes.settings import parse_probe_settings
+    from localitylab.probes.base import parse_probe_settings
 
     chosen = probe_names() if "all" in study.probes else study.probes
     given = {"n_images": study.probe_images, "batch_size": study.probe_batch_size}
