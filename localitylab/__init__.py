@@ -32,7 +32,7 @@ def __getattr__(name):
 
         return probe
     if name == "probe_over_training":
-        from localitylab.probes.over_training import probe_over_training
+        from localitylab.probes.runner import probe_over_training
 
         return probe_over_training
     if name == "Preprocessing":

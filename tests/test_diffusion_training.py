@@ -164,7 +164,7 @@ def test_a_trained_dits_samples_beat_the_untrained_and_carry_their_labels(traine
     assert "fd_resnet-n" in result.out
     table = json.loads((out / "sample-quality.json").read_text())
     assert table["sample_meta"]["guidance"] == 2.0 and table["against"] == "digits"
-    from localitylab.probes.runner import read_table
+    from localitylab.probes.output import read_table
 
     rows = read_table(out / "sample-quality.csv")
     ours = rows[~rows["model"].str.startswith("reference:") & (rows["n_images"] == 200)].set_index("metric")

@@ -575,7 +575,7 @@ def test_cli_attention_maps_writes_table_meta_and_figure(trained_runs, tmp_path)
 
 
 def test_plot_overlays_several_tables(targets, digits_images, tmp_path):
-    from localitylab.probes.runner import read_table, write_table
+    from localitylab.probes.output import read_table, write_table
 
     paths = []
     for name in ("pit-n", "vit-n/2"):

@@ -110,7 +110,7 @@ class EvaluateRequest:
 def evaluate_samples(request: EvaluateRequest, progress: Progress = SILENT) -> tuple[pd.DataFrame, Path]:
     """The sample-quality table of a sample set with its reference rows; written as CSV.
     `progress` counts its steps (features of each source, Inception)."""
-    from localitylab.probes.runner import write_table
+    from localitylab.probes.output import write_table
     from localitylab.probes.sources import load_target
 
     path = Path(request.samples).expanduser()

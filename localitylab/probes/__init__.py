@@ -16,7 +16,8 @@ from localitylab.probes import (  # noqa: F401  (each registers itself)
 )
 from localitylab.probes.base import COLUMNS, Measurements, Probe, ProbeInputs, ProbeResult, SummaryColumn
 from localitylab.probes.registry import get_probe, probe_names, register_probe
-from localitylab.probes.runner import ProbeRequest, read_table, run_probes
+from localitylab.probes.output import read_table
+from localitylab.probes.runner import ProbeRequest, run_probes
 from localitylab.probes.settings import ProbeSettings, option
 from localitylab.probes.sources import load_target
 from localitylab.probes.target import ProbeTarget

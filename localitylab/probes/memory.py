@@ -71,7 +71,7 @@ def table_attrs(target: Any, n_images: int) -> dict[str, Any]:
     """What a table from `localitylab.probe` records: how the images were prepared, how the
     intervals were made, the versions, the units and what head = <NA> means."""
     from localitylab.probes.measurements import CONFIDENCE, RESAMPLES
-    from localitylab.probes.runner import preprocessing_record
+    from localitylab.probes.output import preprocessing_record
     from localitylab.train.checkpoint import versions
 
     preprocessing = ({"source": "prepared by the caller (float images fed as they are)"} if target.inputs_prepared

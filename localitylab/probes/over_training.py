@@ -26,6 +26,7 @@ import torch
 
 from localitylab.errors import UserError
 from localitylab.io import make_folder, write_json
+from localitylab.probes.output import ProbeOutput, read_table, record_meta, write_table
 
 FOLDER = "over-training"
 MOMENT_COLUMNS = ("step", "epoch")
@@ -57,7 +58,6 @@ def probe_snapshots(probe, parsed, count: int, run_dir: Path, entries: list[dict
                     labels: torch.Tensor, run, device: torch.device, out_dir: Path) -> tuple[pd.DataFrame, int]:
     """The long table of `probe` over `entries` and how many snapshots were probed now (the
     others were read from the cache)."""
-    from localitylab.probes.runner import read_table, write_table
     from localitylab.probes.sources import loaded_target
     from localitylab.train.checkpoint import load
 
@@ -89,7 +89,6 @@ def probe_snapshots(probe, parsed, count: int, run_dir: Path, entries: list[dict
 def run_over_training(probes: list, request, run) -> list:
     """`run_probes` with over_training: every probe on every snapshot of the run."""
     from localitylab.data.registry import DataOptions
-    from localitylab.probes.runner import ProbeOutput, record_meta, write_table
     from localitylab.probes.sources import load_target, select_images
 
     settings = run.settings
@@ -116,15 +115,3 @@ def run_over_training(probes: list, request, run) -> list:
         record_meta(out_dir / FOLDER, probe.name, target, dataset.name, run, min(count, len(images)), seconds)
         outputs.append(ProbeOutput(probe.name, table, csv_path, [], seconds, probed=probed))
     return outputs
-
-
-def probe_over_training(name: str, run: str | Path, **settings: Any) -> pd.DataFrame:
-    """The long table of probe `name` ('all' for every probe) over every snapshot of `run`;
-    `settings` are the probe settings as keywords (n_images, seed, batch_size, device and the
-    probes' options). Writes the tables under `<run>/probes/over-training/` as the CLI does."""
-    from localitylab.probes.runner import ProbeRequest, run_probes
-    from localitylab.probes.settings import ProbeSettings
-
-    common = {k: settings.pop(k) for k in list(settings) if k in ProbeSettings.model_fields and k != "over_training"}
-    outputs = run_probes([name], ProbeRequest(str(run), over_training=True, options=settings, **common))
-    return pd.concat([o.table for o in outputs], ignore_index=True)

@@ -8,11 +8,8 @@ checkpoint, or the request's `out`.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +17,11 @@ import pandas as pd
 import torch
 
 from localitylab.data.registry import DataOptions
-from localitylab.errors import UserError
-from localitylab.io import atomic_path, check_folder, code_version, make_folder, write_json
-from localitylab.probes.registry import get_probe, probe_names
+from localitylab.io import check_folder, make_folder
 from localitylab.probes.base import ProbeRun, parse_probe_settings
+from localitylab.probes.output import ProbeOutput, record_meta, write_table
+from localitylab.probes.over_training import run_over_training
+from localitylab.probes.registry import get_probe, probe_names
 from localitylab.probes.settings import ProbeSettings
 from localitylab.probes.sources import load_target, select_images
 from localitylab.probes.target import ProbeTarget, check_timesteps
@@ -60,16 +58,6 @@ class ProbeRequest:
         return parse_probe_settings(probes, {**self.options, **given})
 
 
-@dataclass
-class ProbeOutput:
-    probe: str
-    table: pd.DataFrame
-    csv: Path
-    figures: list[Path]
-    seconds: float
-    probed: int = 1  # over training: the snapshots probed by this call (the others were read back)
-
-
 def run_probes(names: list[str], request: ProbeRequest, progress: Progress = SILENT) -> list[ProbeOutput]:
     """Run the named probes ('all' for every registered one) on one model; `progress` counts
     the probes and each probe's batches."""
@@ -81,8 +69,6 @@ def run_probes(names: list[str], request: ProbeRequest, progress: Progress = SIL
     if request.out is not None:
         check_folder(request.out)
     if settings.over_training:
-        from localitylab.probes.over_training import run_over_training
-
         return run_over_training(probes, request, run)
     data_options = DataOptions(data_dir=Path(request.data_dir) if request.data_dir else None,
                                img_size=request.img_size, seed=settings.seed)
@@ -128,96 +114,12 @@ def _run_one(probe, parsed, count: int, target: ProbeTarget, images: torch.Tenso
     return ProbeOutput(probe.name, result.table, csv_path, figures + model_figures, seconds)
 
 
-def write_table(table: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return path
-    with atomic_path(path.with_suffix(".parquet")) as tmp:
-        table.to_parquet(tmp, index=False)
-    return path
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a probe table back with the schema's types. Tables written before intervals
-    existed (no ci_low / ci_high) read with those cells empty."""
-    from localitylab.probes.base import COLUMNS, typed_frame
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"table not found: {path}")
-    try:
-        table = pd.read_csv(path, dtype={"model": str, "probe": str, "metric": str, "setting": str, "note": str},
-                            keep_default_na=False, na_values={column: [""] for column in NUMERIC_COLUMNS})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise UserError(f"{path} is not a probe table: {err}") from None
-    for column in ("ci_low", "ci_high"):
-        if column not in table.columns:
-            table[column] = float("nan")
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} is not a probe table: no column {missing[0]!r}")
-    for column in NUMERIC_COLUMNS:
-        table[column] = pd.to_numeric(table[column], errors="coerce")
-    return typed_frame(table[[*COLUMNS, *(c for c in table.columns if c not in COLUMNS)]])
-
-
-NUMERIC_COLUMNS = ("value", "ci_low", "ci_high", "layer", "head", "n_images")
-
-
-def record_meta(out_dir: Path, probe: str, target: ProbeTarget, data_name: str, run: ProbeRun,
-                n_images: int, seconds: float, artifacts: list[str] | None = None,
-                timesteps: list[int] | None = None) -> Path:
-    from localitylab.train.checkpoint import versions
-
-    path = out_dir / "meta.json"
-    meta: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-    meta.update({
-        "model": target.display_name,
-        "model_spec": target.spec.to_dict(),
-        "source": target.source,
-        "model_info": {"params": target.info.params, "patch_size": target.info.patch_size,
-                       "tokens_per_image": target.info.tokens_per_image, "pos_embed": target.info.pos_embed},
-        "checkpoint": {k: v for k, v in target.checkpoint.items() if k != "versions"},
-        "preprocessing": preprocessing_record(target),
-        "weights": target.weights or None,
-    })
-    probes = meta.setdefault("probes", {})
-    probes[probe] = {
-        "data": data_name, "split": "test", "n_images": n_images, "images_requested": run.settings.n_images,
-        "seed": run.settings.seed,
-        "timesteps": timesteps,  # the noise levels a denoiser was measured at; None otherwise
-        "batch_size": run.settings.batch_size, "options": run.given, "device": str(target.device),
-        "seconds": round(seconds, 3), "command": " ".join(["localitylab", *sys.argv[1:]]) if _from_cli() else None,
-        "versions": versions(), **code_version(),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "permute_seed": target.data.permute_seed, "permute_setting": target.data.permute_setting,
-        "torch_threads": torch.get_num_threads(),
-        "artifacts": artifacts or [],  # per-model figures (they need the model, so reports cannot redraw them)
-    }
-    return write_json(path, meta)
-
-
-def preprocessing_record(target: ProbeTarget) -> dict[str, Any]:
-    """How the probe's images were made into the model's input, for meta.json."""
-    if target.preprocessing is not None:
-        record = target.preprocessing.to_dict()
-        if target.data.name.startswith("folder:"):
-            record["decoding"] = (f"files decoded by the data set at {target.preprocessing.scale_size} px (shorter "
-                                  "side, bilinear with antialiasing, centre square), then the model's transform")
-        return record
-    return {"source": f"data set {target.data.name}" + (" (as in training)" if target.checkpoint else ""),
-            "input_size": [target.data.in_chans, target.data.img_size, target.data.img_size],
-            "mean": list(target.data.mean), "std": list(target.data.std), "permute_seed": target.data.permute_seed,
-            "permute_setting": target.data.permute_setting}
-
-
-def _from_cli() -> bool:
-    return Path(sys.argv[0]).name in ("localitylab", "main.py") or sys.argv[0].endswith("cli/main.py")
+# Over training's Python call is here, not in over_training.py: it is run_probes with
+# over_training set, and run_probes itself hands such a request down to over_training.py.
+def probe_over_training(name: str, run: str | Path, **settings: Any) -> pd.DataFrame:
+    """The long table of probe `name` ('all' for every probe) over every snapshot of `run`;
+    `settings` are the probe settings as keywords (n_images, seed, batch_size, device and the
+    probes' options). Writes the tables under `<run>/probes/over-training/` as the CLI does."""
+    common = {k: settings.pop(k) for k in list(settings) if k in ProbeSettings.model_fields and k != "over_training"}
+    outputs = run_probes([name], ProbeRequest(str(run), over_training=True, options=settings, **common))
+    return pd.concat([o.table for o in outputs], ignore_index=True)

@@ -60,7 +60,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def collect_run(path: str | Path) -> RunRecord:
     """A run folder (with run.json) or a probe output folder (with meta.json)."""
-    from localitylab.probes.runner import read_table
+    from localitylab.probes.output import read_table
 
     path = Path(path).expanduser()
     if path.is_file() and path.name == "ckpt.pt":
@@ -103,7 +103,7 @@ def collect_run(path: str | Path) -> RunRecord:
 
 def _collect_samples(record: RunRecord, folder: Path) -> None:
     """What `localitylab sample` and `evaluate-samples` wrote into a run's samples folder."""
-    from localitylab.probes.runner import read_table
+    from localitylab.probes.output import read_table
 
     if (folder / "samples.png").is_file():
         record.sample_grid = folder / "samples.png"

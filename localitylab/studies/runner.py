@@ -508,7 +508,7 @@ def expectations(study: Study, plan: Plan) -> list[dict[str, Any]]:
 def probe_expectation(study: Study, plan: Plan, expected: dict[str, Any]) -> dict[str, Any]:
     """A published fact beside the number it is about, read from each matching run's probe table
     (the metric at the chosen layer, reduced over heads; the mean over seeds)."""
-    from localitylab.probes.runner import read_table
+    from localitylab.probes.output import read_table
 
     wanted, metric = expected["model"], expected["metric"]
     layer, heads = expected.get("layer", "last"), expected.get("heads", "mean")
@@ -548,7 +548,7 @@ def sample_expectation(study: Study, plan: Plan, expected: dict[str, Any]) -> di
     """A published sample-quality figure beside the same metric of our samples (<run>/samples/
     sample-quality.csv, the samples' own row over all of them; the mean over seeds). FID, sFID
     and IS are ours only when the study gives Inception weights."""
-    from localitylab.probes.runner import read_table
+    from localitylab.probes.output import read_table
 
     wanted, metric = expected["model"], expected["metric"]
     values = []
