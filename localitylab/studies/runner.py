@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from localitylab.errors import UserError
 from localitylab.io import safe_name, write_json
-from localitylab.studies.spec import StudyModel, Study, diffusion_labels
+from localitylab.studies.spec import SlurmSettings, StudyModel, Study, diffusion_labels
 
 
 @dataclass
@@ -323,7 +323,7 @@ def run_study(study: Study, out: str | Path, jobs: int = 1, log: Callable[[str],
     ledger = _Ledger(StudyResult(plan), log, on_change=progress if executor == "local" else None)
     ledger.write()
     if executor == "slurm":
-        from localitylab.studies.slurm import SlurmSettings, run_on_slurm
+        from localitylab.studies.slurm import run_on_slurm
 
         if not run_on_slurm(plan, ledger, slurm or SlurmSettings(), detach, progress):
             return ledger.result  # submitted; `study status` and --resume take it from here
