@@ -156,7 +156,7 @@ def show_study(file: Path, scale: str | None, executor: str | None = None, slurm
 def _show_submission(study, given: dict | None, console) -> None:
     """What `study run --executor slurm` would submit: the jobs, their resources and dependencies."""
     from localitylab.studies import make_plan
-    from localitylab.studies.runner import piece_work
+    from localitylab.studies.pieces import piece_work
     from localitylab.studies.slurm import submission
     from localitylab.studies.spec import slurm_settings
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from localitylab.errors import UserError
 from localitylab.io import write_json
+from localitylab.studies.pieces import call_piece, piece_work
 from localitylab.studies.spec import SlurmSettings
 
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
@@ -62,7 +63,6 @@ def piece_outcome(function: Callable[..., str], args: tuple, version: str) -> tu
     Returns ("done" | "failed" | "stopped" | "refused", message); "stopped": the job was
     cancelled or pre-empted (SIGTERM) and the training wrote its checkpoint first."""
     from localitylab.errors import RunStopped
-    from localitylab.studies.runner import _call
     from localitylab.version import __version__
 
     if __version__ != version:
@@ -80,7 +80,7 @@ def piece_outcome(function: Callable[..., str], args: tuple, version: str) -> tu
             stopped.append(" ".join(str(signal).split()))
             raise
 
-    ok, message = _call(attempt, *args)
+    ok, message = call_piece(attempt, *args)
     if stopped:
         return "stopped", stopped[0]
     return ("done" if ok else "failed"), message
@@ -293,8 +293,6 @@ def run_on_slurm(plan, ledger, settings: SlurmSettings, detach: bool,
                  progress: Callable[[int, int, dict[str, str]], None] | None) -> bool:
     """Submit what is neither done nor queued, then (unless `detach`) wait for every job,
     recording each piece in the ledger as its job ends. False when detached."""
-    from localitylab.studies.runner import piece_work
-
     check_sbatch()
     record = JobRecord.load(plan.out)
     record.settings = settings.model_dump()
