@@ -172,7 +172,7 @@ def slurm_options(function):
     import typer
 
     from cli.errors import flag_of
-    from localitylab.studies.slurm import SlurmSettings
+    from localitylab.studies.spec import SlurmSettings
 
     added = []
     for name, field in SlurmSettings.model_fields.items():

@@ -10,7 +10,7 @@ def run_study_command(file: Path, out: Path | None, scale: str | None, jobs: int
                       report_dir: Path | None, executor: str | None = None, slurm: dict | None = None,
                       detach: bool = False, quiet: bool = False) -> int:
     from localitylab.studies import load_study, run_study, study_folder
-    from localitylab.studies.slurm import slurm_settings
+    from localitylab.studies.spec import slurm_settings
 
     study = load_study(file, scale)
     folder = study_folder(study, out, resume)
@@ -156,8 +156,9 @@ def show_study(file: Path, scale: str | None, executor: str | None = None, slurm
 def _show_submission(study, given: dict | None, console) -> None:
     """What `study run --executor slurm` would submit: the jobs, their resources and dependencies."""
     from localitylab.studies import make_plan
-    from localitylab.studies.runner import piece_work
-    from localitylab.studies.slurm import slurm_settings, submission
+    from localitylab.studies.pieces import piece_work
+    from localitylab.studies.slurm import submission
+    from localitylab.studies.spec import slurm_settings
 
     settings = slurm_settings(study.slurm, given)
     work = piece_work(make_plan(study, "runs/study"))

@@ -120,13 +120,13 @@ def test_a_study_with_over_training_writes_both_tables_and_then_counts_the_piece
     import shutil
     from types import SimpleNamespace
 
-    from localitylab.studies.runner import _run_probe, probe_done
+    from localitylab.studies.pieces import probe_done, run_probe
 
     copy = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("probes", "single"))
     piece = SimpleNamespace(pretrained=None, run_dir=copy, images=8, batch_size=None, seed=0,
                             options={"over_training": True}, probes=["pe-similarity"])
     assert not probe_done(piece)
-    _run_probe(piece, 1)
+    run_probe(piece, 1)
     assert (copy / "probes" / "pe-similarity.csv").is_file()
     assert (copy / "probes" / "over-training" / "pe-similarity.csv").is_file()
     assert probe_done(piece)

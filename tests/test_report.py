@@ -282,7 +282,8 @@ def test_the_reading_says_what_the_intervals_separate(intervals, expect):
     """The demo's ERF column: two ConvNets' intervals lay clear of the transformers', whose own
     overlapped; the sentence called all six indistinguishable. It may say so only where every two
     intervals overlap, and names a first only where its interval is clear of every other."""
-    from localitylab.report.summary import Estimate, reading
+    from localitylab.report.reading import reading
+    from localitylab.report.summary import Estimate
 
     rows = {name: {"erf_r50": Estimate(*numbers)} for name, numbers in intervals.items()}
     sentence = next(s for s in reading(rows) if s.startswith("ERF") or "receptive field" in s)
@@ -422,7 +423,8 @@ def test_raw_drops_are_not_ranked_and_order_dependence_is():
     0.5 (chance 0.1): the raw drops are shown with their cap and not ranked; the normalised
     measure, (clean - shuffled) / (clean - chance) = 0.5 against 1.0, ranks them."""
     from localitylab.report.judge import Chance
-    from localitylab.report.summary import Estimate, reading
+    from localitylab.report.reading import reading
+    from localitylab.report.summary import Estimate
 
     chance = {"a": Chance(0.1, 0.9, 0.85, 0.95), "b": Chance(0.1, 0.5, 0.45, 0.55)}
     drops = {"a": {"global_drop": Estimate(0.4, 0.35, 0.45)}, "b": {"global_drop": Estimate(0.4, 0.35, 0.45)}}
@@ -437,7 +439,8 @@ def test_raw_drops_are_not_ranked_and_order_dependence_is():
 def test_radii_fixed_by_patch_geometry_are_not_called_tightest():
     """The audit's case: a PiT's last-block r50 is 0 [0, 0] by construction (the field sits on
     its own pixel); the reading says geometry decides and names no tightest field."""
-    from localitylab.report.summary import Estimate, reading
+    from localitylab.report.reading import reading
+    from localitylab.report.summary import Estimate
 
     rows = {"pit": {"erf_r50": Estimate(0.0, 0.0, 0.0)}, "vit": {"erf_r50": Estimate(0.0884, 0.0884, 0.0884)},
             "resnet": {"erf_r50": Estimate(0.3, 0.25, 0.35)}}

@@ -136,7 +136,7 @@ def slurm_study(slurm_cluster, tmp_path_factory):
 
     lines: list[str] = []
     resume_started = time.perf_counter()
-    from localitylab.studies.slurm import slurm_settings
+    from localitylab.studies.spec import slurm_settings
 
     study = load_study(spec)
     result = run_study(study, out, log=lines.append, formats=("html",), executor="slurm",

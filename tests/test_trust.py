@@ -203,7 +203,8 @@ def test_a_plain_vit_gets_its_certificate():
 def test_two_copies_of_one_checkpoint_are_indistinguishable(trained_runs, tmp_path):
     from localitylab.probes import ProbeRequest, run_probes
     from localitylab.report.collect import collect_runs
-    from localitylab.report.summary import group_by_seed, reading, summary_row
+    from localitylab.report.reading import reading
+    from localitylab.report.summary import group_by_seed, summary_row
 
     source = trained_runs["vit-n/2"].run_dir
     folders = []

@@ -1,6 +1,6 @@
 """The summary: one row per model (runs that differ only in their training seed are one row,
-mean ± spread over seeds), a one-sentence answer to the title question, and sentences that
-rank models only where the 95% intervals separate them.
+mean ± spread over seeds), read by reading.py into a one-sentence answer to the title
+question and sentences that rank models only where the 95% intervals separate them.
 
 Each value is read from a table on disk; where the table or the row is missing the value is
 None and the report shows it as missing, with the command that would produce it.
@@ -264,21 +264,3 @@ def permutation_gap(record: RunRecord, records: list[RunRecord]) -> float | None
             return record.accuracy - other.accuracy
     return None
 
-
-# --- what the numbers support: localitylab/report/reading.py (kept importable from here) ----------
-def fmt_estimate(estimate: Estimate, digits: int = 3) -> str:
-    from localitylab.report.reading import fmt_estimate as fmt
-
-    return fmt(estimate, digits)
-
-
-def reading(rows: dict[str, dict[str, Estimate | None]], chance: dict | None = None) -> list[str]:
-    from localitylab.report.reading import reading as read
-
-    return read(rows, chance)
-
-
-def locality_answer(groups: list[ModelGroup], chance: dict | None = None) -> str:
-    from localitylab.report.reading import locality_answer as answer
-
-    return answer(groups, chance)

@@ -29,38 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field
-
 from localitylab.errors import UserError
 from localitylab.io import write_json
-from localitylab.settings import Settings, parse_settings
+from localitylab.studies.pieces import call_piece, piece_work
+from localitylab.studies.spec import SlurmSettings
 
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
         "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 # A job that ended this way did not run its piece to the end: resuming the study submits the piece again.
 STOPPED = {"CANCELLED", "PREEMPTED", "TIMEOUT", "NODE_FAIL", "DEADLINE", "BOOT_FAIL", "OUT_OF_MEMORY"}
-
-
-class SlurmSettings(Settings):
-    """How each piece of a study is submitted to SLURM: the [executor.slurm] table of a study
-    file, or the command line's options of the same names."""
-
-    partition: str | None = Field(None, description="SLURM partition (default: the cluster's default).")
-    account: str | None = Field(None, description="SLURM account to charge.")
-    gpus_per_run: int = Field(0, ge=0, description="GPUs for each piece's job.")
-    cpus_per_run: int = Field(1, ge=1, description="CPU cores for each piece's job (its torch threads).")
-    time: int = Field(60, ge=1, description="Time limit of each piece's job, in minutes.")
-    slurm_opt: dict[str, Any] = Field(default_factory=dict, description="Any other sbatch option, key=value "
-                                      "(e.g. qos=high, constraint=a100); repeatable.")
-    poll_interval: float = Field(10.0, gt=0, description="Seconds between two looks at the queue while waiting.")
-
-
-def slurm_settings(table: dict[str, Any] | None, given: dict[str, Any] | None = None) -> SlurmSettings:
-    """The study file's [executor.slurm] table with the given values (the command line's) on top."""
-    merged = {**(table or {}), **{k: v for k, v in (given or {}).items() if v is not None}}
-    if "slurm_opt" in (table or {}) and "slurm_opt" in (given or {}):
-        merged["slurm_opt"] = {**table["slurm_opt"], **given["slurm_opt"]}
-    return parse_settings(SlurmSettings, merged, "[executor.slurm]")
 
 
 # --- on the node -------------------------------------------------------------------------
@@ -86,7 +63,6 @@ def piece_outcome(function: Callable[..., str], args: tuple, version: str) -> tu
     Returns ("done" | "failed" | "stopped" | "refused", message); "stopped": the job was
     cancelled or pre-empted (SIGTERM) and the training wrote its checkpoint first."""
     from localitylab.errors import RunStopped
-    from localitylab.studies.runner import _call
     from localitylab.version import __version__
 
     if __version__ != version:
@@ -104,7 +80,7 @@ def piece_outcome(function: Callable[..., str], args: tuple, version: str) -> tu
             stopped.append(" ".join(str(signal).split()))
             raise
 
-    ok, message = _call(attempt, *args)
+    ok, message = call_piece(attempt, *args)
     if stopped:
         return "stopped", stopped[0]
     return ("done" if ok else "failed"), message
@@ -317,8 +293,6 @@ def run_on_slurm(plan, ledger, settings: SlurmSettings, detach: bool,
                  progress: Callable[[int, int, dict[str, str]], None] | None) -> bool:
     """Submit what is neither done nor queued, then (unless `detach`) wait for every job,
     recording each piece in the ledger as its job ends. False when detached."""
-    from localitylab.studies.runner import piece_work
-
     check_sbatch()
     record = JobRecord.load(plan.out)
     record.settings = settings.model_dump()

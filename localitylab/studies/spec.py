@@ -20,7 +20,7 @@ published numbers are. Validated on load; a mistake names the key and its line.
     [report]   title
     [executor.slurm]  how pieces are submitted with executor "slurm": partition, account,
                gpus_per_run, cpus_per_run, time (minutes), slurm_opt = {key = value},
-               poll_interval (localitylab.studies.slurm.SlurmSettings)
+               poll_interval (SlurmSettings below)
     [[expect]] model, metric, published, setting, source: shown as "published" beside "ours";
                ours is the model's test accuracy, or with probe = "...": the probe's metric
                at layer ("first", "last" or an index), reduced over heads ("min", "max",
@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from localitylab.errors import UserError
 from localitylab.io import safe_name
-from localitylab.settings import InvalidSettings
+from localitylab.settings import InvalidSettings, Settings, parse_settings
 from localitylab.train.config import STUDY_SETTINGS, TrainConfig, learns_positions
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
@@ -277,10 +279,32 @@ def _check_layout(data: dict[str, Any], locator: _Locator) -> None:
                                     f"out) or a table with a 'model' key, got {small!r}", full, f"scale.{scale_name}")
 
 
+# The [executor.slurm] table's settings live here, beside the study file that holds them, so
+# that checking a study file does not import the submitter (slurm.py, which runs the study).
+class SlurmSettings(Settings):
+    """How each piece of a study is submitted to SLURM: the [executor.slurm] table of a study
+    file, or the command line's options of the same names."""
+
+    partition: str | None = Field(None, description="SLURM partition (default: the cluster's default).")
+    account: str | None = Field(None, description="SLURM account to charge.")
+    gpus_per_run: int = Field(0, ge=0, description="GPUs for each piece's job.")
+    cpus_per_run: int = Field(1, ge=1, description="CPU cores for each piece's job (its torch threads).")
+    time: int = Field(60, ge=1, description="Time limit of each piece's job, in minutes.")
+    slurm_opt: dict[str, Any] = Field(default_factory=dict, description="Any other sbatch option, key=value "
+                                      "(e.g. qos=high, constraint=a100); repeatable.")
+    poll_interval: float = Field(10.0, gt=0, description="Seconds between two looks at the queue while waiting.")
+
+
+def slurm_settings(table: dict[str, Any] | None, given: dict[str, Any] | None = None) -> SlurmSettings:
+    """The study file's [executor.slurm] table with the given values (the command line's) on top."""
+    merged = {**(table or {}), **{k: v for k, v in (given or {}).items() if v is not None}}
+    if "slurm_opt" in (table or {}) and "slurm_opt" in (given or {}):
+        merged["slurm_opt"] = {**table["slurm_opt"], **given["slurm_opt"]}
+    return parse_settings(SlurmSettings, merged, "[executor.slurm]")
+
+
 def _executor_table(data: dict[str, Any], locator: _Locator) -> dict[str, Any]:
     """[executor.slurm]: SlurmSettings' keys and values, checked here; {} without one."""
-    from localitylab.studies.slurm import slurm_settings
-
     executor = data.get("executor", {})
     if not isinstance(executor, dict):
         raise locator.error("'executor' must be a table of [executor.NAME] tables", "executor")
