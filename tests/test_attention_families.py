@@ -428,10 +428,14 @@ def test_pe_similarity_on_a_transformer_without_one_grid_says_so_not_convnet():
     assert "does not apply" in note and "not one fixed grid" in note and "ConvNet" not in note
     resnet = localitylab.probe("pe-similarity", build("resnet18"), images, preprocessing="prepared")
     assert "(a ConvNet)" in resnet["note"].iloc[0]
-    # MViTv2's tokens change grid by stage too (docs/model-coverage.csv, older, still calls it a ConvNet)
+    # MViTv2's tokens change grid by stage too
     mvit = localitylab.probe("pe-similarity", build("mvitv2_tiny", img_size=64), images, preprocessing="prepared")
     note = mvit["note"].iloc[0]
     assert "not one fixed grid" in note and "ConvNet" not in note
+    # LeViT: attention (with biases) in stages of its own, no patch_embed grid; not a ConvNet either
+    levit = localitylab.probe("pe-similarity", build("levit_128s", img_size=64), images, preprocessing="prepared")
+    note = levit["note"].iloc[0]
+    assert "has attention but no patch_embed token grid" in note and "ConvNet" not in note
 
 
 def test_mixed_attention_classes_keep_the_block_index():

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from localitylab.attention import TokenGeometry
+from localitylab.attention import TokenGeometry, attention_layers, unread_attention_classes
 from localitylab.models.pos_embed import sincos_2d
 from localitylab.probes.pe_moved import moved_row, position_table
 from localitylab.probes.base import Measurements, Probe, ProbeInputs, SummaryColumn
@@ -134,8 +134,11 @@ def linear_r2(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[
 
 def similarity_reason(target: ProbeTarget) -> str | None:
     if target.info.grid is None or target.info.patch_size is None:
-        if not target.info.is_transformer:
+        if not target.info.is_transformer and not _has_attention(target.model):
             return "no position embedding: the model has no token grid (a ConvNet), so pe-similarity does not apply"
+        if not target.info.is_transformer:  # attention in stages of its own (LeViT, Twins, TNT, MobileViT, ...)
+            return (f"{type(target.model).__name__} has attention but no patch_embed token grid (its stages or "
+                    f"embeddings are its own), so no position table to compare with it: pe-similarity does not apply")
         why = f" ({target.info.layout_note})" if target.info.layout_note else ""
         return f"its tokens are not one fixed grid{why}, so no position table to compare with it: pe-similarity does not apply"
     pos_embed = getattr(target.model, "pos_embed", None)
@@ -185,3 +188,8 @@ class PeSimilarity(Probe):
 
     def plot(self, tables: list[pd.DataFrame], out_dir: Path) -> list[Path]:
         return drawings.plot_pe_similarity(tables, out_dir, METRICS)
+
+
+def _has_attention(model: torch.nn.Module) -> bool:
+    """Attention modules the reader reads, or knows and cannot read: a hybrid, not a ConvNet."""
+    return bool(attention_layers(model) or unread_attention_classes(model))
