@@ -53,17 +53,17 @@ def _row_areas(values: np.ndarray, total: float, fractions: tuple[float, ...]) -
     if values.min() < 0:
         return sorted_area_ratios(values[None], fractions)[:, 0]
     values = values + 0.0  # -0.0 -> +0.0: its sign bit would bin it above every value
-    bins = (values.view(np.int64) >> _BIN_SHIFT)
+    bins = values.view(np.int64) >> _BIN_SHIFT
     # the top bin holds the largest value; values below 2**-(_BINS / 16) of it share bin 0
     bins -= bins.max() - (_BINS - 1)
     np.maximum(bins, 0, out=bins)
     members = np.bincount(bins, minlength=_BINS)[::-1]  # from the largest values down
     reached = np.cumsum(np.bincount(bins, values, _BINS)[::-1])  # the mass up to each bin's end
-    counted = np.cumsum(members)
+    shares, counted = reached / total, np.cumsum(members)
     areas = np.empty(len(fractions))
     for i, fraction in enumerate(fractions):
         target = fraction - _TOLERANCE
-        at = min(int(np.searchsorted(reached / total, target, side="left")), _BINS - 1)  # the boundary's bin
+        at = min(int(np.searchsorted(shares, target, side="left")), _BINS - 1)  # the boundary's bin
         inside = np.sort(values[bins == _BINS - 1 - at])[::-1]
         cumulative = ((reached[at - 1] if at else 0.0) + np.cumsum(inside)) / total
         areas[i] = min((counted[at - 1] if at else 0) + int((cumulative < target).sum()) + 1, count) / count
