@@ -135,7 +135,8 @@ def linear_r2(table: torch.Tensor, geometry: TokenGeometry, seed: int) -> tuple[
 def similarity_reason(target: ProbeTarget) -> str | None:
     if target.info.grid is None or target.info.patch_size is None:
         if not target.info.is_transformer and not _has_attention(target.model):
-            return "no position embedding: the model has no token grid (a ConvNet), so pe-similarity does not apply"
+            return ("no position embedding: the model has no token grid (a ConvNet or another kind of mixing), so "
+                    "pe-similarity does not apply")
         if not target.info.is_transformer:  # attention in stages of its own (LeViT, Twins, TNT, MobileViT, ...)
             return (f"{type(target.model).__name__} has attention but no patch_embed token grid (its stages or "
                     f"embeddings are its own), so no position table to compare with it: pe-similarity does not apply")
