@@ -6,8 +6,8 @@ row, the sums attention-distance needs (grid max, Z, sum w (s - m), sum w d and 
 logsumexp), so a probed layer costs about one SDPA call (benchmarks/RESULTS.md). It is
 compiled for this machine's CPU on first use (torch.utils.cpp_extension; about 15 s, cached
 per user under a name keyed by the torch version, the CPU's instruction set and a hash of the
-source and of torch's folder, so an environment with another torch or another kernel builds its own; `make` does it
-when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a
+source and of torch's folder, so an environment with another torch or another kernel builds
+its own; `make` does it when it creates .venv) and used where it applies: CPU, float32, no mask, not causal, and a
 probe that needs only those sums. It is built with OpenMP, as torch itself is, so
 `at::parallel_for` spreads query tiles over every intra-op thread (`torch.set_num_threads`).
 It uses internal ATen APIs (`cpublas::brgemm`, the vectorised exp), so it is built only for the
